@@ -1,0 +1,60 @@
+"""Typed errors raised by edge_sdk.
+
+Every error names what was wrong and how to fix it. Library code raises these; only the
+command-line interface prints them.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "EdgeSDKError",
+    "BundleError",
+    "ManifestError",
+    "IntegrityError",
+    "InvalidInputError",
+    "SchedulerError",
+    "BackendUnavailableError",
+    "InferenceError",
+    "ConversionError",
+    "CancelledError",
+]
+
+
+class EdgeSDKError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class BundleError(EdgeSDKError):
+    """A bundle folder is missing, incomplete or not a bundle."""
+
+
+class ManifestError(BundleError):
+    """`manifest.json` is unreadable or does not follow the bundle schema."""
+
+
+class IntegrityError(BundleError):
+    """A bundle file does not match the size or sha256 recorded in the manifest."""
+
+
+class InvalidInputError(EdgeSDKError, ValueError):
+    """A generation argument (size, steps, prompt, latents ...) is out of range."""
+
+
+class SchedulerError(InvalidInputError):
+    """Unknown scheduler name, or a scheduler option this runtime does not implement."""
+
+
+class BackendUnavailableError(EdgeSDKError):
+    """The requested inference backend, provider or delegate is not installed."""
+
+
+class InferenceError(EdgeSDKError):
+    """The inference engine failed, or produced NaN/inf, while running a component."""
+
+
+class ConversionError(EdgeSDKError):
+    """`edge-convert` could not read the checkpoint or write the bundle."""
+
+
+class CancelledError(EdgeSDKError):
+    """The caller's progress callback asked to stop the generation."""
