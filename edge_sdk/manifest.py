@@ -207,11 +207,8 @@ class Manifest:
         d = asdict(self)
         out: dict[str, Any] = {"format": names.BUNDLE_FORMAT,
                                "format_version": d.pop("format_version")}
-        for comp in d["components"].values():
-            for spec in comp["inputs"] + comp["outputs"]:
-                spec["shape"] = list(spec["shape"])
         out.update(d)
-        return out
+        return json.loads(json.dumps(out))  # tuples -> lists: exactly what the file holds
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"

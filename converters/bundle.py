@@ -1,0 +1,111 @@
+"""Writing a bundle folder atomically, and describing its files for the manifest.
+
+The bundle is assembled in a hidden sibling folder, fsynced, and renamed into place only when
+complete, so a crash or kill leaves either no bundle or the previous complete one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+from edge_sdk.errors import ConversionError
+from edge_sdk.manifest import FileEntry, Manifest, TensorSpec, sha256_file
+from edge_sdk import names as N
+
+log = logging.getLogger(__name__)
+
+_ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32", 11: "float64", 9: "bool",
+                2: "uint8", 3: "int8"}
+
+
+class AtomicBundle:
+    """Context manager: yields a staging folder; on success it replaces `target`."""
+
+    def __init__(self, target: str | Path, overwrite: bool = False) -> None:
+        self.target = Path(target).absolute()
+        self.overwrite = overwrite
+        self.staging = self.target.parent / f".{self.target.name}.partial-{os.getpid()}"
+
+    def __enter__(self) -> Path:
+        if self.target.exists() and not self.overwrite:
+            raise ConversionError(f"{self.target} already exists; pass --overwrite to replace it "
+                                  "(the old bundle stays until the new one is complete)")
+        try:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            if self.staging.exists():
+                shutil.rmtree(self.staging)
+            self.staging.mkdir()
+        except OSError as exc:
+            raise ConversionError(f"cannot write next to {self.target}: {exc.strerror}") from exc
+        return self.staging
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            return
+        try:
+            self.staging.chmod(0o755)
+            _fsync_tree(self.staging)
+            old = None
+            if self.target.exists():
+                old = self.target.parent / f".{self.target.name}.old-{os.getpid()}"
+                os.rename(self.target, old)
+            os.rename(self.staging, self.target)
+            _fsync_dir(self.target.parent)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError as exc:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            raise ConversionError(f"cannot move the bundle into {self.target}: {exc}") from exc
+
+
+def _fsync_tree(folder: Path) -> None:
+    for f in folder.iterdir():
+        if f.is_file():
+            f.chmod(0o644)  # onnx writes external data 0600; bundles are copied and shared
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_entries(folder: Path, files: list[str]) -> tuple[FileEntry, ...]:
+    return tuple(FileEntry(f, (folder / f).stat().st_size, sha256_file(folder / f))
+                 for f in files)
+
+
+def onnx_io(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """Inputs and outputs of an ONNX graph as manifest tensor specs (graph only, no weights)."""
+    import onnx
+    model = onnx.load(str(path), load_external_data=False)
+
+    def spec(v: "onnx.ValueInfoProto") -> TensorSpec:
+        t = v.type.tensor_type
+        shape = tuple(d.dim_param if d.dim_param else int(d.dim_value) for d in t.shape.dim)
+        return TensorSpec(v.name, _ONNX_DTYPES.get(t.elem_type, str(t.elem_type)), shape)
+
+    inits = {i.name for i in model.graph.initializer}
+    return (tuple(spec(v) for v in model.graph.input if v.name not in inits),
+            tuple(spec(v) for v in model.graph.output))
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> None:
+    # Round-trip through the runtime's reader: the converter never writes a manifest the
+    # runtime would refuse.
+    Manifest.from_dict(manifest.to_dict(), where="generated manifest")
+    (folder / N.MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")
+
+
+def iter_bundle_files(folder: Path) -> Iterator[Path]:
+    return (p for p in sorted(folder.iterdir()) if p.is_file())

@@ -1,0 +1,124 @@
+"""Reading a diffusers-format Stable Diffusion checkpoint folder, one component at a time.
+
+Only `.safetensors` weights are loaded unless the caller allows pickle files: a pickle
+checkpoint (`.bin`, `.ckpt`, `.pt`) can run arbitrary code when loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge_sdk.errors import ConversionError
+
+log = logging.getLogger(__name__)
+
+COMPONENT_DIRS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+SAFE_SUFFIX = ".safetensors"
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    model_index: dict[str, Any]
+    allow_pickle: bool = False
+
+    @classmethod
+    def open(cls, path: str | Path, allow_pickle: bool = False) -> "Checkpoint":
+        path = Path(path)
+        if path.is_file():
+            raise ConversionError(
+                f"{path} is a single file; edge-convert reads a diffusers-format folder "
+                "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/). "
+                "Convert single-file checkpoints with diffusers' from_single_file first")
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise ConversionError(f"{path} has no model_index.json: not a diffusers checkpoint "
+                                  "folder")
+        try:
+            model_index = json.loads(index.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConversionError(f"{index}: unreadable ({exc})") from exc
+        missing = [d for d in COMPONENT_DIRS if not (path / d).is_dir()]
+        if missing:
+            raise ConversionError(f"{path}: missing component folder(s) {missing}; a Stable "
+                                  f"Diffusion checkpoint needs {list(COMPONENT_DIRS)}")
+        ckpt = cls(path, model_index, allow_pickle)
+        for name in ("unet", "vae", "text_encoder"):
+            ckpt._check_weights(name)
+        return ckpt
+
+    def _check_weights(self, name: str) -> None:
+        files = [f for f in (self.path / name).iterdir() if f.is_file()]
+        if any(f.name.endswith(SAFE_SUFFIX) for f in files):
+            return
+        pickles = [f.name for f in files if f.suffix in PICKLE_SUFFIXES]
+        if pickles and not self.allow_pickle:
+            raise ConversionError(
+                f"{self.path / name} holds only pickle weights {pickles}; pickle files can run "
+                "code when loaded, so edge-convert reads .safetensors only. Convert them to "
+                "safetensors, or pass --allow-pickle if you trust the source")
+        if not pickles:
+            raise ConversionError(f"{self.path / name} has no weights (*.safetensors)")
+
+    # -- configs -------------------------------------------------------------------------
+    def config(self, name: str) -> dict[str, Any]:
+        fname = "scheduler_config.json" if name == "scheduler" else "config.json"
+        p = self.path / name / fname
+        try:
+            return json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConversionError(f"{p}: unreadable ({exc})") from exc
+
+    @property
+    def pipeline_class(self) -> str:
+        return str(self.model_index.get("_class_name", "StableDiffusionPipeline"))
+
+    def fingerprint(self) -> str:
+        """sha256 over every config and weight file (path, then content), sorted by path."""
+        h = hashlib.sha256()
+        for f in sorted(p for p in self.path.rglob("*") if p.is_file()):
+            rel = f.relative_to(self.path).as_posix()
+            if not (f.suffix in (".json", ".txt", SAFE_SUFFIX) or f.suffix in PICKLE_SUFFIXES):
+                continue
+            h.update(rel.encode() + b"\0")
+            with open(f, "rb") as fh:
+                while block := fh.read(1 << 22):
+                    h.update(block)
+        return h.hexdigest()
+
+    # -- models --------------------------------------------------------------------------
+    def _load(self, cls: Any, name: str) -> Any:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        try:
+            model = cls.from_pretrained(self.path / name, local_files_only=True,
+                                        use_safetensors=not self.allow_pickle)
+        except Exception as exc:  # diffusers/transformers raise many kinds; report one
+            raise ConversionError(f"cannot load {self.path / name}: {exc}") from exc
+        return model.float().eval()
+
+    def load_unet(self) -> Any:
+        from diffusers import UNet2DConditionModel
+        return self._load(UNet2DConditionModel, "unet")
+
+    def load_vae(self) -> Any:
+        from diffusers import AutoencoderKL
+        return self._load(AutoencoderKL, "vae")
+
+    def load_text_encoder(self) -> Any:
+        from transformers import CLIPTextModel
+        return self._load(CLIPTextModel, "text_encoder")
+
+    def load_tokenizer(self) -> Any:
+        from transformers import CLIPTokenizer
+        try:
+            return CLIPTokenizer.from_pretrained(self.path / "tokenizer", local_files_only=True)
+        except Exception as exc:
+            raise ConversionError(f"cannot load tokenizer from {self.path / 'tokenizer'}: {exc}"
+                                  ) from exc

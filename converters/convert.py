@@ -1,0 +1,150 @@
+"""`convert()`: a diffusers checkpoint folder -> an edge-sdk bundle folder.
+
+Components are exported one at a time and freed after export, so peak memory is that of the
+largest component, not the whole pipeline.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gc
+import logging
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from edge_sdk import names as N
+from edge_sdk.errors import ConversionError
+from edge_sdk.manifest import (ComponentSpec, Defaults, Manifest, SourceInfo, UnetSpec,
+                               VaeSpec)
+
+from . import __version__
+from .bundle import AtomicBundle, file_entries, onnx_io, write_manifest
+from .checkpoint import Checkpoint
+from .export_onnx import DEFAULT_OPSET, export_component
+from .tokenizer import export_tokenizer
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str], None]
+
+
+def parse_precision(spec: str) -> dict[str, str]:
+    """`fp16` -> every component fp16; `unet=fp16,vae=fp32` -> per component (vae means
+    both VAE halves). Unnamed components are fp32."""
+    out = {c: "fp32" for c in N.COMPONENTS}
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        name, _, value = part.rpartition("=")
+        if value not in N.PRECISIONS:
+            raise ConversionError(f"precision {value!r} is not supported for ONNX yet; choose "
+                                  f"one of {list(N.PRECISIONS)}")
+        targets = {"": list(N.COMPONENTS), "vae": [N.VAE_DECODER, N.VAE_ENCODER]}.get(
+            name, [name])
+        for t in targets:
+            if t not in out:
+                raise ConversionError(f"unknown component {t!r} in --precision; use "
+                                      f"{list(N.COMPONENTS)} or 'vae'")
+            out[t] = value
+    return out
+
+
+def _defaults(sched: dict[str, Any], size: int, steps: int | None,
+              guidance: float | None) -> Defaults:
+    # Distilled models (LCM, Turbo) want few steps and no classifier-free guidance.
+    cls = sched.get("_class_name")
+    if cls == "LCMScheduler":
+        d_steps, d_guid = 4, 1.0
+    elif cls == "EulerAncestralDiscreteScheduler" and sched.get("timestep_spacing") == "trailing":
+        d_steps, d_guid = 1, 0.0  # SD-Turbo's configuration
+    else:
+        d_steps, d_guid = 25, 7.5
+    return Defaults(steps=steps or d_steps,
+                    guidance_scale=d_guid if guidance is None else guidance,
+                    width=size, height=size)
+
+
+def convert(checkpoint: str | Path, output: str | Path, *, fmt: str = "onnx",
+            precision: str = "fp32", overwrite: bool = False, allow_pickle: bool = False,
+            opset: int = DEFAULT_OPSET, default_steps: int | None = None,
+            default_guidance: float | None = None, vae_encoder: bool = True,
+            progress: Progress | None = None) -> Manifest:
+    """Convert `checkpoint` into a bundle at `output` and return its manifest."""
+    say = progress or (lambda msg: log.info("%s", msg))
+    if fmt != "onnx":
+        raise ConversionError(f"format {fmt!r} is not supported yet; use --format onnx")
+    precisions = parse_precision(precision)
+    ckpt = Checkpoint.open(checkpoint, allow_pickle=allow_pickle)
+    unet_cfg, vae_cfg = ckpt.config("unet"), ckpt.config("vae")
+    text_cfg, sched = ckpt.config("text_encoder"), ckpt.config("scheduler")
+    plan = [N.TEXT_ENCODER, N.UNET, N.VAE_DECODER] + ([N.VAE_ENCODER] if vae_encoder else [])
+    components: dict[str, ComponentSpec] = {}
+    with AtomicBundle(output, overwrite=overwrite) as stage:
+        vae = None
+        for i, comp in enumerate(plan, 1):
+            t0 = time.perf_counter()
+            say(f"[{i}/{len(plan)}] {comp}: loading and exporting ({precisions[comp]})")
+            if comp == N.TEXT_ENCODER:
+                model = ckpt.load_text_encoder()
+            elif comp == N.UNET:
+                model = ckpt.load_unet()
+            else:
+                vae = vae if vae is not None else ckpt.load_vae()
+                model = vae
+            files = export_component(comp, model, stage, precisions[comp], opset)
+            del model
+            if comp == plan[-1] or comp == N.VAE_ENCODER:
+                vae = None
+            gc.collect()
+            inputs, outputs = onnx_io(stage / files[0])
+            components[comp] = ComponentSpec(comp, "onnx", files[0], precisions[comp],
+                                             file_entries(stage, files), inputs, outputs)
+            size = sum(e.size for e in components[comp].files) / 1e6
+            say(f"[{i}/{len(plan)}] {comp}: done in {time.perf_counter() - t0:.1f} s, "
+                f"{size:.1f} MB")
+        tok = export_tokenizer(ckpt, stage, int(text_cfg.get("max_position_embeddings", 77)))
+        say("tokenizer: tokenizer.json written and checked")
+        vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+        manifest = Manifest(
+            family="stable-diffusion",
+            variant=_variant(unet_cfg, tok.pad_token, sched),
+            source=SourceInfo(Path(checkpoint).absolute().name, ckpt.fingerprint(),
+                              ckpt.pipeline_class, ckpt.model_index.get("_diffusers_version")),
+            converter=_converter_info(opset),
+            components=components,
+            scheduler=sched,
+            prediction_type=sched.get("prediction_type", "epsilon"),
+            vae=VaeSpec(float(vae_cfg.get("scaling_factor", 0.18215)),
+                        vae_cfg.get("shift_factor"), int(vae_cfg["latent_channels"]),
+                        vae_factor),
+            unet=UnetSpec(int(unet_cfg["in_channels"]), int(unet_cfg["sample_size"]),
+                          _cross_dim(unet_cfg)),
+            tokenizer=tok,
+            defaults=_defaults(sched, int(unet_cfg["sample_size"]) * vae_factor, default_steps,
+                               default_guidance),
+            extra={"size_multiple": vae_factor * 2 ** (len(unet_cfg["block_out_channels"]) - 1)},
+        )
+        write_manifest(stage, manifest)
+    say(f"bundle written to {Path(output)}")
+    return manifest
+
+
+def _cross_dim(unet_cfg: dict[str, Any]) -> int:
+    d = unet_cfg["cross_attention_dim"]
+    return int(d[0] if isinstance(d, (list, tuple)) else d)
+
+
+def _variant(unet_cfg: dict[str, Any], pad: str, sched: dict[str, Any]) -> str:
+    if _cross_dim(unet_cfg) == 1024 or pad == "!" or sched.get("prediction_type") == "v_prediction":
+        return "sd2"
+    return "sd1"
+
+
+def _converter_info(opset: int) -> dict[str, Any]:
+    import diffusers
+    import onnx
+    import torch
+    return {"name": "edge-convert", "version": __version__, "opset": opset,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "onnx": onnx.__version__, "python": platform.python_version()}

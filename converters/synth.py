@@ -1,0 +1,95 @@
+"""Build Stable Diffusion-architecture checkpoints from configs, offline, from a seed.
+
+`tiny` variants (~3 M parameters) drive the tests; `sd15` is the full SD 1.5 architecture
+(860 M-parameter UNet) with random weights, for benchmarks: speed and memory are the same as
+with real weights. All use the real CLIP BPE tokenizer files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from .clip_vocab import EOS, write_clip_tokenizer_files
+
+log = logging.getLogger(__name__)
+
+ARCHS = ("tiny-sd1", "tiny-sd2", "sd15")
+
+# SD 1.5's scheduler_config.json; SD 2.x's differs only in class and prediction type.
+_SD_SCHEDULER: dict[str, Any] = dict(beta_start=0.00085, beta_end=0.012,
+                                     beta_schedule="scaled_linear", clip_sample=False,
+                                     set_alpha_to_one=False, steps_offset=1,
+                                     skip_prk_steps=True, num_train_timesteps=1000)
+
+
+def _configs(arch: str) -> dict[str, Any]:
+    if arch == "sd15":
+        return dict(
+            unet=dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+                      block_out_channels=(320, 640, 1280, 1280), layers_per_block=2),
+            vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                     sample_size=512, latent_channels=4,
+                     down_block_types=("DownEncoderBlock2D",) * 4,
+                     up_block_types=("UpDecoderBlock2D",) * 4),
+            text=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                      num_hidden_layers=12, projection_dim=768, hidden_act="quick_gelu"),
+            pad=EOS, prediction_type="epsilon", scheduler="PNDMScheduler")
+    sd2 = arch == "tiny-sd2"
+    return dict(
+        unet=dict(sample_size=8, cross_attention_dim=32,
+                  attention_head_dim=(4, 8) if sd2 else 8, block_out_channels=(32, 64),
+                  layers_per_block=2, norm_num_groups=32,
+                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                  use_linear_projection=sd2, upcast_attention=sd2),
+        vae=dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, sample_size=64,
+                 latent_channels=4, norm_num_groups=32,
+                 down_block_types=("DownEncoderBlock2D",) * 4,
+                 up_block_types=("UpDecoderBlock2D",) * 4),
+        text=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                  num_hidden_layers=2, projection_dim=32,
+                  hidden_act="gelu" if sd2 else "quick_gelu"),
+        pad="!" if sd2 else EOS,
+        prediction_type="v_prediction" if sd2 else "epsilon",
+        scheduler="DDIMScheduler" if sd2 else "PNDMScheduler")
+
+
+def build_checkpoint(out_dir: str | Path, arch: str = "tiny-sd1", seed: int = 0) -> Path:
+    """Write a diffusers-format checkpoint folder (safetensors weights) and return it."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from diffusers import (AutoencoderKL, DDIMScheduler, PNDMScheduler,
+                           StableDiffusionPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {list(ARCHS)}")
+    cfg = _configs(arch)
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(in_channels=4, out_channels=4, **cfg["unet"])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, **cfg["vae"])
+    text_cfg = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77,
+                              bos_token_id=49406, eos_token_id=49407,
+                              pad_token_id=0 if cfg["pad"] == "!" else 49407, **cfg["text"])
+    text_encoder = CLIPTextModel(text_cfg)
+    sched_cls = DDIMScheduler if cfg["scheduler"] == "DDIMScheduler" else PNDMScheduler
+    # from_config, like loading a real scheduler_config.json: unknown keys are ignored
+    scheduler = sched_cls.from_config(dict(_SD_SCHEDULER, prediction_type=cfg["prediction_type"]))
+    tok_dir = out / "tokenizer"
+    write_clip_tokenizer_files(tok_dir, pad_token=cfg["pad"])
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   unet=unet, scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out, safe_serialization=True)
+    # save_pretrained rewrites the tokenizer as tokenizer.json (transformers 5); restore the
+    # vocab.json + merges.txt layout real SD checkpoints have.
+    for f in tok_dir.iterdir():
+        f.unlink()
+    write_clip_tokenizer_files(tok_dir, pad_token=cfg["pad"])
+    log.info("wrote %s checkpoint to %s", arch, out)
+    return out

@@ -1,0 +1,75 @@
+"""Inference backends behind one tiny protocol: input specs, output specs, `run(feeds)`."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Protocol, Sequence
+
+import numpy as np
+
+from ..errors import BackendUnavailableError, BundleError
+from ..manifest import ComponentSpec, TensorSpec
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Session", "BackendOptions", "open_session", "select_providers"]
+
+
+class Session(Protocol):
+    """One loaded model component."""
+
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """How sessions are created. `None` means the backend's default."""
+
+    backend: str = "auto"  # "auto" | "onnx"
+    threads: int | None = None  # intra-op threads; None = all cores
+    providers: tuple[str, ...] | None = None  # ONNX Runtime execution providers, in order
+    low_memory: bool = False  # keep weights mapped, skip memory-hungry rewrites
+
+
+def open_session(bundle: Path, spec: ComponentSpec, options: BackendOptions) -> Session:
+    """Load `spec` from `bundle` with the backend the bundle and options call for."""
+    backend = spec.format if options.backend == "auto" else options.backend
+    if backend != spec.format:
+        raise BundleError(f"component {spec.name!r} is stored as {spec.format!r} but backend "
+                          f"{backend!r} was requested; use backend='auto'")
+    if backend == "onnx":
+        from .onnx import OnnxSession
+        return OnnxSession(bundle / spec.path, spec, options)
+    raise BackendUnavailableError(f"backend {backend!r} is not available; choose 'auto' or "
+                                  "'onnx'")
+
+
+def select_providers(requested: Sequence[str] | None, available: Sequence[str]) -> list[str]:
+    """The execution providers to use, in order, always ending with the CPU one.
+
+    A requested provider that is not available is an error (not a silent fallback): the
+    caller asked for specific hardware.
+    """
+    aliases = {"cpu": "CPUExecutionProvider", "xnnpack": "XnnpackExecutionProvider",
+               "qnn": "QNNExecutionProvider", "nnapi": "NnapiExecutionProvider",
+               "coreml": "CoreMLExecutionProvider", "cann": "CANNExecutionProvider",
+               "openvino": "OpenVINOExecutionProvider", "cuda": "CUDAExecutionProvider"}
+    chosen: list[str] = []
+    for name in requested or ():
+        full = aliases.get(name.lower(), name)
+        if full not in available:
+            raise BackendUnavailableError(
+                f"execution provider {name!r} is not available in this onnxruntime build "
+                f"(available: {list(available)}); install the onnxruntime package built for "
+                "that hardware (e.g. onnxruntime-qnn, onnxruntime-openvino)")
+        if full not in chosen:
+            chosen.append(full)
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    log.info("onnxruntime execution providers: %s", chosen)
+    return chosen

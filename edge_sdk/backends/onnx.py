@@ -1,0 +1,72 @@
+"""ONNX Runtime backend."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from ..errors import BackendUnavailableError, BundleError, InferenceError
+from ..manifest import ComponentSpec
+from . import BackendOptions, select_providers
+
+log = logging.getLogger(__name__)
+
+
+class OnnxSession:
+    """An onnxruntime InferenceSession checked against the manifest's I/O contract."""
+
+    def __init__(self, path: Path, spec: ComponentSpec, options: BackendOptions) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:  # pragma: no cover - a dependency of the package
+            raise BackendUnavailableError("onnxruntime is not installed; `pip install "
+                                          "onnxruntime`") from exc
+        self.spec = spec
+        self.inputs, self.outputs = spec.inputs, spec.outputs
+        so = ort.SessionOptions()
+        so.log_severity_level = 3  # errors only; ORT warnings are not the user's business
+        if options.threads:
+            so.intra_op_num_threads = options.threads
+        if options.low_memory:
+            # Weights stay in the page cache (mapped external data) instead of being copied:
+            # no prepacking and no layout-rewriting optimizations (see shared/TOOLCHAIN.md).
+            so.add_session_config_entry("session.disable_prepacking", "1")
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+            so.enable_cpu_mem_arena = False
+        providers = select_providers(options.providers, ort.get_available_providers())
+        try:
+            self._session = ort.InferenceSession(str(path), so, providers=providers)
+        except Exception as exc:  # ORT raises its own exception types (Fail, InvalidProtobuf...)
+            raise BundleError(f"{path}: onnxruntime cannot load it ({type(exc).__name__}: "
+                              f"{str(exc).strip()[:300]}); the file is corrupted or was not "
+                              "written by edge-convert — re-convert or copy the bundle again"
+                              ) from exc
+        self._check_io()
+
+    def _check_io(self) -> None:
+        got_in = {i.name for i in self._session.get_inputs()}
+        got_out = {o.name for o in self._session.get_outputs()}
+        want_in = {s.name for s in self.inputs}
+        want_out = {s.name for s in self.outputs}
+        if got_in != want_in or not want_out <= got_out:
+            raise BundleError(f"{self.spec.path}: graph inputs {sorted(got_in)} / outputs "
+                              f"{sorted(got_out)} do not match the manifest "
+                              f"({sorted(want_in)} / {sorted(want_out)}); re-convert the bundle")
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cast = {}
+        for spec in self.inputs:
+            if spec.name not in feeds:
+                raise InferenceError(f"{self.spec.name}: input {spec.name!r} was not given")
+            cast[spec.name] = np.ascontiguousarray(feeds[spec.name], dtype=spec.dtype)
+        names = [o.name for o in self.outputs]
+        try:
+            result = self._session.run(names, cast)
+        except Exception as exc:
+            shapes = {k: v.shape for k, v in cast.items()}
+            raise InferenceError(f"{self.spec.name}: onnxruntime failed on inputs {shapes}: "
+                                 f"{str(exc).strip()[:300]}") from exc
+        return dict(zip(names, result))
