@@ -1,0 +1,89 @@
+"""`edge-convert`: convert a diffusers checkpoint into an edge-sdk bundle.
+
+    edge-convert CHECKPOINT -o BUNDLE [--format onnx] [--precision fp32|fp16|unet=fp16,...]
+    edge-convert synth --arch tiny-sd1|tiny-sd2|sd15 -o DIR [--seed N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from typing import Sequence
+
+from edge_sdk.errors import EdgeSDKError
+
+from . import __version__
+
+
+def _convert_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edge-convert", description="Convert a diffusers-format "
+                                "Stable Diffusion checkpoint folder into an edge-sdk bundle. "
+                                "(`edge-convert synth --help`: build a random-weight "
+                                "checkpoint.)")
+    p.add_argument("--version", action="version", version=f"edge-convert {__version__}")
+    p.add_argument("checkpoint", help="diffusers checkpoint folder (model_index.json, unet/ ...)")
+    p.add_argument("-o", "--output", required=True, help="bundle folder to write")
+    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("--precision", default="fp32",
+                   help="fp32 | fp16, or per component: unet=fp16,text_encoder=fp32,vae=fp32")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="also load .bin/.ckpt weights (pickle: only for sources you trust)")
+    p.add_argument("--default-steps", type=int, default=None)
+    p.add_argument("--default-guidance", type=float, default=None)
+    p.add_argument("--no-vae-encoder", action="store_true", help="skip the VAE encoder")
+    p.add_argument("--debug", action="store_true")
+    return p
+
+
+def _synth_parser() -> argparse.ArgumentParser:
+    from .synth import ARCHS
+    p = argparse.ArgumentParser(prog="edge-convert synth", description="Write a Stable "
+                                "Diffusion-architecture checkpoint with random weights "
+                                "(offline, seeded): tiny ones for tests, sd15 for benchmarks.")
+    p.add_argument("--arch", choices=ARCHS, default="tiny-sd1")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--debug", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    synth = bool(argv) and argv[0] == "synth"
+    args = (_synth_parser() if synth else _convert_parser()).parse_args(argv[1:] if synth
+                                                                        else argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if synth:
+            from .synth import build_checkpoint
+            t0 = time.perf_counter()
+            build_checkpoint(args.output, args.arch, args.seed)
+            print(f"wrote {args.arch} checkpoint to {args.output} "
+                  f"({time.perf_counter() - t0:.1f} s)")
+            return 0
+        from .convert import convert
+        t0 = time.perf_counter()
+        convert(args.checkpoint, args.output, fmt=args.format, precision=args.precision,
+                overwrite=args.overwrite, allow_pickle=args.allow_pickle, opset=args.opset,
+                default_steps=args.default_steps, default_guidance=args.default_guidance,
+                vae_encoder=not args.no_vae_encoder,
+                progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+        print(f"converted in {time.perf_counter() - t0:.1f} s")
+        return 0
+    except EdgeSDKError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; no partial bundle was left", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""`edge-sdk`: generate images and inspect bundles from the command line.
+
+The CLI owns printing: library errors become one line on stderr and a non-zero exit
+(`--debug` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from . import __version__
+from .errors import EdgeSDKError
+
+log = logging.getLogger("edge_sdk")
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr (a line per step when stderr is not a terminal)."""
+
+    def __init__(self, label: str, enabled: bool = True) -> None:
+        self.label, self.enabled = label, enabled
+        self.tty = sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+
+    def __call__(self, i: int, n: int, _latents: Any = None) -> None:
+        if not self.enabled:
+            return
+        done = i + 1
+        rate = (time.perf_counter() - self.t0) / done
+        bar = "#" * int(30 * done / n)
+        speed = f"{rate:.2f} s/step" if rate >= 1 else f"{rate * 1000:.0f} ms/step"
+        line = f"{self.label} [{bar:<30}] {done}/{n} {speed}"
+        if self.tty:
+            sys.stderr.write("\r" + line + ("\n" if done == n else ""))
+        elif done == n or done == 1:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edge-sdk", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"edge-sdk {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate an image from a text prompt")
+    g.add_argument("prompt")
+    g.add_argument("--model", "-m", help="bundle folder (default: the shipped model)")
+    g.add_argument("-o", "--output", default="out.png", help="PNG path (default: out.png)")
+    g.add_argument("--negative-prompt", default=None)
+    g.add_argument("--steps", type=int, default=None)
+    g.add_argument("--guidance", type=float, default=None, help="guidance scale (<=1: off)")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--scheduler", default=None, help="e.g. euler, euler_a, ddim, pndm, "
+                   "dpmpp_2m, dpmpp_2m_karras, lcm (default: the model's)")
+    g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--providers", default=None, help="comma-separated ONNX Runtime "
+                   "execution providers, e.g. xnnpack,cpu")
+    g.add_argument("--no-verify", action="store_true", help="skip sha256 checks at load")
+    g.add_argument("-q", "--quiet", action="store_true")
+    g.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    i = sub.add_parser("info", help="describe a bundle")
+    i.add_argument("bundle", nargs="?", help="bundle folder (default: the shipped model)")
+    i.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    i.add_argument("--debug", action="store_true")
+    return p
+
+
+def _output_paths(output: str, n: int) -> list[Path]:
+    path = Path(output)
+    if n == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{k}{path.suffix or '.png'}") for k in range(n)]
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from .config import GenerationConfig
+    from .image import save_png
+    from .pipeline import Pipeline
+
+    providers = [p for p in a.providers.split(",") if p] if a.providers else None
+    t0 = time.perf_counter()
+    pipe = Pipeline.load(a.model, threads=a.threads, providers=providers,
+                         verify=not a.no_verify)
+    load_s = time.perf_counter() - t0
+    config = GenerationConfig(negative_prompt=a.negative_prompt, steps=a.steps,
+                              guidance_scale=a.guidance, seed=a.seed, width=a.width,
+                              height=a.height, scheduler=a.scheduler, num_images=a.num_images)
+    result = pipe.generate(a.prompt, config, callback=ProgressBar("denoising", not a.quiet))
+    params = {**result.parameters, "model": pipe.manifest.source.name,
+              "edge_sdk": __version__}
+    paths = _output_paths(a.output, len(result.images))
+    for image, path in zip(result.images, paths):
+        save_png(image, path, params)
+    if not a.quiet:
+        t = result.timings
+        print(f"wrote {', '.join(map(str, paths))} ({result.config.width}x{result.config.height}"
+              f", seed {result.config.seed}, {result.config.steps} steps, "
+              f"{result.config.scheduler}) load {load_s:.2f} s, text {t['text_encoder']:.2f} s, "
+              f"denoise {t['denoise']:.2f} s, decode {t['vae_decoder']:.2f} s")
+    return 0
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    from .manifest import Manifest
+    from .models import default_bundle
+
+    path = Path(a.bundle) if a.bundle else default_bundle()
+    m = Manifest.load(path)
+    if a.json:
+        print(m.to_json(), end="")
+        return 0
+    print("\n".join(describe(m, path)))
+    return 0
+
+
+def describe(m: Any, path: Path) -> list[str]:
+    """The manifest in human form."""
+    s, c, d = m.source, m.converter, m.defaults
+    sched = m.scheduler
+    lines = [
+        f"bundle      {path}",
+        f"model       {m.family} ({m.variant}), from {s.name!r} ({s.pipeline_class}, "
+        f"diffusers {s.diffusers_version})",
+        f"source      sha256 {s.fingerprint[:16]}...",
+        f"converted   {c.get('name')} {c.get('version')} on {c.get('created')}, "
+        f"opset {c.get('opset')}",
+        f"scheduler   {sched.get('_class_name')} (prediction {m.prediction_type}, "
+        f"{sched.get('beta_schedule')} betas, spacing {sched.get('timestep_spacing')}, "
+        f"steps_offset {sched.get('steps_offset', 0)})",
+        f"defaults    {d.width}x{d.height}, {d.steps} steps, guidance {d.guidance_scale}",
+        f"vae         scaling {m.vae.scaling_factor}"
+        + (f", shift {m.vae.shift_factor}" if m.vae.shift_factor is not None else "")
+        + f", {m.vae.latent_channels} latent channels, x{m.vae.scale_factor}",
+        f"tokenizer   {m.tokenizer.max_length} tokens, pad {m.tokenizer.pad_token!r} "
+        f"(id {m.tokenizer.pad_token_id})",
+        "components",
+    ]
+    for comp in m.components.values():
+        size = sum(f.size for f in comp.files) / 1e6
+        ios = " ".join(f"{t.name}:{t.dtype}[{','.join(map(str, t.shape))}]" for t in comp.inputs)
+        outs = " ".join(f"{t.name}:{t.dtype}[{','.join(map(str, t.shape))}]"
+                        for t in comp.outputs)
+        lines.append(f"  {comp.name:<13} {comp.format} {comp.precision:<5} {size:8.1f} MB  "
+                     f"{ios} -> {outs}")
+    return lines
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"generate": cmd_generate,
+                                                            "info": cmd_info}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except EdgeSDKError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

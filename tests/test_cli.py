@@ -1,0 +1,95 @@
+"""edge-convert and edge-sdk from the command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from converters.cli import main as convert_main
+from edge_sdk.cli import main as sdk_main
+
+from .conftest import needs_convert
+
+pytestmark = needs_convert
+
+
+def test_convert_cli_progress_and_overwrite(models, tmp_path, capsys):
+    ckpt, out = models.checkpoint("tiny-sd2"), tmp_path / "b"
+    assert convert_main([str(ckpt), "-o", str(out), "--no-vae-encoder"]) == 0
+    err = capsys.readouterr().err
+    for comp in ("text_encoder", "unet", "vae_decoder"):
+        assert f"{comp}: done in" in err
+    assert not (out / "vae_encoder.onnx").exists()
+    # an existing bundle is not replaced without --overwrite
+    assert convert_main([str(ckpt), "-o", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert convert_main([str(ckpt), "-o", str(out), "--overwrite", "--default-steps", "9"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["defaults"]["steps"] == 9
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+
+
+def test_convert_refuses_pickle_only_checkpoint(models, tmp_path, capsys):
+    import shutil
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(models.checkpoint("tiny-sd1"), ckpt)
+    weights = ckpt / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.rename(weights.with_suffix(".bin"))
+    assert convert_main([str(ckpt), "-o", str(tmp_path / "b")]) == 2
+    assert "--allow-pickle" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+def test_convert_failure_leaves_nothing(models, tmp_path, capsys):
+    import shutil
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(models.checkpoint("tiny-sd1"), ckpt)
+    (ckpt / "vae" / "config.json").write_text("{broken")
+    assert convert_main([str(ckpt), "-o", str(tmp_path / "b")]) == 2
+    assert "config.json" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_generate_writes_png_with_parameters(models, tmp_path, capsys):
+    out = tmp_path / "img.png"
+    rc = sdk_main(["generate", "a red circle on a blue background", "--model",
+                   str(models.bundle("tiny-sd1")), "-o", str(out), "--steps", "3", "--seed",
+                   "42", "--width", "96", "--height", "64", "--scheduler", "euler_a",
+                   "--negative-prompt", "blurry"])
+    assert rc == 0
+    image = Image.open(out)
+    assert image.size == (96, 64)
+    params = json.loads(image.text["parameters"])
+    assert params["prompt"] == "a red circle on a blue background"
+    assert (params["seed"], params["steps"], params["scheduler"]) == (42, 3, "euler_a")
+    assert params["negative_prompt"] == "blurry"
+    assert "3/3" in capsys.readouterr().err  # the progress bar reached the end
+
+
+def test_generate_bad_input_is_one_line(models, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "edge_sdk.cli", "generate", "x", "--model",
+                           str(models.bundle("tiny-sd1")), "--steps", "0", "-o",
+                           str(tmp_path / "x.png")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: steps must be in [1")
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_info(models, capsys):
+    assert sdk_main(["info", str(models.bundle("tiny-sd2"))]) == 0
+    out = capsys.readouterr().out
+    assert "v_prediction" in out and "pad '!'" in out and "unet" in out
+    assert sdk_main(["info", str(models.bundle("tiny-sd2")), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["variant"] == "sd2"
+
+
+@pytest.mark.parametrize("n", [2])
+def test_num_images(models, tmp_path, n):
+    out = tmp_path / "img.png"
+    assert sdk_main(["generate", "x", "--model", str(models.bundle("tiny-sd1")), "-o", str(out),
+                     "--steps", "2", "--num-images", str(n), "-q"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img-0.png", "img-1.png"]
