@@ -7,12 +7,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from typing import Sequence
 
-from edge_sdk.errors import EdgeSDKError
+from edge_sdk.cli import run_cli
 
 from . import __version__
 
@@ -56,33 +55,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     synth = bool(argv) and argv[0] == "synth"
     args = (_synth_parser() if synth else _convert_parser()).parse_args(argv[1:] if synth
                                                                         else argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if synth:
-            from .synth import build_checkpoint
-            t0 = time.perf_counter()
-            build_checkpoint(args.output, args.arch, args.seed)
-            print(f"wrote {args.arch} checkpoint to {args.output} "
-                  f"({time.perf_counter() - t0:.1f} s)")
-            return 0
-        from .convert import convert
-        t0 = time.perf_counter()
-        convert(args.checkpoint, args.output, fmt=args.format, precision=args.precision,
-                overwrite=args.overwrite, allow_pickle=args.allow_pickle, opset=args.opset,
-                default_steps=args.default_steps, default_guidance=args.default_guidance,
-                vae_encoder=not args.no_vae_encoder,
-                progress=lambda msg: print(msg, file=sys.stderr, flush=True))
-        print(f"converted in {time.perf_counter() - t0:.1f} s")
-        return 0
-    except EdgeSDKError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; no partial bundle was left", file=sys.stderr)
-        return 130
+    return run_cli(lambda: _synth(args) if synth else _convert(args), args.debug,
+                   interrupted="interrupted; no partial bundle was left")
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from .synth import build_checkpoint
+    t0 = time.perf_counter()
+    build_checkpoint(args.output, args.arch, args.seed)
+    print(f"wrote {args.arch} checkpoint to {args.output} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+    t0 = time.perf_counter()
+    convert(args.checkpoint, args.output, fmt=args.format, precision=args.precision,
+            overwrite=args.overwrite, allow_pickle=args.allow_pickle, opset=args.opset,
+            default_steps=args.default_steps, default_guidance=args.default_guidance,
+            vae_encoder=not args.no_vae_encoder,
+            progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(f"converted in {time.perf_counter() - t0:.1f} s")
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

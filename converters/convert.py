@@ -28,6 +28,8 @@ from .tokenizer import export_tokenizer
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
+# AutoencoderKL's own default, used by diffusers when a VAE config.json omits scaling_factor
+AUTOENCODER_KL_DEFAULT_SCALING = 0.18215
 
 
 def parse_precision(spec: str) -> dict[str, str]:
@@ -75,8 +77,7 @@ def convert(checkpoint: str | Path, output: str | Path, *, fmt: str = "onnx",
         raise ConversionError(f"format {fmt!r} is not supported yet; use --format onnx")
     precisions = parse_precision(precision)
     ckpt = Checkpoint.open(checkpoint, allow_pickle=allow_pickle)
-    unet_cfg, vae_cfg = ckpt.config("unet"), ckpt.config("vae")
-    text_cfg, sched = ckpt.config("text_encoder"), ckpt.config("scheduler")
+    text_cfg = ckpt.config("text_encoder")
     plan = [N.TEXT_ENCODER, N.UNET, N.VAE_DECODER] + ([N.VAE_ENCODER] if vae_encoder else [])
     components: dict[str, ComponentSpec] = {}
     with AtomicBundle(output, overwrite=overwrite) as stage:
@@ -104,29 +105,38 @@ def convert(checkpoint: str | Path, output: str | Path, *, fmt: str = "onnx",
                 f"{size:.1f} MB")
         tok = export_tokenizer(ckpt, stage, int(text_cfg.get("max_position_embeddings", 77)))
         say("tokenizer: tokenizer.json written and checked")
-        vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
-        manifest = Manifest(
-            family="stable-diffusion",
-            variant=_variant(unet_cfg, tok.pad_token, sched),
-            source=SourceInfo(Path(checkpoint).absolute().name, ckpt.fingerprint(),
-                              ckpt.pipeline_class, ckpt.model_index.get("_diffusers_version")),
-            converter=_converter_info(opset),
-            components=components,
-            scheduler=sched,
-            prediction_type=sched.get("prediction_type", "epsilon"),
-            vae=VaeSpec(float(vae_cfg.get("scaling_factor", 0.18215)),
-                        vae_cfg.get("shift_factor"), int(vae_cfg["latent_channels"]),
-                        vae_factor),
-            unet=UnetSpec(int(unet_cfg["in_channels"]), int(unet_cfg["sample_size"]),
-                          _cross_dim(unet_cfg)),
-            tokenizer=tok,
-            defaults=_defaults(sched, int(unet_cfg["sample_size"]) * vae_factor, default_steps,
-                               default_guidance),
-            extra={"size_multiple": vae_factor * 2 ** (len(unet_cfg["block_out_channels"]) - 1)},
-        )
+        manifest = _manifest(ckpt, Path(checkpoint), components, tok, opset, default_steps,
+                             default_guidance)
         write_manifest(stage, manifest)
     say(f"bundle written to {Path(output)}")
     return manifest
+
+
+def _manifest(ckpt: Checkpoint, source: Path, components: dict[str, ComponentSpec],
+              tok: Any, opset: int, default_steps: int | None,
+              default_guidance: float | None) -> Manifest:
+    unet_cfg, vae_cfg, sched = ckpt.config("unet"), ckpt.config("vae"), ckpt.config("scheduler")
+    vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    return Manifest(
+        family="stable-diffusion",
+        variant=_variant(unet_cfg, tok.pad_token, sched),
+        source=SourceInfo(source.absolute().name, ckpt.fingerprint(), ckpt.pipeline_class,
+                          ckpt.model_index.get("_diffusers_version")),
+        converter=_converter_info(opset),
+        components=components,
+        scheduler=sched,
+        prediction_type=sched.get("prediction_type", "epsilon"),
+        vae=VaeSpec(float(vae_cfg.get("scaling_factor", AUTOENCODER_KL_DEFAULT_SCALING)),
+                    vae_cfg.get("shift_factor"),
+                    int(vae_cfg["latent_channels"]), vae_factor),
+        unet=UnetSpec(int(unet_cfg["in_channels"]), int(unet_cfg["sample_size"]),
+                      _cross_dim(unet_cfg)),
+        tokenizer=tok,
+        defaults=_defaults(sched, int(unet_cfg["sample_size"]) * vae_factor, default_steps,
+                           default_guidance),
+        # UNet down/up-sampling needs latent sizes divisible by 2**(levels - 1)
+        extra={"size_multiple": vae_factor * 2 ** (len(unet_cfg["block_out_channels"]) - 1)},
+    )
 
 
 def _cross_dim(unet_cfg: dict[str, Any]) -> int:

@@ -66,6 +66,16 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--no-verify", action="store_true", help="skip sha256 checks at load")
     g.add_argument("-q", "--quiet", action="store_true")
     g.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    e = sub.add_parser("evaluate", help="score a bundle on the shapes model's held-out prompts")
+    e.add_argument("--model", "-m", help="bundle folder (default: the shipped model)")
+    e.add_argument("--steps", type=int, default=None)
+    e.add_argument("--guidance", type=float, default=None)
+    e.add_argument("--scheduler", default=None)
+    e.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    e.add_argument("--sheet", default="contact_sheet.png", help="contact sheet PNG path")
+    e.add_argument("--json", default=None, help="also write the report as JSON here")
+    e.add_argument("--threads", type=int, default=None)
+    e.add_argument("--debug", action="store_true")
     i = sub.add_parser("info", help="describe a bundle")
     i.add_argument("bundle", nargs="?", help="bundle folder (default: the shipped model)")
     i.add_argument("--json", action="store_true", help="print the manifest as JSON")
@@ -105,6 +115,27 @@ def cmd_generate(a: argparse.Namespace) -> int:
               f", seed {result.config.seed}, {result.config.steps} steps, "
               f"{result.config.scheduler}) load {load_s:.2f} s, text {t['text_encoder']:.2f} s, "
               f"denoise {t['denoise']:.2f} s, decode {t['vae_decoder']:.2f} s")
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from .pipeline import Pipeline
+    from .shapes import benchmark
+
+    pipe = Pipeline.load(a.model, threads=a.threads)
+
+    def generate(prompt: str, seed: int) -> Any:
+        return pipe(prompt, seed=seed, steps=a.steps, guidance_scale=a.guidance,
+                    scheduler=a.scheduler)
+
+    bar = ProgressBar("evaluating")
+    report, images = benchmark.run(generate, a.limit, progress=lambda k, n: bar(k, n))
+    print(report.table())
+    sheet = benchmark.contact_sheet(images, report, a.sheet)
+    print(f"contact sheet: {sheet}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"summary": report.summary(), "rows": report.rows},
+                                           indent=1))
     return 0
 
 
@@ -153,25 +184,31 @@ def describe(m: Any, path: Path) -> list[str]:
     return lines
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"generate": cmd_generate,
-                                                            "info": cmd_info}
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "generate": cmd_generate, "evaluate": cmd_evaluate, "info": cmd_info}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    debug = getattr(args, "debug", False)
+def run_cli(action: Callable[[], int], debug: bool,
+            interrupted: str = "interrupted") -> int:
+    """Run a CLI action: logging set up, edge_sdk errors as one line on stderr and exit 2
+    (the traceback with --debug), Ctrl-C as exit 130. Shared by edge-convert."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return COMMANDS[args.command](args)
+        return action()
     except EdgeSDKError as exc:
         if debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return run_cli(lambda: COMMANDS[args.command](args), getattr(args, "debug", False))
 
 
 if __name__ == "__main__":  # pragma: no cover

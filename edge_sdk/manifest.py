@@ -220,6 +220,10 @@ class Manifest:
         for comp in self.components.values():
             for entry in comp.files:
                 path = bundle / entry.path
+                if path.is_symlink():
+                    raise BundleError(f"bundle file {entry.path!r} is a symbolic link; bundle "
+                                      "files must be regular files inside the bundle folder "
+                                      "(a link could point anywhere)")
                 if not path.is_file():
                     raise BundleError(f"bundle file {entry.path!r} of component {comp.name!r} "
                                       f"is missing from {str(bundle)!r}; copy the whole bundle "

@@ -64,7 +64,7 @@ def test_corrupted_weights_fail_checksum(bundle_copy):
 def test_corrupted_graph_without_checksums(bundle_copy):
     graph = bundle_copy / "text_encoder.onnx"
     graph.write_bytes(b"\x00" * graph.stat().st_size)  # same size, garbage
-    with pytest.raises(BundleError, match="onnxruntime cannot load"):
+    with pytest.raises(BundleError, match="not a valid ONNX file|onnxruntime cannot load"):
         Pipeline.load(bundle_copy, verify=False)
 
 

@@ -39,3 +39,21 @@ def test_matches_transformers(models, arch, pad_id):
     for prompt, row in zip(PROMPTS, ours):
         want = ref(prompt, padding="max_length", max_length=77, truncation=True).input_ids
         assert row.tolist() == want, prompt
+
+
+def test_subset_vocab_tokenizes_like_full_clip(tmp_path):
+    """The shapes model's vocabulary (CLIP merges restricted to its words) splits those words
+    exactly as the full CLIP vocabulary does."""
+    from transformers import CLIPTokenizer
+
+    from converters.clip_vocab import subset_clip_vocab, write_clip_tokenizer_files
+    words = {"a", "red", "circle", "squares", "background", "purple", "triangles", ","}
+    vocab, merges = subset_clip_vocab(words)
+    assert len(vocab) < 1000 and len(merges) < 200
+    write_clip_tokenizer_files(tmp_path / "sub", vocab_and_merges=(vocab, merges))
+    write_clip_tokenizer_files(tmp_path / "full")
+    sub = CLIPTokenizer.from_pretrained(tmp_path / "sub")
+    full = CLIPTokenizer.from_pretrained(tmp_path / "full")
+    text = "a red circle, purple triangles squares background"
+    assert sub.convert_ids_to_tokens(sub(text).input_ids) == \
+        full.convert_ids_to_tokens(full(text).input_ids)

@@ -11,6 +11,7 @@ import numpy as np
 from ..errors import BackendUnavailableError, BundleError, InferenceError
 from ..manifest import ComponentSpec
 from . import BackendOptions, select_providers
+from .onnx_files import check_external_data
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class OnnxSession:
             so.add_session_config_entry("session.disable_prepacking", "1")
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
             so.enable_cpu_mem_arena = False
+        check_external_data(path, {f.path for f in spec.files})
         providers = select_providers(options.providers, ort.get_available_providers())
         try:
             self._session = ort.InferenceSession(str(path), so, providers=providers)

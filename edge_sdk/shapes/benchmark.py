@@ -1,0 +1,81 @@
+"""Run the fixed held-out prompt set against a bundle and report what the evaluator sees."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .evaluator import analyse, score
+from .scenes import HELD_OUT_PAIRS, evaluation_prompts
+
+ATTRIBUTES = ("colour", "shape", "count", "position", "background", "whole")
+
+
+@dataclass
+class Report:
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def accuracy(self, attribute: str, held_out: bool | None = None) -> float:
+        vals = [r["score"][attribute] for r in self.rows
+                if attribute in r["score"] and (held_out is None or r["held_out"] == held_out)]
+        return 100.0 * sum(vals) / len(vals) if vals else float("nan")
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "prompts": len(self.rows),
+            "accuracy": {a: round(self.accuracy(a), 1) for a in ATTRIBUTES},
+            "seen_pairs_whole": round(self.accuracy("whole", held_out=False), 1),
+            "unseen_pairs_whole": round(self.accuracy("whole", held_out=True), 1),
+            "seconds": round(self.seconds, 1),
+        }
+
+    def table(self) -> str:
+        s = self.summary()
+        lines = [f"{'attribute':<22}{'accuracy':>9}"]
+        lines += [f"{a:<22}{s['accuracy'][a]:>8.1f}%" for a in ATTRIBUTES]
+        lines += [f"{'whole (seen pairs)':<22}{s['seen_pairs_whole']:>8.1f}%",
+                  f"{'whole (unseen pairs)':<22}{s['unseen_pairs_whole']:>8.1f}%",
+                  f"{s['prompts']} prompts in {s['seconds']:.1f} s"]
+        return "\n".join(lines)
+
+
+def run(generate: Callable[[str, int], Image.Image], limit: int | None = None,
+        progress: Callable[[int, int], None] | None = None) -> tuple[Report, list[Image.Image]]:
+    """`generate(prompt, seed) -> image` for each held-out prompt; scores and images."""
+    cases = evaluation_prompts()[:limit]
+    report, images = Report(), []
+    t0 = time.perf_counter()
+    for k, (scene, prompt, seed) in enumerate(cases):
+        image = generate(prompt, seed)
+        seen = analyse(np.asarray(image.convert("RGB")))
+        report.rows.append({"prompt": prompt, "seed": seed, "seen": seen.__dict__,
+                            "score": score(scene, seen),
+                            "held_out": (scene.colour, scene.shape) in HELD_OUT_PAIRS})
+        images.append(image)
+        if progress:
+            progress(k, len(cases))
+    report.seconds = time.perf_counter() - t0
+    return report, images
+
+
+def contact_sheet(images: list[Image.Image], report: Report, path: str | Path,
+                  columns: int = 10) -> Path:
+    """A grid of the results; a red frame marks images whose prompt was not fully met."""
+    w, h = images[0].size
+    rows = (len(images) + columns - 1) // columns
+    pad = 4
+    sheet = Image.new("RGB", (columns * (w + pad) + pad, rows * (h + pad) + pad), (60, 60, 60))
+    draw = ImageDraw.Draw(sheet)
+    for k, (img, row) in enumerate(zip(images, report.rows)):
+        x, y = pad + (k % columns) * (w + pad), pad + (k // columns) * (h + pad)
+        sheet.paste(img.convert("RGB"), (x, y))
+        if not row["score"]["whole"]:
+            draw.rectangle([x - 2, y - 2, x + w + 1, y + h + 1], outline=(255, 0, 0), width=2)
+    sheet.save(path)
+    return Path(path)

@@ -1,0 +1,33 @@
+"""End to end on the shipped default model: it is found with no bundle given, and what it
+generates shows what the prompt says (read back by the evaluator)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_sdk import Pipeline
+from edge_sdk.models import default_bundle
+from edge_sdk.shapes.evaluator import analyse
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return Pipeline.load()  # no bundle: the shipped model
+
+
+def test_default_bundle_is_the_shipped_model():
+    assert (default_bundle() / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize("prompt,seed,colour,background", [
+    ("a red circle on a blue background", 0, "red", "blue"),
+    ("a large yellow star on the left, black background", 1, "yellow", "black"),
+    ("two small green squares at the top on a white background", 2, "green", "white"),
+])
+def test_generates_the_prompted_colours(pipe, prompt, seed, colour, background):
+    image = pipe(prompt, seed=seed)
+    assert image.size == (128, 128)
+    seen = analyse(np.asarray(image))
+    assert seen.colour == colour, seen
+    assert seen.background == background, seen
