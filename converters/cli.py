@@ -26,7 +26,8 @@ def _convert_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="bundle folder to write")
     p.add_argument("--format", default="onnx", choices=["onnx"])
     p.add_argument("--precision", default="fp32",
-                   help="fp32 | fp16, or per component: unet=fp16,text_encoder=fp32,vae=fp32")
+                   help="fp32 | fp16 | int8 (text encoder + UNet; the VAE stays fp32), or per "
+                   "component: unet=int8,text_encoder=int8,vae=fp16")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.add_argument("--allow-pickle", action="store_true",
@@ -50,13 +51,41 @@ def _synth_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _verify_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edge-convert verify", description="Measure what a bundle "
+                                "(fp16, int8 ...) costs against a reference: per component "
+                                "error, size and latency; PSNR/SSIM of final images. Writes "
+                                "BUNDLE/quality.json.")
+    p.add_argument("bundle")
+    p.add_argument("--reference", "-r", required=True,
+                   help="a checkpoint folder (converted to fp32 on the fly) or an fp32 bundle")
+    p.add_argument("--prompts", default=None, help="text file, one prompt per line")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--debug", action="store_true")
+    return p
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    synth = bool(argv) and argv[0] == "synth"
-    args = (_synth_parser() if synth else _convert_parser()).parse_args(argv[1:] if synth
-                                                                        else argv)
-    return run_cli(lambda: _synth(args) if synth else _convert(args), args.debug,
+    sub = argv[0] if argv and argv[0] in ("synth", "verify") else None
+    parser = {"synth": _synth_parser, "verify": _verify_parser}.get(sub or "", _convert_parser)()
+    args = parser.parse_args(argv[1:] if sub else argv)
+    action = {"synth": _synth, "verify": _verify}.get(sub or "", _convert)
+    return run_cli(lambda: action(args), args.debug,
                    interrupted="interrupted; no partial bundle was left")
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .verify import format_report, verify
+    prompts = None
+    if args.prompts:
+        prompts = [ln.strip() for ln in Path(args.prompts).read_text().splitlines() if ln.strip()]
+    report = verify(args.bundle, args.reference, prompts=prompts, steps=args.steps)
+    print(format_report(report))
+    print(f"written to {Path(args.bundle) / 'quality.json'}")
+    return 0
 
 
 def _synth(args: argparse.Namespace) -> int:

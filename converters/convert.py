@@ -32,17 +32,22 @@ Progress = Callable[[str], None]
 AUTOENCODER_KL_DEFAULT_SCALING = 0.18215
 
 
+# A bare precision applies to these components; the VAE is the sensitive part (its output
+# is the image) and stays fp32 under a bare "int8" unless named: `--precision int8,vae=int8`.
+_BARE_TARGETS = {"int8": [N.TEXT_ENCODER, N.UNET]}
+
+
 def parse_precision(spec: str) -> dict[str, str]:
-    """`fp16` -> every component fp16; `unet=fp16,vae=fp32` -> per component (vae means
-    both VAE halves). Unnamed components are fp32."""
+    """`fp16` -> every component fp16; `int8` -> text encoder and UNet int8, VAE fp32;
+    `unet=int8,vae=fp16` -> per component (`vae` means both VAE halves). Unnamed: fp32."""
     out = {c: "fp32" for c in N.COMPONENTS}
     for part in [p.strip() for p in spec.split(",") if p.strip()]:
         name, _, value = part.rpartition("=")
         if value not in N.PRECISIONS:
             raise ConversionError(f"precision {value!r} is not supported for ONNX yet; choose "
                                   f"one of {list(N.PRECISIONS)}")
-        targets = {"": list(N.COMPONENTS), "vae": [N.VAE_DECODER, N.VAE_ENCODER]}.get(
-            name, [name])
+        targets = {"": _BARE_TARGETS.get(value, list(N.COMPONENTS)),
+                   "vae": [N.VAE_DECODER, N.VAE_ENCODER]}.get(name, [name])
         for t in targets:
             if t not in out:
                 raise ConversionError(f"unknown component {t!r} in --precision; use "

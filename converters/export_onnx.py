@@ -13,6 +13,8 @@ from typing import Any, Callable
 
 from edge_sdk import names as N
 
+from .quantize import save_graph
+
 log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
@@ -117,12 +119,13 @@ def export_component(component: str, model: Any, out_dir: Path, precision: str =
     if precision == "fp16":
         graph = to_fp16(graph)
     graph.doc_string = f"edge-sdk {component} ({precision})"
-    name = f"{component}.onnx"
-    data = f"{name}.data"
-    onnx.save_model(graph, str(out_dir / name), save_as_external_data=True,
-                    all_tensors_to_one_file=True, location=data, size_threshold=1024)
-    files = [name] + ([data] if (out_dir / data).exists() else [])
-    return files
+    if precision == "int8":
+        from .quantize import quantize_int8_dynamic
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".{component}-fp32-") as tmp:
+            save_graph(graph, Path(tmp), component)
+            del graph
+            return quantize_int8_dynamic(Path(tmp) / f"{component}.onnx", out_dir, component)
+    return save_graph(graph, out_dir, component)
 
 
 def _name_output_dims(graph: Any, wrapper: Any, example: tuple[Any, ...],

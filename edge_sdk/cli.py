@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import __version__
+from . import names as N
 from .errors import EdgeSDKError
 
 log = logging.getLogger("edge_sdk")
@@ -181,6 +182,17 @@ def describe(m: Any, path: Path) -> list[str]:
                         for t in comp.outputs)
         lines.append(f"  {comp.name:<13} {comp.format} {comp.precision:<5} {size:8.1f} MB  "
                      f"{ios} -> {outs}")
+    quality = path / N.QUALITY_FILE
+    if quality.is_file():
+        try:
+            q = json.loads(quality.read_text())
+            e = q["end_to_end"]
+            lines.append(f"quality     vs {q['reference']}: PSNR {e['psnr']:.2f} dB, SSIM "
+                         f"{e['ssim']:.4f}, max abs {e['max_abs']}/255 over "
+                         f"{len(e['images'])} images; UNet step {e['unet_step_seconds'] * 1e3:.1f}"
+                         f" ms (reference {e['reference_unet_step_seconds'] * 1e3:.1f} ms)")
+        except (ValueError, KeyError, TypeError):
+            lines.append(f"quality     {N.QUALITY_FILE} is unreadable; re-run edge-convert verify")
     return lines
 
 

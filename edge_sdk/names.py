@@ -9,6 +9,7 @@ MANIFEST_FILE = "manifest.json"
 BUNDLE_FORMAT = "edge-sdk-bundle"
 FORMAT_VERSION = 1
 TOKENIZER_FILE = "tokenizer.json"
+QUALITY_FILE = "quality.json"  # written by `edge-convert verify`
 
 # Components, in the order a generation uses them.
 TEXT_ENCODER = "text_encoder"
@@ -38,5 +39,5 @@ DIM_BATCH = "batch"
 DIM_HEIGHT = "height"
 DIM_WIDTH = "width"
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 BACKEND_FORMATS = ("onnx",)

@@ -1,0 +1,154 @@
+"""`edge-convert verify`: what a (quantized / fp16) bundle costs against a reference.
+
+Per component: file size, max abs and relative L2 error on the same inputs, mean latency.
+End to end: PSNR, SSIM and max abs error of the final images over a fixed prompt/seed set.
+The report is printed and written to `<bundle>/quality.json` (`edge-sdk info` shows it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from edge_sdk import Pipeline
+from edge_sdk import names as N
+
+QUALITY_FILE = N.QUALITY_FILE
+DEFAULT_PROMPTS = [
+    "a red circle on a blue background", "two small green squares at the top",
+    "a large yellow star on the left, black background", "a purple triangle in the center",
+    "a lighthouse on a cliff at sunset", "a bowl of fruit on a wooden table",
+    "portrait of an old man, oil painting", "a city street in the rain at night",
+]
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Structural similarity (Wang et al. 2004; 11x11 Gaussian, sigma 1.5), mean over RGB."""
+    import cv2
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    out = []
+    for ch in range(a.shape[-1]):
+        x, y = a[..., ch].astype(np.float64), b[..., ch].astype(np.float64)
+        blur = lambda z: cv2.GaussianBlur(z, (11, 11), 1.5)  # noqa: E731
+        mx, my = blur(x), blur(y)
+        sxx, syy, sxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+        m = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
+        out.append(m.mean())
+    return float(np.mean(out))
+
+
+def _err(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    return {"max_abs": float(np.abs(a - b).max()),
+            "rel_l2": float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))}
+
+
+def _timed(fn: Callable[[], Any], repeats: int = 3) -> tuple[Any, float]:
+    fn()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        out = fn()
+    return out, (time.perf_counter() - t0) / repeats
+
+
+def compare_components(test: Pipeline, ref: Pipeline, seed: int = 0) -> dict[str, Any]:
+    """Each component of `test` vs `ref` on identical inputs."""
+    m, rng = ref.manifest, np.random.default_rng(seed)
+    ids = ref.tokenizer(DEFAULT_PROMPTS[:2])
+    run = lambda p, c, feeds: p.session(c).run(feeds)  # noqa: E731
+    ctx = run(ref, N.TEXT_ENCODER, {N.TEXT_INPUT_IDS: ids})[N.TEXT_HIDDEN_STATES]
+    side = m.unet.sample_size
+    lat = rng.standard_normal((2, m.unet.in_channels, side, side)).astype(np.float32)
+    feeds = {
+        N.TEXT_ENCODER: ({N.TEXT_INPUT_IDS: ids}, N.TEXT_HIDDEN_STATES),
+        N.UNET: ({N.UNET_SAMPLE: lat, N.UNET_TIMESTEP: np.array([700.0, 300.0], np.float32),
+                  N.UNET_CONTEXT: ctx}, N.UNET_OUTPUT),
+        N.VAE_DECODER: ({N.VAE_LATENTS: lat[:1] / np.float32(m.vae.scaling_factor)},
+                        N.VAE_IMAGE),
+    }
+    out: dict[str, Any] = {}
+    for comp, (inputs, name) in feeds.items():
+        want, t_ref = _timed(lambda: run(ref, comp, inputs)[name])
+        got, t_test = _timed(lambda: run(test, comp, inputs)[name])
+        out[comp] = {"precision": test.manifest.components[comp].precision,
+                     "bytes": sum(f.size for f in test.manifest.components[comp].files),
+                     "reference_bytes": sum(f.size for f in m.components[comp].files),
+                     "seconds": t_test, "reference_seconds": t_ref, **_err(got, want)}
+    return out
+
+
+def compare_images(test: Pipeline, ref: Pipeline, prompts: list[str], steps: int | None
+                   ) -> dict[str, Any]:
+    rows, images, unet_step = [], [], {"test": [], "reference": []}
+    for k, prompt in enumerate(prompts):
+        pair = []
+        for label, pipe in (("reference", ref), ("test", test)):
+            r = pipe.generate(prompt, _config(seed=k, steps=steps))
+            unet_step[label].append(r.timings["denoise"] / r.config.steps)
+            pair.append(np.asarray(r.images[0]))
+        rows.append({"prompt": prompt, "seed": k, "psnr": psnr(pair[1], pair[0]),
+                     "ssim": ssim(pair[1], pair[0]),
+                     "max_abs": int(np.abs(pair[1].astype(int) - pair[0]).max())})
+        images.append(pair)
+    ref_all = np.stack([p[0] for p in images])
+    test_all = np.stack([p[1] for p in images])
+    return {"psnr": psnr(test_all, ref_all), "ssim": float(np.mean([r["ssim"] for r in rows])),
+            "max_abs": max(r["max_abs"] for r in rows),
+            "unet_step_seconds": float(np.mean(unet_step["test"])),
+            "reference_unet_step_seconds": float(np.mean(unet_step["reference"])),
+            "images": rows}
+
+
+def _config(**kw: Any) -> Any:
+    from edge_sdk import GenerationConfig
+    return GenerationConfig(**kw)
+
+
+def verify(bundle: str | Path, reference: str | Path, prompts: list[str] | None = None,
+           steps: int | None = None, write: bool = True) -> dict[str, Any]:
+    bundle, reference = Path(bundle), Path(reference)
+    with tempfile.TemporaryDirectory(prefix="edge-verify-") as tmp:
+        if not (reference / N.MANIFEST_FILE).is_file():  # a checkpoint: convert it to fp32
+            from .convert import convert
+            ref_bundle = Path(tmp) / "reference"
+            convert(reference, ref_bundle, vae_encoder=False, progress=lambda _m: None)
+        else:
+            ref_bundle = reference
+        test, ref = Pipeline.load(bundle), Pipeline.load(ref_bundle)
+        report = {"reference": str(reference),
+                  "reference_fingerprint": ref.manifest.source.fingerprint,
+                  "components": compare_components(test, ref),
+                  "end_to_end": compare_images(test, ref, prompts or DEFAULT_PROMPTS, steps)}
+    if write:
+        path = bundle / QUALITY_FILE
+        tmp_path = path.with_suffix(f".tmp{os.getpid()}")
+        tmp_path.write_text(json.dumps(report, indent=1))
+        os.replace(tmp_path, path)
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = [f"{'component':<13}{'precision':>10}{'MB':>8}{'x ref':>7}{'max abs':>10}"
+             f"{'rel L2':>9}{'ms':>8}{'ref ms':>8}"]
+    for comp, c in report["components"].items():
+        lines.append(f"{comp:<13}{c['precision']:>10}{c['bytes'] / 1e6:8.2f}"
+                     f"{c['bytes'] / c['reference_bytes']:7.2f}{c['max_abs']:10.4f}"
+                     f"{c['rel_l2']:9.4f}{c['seconds'] * 1e3:8.1f}"
+                     f"{c['reference_seconds'] * 1e3:8.1f}")
+    e = report["end_to_end"]
+    lines.append(f"end to end over {len(e['images'])} images: PSNR {e['psnr']:.2f} dB, SSIM "
+                 f"{e['ssim']:.4f}, max abs {e['max_abs']}/255; UNet step "
+                 f"{e['unet_step_seconds'] * 1e3:.1f} ms vs {e['reference_unet_step_seconds'] * 1e3:.1f}"
+                 " ms (reference)")
+    return "\n".join(lines)
+
