@@ -26,8 +26,9 @@ def _convert_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="bundle folder to write")
     p.add_argument("--format", default="onnx", choices=["onnx"])
     p.add_argument("--precision", default="fp32",
-                   help="fp32 | fp16 | int8 (text encoder + UNet; the VAE stays fp32), or per "
-                   "component: unet=int8,text_encoder=int8,vae=fp16")
+                   help="fp32 | fp16 | int8 (text encoder + UNet; the VAE stays fp32) | int4 "
+                   "(UNet int4, text encoder int8, VAE fp32), or per component: "
+                   "unet=int4,text_encoder=int8,vae=fp16")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.add_argument("--allow-pickle", action="store_true",

@@ -32,22 +32,29 @@ Progress = Callable[[str], None]
 AUTOENCODER_KL_DEFAULT_SCALING = 0.18215
 
 
-# A bare precision applies to these components; the VAE is the sensitive part (its output
-# is the image) and stays fp32 under a bare "int8" unless named: `--precision int8,vae=int8`.
-_BARE_TARGETS = {"int8": [N.TEXT_ENCODER, N.UNET]}
+# A bare precision sets these components. The VAE is the sensitive part (its output is the
+# image) and stays fp32 unless named (`--precision int8,vae=int8`); the text encoder is small
+# and loses most to 4 bits, so a bare "int4" makes it int8.
+_BARE: dict[str, dict[str, str]] = {
+    "int8": {N.TEXT_ENCODER: "int8", N.UNET: "int8"},
+    "int4": {N.TEXT_ENCODER: "int8", N.UNET: "int4"},
+}
 
 
 def parse_precision(spec: str) -> dict[str, str]:
     """`fp16` -> every component fp16; `int8` -> text encoder and UNet int8, VAE fp32;
-    `unet=int8,vae=fp16` -> per component (`vae` means both VAE halves). Unnamed: fp32."""
+    `int4` -> UNet int4, text encoder int8, VAE fp32; `unet=int4,vae=fp16` -> per component
+    (`vae` means both VAE halves). Unnamed: fp32."""
     out = {c: "fp32" for c in N.COMPONENTS}
     for part in [p.strip() for p in spec.split(",") if p.strip()]:
         name, _, value = part.rpartition("=")
         if value not in N.PRECISIONS:
-            raise ConversionError(f"precision {value!r} is not supported for ONNX yet; choose "
+            raise ConversionError(f"precision {value!r} is not supported for ONNX; choose "
                                   f"one of {list(N.PRECISIONS)}")
-        targets = {"": _BARE_TARGETS.get(value, list(N.COMPONENTS)),
-                   "vae": [N.VAE_DECODER, N.VAE_ENCODER]}.get(name, [name])
+        if not name:
+            out.update(_BARE.get(value, {c: value for c in N.COMPONENTS}))
+            continue
+        targets = [N.VAE_DECODER, N.VAE_ENCODER] if name == "vae" else [name]
         for t in targets:
             if t not in out:
                 raise ConversionError(f"unknown component {t!r} in --precision; use "

@@ -73,7 +73,7 @@ def example_inputs(component: str, model: Any) -> tuple[Any, ...]:
     if component == N.UNET:
         s = 2 ** (len(cfg.block_out_channels) - 1) * 2
         return (torch.randn(2, cfg.in_channels, s, s + s // 2), torch.tensor([999.0, 500.0]),
-                torch.randn(2, 77, cfg.cross_attention_dim))
+                torch.randn(2, 7, cfg.cross_attention_dim))  # any length: the axis is dynamic
     f = 2 ** (len(cfg.block_out_channels) - 1)
     if component == N.VAE_DECODER:
         return (torch.randn(1, cfg.latent_channels, 4, 6),)
@@ -86,7 +86,8 @@ _IO: dict[str, tuple[list[str], list[str], dict[str, dict[int, str]]]] = {
                       N.TEXT_POOLED: {0: N.DIM_BATCH}}),
     N.UNET: ([N.UNET_SAMPLE, N.UNET_TIMESTEP, N.UNET_CONTEXT], [N.UNET_OUTPUT],
              {N.UNET_SAMPLE: {0: N.DIM_BATCH, 2: N.DIM_HEIGHT, 3: N.DIM_WIDTH},
-              N.UNET_TIMESTEP: {0: N.DIM_BATCH}, N.UNET_CONTEXT: {0: N.DIM_BATCH},
+              N.UNET_TIMESTEP: {0: N.DIM_BATCH},
+              N.UNET_CONTEXT: {0: N.DIM_BATCH, 1: N.DIM_SEQUENCE},
               N.UNET_OUTPUT: {0: N.DIM_BATCH, 2: N.DIM_HEIGHT, 3: N.DIM_WIDTH}}),
     N.VAE_DECODER: ([N.VAE_LATENTS], [N.VAE_IMAGE],
                     {N.VAE_LATENTS: {0: N.DIM_BATCH, 2: N.DIM_HEIGHT, 3: N.DIM_WIDTH},
@@ -96,6 +97,11 @@ _IO: dict[str, tuple[list[str], list[str], dict[str, dict[int, str]]]] = {
                      N.VAE_LATENT_MEAN: {0: N.DIM_BATCH, 2: N.DIM_HEIGHT, 3: N.DIM_WIDTH},
                      N.VAE_LATENT_LOGVAR: {0: N.DIM_BATCH, 2: N.DIM_HEIGHT, 3: N.DIM_WIDTH}}),
 }
+
+
+# Layers kept fp32 under int4: the first and last convolutions (they touch the latents
+# directly) and the timestep embedding (small, and every block depends on it).
+INT4_KEEP_FP32 = ("/conv_in/", "/conv_out/", "/time_embedding/")
 
 
 def export_component(component: str, model: Any, out_dir: Path, precision: str = "fp32",
@@ -119,12 +125,15 @@ def export_component(component: str, model: Any, out_dir: Path, precision: str =
     if precision == "fp16":
         graph = to_fp16(graph)
     graph.doc_string = f"edge-sdk {component} ({precision})"
-    if precision == "int8":
-        from .quantize import quantize_int8_dynamic
+    if precision in ("int8", "int4"):
+        from .quantize import quantize_int4_blockwise, quantize_int8_dynamic
         with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".{component}-fp32-") as tmp:
             save_graph(graph, Path(tmp), component)
             del graph
-            return quantize_int8_dynamic(Path(tmp) / f"{component}.onnx", out_dir, component)
+            src = Path(tmp) / f"{component}.onnx"
+            if precision == "int8":
+                return quantize_int8_dynamic(src, out_dir, component)
+            return quantize_int4_blockwise(src, out_dir, component, keep=INT4_KEEP_FP32)
     return save_graph(graph, out_dir, component)
 
 

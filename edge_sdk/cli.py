@@ -73,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--guidance", type=float, default=None)
     e.add_argument("--scheduler", default=None)
     e.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    e.add_argument("--validation", action="store_true",
+                   help="use the validation prompt set (for tuning), not the held-out one")
     e.add_argument("--sheet", default="contact_sheet.png", help="contact sheet PNG path")
     e.add_argument("--json", default=None, help="also write the report as JSON here")
     e.add_argument("--threads", type=int, default=None)
@@ -130,7 +132,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
                     scheduler=a.scheduler)
 
     bar = ProgressBar("evaluating")
-    report, images = benchmark.run(generate, a.limit, progress=lambda k, n: bar(k, n))
+    report, images = benchmark.run(generate, a.limit, progress=lambda k, n: bar(k, n),
+                                   validation=a.validation)
     print(report.table())
     sheet = benchmark.contact_sheet(images, report, a.sheet)
     print(f"contact sheet: {sheet}")

@@ -38,6 +38,7 @@ VAE_LATENT_LOGVAR = "latent_logvar"
 DIM_BATCH = "batch"
 DIM_HEIGHT = "height"
 DIM_WIDTH = "width"
+DIM_SEQUENCE = "sequence"
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
 BACKEND_FORMATS = ("onnx",)

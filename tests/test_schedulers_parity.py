@@ -93,3 +93,21 @@ def test_matches_diffusers_step_by_step(class_name, prediction_type, spacing, be
                 continue
             worst = _run_pair(class_name, config, steps, seed=steps)
             assert worst < 1e-5, f"{config} steps={steps}: max abs diff {worst:.3g}"
+
+
+ZERO_SNR = ["DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+            "DPMSolverMultistepScheduler", "LCMScheduler"]
+
+
+@pytest.mark.parametrize("class_name", ZERO_SNR)
+@pytest.mark.parametrize("spacing", ["trailing", "linspace"])
+def test_zero_terminal_snr_matches_diffusers(class_name, spacing):
+    """`rescale_betas_zero_snr` (Lin et al. 2023), as the shipped default model uses it:
+    v-prediction, the first step at pure noise."""
+    config = {"_class_name": class_name, "num_train_timesteps": 1000, "beta_start": 0.00085,
+              "beta_end": 0.012, "beta_schedule": "scaled_linear",
+              "prediction_type": "v_prediction", "timestep_spacing": spacing,
+              "rescale_betas_zero_snr": True}
+    for steps in (4, 20):
+        worst = _run_pair(class_name, config, steps, seed=steps)
+        assert worst < 1e-5, f"{config} steps={steps}: max abs diff {worst:.3g}"

@@ -45,10 +45,15 @@ class Report:
         return "\n".join(lines)
 
 
+VALIDATION_SEED = 7  # a second prompt set, for choosing defaults without touching held-out
+
+
 def run(generate: Callable[[str, int], Image.Image], limit: int | None = None,
-        progress: Callable[[int, int], None] | None = None) -> tuple[Report, list[Image.Image]]:
-    """`generate(prompt, seed) -> image` for each held-out prompt; scores and images."""
-    cases = evaluation_prompts()[:limit]
+        progress: Callable[[int, int], None] | None = None,
+        validation: bool = False) -> tuple[Report, list[Image.Image]]:
+    """`generate(prompt, seed) -> image` for each held-out (or validation) prompt."""
+    cases = (evaluation_prompts(seed=VALIDATION_SEED) if validation
+             else evaluation_prompts())[:limit]
     report, images = Report(), []
     t0 = time.perf_counter()
     for k, (scene, prompt, seed) in enumerate(cases):

@@ -1,0 +1,121 @@
+"""Quantized SD 1.5-architecture bundles, side by side: conversion time and peak RSS, UNet
+size, and UNet latency per step at 512x512 (batch 2: classifier-free guidance).
+
+    python -m tests.bench.quant_sd15 [--work /tmp/sd15-bench] [--precisions fp32,int8,int4]
+
+Builds the checkpoint with `edge-convert synth --arch sd15` (random weights: size, speed and
+memory are those of real weights) unless it is already there. Each conversion runs in its
+own process, so its peak RSS is its own; each UNet is loaded alone, then released.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _run(cmd: list[str]) -> tuple[float, float]:
+    """Run `cmd`; return (seconds, peak RSS in GB) of that process tree's largest member."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr.read()[-3000:]}")
+    return time.perf_counter() - t0, usage.ru_maxrss / 1e6  # ru_maxrss is in KiB on Linux
+
+
+def _rss_gb() -> tuple[float, float]:
+    """(RSS, private anonymous) of this process, GB."""
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, val = line.partition(":")
+        if key in ("VmRSS", "RssAnon"):
+            fields[key] = int(val.split()[0]) / 1e6
+    return fields["VmRSS"], fields["RssAnon"]
+
+
+def unet_latency(bundle: Path, runs: int, size: int) -> dict[str, float]:
+    from edge_sdk import Manifest
+    from edge_sdk.backends import BackendOptions
+    from edge_sdk.backends.onnx import OnnxSession
+    m = Manifest.load(bundle)
+    before = _rss_gb()
+    spec = m.components["unet"]
+    session = OnnxSession(bundle / spec.file, spec, BackendOptions())
+    loaded = _rss_gb()
+    rng = np.random.default_rng(0)
+    h = size // 8
+    feeds = {"sample": rng.standard_normal((2, 4, h, h)).astype(np.float32),
+             "timestep": np.array([999.0, 999.0], np.float32),
+             "encoder_hidden_states": rng.standard_normal((2, 77, 768)).astype(np.float32)}
+    session.run(feeds)  # warm-up
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        session.run(feeds)
+        times.append(time.perf_counter() - t0)
+    peak = _rss_gb()
+    del session
+    return {"median_s": statistics.median(times), "load_rss_gb": loaded[0] - before[0],
+            "load_private_gb": loaded[1] - before[1], "rss_after_runs_gb": peak[0]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", default="/tmp/sd15-bench")
+    ap.add_argument("--precisions", default="fp32,int8,int4")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--skip-latency", action="store_true")
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt = work / "sd15"
+    exe = [sys.executable, "-m", "converters.cli"]
+    if not (ckpt / "model_index.json").exists():
+        print(f"synth sd15 -> {ckpt}: {_run(exe + ['synth', '--arch', 'sd15', '-o', str(ckpt)])[0]:.0f} s")
+    rows = {}
+    for p in args.precisions.split(","):
+        out = work / f"bundle-{p}"
+        if not (out / "manifest.json").exists():
+            secs, rss = _run(exe + [str(ckpt), "-o", str(out), "--precision", p,
+                                    "--no-vae-encoder"])
+            rows[p] = {"convert_s": secs, "convert_peak_rss_gb": rss}
+        else:
+            rows[p] = {}
+        unet = json.loads((out / "manifest.json").read_text())["components"]["unet"]
+        rows[p]["unet_bytes"] = sum(f["size"] for f in unet["files"])
+        print(p, rows[p], flush=True)
+    if not args.skip_latency:
+        for p in rows:
+            rows[p].update(unet_latency(work / f"bundle-{p}", args.runs, args.size))
+            print(p, rows[p], flush=True)
+    ref = rows.get("fp32", {}).get("unet_bytes")
+    print(f"\nSD 1.5 architecture, UNet at {args.size}x{args.size}, batch 2, "
+          f"median of {args.runs} (one run, side by side)")
+    print(f"{'precision':<10}{'UNet MB':>9}{'x fp32':>8}{'convert s':>11}{'peak RSS GB':>13}"
+          f"{'s/step':>8}{'x fp32':>8}{'load RSS GB':>13}{'private GB':>12}")
+    t_ref = rows.get("fp32", {}).get("median_s")
+    for p, r in rows.items():
+        ratio = r["unet_bytes"] / ref if ref else float("nan")
+        speed = r.get("median_s", float("nan"))
+        print(f"{p:<10}{r['unet_bytes'] / 1e6:>9.0f}{ratio:>8.3f}"
+              f"{r.get('convert_s', float('nan')):>11.0f}"
+              f"{r.get('convert_peak_rss_gb', float('nan')):>13.2f}{speed:>8.2f}"
+              f"{speed / t_ref if t_ref else float('nan'):>8.2f}"
+              f"{r.get('load_rss_gb', float('nan')):>13.2f}"
+              f"{r.get('load_private_gb', float('nan')):>12.2f}")
+    (work / "report.json").write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Quantized bundles on the tiny checkpoints: they run, they shrink, their error is bounded,
+and `edge-convert verify` reports it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from converters.cli import main as convert_main
+from edge_sdk import GenerationConfig, Manifest, Pipeline
+
+from .conftest import needs_convert
+
+pytestmark = needs_convert
+
+
+def test_int8_runs_shrinks_and_stays_close(models):
+    fp32, int8 = models.bundle("tiny-sd1"), models.bundle("tiny-sd1", "int8")
+    m32, m8 = Manifest.load(fp32), Manifest.load(int8)
+    assert m8.components["unet"].precision == "int8"
+    assert m8.components["vae_decoder"].precision == "fp32"  # the VAE stays fp32 by default
+    size = lambda m, c: sum(f.size for f in m.components[c].files)  # noqa: E731
+    assert size(m8, "unet") < 0.45 * size(m32, "unet")
+    latents = np.random.default_rng(2).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    cfg = GenerationConfig(steps=8, guidance_scale=5.0, scheduler="euler")
+    images = []
+    for bundle in (fp32, int8):
+        pipe = Pipeline.load(bundle)
+        images.append(pipe.decode_latents(pipe.generate("a red circle", cfg, latents=latents)
+                                          .latents))
+    mse = float(np.mean((images[0] - images[1]) ** 2))
+    assert 10 * np.log10(1 / mse) > 30, "int8 image PSNR vs fp32 below 30 dB"
+
+
+def test_verify_writes_quality_report(models, capsys):
+    int8 = models.bundle("tiny-sd1", "int8")
+    assert convert_main(["verify", str(int8), "--reference",
+                         str(models.checkpoint("tiny-sd1")), "--steps", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "PSNR" in out and "unet" in out
+    report = json.loads((int8 / "quality.json").read_text())
+    assert report["components"]["unet"]["precision"] == "int8"
+    assert 0 < report["components"]["unet"]["rel_l2"] < 0.1
+    assert report["components"]["vae_decoder"]["max_abs"] < 1e-4  # fp32 in both
+    assert report["end_to_end"]["psnr"] > 30 and len(report["end_to_end"]["images"]) == 8
+
+
+def test_blockwise_int4_codes_and_scales():
+    from converters.quantize import blockwise_int4
+    w = np.random.default_rng(0).standard_normal((6, 70, 3, 3)).astype(np.float32)
+    q, scale = blockwise_int4(w, axis=1, block_size=32)
+    assert q.shape == w.shape and scale.shape == (6, 3, 3, 3)  # ceil(70 / 32) blocks
+    assert q.min() >= -7 and q.max() <= 7
+    rebuilt = q * np.repeat(scale, 32, axis=1)[:, :70]
+    assert np.all(np.abs(rebuilt - w) <= np.repeat(scale, 32, axis=1)[:, :70] / 2 + 1e-6)
+
+
+def test_int4_tensor_is_what_onnxruntime_dequantizes(tmp_path):
+    """Our nibble packing and scale layout, read back by ORT's DequantizeLinear."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from converters.quantize import _int4_tensor, blockwise_int4
+    w = np.random.default_rng(1).standard_normal((5, 33)).astype(np.float32)
+    q, scale = blockwise_int4(w, axis=0, block_size=16)
+    graph = helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["q", "s"], ["y"], axis=0, block_size=16)],
+        "dq", [], [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [5, 33])],
+        [_int4_tensor("q", q), numpy_helper.from_array(scale, "s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    onnx.checker.check_model(model)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (y,) = sess.run(None, {})
+    np.testing.assert_allclose(y, q * np.repeat(scale, 16, axis=0)[:5], rtol=1e-6)
+
+
+def test_int4_runs_shrinks_and_stays_close(models):
+    fp32, int4 = models.bundle("tiny-sd1"), models.bundle("tiny-sd1", "int4")
+    m32, m4 = Manifest.load(fp32), Manifest.load(int4)
+    assert m4.components["unet"].precision == "int4"
+    assert m4.components["text_encoder"].precision == "int8"
+    size = lambda m, c: sum(f.size for f in m.components[c].files)  # noqa: E731
+    assert size(m4, "unet") < 0.3 * size(m32, "unet")  # tiny layers keep more fp32 than SD
+    latents = np.random.default_rng(2).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    cfg = GenerationConfig(steps=8, guidance_scale=5.0, scheduler="euler")
+    images = []
+    for bundle in (fp32, int4):
+        pipe = Pipeline.load(bundle)
+        images.append(pipe.decode_latents(pipe.generate("a red circle", cfg, latents=latents)
+                                          .latents))
+    mse = float(np.mean((images[0] - images[1]) ** 2))
+    assert 10 * np.log10(1 / mse) > 24, "int4 image PSNR vs fp32 below 24 dB"
