@@ -31,3 +31,18 @@ def test_generates_the_prompted_colours(pipe, prompt, seed, colour, background):
     seen = analyse(np.asarray(image))
     assert seen.colour == colour, seen
     assert seen.background == background, seen
+
+
+def test_the_readme_prompt_gives_a_red_circle_on_blue(tmp_path):
+    """The README's first command, as a user runs it (no model argument), over fixed seeds so
+    the test is deterministic; the evaluator must read back all three things it says."""
+    from edge_sdk.cli import main
+    for k in range(6):
+        out = tmp_path / f"out{k}.png"
+        assert main(["generate", "a red circle on a blue background", "-o", str(out),
+                     "--seed", str(k)]) == 0
+        from PIL import Image
+        image = Image.open(out)
+        assert image.size == (128, 128)
+        seen = analyse(np.asarray(image.convert("RGB")))
+        assert (seen.colour, seen.shape, seen.background) == ("red", "circle", "blue"), seen
