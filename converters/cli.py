@@ -36,6 +36,12 @@ def _convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--default-steps", type=int, default=None)
     p.add_argument("--default-guidance", type=float, default=None)
     p.add_argument("--no-vae-encoder", action="store_true", help="skip the VAE encoder")
+    p.add_argument("--int8-method", choices=["dynamic", "static"], default="dynamic",
+                   help="int8 UNet: dynamic (weights only, activations quantized at run time) "
+                   "or static QDQ calibrated on the model's own denoising trajectories")
+    p.add_argument("--calibration", default=None, metavar="PROMPTS.txt",
+                   help="prompts for static int8 calibration, one per line (default: a "
+                   "built-in set)")
     p.add_argument("--debug", action="store_true")
     return p
 
@@ -103,8 +109,8 @@ def _convert(args: argparse.Namespace) -> int:
     convert(args.checkpoint, args.output, fmt=args.format, precision=args.precision,
             overwrite=args.overwrite, allow_pickle=args.allow_pickle, opset=args.opset,
             default_steps=args.default_steps, default_guidance=args.default_guidance,
-            vae_encoder=not args.no_vae_encoder,
-            progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+            vae_encoder=not args.no_vae_encoder, int8_method=args.int8_method,
+            calibration=args.calibration, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(f"converted in {time.perf_counter() - t0:.1f} s")
     return 0
 

@@ -11,6 +11,7 @@ import gc
 import logging
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -82,12 +83,21 @@ def convert(checkpoint: str | Path, output: str | Path, *, fmt: str = "onnx",
             precision: str = "fp32", overwrite: bool = False, allow_pickle: bool = False,
             opset: int = DEFAULT_OPSET, default_steps: int | None = None,
             default_guidance: float | None = None, vae_encoder: bool = True,
-            progress: Progress | None = None) -> Manifest:
-    """Convert `checkpoint` into a bundle at `output` and return its manifest."""
+            int8_method: str = "dynamic", calibration: str | Path | None = None,
+            progress: Progress | None = None,
+            static_unet: Callable[[Path], list[str]] | None = None) -> Manifest:
+    """Convert `checkpoint` into a bundle at `output` and return its manifest.
+
+    `int8_method="static"` makes an int8 UNet static QDQ, calibrated on denoising
+    trajectories of the prompts in `calibration` (one per line; a built-in set if None)."""
     say = progress or (lambda msg: log.info("%s", msg))
     if fmt != "onnx":
         raise ConversionError(f"format {fmt!r} is not supported yet; use --format onnx")
+    if int8_method not in ("dynamic", "static"):
+        raise ConversionError(f"int8 method {int8_method!r} unknown; use dynamic or static")
     precisions = parse_precision(precision)
+    if int8_method == "static" and precisions[N.UNET] == "int8" and static_unet is None:
+        return _convert_static(checkpoint, output, precisions, calibration, say, locals())
     ckpt = Checkpoint.open(checkpoint, allow_pickle=allow_pickle)
     text_cfg = ckpt.config("text_encoder")
     plan = [N.TEXT_ENCODER, N.UNET, N.VAE_DECODER] + ([N.VAE_ENCODER] if vae_encoder else [])
@@ -97,14 +107,19 @@ def convert(checkpoint: str | Path, output: str | Path, *, fmt: str = "onnx",
         for i, comp in enumerate(plan, 1):
             t0 = time.perf_counter()
             say(f"[{i}/{len(plan)}] {comp}: loading and exporting ({precisions[comp]})")
-            if comp == N.TEXT_ENCODER:
+            if comp == N.UNET and static_unet is not None:
+                model = None  # quantized from the calibrated fp32 graph, not re-exported
+            elif comp == N.TEXT_ENCODER:
                 model = ckpt.load_text_encoder()
             elif comp == N.UNET:
                 model = ckpt.load_unet()
             else:
                 vae = vae if vae is not None else ckpt.load_vae()
                 model = vae
-            files = export_component(comp, model, stage, precisions[comp], opset)
+            if comp == N.UNET and static_unet is not None:
+                files = static_unet(stage)
+            else:
+                files = export_component(comp, model, stage, precisions[comp], opset)
             del model
             if comp == plan[-1] or comp == N.VAE_ENCODER:
                 vae = None
@@ -119,6 +134,9 @@ def convert(checkpoint: str | Path, output: str | Path, *, fmt: str = "onnx",
         say("tokenizer: tokenizer.json written and checked")
         manifest = _manifest(ckpt, Path(checkpoint), components, tok, opset, default_steps,
                              default_guidance)
+        if any(p == "int8" for p in precisions.values()):
+            manifest = replace(manifest, converter={**manifest.converter,
+                                                    "int8_method": int8_method})
         write_manifest(stage, manifest)
     say(f"bundle written to {Path(output)}")
     return manifest
@@ -170,3 +188,33 @@ def _converter_info(opset: int) -> dict[str, Any]:
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "diffusers": diffusers.__version__,
             "onnx": onnx.__version__, "python": platform.python_version()}
+
+
+def _convert_static(checkpoint: str | Path, output: str | Path, precisions: dict[str, str],
+                    calibration: str | Path | None, say: Progress,
+                    args: dict[str, Any]) -> Manifest:
+    """Convert an fp32 bundle aside, record its UNet's inputs over the calibration prompts,
+    then convert for real with the UNet quantized statically from that fp32 graph."""
+    import tempfile
+
+    from .calibrate import quantize_int8_static, read_prompts, unet_trajectories
+    from .export_onnx import INT4_KEEP_FP32
+    prompts = read_prompts(calibration)
+    parent = Path(output).resolve().parent
+    with tempfile.TemporaryDirectory(dir=parent, prefix=".edge-convert-calib-") as tmp:
+        ref = Path(tmp) / "fp32"
+        say("static int8: converting an fp32 reference for calibration")
+        convert(checkpoint, ref, precision="fp32", allow_pickle=args["allow_pickle"],
+                opset=args["opset"], default_steps=args["default_steps"],
+                default_guidance=args["default_guidance"], vae_encoder=False,
+                progress=lambda m: say(f"  (fp32 reference) {m}"))
+        say(f"static int8: calibrating on {len(prompts)} prompts")
+        feeds = unet_trajectories(ref, prompts)
+        spec = ",".join(f"{c}={p}" for c, p in precisions.items())
+        return convert(checkpoint, output, fmt=args["fmt"], precision=spec,
+                       overwrite=args["overwrite"], allow_pickle=args["allow_pickle"],
+                       opset=args["opset"], default_steps=args["default_steps"],
+                       default_guidance=args["default_guidance"],
+                       vae_encoder=args["vae_encoder"], int8_method="static", progress=say,
+                       static_unet=lambda stage: quantize_int8_static(
+                           ref / "unet.onnx", stage, N.UNET, feeds, keep=INT4_KEEP_FP32))

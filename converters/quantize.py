@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
@@ -23,21 +23,29 @@ def quantize_int8_dynamic(graph: Path, out_dir: Path, name: str) -> list[str]:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    model = run_ort_quantizer(
+        lambda raw: quantize_dynamic(
+            str(graph), raw, weight_type=QuantType.QUInt8,
+            op_types_to_quantize=["Conv", "MatMul", "Gemm"], use_external_data_format=True,
+            extra_options={"MatMulConstBOnly": True,
+                           "DefaultTensorType": onnx.TensorProto.FLOAT}), out_dir)
+    return save_graph(model, out_dir, name)
+
+
+def run_ort_quantizer(quantize: Callable[[str], None], out_dir: Path) -> Any:
+    """Run one of onnxruntime's quantizers into a scratch file beside the bundle being
+    written; return the loaded result (weights in memory)."""
+    import onnx
     root = logging.getLogger()
     level = root.level
-    root.setLevel(logging.ERROR)  # the quantizer logs a "run pre-processing" hint to root
+    root.setLevel(logging.ERROR)  # the quantizers log a "run pre-processing" hint to root
     try:
-        with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".{name}-q-") as tmp:
-            raw = Path(tmp) / "q.onnx"
-            quantize_dynamic(str(graph), str(raw), weight_type=QuantType.QUInt8,
-                             op_types_to_quantize=["Conv", "MatMul", "Gemm"],
-                             use_external_data_format=True,
-                             extra_options={"MatMulConstBOnly": True,
-                                            "DefaultTensorType": onnx.TensorProto.FLOAT})
-            model = onnx.load(str(raw), load_external_data=True)
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".quantize-") as tmp:
+            raw = str(Path(tmp) / "q.onnx")
+            quantize(raw)
+            return onnx.load(raw, load_external_data=True)
     finally:
         root.setLevel(level)
-    return save_graph(model, out_dir, name)
 
 
 def save_graph(model: "object", out_dir: Path, name: str) -> list[str]:

@@ -15,6 +15,18 @@ from .conftest import needs_convert
 pytestmark = needs_convert
 
 
+def psnr_vs(reference, bundle) -> float:
+    """PSNR (dB) of `bundle`'s image against `reference`'s, same prompt and initial noise."""
+    latents = np.random.default_rng(2).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    cfg = GenerationConfig(steps=8, guidance_scale=5.0, scheduler="euler")
+    images = []
+    for b in (reference, bundle):
+        pipe = Pipeline.load(b)
+        images.append(pipe.decode_latents(pipe.generate("a red circle", cfg, latents=latents)
+                                          .latents))
+    return 10 * float(np.log10(1 / np.mean((images[0] - images[1]) ** 2)))
+
+
 def test_int8_runs_shrinks_and_stays_close(models):
     fp32, int8 = models.bundle("tiny-sd1"), models.bundle("tiny-sd1", "int8")
     m32, m8 = Manifest.load(fp32), Manifest.load(int8)
@@ -22,15 +34,7 @@ def test_int8_runs_shrinks_and_stays_close(models):
     assert m8.components["vae_decoder"].precision == "fp32"  # the VAE stays fp32 by default
     size = lambda m, c: sum(f.size for f in m.components[c].files)  # noqa: E731
     assert size(m8, "unet") < 0.45 * size(m32, "unet")
-    latents = np.random.default_rng(2).standard_normal((1, 4, 8, 8)).astype(np.float32)
-    cfg = GenerationConfig(steps=8, guidance_scale=5.0, scheduler="euler")
-    images = []
-    for bundle in (fp32, int8):
-        pipe = Pipeline.load(bundle)
-        images.append(pipe.decode_latents(pipe.generate("a red circle", cfg, latents=latents)
-                                          .latents))
-    mse = float(np.mean((images[0] - images[1]) ** 2))
-    assert 10 * np.log10(1 / mse) > 30, "int8 image PSNR vs fp32 below 30 dB"
+    assert psnr_vs(fp32, int8) > 30, "int8 image PSNR vs fp32 below 30 dB"
 
 
 def test_verify_writes_quality_report(models, capsys):
@@ -83,12 +87,33 @@ def test_int4_runs_shrinks_and_stays_close(models):
     assert m4.components["text_encoder"].precision == "int8"
     size = lambda m, c: sum(f.size for f in m.components[c].files)  # noqa: E731
     assert size(m4, "unet") < 0.3 * size(m32, "unet")  # tiny layers keep more fp32 than SD
-    latents = np.random.default_rng(2).standard_normal((1, 4, 8, 8)).astype(np.float32)
-    cfg = GenerationConfig(steps=8, guidance_scale=5.0, scheduler="euler")
-    images = []
-    for bundle in (fp32, int4):
-        pipe = Pipeline.load(bundle)
-        images.append(pipe.decode_latents(pipe.generate("a red circle", cfg, latents=latents)
-                                          .latents))
-    mse = float(np.mean((images[0] - images[1]) ** 2))
-    assert 10 * np.log10(1 / mse) > 24, "int4 image PSNR vs fp32 below 24 dB"
+    assert psnr_vs(fp32, int4) > 24, "int4 image PSNR vs fp32 below 24 dB"
+
+
+def test_static_int8_is_calibrated_and_stays_close(models, tmp_path):
+    from converters.convert import convert
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# calibration\na red circle\n\na cat on a table\n")
+    out = tmp_path / "static"
+    m = convert(models.checkpoint("tiny-sd1"), out, precision="int8", int8_method="static",
+                calibration=prompts, vae_encoder=False, default_steps=4)
+    assert m.converter["int8_method"] == "static"
+    assert m.components["unet"].precision == "int8"
+    import onnx
+    ops = {n.op_type for n in onnx.load(str(out / "unet.onnx"), load_external_data=False)
+           .graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # activations quantized too
+    assert psnr_vs(models.bundle("tiny-sd1"), out) > 25
+
+
+def test_empty_calibration_file_is_a_clear_error(models, tmp_path):
+    import pytest
+
+    from converters.convert import convert
+    from edge_sdk.errors import ConversionError
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing\n\n")
+    with pytest.raises(ConversionError, match="no prompts"):
+        convert(models.checkpoint("tiny-sd1"), tmp_path / "x", precision="int8",
+                int8_method="static", calibration=empty)
+    assert not (tmp_path / "x").exists()

@@ -1,10 +1,12 @@
-"""Quantized SD 1.5-architecture bundles, side by side: conversion time and peak RSS, UNet
-size, and UNet latency per step at 512x512 (batch 2: classifier-free guidance).
+"""Quantized bundles side by side: conversion time and peak RSS, UNet size, UNet latency per
+step (batch 2: classifier-free guidance) and the memory a loaded UNet takes.
 
-    python -m tests.bench.quant_sd15 [--work /tmp/sd15-bench] [--precisions fp32,int8,int4]
+    python -m tests.bench.quant_speed [--work /tmp/sd15-bench] [--precisions fp32,int8,int8-static,int4]
+    python -m tests.bench.quant_speed --checkpoint models/shapes/checkpoint --size 128 --runs 20
 
-Builds the checkpoint with `edge-convert synth --arch sd15` (random weights: size, speed and
-memory are those of real weights) unless it is already there. Each conversion runs in its
+Without --checkpoint it builds an SD 1.5-architecture one with `edge-convert synth --arch
+sd15` (random weights: size, speed and memory are those of real weights) unless it is
+already in the work folder. Each conversion runs in its
 own process, so its peak RSS is its own; each UNet is loaded alone, then released.
 """
 
@@ -53,10 +55,11 @@ def unet_latency(bundle: Path, runs: int, size: int) -> dict[str, float]:
     session = OnnxSession(bundle / spec.file, spec, BackendOptions())
     loaded = _rss_gb()
     rng = np.random.default_rng(0)
-    h = size // 8
-    feeds = {"sample": rng.standard_normal((2, 4, h, h)).astype(np.float32),
+    h = size // m.vae.scale_factor
+    ctx = (2, m.tokenizer.max_length, m.unet.cross_attention_dim)
+    feeds = {"sample": rng.standard_normal((2, m.unet.in_channels, h, h)).astype(np.float32),
              "timestep": np.array([999.0, 999.0], np.float32),
-             "encoder_hidden_states": rng.standard_normal((2, 77, 768)).astype(np.float32)}
+             "encoder_hidden_states": rng.standard_normal(ctx).astype(np.float32)}
     session.run(feeds)  # warm-up
     times = []
     for _ in range(runs):
@@ -72,6 +75,7 @@ def unet_latency(bundle: Path, runs: int, size: int) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/tmp/sd15-bench")
+    ap.add_argument("--checkpoint", default=None, help="default: a synthesized SD 1.5")
     ap.add_argument("--precisions", default="fp32,int8,int4")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--size", type=int, default=512)
@@ -79,7 +83,7 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    ckpt = work / "sd15"
+    ckpt = Path(args.checkpoint) if args.checkpoint else work / "sd15"
     exe = [sys.executable, "-m", "converters.cli"]
     if not (ckpt / "model_index.json").exists():
         print(f"synth sd15 -> {ckpt}: {_run(exe + ['synth', '--arch', 'sd15', '-o', str(ckpt)])[0]:.0f} s")
@@ -87,8 +91,9 @@ def main() -> None:
     for p in args.precisions.split(","):
         out = work / f"bundle-{p}"
         if not (out / "manifest.json").exists():
-            secs, rss = _run(exe + [str(ckpt), "-o", str(out), "--precision", p,
-                                    "--no-vae-encoder"])
+            method = ["--int8-method", "static"] if p == "int8-static" else []
+            secs, rss = _run(exe + [str(ckpt), "-o", str(out), "--precision", p.split("-")[0],
+                                    "--no-vae-encoder", *method])
             rows[p] = {"convert_s": secs, "convert_peak_rss_gb": rss}
         else:
             rows[p] = {}
@@ -100,7 +105,7 @@ def main() -> None:
             rows[p].update(unet_latency(work / f"bundle-{p}", args.runs, args.size))
             print(p, rows[p], flush=True)
     ref = rows.get("fp32", {}).get("unet_bytes")
-    print(f"\nSD 1.5 architecture, UNet at {args.size}x{args.size}, batch 2, "
+    print(f"\n{ckpt.name}: UNet at {args.size}x{args.size}, batch 2, "
           f"median of {args.runs} (one run, side by side)")
     print(f"{'precision':<10}{'UNet MB':>9}{'x fp32':>8}{'convert s':>11}{'peak RSS GB':>13}"
           f"{'s/step':>8}{'x fp32':>8}{'load RSS GB':>13}{'private GB':>12}")

@@ -1,0 +1,84 @@
+"""The examples run as written (those that need no special hardware)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from edge_sdk import Pipeline
+from edge_sdk.shapes.evaluator import analyse
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _call(url: str, body: dict | None = None) -> tuple[int, dict]:
+    data = None if body is None else json.dumps(body).encode()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data), timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_iot_service_generates_over_http(tmp_path):
+    svc_mod = _load("iot_service")
+    service = svc_mod.Service(Pipeline.load(), tmp_path)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), svc_mod.make_handler(service))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert _call(base + "/health")[1]["ok"] is True
+        code, body = _call(base + "/generate", {"prompt": "a red circle on a blue background",
+                                                "seed": 3, "steps": 12})
+        assert code == 202
+        bad_code, bad = _call(base + "/generate", {"prompt": "x", "colour": "red"})
+        assert bad_code == 400 and "colour" in bad["error"]
+        failing = _call(base + "/generate", {"prompt": "x", "steps": -1})[1]["job"]
+        deadline = time.time() + 60
+        while (status := _call(f"{base}/jobs/{body['job']}")[1])["state"] != "done":
+            assert status["state"] in ("queued", "running") and time.time() < deadline
+            time.sleep(0.05)
+        assert status["step"] == status["steps"] == 12
+        seen = analyse(np.asarray(Image.open(status["path"]).convert("RGB")))
+        assert seen.colour == "red" and seen.background == "blue"
+        while (failed := _call(f"{base}/jobs/{failing}")[1])["state"] in ("queued", "running"):
+            time.sleep(0.05)
+        assert failed["state"] == "failed" and "steps" in failed["error"]
+        assert _call(base + "/jobs/999")[0] == 404
+    finally:
+        server.shutdown()
+        service.stop()
+
+
+def test_convert_and_deploy_script_runs_as_written(tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import pytest
+    if shutil.which("edge-convert") is None:
+        pytest.fail("edge-convert is not on PATH: install the project (pip install -e '.[convert]')")
+    pytest.importorskip("torch")
+    env = {**os.environ, "WORK": str(tmp_path), "PATH": f"{Path(sys.executable).parent}:"
+           + os.environ.get("PATH", "")}
+    proc = subprocess.run(["bash", str(ROOT / "examples" / "convert_and_deploy.sh")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "out.png").is_file() and "PSNR" in proc.stdout
