@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
 
 from .config import GenerationConfig
@@ -14,7 +16,20 @@ from .errors import (BackendUnavailableError, BundleError, CancelledError, EdgeS
                      InferenceError, IntegrityError, InvalidInputError, ManifestError,
                      SchedulerError)
 from .manifest import Manifest
-from .pipeline import Generation, Pipeline
+
+if TYPE_CHECKING:  # type checkers and IDEs see the real classes
+    from .pipeline import Generation, Pipeline
+
+# Pipeline pulls in onnxruntime and Pillow: load it on first use, so that importing the
+# package (its errors, manifest, config) stays cheap for apps that only handle bundles.
+_LAZY = {"Pipeline", "Generation"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        from . import pipeline
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'edge_sdk' has no attribute {name!r}")
 
 __all__ = ["Pipeline", "Generation", "GenerationConfig", "Manifest", "EdgeSDKError",
            "BundleError", "ManifestError", "IntegrityError", "InvalidInputError",
