@@ -10,6 +10,7 @@ import datetime as _dt
 import gc
 import logging
 import platform
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +24,7 @@ from edge_sdk.manifest import (ComponentSpec, Defaults, Manifest, SourceInfo, Un
 from . import __version__
 from .bundle import AtomicBundle, file_entries, onnx_io, write_manifest
 from .checkpoint import Checkpoint
-from .export_onnx import DEFAULT_OPSET, export_component
+from .export_onnx import DEFAULT_OPSET, finish_component, trace_fp32
 from .tokenizer import export_tokenizer
 
 log = logging.getLogger(__name__)
@@ -119,8 +120,16 @@ def convert(checkpoint: str | Path, output: str | Path, *, fmt: str = "onnx",
             if comp == N.UNET and static_unet is not None:
                 files = static_unet(stage)
             else:
-                files = export_component(comp, model, stage, precisions[comp], opset)
-            del model
+                with tempfile.TemporaryDirectory(dir=stage, prefix=f".{comp}-") as tmp:
+                    src = trace_fp32(comp, model, Path(tmp), opset)
+                    # the torch copy goes before the graph is loaded or quantized: with both
+                    # resident, an SD 1.5 int8 conversion peaked at 14.3 GB RSS instead of ~7
+                    model = None
+                    if comp == plan[-1] or comp == N.VAE_ENCODER:
+                        vae = None
+                    gc.collect()
+                    files = finish_component(comp, src, stage, precisions[comp])
+            model = None
             if comp == plan[-1] or comp == N.VAE_ENCODER:
                 vae = None
             gc.collect()

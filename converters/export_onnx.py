@@ -107,33 +107,47 @@ INT4_KEEP_FP32 = ("/conv_in/", "/conv_out/", "/time_embedding/")
 def export_component(component: str, model: Any, out_dir: Path, precision: str = "fp32",
                      opset: int = DEFAULT_OPSET) -> list[str]:
     """Export one component to `<out_dir>/<component>.onnx` (+ `.onnx.data`); return the
-    file names written."""
+    file names written. (convert() runs the two halves itself, releasing the torch model in
+    between: see trace_fp32.)"""
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".{component}-") as tmp:
+        src = trace_fp32(component, model, Path(tmp), opset)
+        return finish_component(component, src, out_dir, precision)
+
+
+def trace_fp32(component: str, model: Any, scratch: Path, opset: int = DEFAULT_OPSET) -> Path:
+    """Trace `model` to an fp32 `<scratch>/model.onnx` and return its path. The weights are
+    not read back here: the caller drops the torch model before finish_component loads or
+    quantizes the graph, so torch and ONNX copies of a 3.4 GB UNet are never resident
+    together with the quantizer's."""
     import onnx
     import torch
 
     wrapper = _wrappers()[component](model).eval()
     inputs, outputs, axes = _IO[component]
     example = example_inputs(component, model)
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".{component}-") as tmp:
-        raw = Path(tmp) / "model.onnx"
-        with torch.no_grad():
-            torch.onnx.export(wrapper, example, str(raw), input_names=inputs, output_names=outputs,
-                              dynamic_axes=axes, opset_version=opset, do_constant_folding=True,
-                              dynamo=False)
-        graph = onnx.load(str(raw), load_external_data=True)
-        _name_output_dims(graph, wrapper, example, axes)
+    raw = scratch / "model.onnx"
+    with torch.no_grad():
+        torch.onnx.export(wrapper, example, str(raw), input_names=inputs, output_names=outputs,
+                          dynamic_axes=axes, opset_version=opset, do_constant_folding=True,
+                          dynamo=False)
+    graph = onnx.load(str(raw), load_external_data=False)
+    _name_output_dims(graph, wrapper, example, axes)
+    onnx.save(graph, str(raw))  # external-data references stay as the exporter wrote them
+    return raw
+
+
+def finish_component(component: str, src: Path, out_dir: Path, precision: str) -> list[str]:
+    """The fp32 graph `src` -> `<out_dir>/<component>.onnx` (+ data) at `precision`."""
+    import onnx
+    if precision in ("int8", "int4"):
+        from .quantize import quantize_int4_blockwise, quantize_int8_dynamic
+        if precision == "int8":
+            return quantize_int8_dynamic(src, out_dir, component)
+        return quantize_int4_blockwise(src, out_dir, component, keep=INT4_KEEP_FP32)
+    graph = onnx.load(str(src), load_external_data=True)
     if precision == "fp16":
         graph = to_fp16(graph)
     graph.doc_string = f"edge-sdk {component} ({precision})"
-    if precision in ("int8", "int4"):
-        from .quantize import quantize_int4_blockwise, quantize_int8_dynamic
-        with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".{component}-fp32-") as tmp:
-            save_graph(graph, Path(tmp), component)
-            del graph
-            src = Path(tmp) / f"{component}.onnx"
-            if precision == "int8":
-                return quantize_int8_dynamic(src, out_dir, component)
-            return quantize_int4_blockwise(src, out_dir, component, keep=INT4_KEEP_FP32)
     return save_graph(graph, out_dir, component)
 
 

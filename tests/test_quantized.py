@@ -37,6 +37,34 @@ def test_int8_runs_shrinks_and_stays_close(models):
     assert psnr_vs(fp32, int8) > 30, "int8 image PSNR vs fp32 below 30 dB"
 
 
+def test_int8_graph_has_integer_ops_and_no_fp32_weights_left(models):
+    import collections
+
+    import onnx
+    int8 = models.bundle("tiny-sd1", "int8")
+    g = onnx.load(str(int8 / "unet.onnx"), load_external_data=False).graph
+    ops = collections.Counter(n.op_type for n in g.node)
+    assert ops["ConvInteger"] > 0 and ops["MatMulInteger"] > 0
+    assert ops["Conv"] == 0 and ops["Gemm"] == 0  # every weight layer was rewritten
+    inits = {t.name for t in g.initializer}
+    # the MatMuls left are activation x activation (attention), with no weight input
+    assert all(not (set(n.input) & inits) for n in g.node if n.op_type == "MatMul")
+
+
+def test_uint8_per_tensor_round_trips_within_half_a_step():
+    from converters.quantize import uint8_per_tensor
+    rng = np.random.default_rng(0)
+    for w in (rng.standard_normal((64, 32)).astype(np.float32),
+              np.abs(rng.standard_normal((8, 3, 3, 3))).astype(np.float32) + 0.5,  # all > 0
+              np.zeros((4, 4), np.float32)):
+        w.flat[0] = 0.0
+        q, scale, zp = uint8_per_tensor(w)
+        assert q.dtype == np.uint8 and q.shape == w.shape and scale > 0
+        back = (q.astype(np.float32) - float(zp)) * float(scale)
+        assert np.abs(back - w).max() <= float(scale) / 2 + 1e-6
+        assert q.flat[0] == zp  # zero is exactly representable (padding, ReLU outputs)
+
+
 def test_verify_writes_quality_report(models, capsys):
     int8 = models.bundle("tiny-sd1", "int8")
     assert convert_main(["verify", str(int8), "--reference",

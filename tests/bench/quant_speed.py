@@ -7,7 +7,8 @@ step (batch 2: classifier-free guidance) and the memory a loaded UNet takes.
 Without --checkpoint it builds an SD 1.5-architecture one with `edge-convert synth --arch
 sd15` (random weights: size, speed and memory are those of real weights) unless it is
 already in the work folder. Each conversion runs in its
-own process, so its peak RSS is its own; each UNet is loaded alone, then released.
+own process, so its peak RSS is its own; each UNet is loaded and timed in a fresh process, so
+its load RSS (and private, anonymous part) is its own.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def unet_latency(bundle: Path, runs: int, size: int) -> dict[str, float]:
     m = Manifest.load(bundle)
     before = _rss_gb()
     spec = m.components["unet"]
-    session = OnnxSession(bundle / spec.file, spec, BackendOptions())
+    session = OnnxSession(bundle / spec.path, spec, BackendOptions())
     loaded = _rss_gb()
     rng = np.random.default_rng(0)
     h = size // m.vae.scale_factor
@@ -80,13 +81,20 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--skip-latency", action="store_true")
+    ap.add_argument("--latency-of", default=None, help=argparse.SUPPRESS)  # the child's job
     args = ap.parse_args()
+    if args.latency_of:
+        print(json.dumps(unet_latency(Path(args.latency_of), args.runs, args.size)))
+        return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     ckpt = Path(args.checkpoint) if args.checkpoint else work / "sd15"
     exe = [sys.executable, "-m", "converters.cli"]
     if not (ckpt / "model_index.json").exists():
         print(f"synth sd15 -> {ckpt}: {_run(exe + ['synth', '--arch', 'sd15', '-o', str(ckpt)])[0]:.0f} s")
+    report = work / "report.json"
+    # conversion figures of bundles already in the work folder come from the earlier report
+    earlier = json.loads(report.read_text()) if report.is_file() else {}
     rows = {}
     for p in args.precisions.split(","):
         out = work / f"bundle-{p}"
@@ -96,13 +104,17 @@ def main() -> None:
                                     "--no-vae-encoder", *method])
             rows[p] = {"convert_s": secs, "convert_peak_rss_gb": rss}
         else:
-            rows[p] = {}
+            rows[p] = {k: v for k, v in earlier.get(p, {}).items() if k.startswith("convert")}
         unet = json.loads((out / "manifest.json").read_text())["components"]["unet"]
         rows[p]["unet_bytes"] = sum(f["size"] for f in unet["files"])
         print(p, rows[p], flush=True)
     if not args.skip_latency:
-        for p in rows:
-            rows[p].update(unet_latency(work / f"bundle-{p}", args.runs, args.size))
+        for p in rows:  # each in a fresh process: its load memory is its own
+            child = subprocess.run([sys.executable, "-m", "tests.bench.quant_speed",
+                                    "--latency-of", str(work / f"bundle-{p}"), "--runs",
+                                    str(args.runs), "--size", str(args.size)],
+                                   capture_output=True, text=True, check=True)
+            rows[p].update(json.loads(child.stdout.strip().splitlines()[-1]))
             print(p, rows[p], flush=True)
     ref = rows.get("fp32", {}).get("unet_bytes")
     print(f"\n{ckpt.name}: UNet at {args.size}x{args.size}, batch 2, "
@@ -119,7 +131,7 @@ def main() -> None:
               f"{speed / t_ref if t_ref else float('nan'):>8.2f}"
               f"{r.get('load_rss_gb', float('nan')):>13.2f}"
               f"{r.get('load_private_gb', float('nan')):>12.2f}")
-    (work / "report.json").write_text(json.dumps(rows, indent=2))
+    report.write_text(json.dumps({**earlier, **rows}, indent=2))
 
 
 if __name__ == "__main__":
