@@ -83,6 +83,13 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("bundle", nargs="?", help="bundle folder (default: the shipped model)")
     i.add_argument("--json", action="store_true", help="print the manifest as JSON")
     i.add_argument("--debug", action="store_true")
+    t = sub.add_parser("selftest", help="generate with the shipped model and check the image "
+                       "(the smoke test of an install, a board or a container)")
+    t.add_argument("--model", "-m", help="bundle folder (default: the shipped model)")
+    t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--providers", default=None, help="as for generate")
+    t.add_argument("-o", "--output", default=None, help="also save the image here")
+    t.add_argument("--debug", action="store_true")
     return p
 
 
@@ -143,6 +150,38 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+SELFTEST_PROMPT, SELFTEST_SEED = "a red circle on a blue background", 0
+
+
+def cmd_selftest(a: argparse.Namespace) -> int:
+    """Exit 0 when the evaluator sees the prompt's colour and background in the image."""
+    import platform
+
+    import numpy as np
+
+    from .config import GenerationConfig
+    from .image import save_png
+    from .pipeline import Pipeline
+    from .shapes.evaluator import analyse
+
+    providers = [p for p in a.providers.split(",") if p] if a.providers else None
+    t0 = time.perf_counter()
+    pipe = Pipeline.load(a.model, threads=a.threads, providers=providers)
+    load_s = time.perf_counter() - t0
+    result = pipe.generate(SELFTEST_PROMPT, GenerationConfig(seed=SELFTEST_SEED))
+    seen = analyse(np.asarray(result.images[0]))
+    if a.output:
+        save_png(result.images[0], Path(a.output), result.parameters)
+    ok = seen.colour == "red" and seen.background == "blue"
+    print(f"machine {platform.machine()}, python {platform.python_version()}, "
+          f"edge-sdk {__version__}, model {pipe.manifest.source.name!r}")
+    print(f"{SELFTEST_PROMPT!r} seed {SELFTEST_SEED}: evaluator sees {seen.colour} "
+          f"{seen.shape} on {seen.background} (count {seen.count}, {seen.position}); "
+          f"load {load_s:.2f} s, generate {sum(result.timings.values()):.2f} s")
+    print("selftest " + ("PASS" if ok else "FAIL: expected red on blue"))
+    return 0 if ok else 1
+
+
 def cmd_info(a: argparse.Namespace) -> int:
     from .manifest import Manifest
     from .models import default_bundle
@@ -200,7 +239,8 @@ def describe(m: Any, path: Path) -> list[str]:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "generate": cmd_generate, "evaluate": cmd_evaluate, "info": cmd_info}
+    "generate": cmd_generate, "evaluate": cmd_evaluate, "info": cmd_info,
+    "selftest": cmd_selftest}
 
 
 def run_cli(action: Callable[[], int], debug: bool,

@@ -46,3 +46,16 @@ def test_the_readme_prompt_gives_a_red_circle_on_blue(tmp_path):
         assert image.size == (128, 128)
         seen = analyse(np.asarray(image.convert("RGB")))
         assert (seen.colour, seen.shape, seen.background) == ("red", "circle", "blue"), seen
+
+
+def test_selftest_passes_on_the_shipped_model_and_fails_on_a_wrong_image(tmp_path, capsys,
+                                                                           monkeypatch):
+    from edge_sdk import cli
+    out = tmp_path / "selftest.png"
+    assert cli.main(["selftest", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "selftest PASS" in text and "evaluator sees red" in text and out.is_file()
+    # the check can fail: a prompt the model draws in another colour makes it say FAIL
+    monkeypatch.setattr(cli, "SELFTEST_PROMPT", "a green square on a white background")
+    assert cli.main(["selftest"]) == 1
+    assert "selftest FAIL" in capsys.readouterr().out

@@ -17,6 +17,8 @@ from PIL import Image
 from edge_sdk import Pipeline
 from edge_sdk.shapes.evaluator import analyse
 
+from .conftest import needs_convert
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -66,6 +68,7 @@ def test_iot_service_generates_over_http(tmp_path):
         service.stop()
 
 
+@needs_convert
 def test_convert_and_deploy_script_runs_as_written(tmp_path):
     import os
     import shutil
@@ -75,10 +78,26 @@ def test_convert_and_deploy_script_runs_as_written(tmp_path):
     import pytest
     if shutil.which("edge-convert") is None:
         pytest.fail("edge-convert is not on PATH: install the project (pip install -e '.[convert]')")
-    pytest.importorskip("torch")
     env = {**os.environ, "WORK": str(tmp_path), "PATH": f"{Path(sys.executable).parent}:"
            + os.environ.get("PATH", "")}
     proc = subprocess.run(["bash", str(ROOT / "examples" / "convert_and_deploy.sh")], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "out.png").is_file() and "PSNR" in proc.stdout
+
+
+def test_npu_example_falls_back_to_cpu_and_names_the_package_for_a_missing_npu(
+        tmp_path, monkeypatch, capsys):
+    npu = _load("npu_select")
+    assert npu.pick_providers(["CPUExecutionProvider"]) == []
+    assert npu.pick_providers(["XnnpackExecutionProvider", "QNNExecutionProvider",
+                               "CPUExecutionProvider"]) == ["qnn"]  # the NPU first
+    out = tmp_path / "npu.png"
+    monkeypatch.setattr("sys.argv", ["npu_select.py", "a red circle on a blue background",
+                                     "-o", str(out)])
+    assert npu.main() == 0
+    seen = analyse(np.asarray(Image.open(out).convert("RGB")))
+    assert seen.colour == "red" and seen.background == "blue"
+    monkeypatch.setattr("sys.argv", ["npu_select.py", "x", "--require", "qnn"])
+    assert npu.main() == 3
+    assert "onnxruntime-qnn" in capsys.readouterr().err

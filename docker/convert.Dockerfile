@@ -1,0 +1,23 @@
+# edge-convert for workstations (x86-64 or arm64): torch CPU, diffusers, onnx.
+#   docker build -f docker/convert.Dockerfile -t edge-convert .
+#   docker run --rm -v "$PWD:/work" edge-convert /work/my-checkpoint -o /work/bundle --precision int8
+# torch comes from its CPU index, pinned, before anything that depends on it, so pip never
+# pulls a multi-GB CUDA build.
+
+FROM python:3.11-slim-bookworm
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HF_HUB_OFFLINE=1
+WORKDIR /src
+RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+COPY docker/requirements-runtime.txt docker/requirements-convert.txt /tmp/
+RUN pip install --no-cache-dir -r /tmp/requirements-convert.txt
+COPY pyproject.toml README.md ./
+COPY edge_sdk ./edge_sdk
+COPY converters ./converters
+COPY models/shapes/bundle ./models/shapes/bundle
+RUN pip install --no-cache-dir --no-deps . \
+ && useradd --create-home --uid 1000 edge
+USER 1000
+WORKDIR /work
+ENTRYPOINT ["edge-convert"]
+CMD ["--help"]
