@@ -6,6 +6,7 @@ complete, so a crash or kill leaves either no bundle or the previous complete on
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -36,6 +37,7 @@ class AtomicBundle:
                                   "(the old bundle stays until the new one is complete)")
         try:
             self.target.parent.mkdir(parents=True, exist_ok=True)
+            _remove_stale(self.target)
             if self.staging.exists():
                 shutil.rmtree(self.staging)
             self.staging.mkdir()
@@ -50,17 +52,60 @@ class AtomicBundle:
         try:
             self.staging.chmod(0o755)
             _fsync_tree(self.staging)
-            old = None
-            if self.target.exists():
-                old = self.target.parent / f".{self.target.name}.old-{os.getpid()}"
-                os.rename(self.target, old)
-            os.rename(self.staging, self.target)
+            if self.target.exists() and _exchange(self.staging, self.target):
+                # one atomic step: at no instant is there no bundle at `target`
+                shutil.rmtree(self.staging, ignore_errors=True)  # now holds the old bundle
+            else:
+                old = None
+                if self.target.exists():  # no renameat2: a short window without a bundle
+                    old = self.target.parent / f".{self.target.name}.old-{os.getpid()}"
+                    os.rename(self.target, old)
+                os.rename(self.staging, self.target)
+                if old is not None:
+                    shutil.rmtree(old, ignore_errors=True)
             _fsync_dir(self.target.parent)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
         except OSError as exc:
             shutil.rmtree(self.staging, ignore_errors=True)
             raise ConversionError(f"cannot move the bundle into {self.target}: {exc}") from exc
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+    import ctypes
+    import sys
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):  # old kernel or filesystem
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _remove_stale(target: Path) -> None:
+    """Remove staging/old folders that killed conversions of `target` left behind (their
+    process is gone); a running conversion's folder is left alone."""
+    for p in target.parent.glob(f".{target.name}.*-*"):
+        kind, _, pid = p.name[len(target.name) + 2:].rpartition("-")
+        if kind in ("partial", "old") and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _fsync_tree(folder: Path) -> None:

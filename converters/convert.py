@@ -7,6 +7,8 @@ largest component, not the whole pipeline.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
+import functools
 import gc
 import logging
 import platform
@@ -80,6 +82,28 @@ def _defaults(sched: dict[str, Any], size: int, steps: int | None,
                     width=size, height=size)
 
 
+def _storage_errors_reported(fn: Callable[..., Manifest]) -> Callable[..., Manifest]:
+    """A full disk, a read-only or unwritable output, etc. become a ConversionError naming
+    the cause and the path (AtomicBundle has already removed the partial bundle)."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Manifest:
+        try:
+            return fn(*args, **kwargs)
+        except OSError as exc:
+            hint = {errno.ENOSPC: "free some disk space or write the bundle elsewhere",
+                    errno.EDQUOT: "free some disk quota or write the bundle elsewhere",
+                    errno.EACCES: "choose an output folder you can write to",
+                    errno.EPERM: "choose an output folder you can write to",
+                    errno.EROFS: "the filesystem is read-only; write the bundle elsewhere"}
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise ConversionError(
+                f"writing the bundle failed: {exc.strerror or exc}{where}; "
+                f"{hint.get(exc.errno, 'check the output location')}. Nothing was left "
+                "behind; an existing bundle there is unchanged") from exc
+    return wrapper
+
+
+@_storage_errors_reported
 def convert(checkpoint: str | Path, output: str | Path, *, fmt: str = "onnx",
             precision: str = "fp32", overwrite: bool = False, allow_pickle: bool = False,
             opset: int = DEFAULT_OPSET, default_steps: int | None = None,

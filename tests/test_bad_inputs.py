@@ -1,0 +1,323 @@
+"""The table of bad inputs: each row is one thing a user can get wrong — a file, a manifest, a
+parameter, a prompt, a conversion — and the typed edge_sdk error it must get, with the words
+its message must contain. Every row is a test; tests/BAD_INPUTS.md is this table in prose
+(`python -m tests.test_bad_inputs` writes it; a test checks it is current).
+
+Rows whose error is None must *work* (handled, not refused), and their check says how.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+
+from edge_sdk import (BackendUnavailableError, BundleError, InferenceError, IntegrityError,
+                      InvalidInputError, ManifestError, Pipeline, SchedulerError)
+from edge_sdk.errors import ConversionError
+
+from .conftest import needs_convert
+
+pytestmark = needs_convert
+
+
+class Ctx:
+    """What a row acts on: the tiny SD1-style bundle (a fresh copy per row), its loaded
+    pipeline, its checkpoint, a scratch folder."""
+
+    def __init__(self, models: Any, pipe: Pipeline, tmp: Path) -> None:
+        self.models, self.pipe, self.tmp = models, pipe, tmp
+        self._bundle: Path | None = None
+
+    @property
+    def bundle(self) -> Path:
+        if self._bundle is None:
+            self._bundle = self.tmp / "bundle"
+            shutil.copytree(self.models.bundle("tiny-sd1"), self._bundle)
+        return self._bundle
+
+    @property
+    def ckpt(self) -> Path:
+        return self.models.checkpoint("tiny-sd1")
+
+    def manifest(self, edit: Callable[[dict], None]) -> Path:
+        path = self.bundle / "manifest.json"
+        m = json.loads(path.read_text())
+        edit(m)
+        path.write_text(json.dumps(m))
+        return self.bundle
+
+    def damage(self, name: str, how: Callable[[bytes], bytes]) -> Path:
+        path = self.bundle / name
+        path.write_bytes(how(path.read_bytes()))
+        return self.bundle
+
+    def gen(self, prompt: Any = "a red circle", **kw: Any) -> Any:
+        return self.pipe(prompt, **{"steps": 2, "seed": 0, **kw})
+
+    def convert(self, *args: Any) -> Any:
+        from converters.cli import main
+        return main([*map(str, args), "--debug"])  # --debug: the error raised, not printed
+
+
+@dataclass(frozen=True)
+class Row:
+    kind: str        # file | manifest | parameter | prompt | conversion
+    what: str        # the bad input, in words
+    act: Callable[[Ctx], Any]
+    error: type | None
+    match: str       # regex the message must match (or, for error None, a description)
+
+
+def _flip(data: bytes) -> bytes:
+    raw = bytearray(data)
+    raw[len(raw) // 2] ^= 0xFF
+    return bytes(raw)
+
+
+def _del(path: list[str]) -> Callable[[dict], None]:
+    def edit(m: dict) -> None:
+        node = m
+        for key in path[:-1]:
+            node = node[key]
+        del node[path[-1]]
+    return edit
+
+
+def _set(path: list[Any], value: Any) -> Callable[[dict], None]:
+    def edit(m: dict) -> None:
+        node = m
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+    return edit
+
+
+def _load(ctx: Ctx, bundle: Path, **kw: Any) -> Pipeline:
+    return Pipeline.load(bundle, **kw)
+
+
+def _symlinked_weights(ctx: Ctx) -> Path:
+    data = ctx.bundle / "unet.onnx.data"
+    real = ctx.tmp / "elsewhere.data"
+    shutil.move(data, real)
+    os.symlink(real, data)
+    return ctx.bundle
+
+
+def _pickle_checkpoint(ctx: Ctx) -> Path:
+    ck = ctx.tmp / "pickled"
+    shutil.copytree(ctx.ckpt, ck)
+    st = next((ck / "unet").glob("*.safetensors"))
+    st.rename(st.with_name("diffusion_pytorch_model.bin"))
+    return ck
+
+
+def _long_prompt(ctx: Ctx) -> None:
+    with _capture("edge_sdk.tokenizer") as records:
+        image = ctx.gen("a red circle on a blue background " * 20)
+    assert image.size == (64, 64)
+    assert any("truncated" in r.getMessage() and "77 tokens" in r.getMessage() for r in records)
+
+
+class _capture:
+    def __init__(self, logger: str) -> None:
+        self.logger, self.records = logging.getLogger(logger), []
+
+    def __enter__(self) -> list:
+        self.handler = logging.Handler()
+        self.handler.emit = self.records.append  # type: ignore[method-assign]
+        self.logger.addHandler(self.handler)
+        return self.records
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.removeHandler(self.handler)
+
+
+def _nan_from_model(ctx: Ctx) -> None:
+    unet = ctx.pipe.session("unet")
+    original = unet.run
+    unet.run = lambda feeds: {"out_sample": np.full_like(feeds["sample"], np.nan)}
+    try:
+        ctx.gen()
+    finally:
+        unet.run = original
+
+
+def _works(check: Callable[[Ctx], bool]) -> Callable[[Ctx], None]:
+    def act(ctx: Ctx) -> None:
+        assert check(ctx)
+    return act
+
+
+L = _load
+ROWS: list[Row] = [
+    # files
+    Row("file", "bundle folder does not exist", lambda c: L(c, c.tmp / "nope"), BundleError,
+        "does not exist"),
+    Row("file", "a file given where the bundle folder belongs",
+        lambda c: L(c, c.bundle / "manifest.json"), BundleError, "is a file, not a bundle folder"),
+    Row("file", "folder without manifest.json", lambda c: L(c, c.tmp), BundleError,
+        "no manifest.json"),
+    Row("file", "a weights file missing",
+        lambda c: (c.bundle / "unet.onnx.data").unlink() or L(c, c.bundle), BundleError,
+        "unet.onnx.data.*missing"),
+    Row("file", "weights truncated", lambda c: L(c, c.damage("unet.onnx.data",
+                                                              lambda b: b[:1000])),
+        IntegrityError, "truncated"),
+    Row("file", "weights corrupted, same size",
+        lambda c: L(c, c.damage("vae_decoder.onnx.data", _flip)), IntegrityError, "sha256"),
+    Row("file", "graph replaced by garbage, checksums off",
+        lambda c: L(c, c.damage("text_encoder.onnx", lambda b: b"\0" * len(b)), verify=False),
+        BundleError, "not a valid ONNX file|onnxruntime cannot load"),
+    Row("file", "a bundle file is a symbolic link", lambda c: L(c, _symlinked_weights(c)),
+        BundleError, "symbolic link"),
+    Row("file", "tokenizer.json corrupted, checksums off",
+        lambda c: L(c, c.damage("tokenizer.json", lambda b: b"{"), verify=False),
+        BundleError, "tokenizer"),
+    # manifests
+    Row("manifest", "manifest is not JSON",
+        lambda c: L(c, c.damage("manifest.json", lambda b: b"{not json")), ManifestError,
+        "JSON"),
+    Row("manifest", "a required field missing (vae.scaling_factor)",
+        lambda c: L(c, c.manifest(_del(["vae", "scaling_factor"]))), ManifestError,
+        "vae.scaling_factor"),
+    Row("manifest", "a field of the wrong type (defaults.steps = \"twenty\")",
+        lambda c: L(c, c.manifest(_set(["defaults", "steps"], "twenty"))), ManifestError,
+        "defaults.steps"),
+    Row("manifest", "written by a newer edge-convert (format_version 99)",
+        lambda c: L(c, c.manifest(_set(["format_version"], 99))), ManifestError,
+        "upgrade edge-sdk"),
+    Row("manifest", "names a file outside the bundle (../unet.onnx)",
+        lambda c: L(c, c.manifest(_set(["components", "unet", "files", 0, "path"],
+                                       "../unet.onnx"))), ManifestError, "inside the bundle"),
+    Row("manifest", "names a file by absolute path",
+        lambda c: L(c, c.manifest(_set(["components", "unet", "files", 0, "path"],
+                                       "/etc/passwd"))), ManifestError, "inside the bundle"),
+    Row("manifest", "I/O names that do not match the graph",
+        lambda c: L(c, c.manifest(_set(["components", "unet", "inputs", 0, "name"],
+                                       "latents"))), BundleError, "do not match the manifest"),
+    Row("manifest", "a required component missing (no unet)",
+        lambda c: L(c, c.manifest(_del(["components", "unet"]))), ManifestError, "unet"),
+    # parameters
+    Row("parameter", "width not a multiple of 8 (100)", lambda c: c.gen(width=100),
+        InvalidInputError, "multiple of 8"),
+    Row("parameter", "height zero", lambda c: c.gen(height=0), InvalidInputError,
+        "positive multiple"),
+    Row("parameter", "width the UNet cannot halve evenly (72 on a 2-level UNet)",
+        lambda c: c.gen(width=72), InvalidInputError, "multiples of 16"),
+    Row("parameter", "width a float (64.0)", lambda c: c.gen(width=64.0), InvalidInputError,
+        "integer"),
+    Row("parameter", "width beyond any memory (100000)", lambda c: c.gen(width=100000),
+        InvalidInputError, "width"),
+    Row("parameter", "steps 0", lambda c: c.gen(steps=0), InvalidInputError,
+        r"steps must be in \[1"),
+    Row("parameter", "steps 2.5", lambda c: c.gen(steps=2.5), InvalidInputError,
+        "steps must be an integer"),
+    Row("parameter", "steps a string (\"20\")", lambda c: c.gen(steps="20"),
+        InvalidInputError, "steps must be an integer"),
+    Row("parameter", "guidance NaN", lambda c: c.gen(guidance_scale=float("nan")),
+        InvalidInputError, "finite"),
+    Row("parameter", "guidance infinite", lambda c: c.gen(guidance_scale=float("inf")),
+        InvalidInputError, "finite"),
+    Row("parameter", "guidance negative", lambda c: c.gen(guidance_scale=-1.0),
+        InvalidInputError, "guidance_scale"),
+    Row("parameter", "seed negative", lambda c: c.gen(seed=-1), InvalidInputError, "seed"),
+    Row("parameter", "num_images 0", lambda c: c.gen(num_images=0), InvalidInputError,
+        "num_images"),
+    Row("parameter", "unknown scheduler", lambda c: c.gen(scheduler="warp"), SchedulerError,
+        "unknown scheduler 'warp'.*euler"),
+    Row("parameter", "latents of the wrong shape",
+        lambda c: c.gen(latents=np.zeros((1, 4, 5, 5), np.float32), width=64, height=64),
+        InvalidInputError, "latents must have shape"),
+    Row("parameter", "latents holding NaN",
+        lambda c: c.gen(latents=np.full((1, 4, 8, 8), np.nan, np.float32)),
+        InvalidInputError, "finite"),
+    Row("parameter", "threads 0", lambda c: L(c, c.bundle, threads=0), InvalidInputError,
+        "threads"),
+    Row("parameter", "an execution provider that is not installed (qnn)",
+        lambda c: L(c, c.bundle, providers=["qnn"]), BackendUnavailableError,
+        "onnxruntime-qnn"),
+    Row("parameter", "an unknown backend", lambda c: L(c, c.bundle, backend="warp"),
+        BundleError, "backend"),
+    # prompts
+    Row("prompt", "prompt None", lambda c: c.gen(None), InvalidInputError,
+        "prompt must be a string"),
+    Row("prompt", "prompt bytes", lambda c: c.gen(b"a red circle"), InvalidInputError,
+        "prompt must be a string"),
+    Row("prompt", "negative prompt not a string", lambda c: c.gen(negative_prompt=3),
+        InvalidInputError, "negative_prompt"),
+    Row("prompt", "prompt longer than the text encoder's 77 tokens", _long_prompt, None,
+        "works: truncated to 77 tokens, with a warning naming the limit"),
+    Row("prompt", "empty prompt", _works(lambda c: c.gen("").size == (64, 64)), None,
+        "works: an unconditional image"),
+    Row("prompt", "non-ASCII prompt (emoji, accents, CJK)",
+        _works(lambda c: c.gen("un cercle rouge 🔴 赤い円").size == (64, 64)), None,
+        "works: tokenized like any text"),
+    Row("prompt", "the model turns out NaN (broken weights)", _nan_from_model, InferenceError,
+        "NaN"),
+    # conversion
+    Row("conversion", "checkpoint folder does not exist",
+        lambda c: c.convert(c.tmp / "nope", "-o", c.tmp / "out"), ConversionError,
+        "nope"),
+    Row("conversion", "not a diffusers checkpoint (no model_index.json)",
+        lambda c: c.convert(c.tmp, "-o", c.tmp / "out"), ConversionError, "model_index.json"),
+    Row("conversion", "pickle weights without --allow-pickle",
+        lambda c: c.convert(_pickle_checkpoint(c), "-o", c.tmp / "out"), ConversionError,
+        "--allow-pickle"),
+    Row("conversion", "output exists, no --overwrite",
+        lambda c: c.convert(c.ckpt, "-o", c.bundle), ConversionError, "--overwrite"),
+    Row("conversion", "unknown precision (int3)",
+        lambda c: c.convert(c.ckpt, "-o", c.tmp / "out", "--precision", "int3"),
+        ConversionError, "int3"),
+    Row("conversion", "unknown component in --precision",
+        lambda c: c.convert(c.ckpt, "-o", c.tmp / "out", "--precision", "unet2=int8"),
+        ConversionError, "unknown component"),
+    Row("conversion", "empty calibration file",
+        lambda c: (c.tmp / "p.txt").write_text("# nothing\n") and c.convert(
+            c.ckpt, "-o", c.tmp / "out", "--precision", "int8", "--int8-method", "static",
+            "--calibration", c.tmp / "p.txt"), ConversionError, "no prompts"),
+]
+
+
+@pytest.fixture(scope="module")
+def pipe(models) -> Pipeline:
+    return Pipeline.load(models.bundle("tiny-sd1"))
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[f"{r.kind}: {r.what}" for r in ROWS])
+def test_bad_input(row: Row, models, pipe, tmp_path):
+    ctx = Ctx(models, pipe, tmp_path)
+    if row.error is None:
+        row.act(ctx)
+        return
+    with pytest.raises(row.error, match=row.match):
+        row.act(ctx)
+
+
+def table() -> str:
+    lines = ["# Bad inputs and what they get", "",
+             "Generated from `tests/test_bad_inputs.py` (`python -m tests.test_bad_inputs`); "
+             "every row is a test.", "",
+             "| # | kind | bad input | outcome | the message says |", "|---|---|---|---|---|"]
+    for k, r in enumerate(ROWS, 1):
+        outcome = f"`{r.error.__name__}`" if r.error else "handled"
+        lines.append(f"| {k} | {r.kind} | {r.what} | {outcome} | "
+                     f"{r.match.replace('|', ' or ')} |")
+    return "\n".join(lines) + "\n"
+
+
+def test_the_table_in_tests_is_current():
+    assert len(ROWS) >= 30 and len({r.what for r in ROWS}) == len(ROWS)
+    assert (Path(__file__).with_name("BAD_INPUTS.md")).read_text() == table()
+
+
+if __name__ == "__main__":
+    Path(__file__).with_name("BAD_INPUTS.md").write_text(table())
