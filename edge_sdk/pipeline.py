@@ -23,6 +23,7 @@ from .config import GenerationConfig, ResolvedConfig
 from .errors import BundleError, InvalidInputError
 from .image import to_pil
 from .manifest import Manifest
+from .memory import check_fits
 from .models import default_bundle
 from .schedulers import create_scheduler
 from .text_encoder import PromptEmbeds, encode_prompts
@@ -146,6 +147,7 @@ class Pipeline:
                 config = GenerationConfig(**{**config.__dict__, "width": latents.shape[3] * f,
                                              "height": latents.shape[2] * f})
         cfg = config.resolve(self.manifest)
+        check_fits(self.manifest, cfg)  # refuse now what the OOM killer would end later
         rng = np.random.default_rng(cfg.seed)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
