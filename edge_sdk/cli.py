@@ -65,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--providers", default=None, help="comma-separated ONNX Runtime "
                    "execution providers, e.g. xnnpack,cpu")
     g.add_argument("--no-verify", action="store_true", help="skip sha256 checks at load")
+    g.add_argument("--memory", default="fast", help="fast | balanced | low | a budget such "
+                   "as 300MB (see the README's memory section)")
     g.add_argument("-q", "--quiet", action="store_true")
     g.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     e = sub.add_parser("evaluate", help="score a bundle on the shapes model's held-out prompts")
@@ -83,6 +85,20 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("bundle", nargs="?", help="bundle folder (default: the shipped model)")
     i.add_argument("--json", action="store_true", help="print the manifest as JSON")
     i.add_argument("--debug", action="store_true")
+    b = sub.add_parser("bench", help="time one generation per stage and per UNet step, with "
+                       "peak RSS and peak private memory")
+    b.add_argument("prompt", nargs="?", default="a red circle on a blue background")
+    b.add_argument("--model", "-m", help="bundle folder (default: the shipped model)")
+    b.add_argument("--memory", default="fast", help="fast | balanced | low | e.g. 300MB")
+    b.add_argument("--steps", type=int, default=None)
+    b.add_argument("--guidance", type=float, default=None)
+    b.add_argument("--width", type=int, default=None)
+    b.add_argument("--height", type=int, default=None)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--providers", default=None)
+    b.add_argument("--json", action="store_true", help="print the report as JSON")
+    b.add_argument("--debug", action="store_true")
     t = sub.add_parser("selftest", help="generate with the shipped model and check the image "
                        "(the smoke test of an install, a board or a container)")
     t.add_argument("--model", "-m", help="bundle folder (default: the shipped model)")
@@ -108,7 +124,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     providers = [p for p in a.providers.split(",") if p] if a.providers else None
     t0 = time.perf_counter()
     pipe = Pipeline.load(a.model, threads=a.threads, providers=providers,
-                         verify=not a.no_verify)
+                         verify=not a.no_verify, memory=a.memory)
     load_s = time.perf_counter() - t0
     config = GenerationConfig(negative_prompt=a.negative_prompt, steps=a.steps,
                               guidance_scale=a.guidance, seed=a.seed, width=a.width,
@@ -147,6 +163,20 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps({"summary": report.summary(), "rows": report.rows},
                                            indent=1))
+    return 0
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from .bench import run_bench
+    from .config import GenerationConfig
+    from .pipeline import Pipeline
+
+    providers = [p for p in a.providers.split(",") if p] if a.providers else None
+    config = GenerationConfig(steps=a.steps, guidance_scale=a.guidance, seed=a.seed,
+                              width=a.width, height=a.height)
+    report = run_bench(a.prompt, config, lambda: Pipeline.load(
+        a.model, threads=a.threads, providers=providers, memory=a.memory))
+    print(json.dumps(report.as_dict(), indent=1) if a.json else report.table())
     return 0
 
 
@@ -240,7 +270,7 @@ def describe(m: Any, path: Path) -> list[str]:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "generate": cmd_generate, "evaluate": cmd_evaluate, "info": cmd_info,
-    "selftest": cmd_selftest}
+    "selftest": cmd_selftest, "bench": cmd_bench}
 
 
 def run_cli(action: Callable[[], int], debug: bool,

@@ -9,11 +9,16 @@ that cannot fit *before* an hour of work ends in the kernel's OOM killer, not to
 
 from __future__ import annotations
 
+import logging
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ResolvedConfig
 from .errors import InvalidInputError
 from .manifest import Manifest
+
+log = logging.getLogger(__name__)
 
 # Typical of the SD family (SD 1.x: 8 heads at the first level; SD 2.x: 5 of 64 channels)
 ASSUMED_HEADS = 8
@@ -55,3 +60,72 @@ def check_fits(manifest: Manifest, cfg: ResolvedConfig) -> None:
             f"{cfg.width}x{cfg.height} x {cfg.num_images} image(s) needs about "
             f"{need / 2**30:.1f} GiB of working memory, {have / 2**30:.1f} GiB is available; "
             "choose a smaller size or fewer images per call")
+
+
+# -- the one memory knob ---------------------------------------------------------------------
+MODES = ("fast", "balanced", "low")
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How a pipeline trades speed for memory (what `memory=` chose; logged at load).
+
+    fast:     every component resident; onnxruntime may repack weights into private memory
+              and apply every graph optimization (the fastest).
+    balanced: every component resident, weights left in the page cache (mapped external
+              data: shareable, evictable), basic graph optimizations only.
+    low:      as balanced, and each component loaded for its stage and released after (text
+              encoder, then UNet, then VAE: never two large ones resident), and classifier-free
+              guidance as two batch-1 UNet passes (half the activation peak, same result).
+    """
+
+    mode: str
+    map_weights: bool
+    release_between_stages: bool
+    batch_cfg: bool
+    budget_bytes: int | None = None
+
+    def describe(self) -> str:
+        parts = [f"memory mode {self.mode!r}"]
+        if self.budget_bytes is not None:
+            parts.append(f"for a budget of {self.budget_bytes / 2**20:.0f} MiB")
+        parts.append("weights mapped" if self.map_weights else "weights may be repacked")
+        parts.append("components loaded per stage" if self.release_between_stages
+                     else "components resident")
+        parts.append("guidance batched" if self.batch_cfg else "guidance as two passes")
+        return ", ".join(parts)
+
+
+_PLANS = {"fast": (False, False, True), "balanced": (True, False, True),
+          "low": (True, True, False)}
+
+
+def parse_bytes(text: str) -> int:
+    """'300MB', '1.5GB', '512MiB', '2G' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B?)\s*", text, re.IGNORECASE)
+    if not m:
+        raise InvalidInputError(f"memory={text!r} is neither a mode {MODES} nor a size such as "
+                                "'300MB' or '2GB'")
+    unit = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(2).upper()]
+    return int(float(m.group(1)) * unit)
+
+
+def plan_memory(memory: str, manifest: Manifest, default_peak: int) -> MemoryPlan:
+    """The plan for `memory`: a mode name, or a budget ('300MB') for which the fastest mode
+    whose estimate fits is chosen (`low` when none does, with a warning)."""
+    if not isinstance(memory, str):
+        raise InvalidInputError(f"memory must be one of {MODES} or a size such as '300MB', "
+                                f"got {memory!r}")
+    if memory in MODES:
+        return MemoryPlan(memory, *_PLANS[memory])
+    budget = parse_bytes(memory)
+    sizes = {c.name: sum(f.size for f in c.files) for c in manifest.components.values()}
+    total, largest = sum(sizes.values()), max(sizes.values())
+    need = {"fast": 2 * total + default_peak, "balanced": total + default_peak,
+            "low": largest + default_peak // 2}
+    for mode in MODES:
+        if need[mode] <= budget:
+            return MemoryPlan(mode, *_PLANS[mode], budget_bytes=budget)
+    log.warning("memory budget %s is below the low mode's estimate (%.0f MiB); using low",
+                memory, need["low"] / 2**20)
+    return MemoryPlan("low", *_PLANS["low"], budget_bytes=budget)

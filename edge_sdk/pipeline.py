@@ -23,7 +23,7 @@ from .config import GenerationConfig, ResolvedConfig
 from .errors import BundleError, InvalidInputError
 from .image import to_pil
 from .manifest import Manifest
-from .memory import check_fits
+from .memory import MemoryPlan, check_fits, estimate_peak_bytes, plan_memory
 from .models import default_bundle
 from .schedulers import create_scheduler
 from .text_encoder import PromptEmbeds, encode_prompts
@@ -54,10 +54,12 @@ class Generation:
 class Pipeline:
     """A loaded text-to-image bundle."""
 
-    def __init__(self, bundle: Path, manifest: Manifest, options: BackendOptions) -> None:
+    def __init__(self, bundle: Path, manifest: Manifest, options: BackendOptions,
+                 plan: MemoryPlan | None = None) -> None:
         self.bundle = bundle
         self.manifest = manifest
         self.options = options
+        self.plan = plan or MemoryPlan("fast", False, False, True)
         self.tokenizer = PromptTokenizer(bundle / manifest.tokenizer.file, manifest.tokenizer)
         self._sessions: dict[str, Session] = {}
         self._load_lock = threading.Lock()
@@ -65,11 +67,12 @@ class Pipeline:
     @classmethod
     def load(cls, bundle: str | Path | None = None, *, backend: str = "auto",
              threads: int | None = None, providers: Sequence[str] | None = None,
-             verify: bool = True) -> "Pipeline":
+             verify: bool = True, memory: str = "fast") -> "Pipeline":
         """Open a bundle folder (None = the default model).
 
         `verify=True` checks every file's sha256 against the manifest before loading (turn it
-        off on slow storage; sizes are still checked).
+        off on slow storage; sizes are still checked). `memory` is "fast", "balanced", "low"
+        or a budget such as "300MB" (see edge_sdk.memory.MemoryPlan); the plan is logged.
         """
         path = Path(bundle) if bundle is not None else default_bundle()
         manifest = Manifest.load(path)
@@ -77,13 +80,17 @@ class Pipeline:
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
                                     or threads < 1):
             raise InvalidInputError(f"threads must be a positive integer, got {threads!r}")
+        plan = plan_memory(memory, manifest, estimate_peak_bytes(
+            manifest, GenerationConfig(seed=0).resolve(manifest)))
         options = BackendOptions(backend=backend, threads=threads,
-                                 providers=tuple(providers) if providers else None)
-        pipe = cls(path, manifest, options)
+                                 providers=tuple(providers) if providers else None,
+                                 low_memory=plan.map_weights)
+        pipe = cls(path, manifest, options, plan)
         for comp in N.REQUIRED_COMPONENTS:  # load eagerly: errors surface at load time
             pipe.session(comp)
-        log.info("loaded %s (%s, %s) from %s", manifest.source.name, manifest.family,
-                 manifest.variant, path)
+            pipe._done_with(comp)  # in low mode, loaded again when its stage comes
+        log.info("loaded %s (%s, %s) from %s; %s", manifest.source.name, manifest.family,
+                 manifest.variant, path, plan.describe())
         return pipe
 
     def session(self, component: str) -> Session:
@@ -96,6 +103,12 @@ class Pipeline:
                                       "re-convert it with that component")
                 self._sessions[component] = open_session(self.bundle, spec, self.options)
             return self._sessions[component]
+
+    def _done_with(self, component: str) -> None:
+        """Release a component after its stage when the memory plan says so."""
+        if self.plan.release_between_stages:
+            with self._load_lock:
+                self._sessions.pop(component, None)
 
     # -- stages --------------------------------------------------------------------------
     def encode_prompt(self, prompt: str, negative_prompt: str | None = None,
@@ -153,13 +166,18 @@ class Pipeline:
         t0 = time.perf_counter()
         embeds = self.encode_prompt(prompt, cfg.negative_prompt, cfg.num_images,
                                     cfg.guidance_scale)
+        self._done_with(N.TEXT_ENCODER)
         timings["text_encoder"] = time.perf_counter() - t0
         noise = self._initial_noise(cfg, latents, rng)
         t0 = time.perf_counter()
-        final = self._denoise(embeds, noise, cfg, rng, callback)
+        try:
+            final = self._denoise(embeds, noise, cfg, rng, callback)
+        finally:
+            self._done_with(N.UNET)
         timings["denoise"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         images = to_pil(self.decode_latents(final))
+        self._done_with(N.VAE_DECODER)
         timings["vae_decoder"] = time.perf_counter() - t0
         return Generation(images, final, cfg, prompt, timings)
 
@@ -191,4 +209,4 @@ class Pipeline:
             raise InvalidInputError(f"{embeds.cond.shape[0]} prompt embeddings for "
                                     f"{latents.shape[0]} latents")
         return _denoise.denoise(self.session(N.UNET), sched, latents, embeds,
-                                cfg.guidance_scale, rng, callback)
+                                cfg.guidance_scale, rng, callback, batch_cfg=self.plan.batch_cfg)

@@ -14,3 +14,58 @@ def test_memory_estimate_grows_with_size_and_guidance():
     assert est(width=512, height=512, guidance_scale=7.5) == 2 * 8 * 4096**2 * 4
     assert est(width=512, height=512, guidance_scale=1.0) == 8 * 4096**2 * 4
     assert est(width=1024, height=1024) > 10 * est(width=512, height=512)
+
+
+def test_memory_plans_by_name_and_by_budget(caplog):
+    import logging
+
+    import pytest
+
+    from edge_sdk.errors import InvalidInputError
+    from edge_sdk.manifest import Manifest
+    from edge_sdk.memory import parse_bytes, plan_memory
+    from edge_sdk.models import default_bundle
+    m = Manifest.load(default_bundle())
+    fast, low = plan_memory("fast", m, 0), plan_memory("low", m, 0)
+    assert (fast.map_weights, fast.release_between_stages, fast.batch_cfg) == (False, False, True)
+    assert (low.map_weights, low.release_between_stages, low.batch_cfg) == (True, True, False)
+    assert plan_memory("balanced", m, 0).map_weights
+    assert parse_bytes("300MB") == 300 * 2**20 and parse_bytes("1.5GiB") == int(1.5 * 2**30)
+    weights = sum(f.size for c in m.components.values() for f in c.files)
+    assert plan_memory("1GB", m, 10 * 2**20).mode == "fast"
+    assert plan_memory(f"{int(weights * 1.2)}B", m, 0).mode == "balanced"
+    with caplog.at_level(logging.WARNING, logger="edge_sdk.memory"):
+        assert plan_memory("1MB", m, 0).mode == "low"
+    assert "below the low mode's estimate" in caplog.text
+    for bad in ("lots", "-3MB", 300):
+        with pytest.raises(InvalidInputError, match="memory"):
+            plan_memory(bad, m, 0)
+
+
+def test_every_memory_mode_gives_the_same_image_and_low_keeps_nothing_loaded():
+    import numpy as np
+
+    from edge_sdk import Pipeline
+    images = {}
+    for mode in ("fast", "balanced", "low"):
+        pipe = Pipeline.load(memory=mode)
+        images[mode] = np.asarray(pipe("a red circle on a blue background", seed=1, steps=8))
+        assert (len(pipe._sessions) == 0) == (mode == "low")  # low: released after each stage
+    for mode in ("balanced", "low"):  # other graph optimizations: float rounding only
+        assert np.abs(images[mode].astype(int) - images["fast"].astype(int)).max() <= 2
+
+
+def test_bench_reports_stages_steps_and_memory(capsys):
+    import json
+
+    from edge_sdk.cli import main
+    assert main(["bench", "--steps", "6", "--memory", "low", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert len(r["unet_step_s"]) == 6 and all(t > 0 for t in r["unet_step_s"])
+    assert r["text_encoder_s"] > 0 and r["vae_decoder_s"] > 0
+    assert r["total_s"] >= sum(r["unet_step_s"])
+    assert r["peak_rss_bytes"] >= r["rss_after_load_bytes"] > 0
+    assert r["peak_private_bytes"] >= r["private_after_load_bytes"] > 0
+    assert "'low'" in r["memory_plan"]
+    assert main(["bench", "--steps", "2"]) == 0
+    assert "peak private" in capsys.readouterr().out

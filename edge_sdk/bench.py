@@ -1,0 +1,128 @@
+"""`edge-sdk bench`: one generation, timed per stage and per UNet step, with the process's
+peak resident memory and its peak private (anonymous) memory.
+
+Peak RSS is the kernel's high-water mark (VmHWM). Private memory has no high-water mark, so
+a thread samples RssAnon every few milliseconds (and every step samples it too): mapped
+weights count in RSS but not here, which is the point of mapping them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import GenerationConfig
+
+
+def _status() -> dict[str, int]:
+    """VmRSS, VmHWM, RssAnon, RssFile of this process, in bytes (Linux)."""
+    out = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                out[key] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+class _PeakSampler:
+    """Samples RssAnon in a background thread; `peak` is the highest seen."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval, self.peak = interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> None:
+        self.peak = max(self.peak, _status().get("RssAnon", 0))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> "_PeakSampler":
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+@dataclass
+class BenchReport:
+    """What `edge-sdk bench` measured (seconds and bytes)."""
+
+    model: str
+    memory_plan: str
+    config: dict[str, Any]
+    load_s: float
+    text_encoder_s: float
+    unet_step_s: list[float]
+    vae_decoder_s: float
+    total_s: float
+    peak_rss_bytes: int
+    peak_private_bytes: int
+    rss_after_load_bytes: int
+    private_after_load_bytes: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def table(self) -> str:
+        steps = self.unet_step_s
+        median = sorted(steps)[len(steps) // 2] if steps else float("nan")
+        mib = 2**20
+        rows = [("model", self.model), ("memory plan", self.memory_plan),
+                ("size / steps", f"{self.config['width']}x{self.config['height']}, "
+                                 f"{self.config['steps']} steps, guidance "
+                                 f"{self.config['guidance_scale']}"),
+                ("load", f"{self.load_s:.3f} s"),
+                ("text encoder", f"{self.text_encoder_s:.3f} s"),
+                ("UNet step", f"median {median:.3f} s, first {steps[0]:.3f} s, "
+                              f"all {sum(steps):.3f} s" if steps else "-"),
+                ("VAE decoder", f"{self.vae_decoder_s:.3f} s"),
+                ("total", f"{self.total_s:.3f} s"),
+                ("RSS after load", f"{self.rss_after_load_bytes / mib:.0f} MiB (private "
+                                   f"{self.private_after_load_bytes / mib:.0f} MiB)"),
+                ("peak RSS", f"{self.peak_rss_bytes / mib:.0f} MiB"),
+                ("peak private", f"{self.peak_private_bytes / mib:.0f} MiB")]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def run_bench(prompt: str, config: GenerationConfig, load: Any) -> BenchReport:
+    """Load with `load()` (a callable returning a Pipeline) and generate once, measuring."""
+    with _PeakSampler() as sampler:
+        t0 = time.perf_counter()
+        pipe = load()
+        load_s = time.perf_counter() - t0
+        after_load = _status()
+        stamps: list[float] = []
+
+        def on_step(i: int, n: int, _latents: Any) -> None:
+            stamps.append(time.perf_counter())
+            sampler.sample()
+
+        t0 = time.perf_counter()
+        result = pipe.generate(prompt, config, callback=on_step)
+        total = time.perf_counter() - t0
+    # denoising starts right after the text encoder (the initial noise takes microseconds)
+    starts = [t0 + result.timings["text_encoder"]] + stamps[:-1]
+    steps = [b - a for a, b in zip(starts, stamps)]
+    return BenchReport(
+        model=str(pipe.manifest.source.name), memory_plan=pipe.plan.describe(),
+        config=result.config.as_dict(), load_s=load_s,
+        text_encoder_s=result.timings["text_encoder"], unet_step_s=steps,
+        vae_decoder_s=result.timings["vae_decoder"], total_s=total,
+        peak_rss_bytes=_status().get("VmHWM", 0), peak_private_bytes=sampler.peak,
+        rss_after_load_bytes=after_load.get("VmRSS", 0),
+        private_after_load_bytes=after_load.get("RssAnon", 0))
