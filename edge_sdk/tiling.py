@@ -90,9 +90,9 @@ def run_stage_tiled(inputs: Sequence[np.ndarray], stage: Stage, tile: int) -> np
 
 
 def run_stages(x: np.ndarray, stages: Sequence[Stage], tile: int) -> np.ndarray:
-    """Run the chain of `stages` on `x` [B, C, H, W], each stage tiled with `tile`-pixel
-    cores (in that stage's input resolution). Activations are kept only while a later stage
-    still needs them as a skip input."""
+    """Run the chain of `stages` on `x` [B, C, H, W], each stage tiled with cores of `tile`
+    pixels of `x` (so `tile * 2**k` pixels after k upsampling stages: the same tile grid
+    throughout). Activations are kept only while a later stage needs them as a skip."""
     last_use = {-1: 0}
     for k, st in enumerate(stages):
         for j in st.skips:
@@ -101,9 +101,10 @@ def run_stages(x: np.ndarray, stages: Sequence[Stage], tile: int) -> np.ndarray:
                                         "a skip must come from an earlier stage")
             last_use[j] = k
     kept: dict[int, np.ndarray] = {-1: x}
-    current = x
+    current, scale = x, 1
     for k, st in enumerate(stages):
-        current = run_stage_tiled([current] + [kept[j] for j in st.skips], st, tile)
+        current = run_stage_tiled([current] + [kept[j] for j in st.skips], st, tile * scale)
+        scale *= st.scale
         kept = {j: a for j, a in kept.items() if last_use.get(j, -1) > k}
         if last_use.get(k, -1) > k:
             kept[k] = current

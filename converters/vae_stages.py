@@ -1,0 +1,130 @@
+"""A diffusers AutoencoderKL decoder as a chain of stages split at its GroupNorms, for exact
+tiled decoding by edge_sdk.tiling.run_stages (see there for why).
+
+Each stage is a torch module whose GroupNorm takes its statistics as inputs (`mean`,
+`inv_std`, [batch, groups]) instead of computing them over what it sees, so a tile is
+normalised exactly as the whole map would be. The mid-block attention is global: it stays one
+untiled stage (it runs at latent resolution, where memory is small).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+class StatNorm(torch.nn.Module):
+    """GroupNorm's affine normalisation with statistics given from outside."""
+
+    def __init__(self, gn: torch.nn.GroupNorm) -> None:
+        super().__init__()
+        self.groups, self.weight, self.bias = gn.num_groups, gn.weight, gn.bias
+
+    def forward(self, x: torch.Tensor, mean: torch.Tensor, inv_std: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        g = x.reshape(b, self.groups, c // self.groups, h, w)
+        g = (g - mean[:, :, None, None, None]) * inv_std[:, :, None, None, None]
+        return g.reshape(b, c, h, w) * self.weight[None, :, None, None] \
+            + self.bias[None, :, None, None]
+
+
+class _In(torch.nn.Module):
+    def __init__(self, post_quant_conv: Any, conv_in: Any) -> None:
+        super().__init__()
+        self.pq, self.conv_in = post_quant_conv, conv_in
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.conv_in(self.pq(z) if self.pq is not None else z)
+
+
+class _ResA(torch.nn.Module):  # norm1 -> act -> conv1
+    def __init__(self, r: Any) -> None:
+        super().__init__()
+        self.norm, self.act, self.conv = StatNorm(r.norm1), r.nonlinearity, r.conv1
+
+    def forward(self, x: torch.Tensor, mean: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.act(self.norm(x, mean, inv)))
+
+
+class _ResB(torch.nn.Module):  # norm2 -> act -> conv2, plus the (shortcut of the) block input
+    def __init__(self, r: Any) -> None:
+        super().__init__()
+        self.norm, self.act, self.conv = StatNorm(r.norm2), r.nonlinearity, r.conv2
+        self.shortcut, self.scale = r.conv_shortcut, r.output_scale_factor
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor, mean: torch.Tensor,
+                inv: torch.Tensor) -> torch.Tensor:
+        h = self.conv(self.act(self.norm(h, mean, inv)))
+        x = self.shortcut(x) if self.shortcut is not None else x
+        return (x + h) / self.scale
+
+
+class _Whole(torch.nn.Module):  # a module run on the whole map (attention)
+    def __init__(self, m: Any) -> None:
+        super().__init__()
+        self.m = m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.m(x)
+
+
+class _Up(torch.nn.Module):
+    def __init__(self, up: Any) -> None:
+        super().__init__()
+        self.conv = up.conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _Out(torch.nn.Module):
+    def __init__(self, d: Any) -> None:
+        super().__init__()
+        self.norm, self.act, self.conv = StatNorm(d.conv_norm_out), d.conv_act, d.conv_out
+
+    def forward(self, x: torch.Tensor, mean: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.act(self.norm(x, mean, inv)))
+
+
+@dataclass
+class StageModule:
+    """A stage as torch module plus what the runtime's Stage needs to know."""
+
+    module: torch.nn.Module
+    groups: int | None = None
+    halo: int = 1
+    scale: int = 1
+    skips: tuple[int, ...] = ()
+    tiled: bool = True
+    eps: float = 1e-6
+
+
+def decoder_stages(vae: Any) -> list[StageModule]:
+    """The stages of `vae`'s decoder, post_quant_conv included, in order."""
+    d = vae.decoder
+    if getattr(d, "up_blocks", None) is None or d.mid_block is None:
+        raise ValueError("not an AutoencoderKL decoder")
+    stages = [StageModule(_In(getattr(vae, "post_quant_conv", None), d.conv_in))]
+
+    def resnet(r: Any) -> None:
+        start = len(stages) - 1  # the block's input: the previous stage's output
+        stages.append(StageModule(_ResA(r), r.norm1.num_groups, eps=r.norm1.eps))
+        stages.append(StageModule(_ResB(r), r.norm2.num_groups, skips=(start,),
+                                  eps=r.norm2.eps))
+
+    mid = d.mid_block
+    resnet(mid.resnets[0])
+    for attn, r in zip(mid.attentions, mid.resnets[1:]):
+        if attn is not None:
+            stages.append(StageModule(_Whole(attn), tiled=False))
+        resnet(r)
+    for block in d.up_blocks:
+        for r in block.resnets:
+            resnet(r)
+        for up in block.upsamplers or []:
+            stages.append(StageModule(_Up(up), scale=2))
+    stages.append(StageModule(_Out(d), d.conv_norm_out.num_groups, eps=d.conv_norm_out.eps))
+    return stages
