@@ -31,6 +31,9 @@ def _convert_parser() -> argparse.ArgumentParser:
                    "unet=int4,text_encoder=int8,vae=fp16")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    p.add_argument("--vae-stages", action="store_true",
+                   help="also export the VAE decoder as stages for exact tiled decoding "
+                   "(memory='low' uses them; adds the decoder's size again)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="also load .bin/.ckpt weights (pickle: only for sources you trust)")
     p.add_argument("--default-steps", type=int, default=None)
@@ -110,6 +113,7 @@ def _convert(args: argparse.Namespace) -> int:
             overwrite=args.overwrite, allow_pickle=args.allow_pickle, opset=args.opset,
             default_steps=args.default_steps, default_guidance=args.default_guidance,
             vae_encoder=not args.no_vae_encoder, int8_method=args.int8_method,
+            vae_stages=args.vae_stages,
             calibration=args.calibration, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(f"converted in {time.perf_counter() - t0:.1f} s")
     return 0

@@ -109,7 +109,7 @@ def convert(checkpoint: str | Path, output: str | Path, *, fmt: str = "onnx",
             opset: int = DEFAULT_OPSET, default_steps: int | None = None,
             default_guidance: float | None = None, vae_encoder: bool = True,
             int8_method: str = "dynamic", calibration: str | Path | None = None,
-            progress: Progress | None = None,
+            vae_stages: bool = False, progress: Progress | None = None,
             static_unet: Callable[[Path], list[str]] | None = None) -> Manifest:
     """Convert `checkpoint` into a bundle at `output` and return its manifest.
 
@@ -163,16 +163,35 @@ def convert(checkpoint: str | Path, output: str | Path, *, fmt: str = "onnx",
             size = sum(e.size for e in components[comp].files) / 1e6
             say(f"[{i}/{len(plan)}] {comp}: done in {time.perf_counter() - t0:.1f} s, "
                 f"{size:.1f} MB")
+        stage_meta = _export_vae_stages(ckpt, stage, precisions[N.VAE_DECODER], opset,
+                                        components, say) if vae_stages else None
         tok = export_tokenizer(ckpt, stage, int(text_cfg.get("max_position_embeddings", 77)))
         say("tokenizer: tokenizer.json written and checked")
         manifest = _manifest(ckpt, Path(checkpoint), components, tok, opset, default_steps,
                              default_guidance)
+        if stage_meta:
+            manifest = replace(manifest, extra={**manifest.extra, N.VAE_STAGES: stage_meta})
         if any(p == "int8" for p in precisions.values()):
             manifest = replace(manifest, converter={**manifest.converter,
                                                     "int8_method": int8_method})
         write_manifest(stage, manifest)
     say(f"bundle written to {Path(output)}")
     return manifest
+
+
+def _export_vae_stages(ckpt: Checkpoint, stage: Path, precision: str, opset: int,
+                       components: dict[str, ComponentSpec], say: Progress) -> list[dict]:
+    """The VAE decoder again, as GroupNorm-delimited stages for exact tiled decoding."""
+    from .vae_stages import export_decoder_stages
+    t0 = time.perf_counter()
+    precision = precision if precision in ("fp32", "fp16") else "fp32"
+    exported = export_decoder_stages(ckpt.load_vae(), stage, precision, opset)
+    for name, files, _ in exported:
+        inputs, outputs = onnx_io(stage / files[0])
+        components[name] = ComponentSpec(name, "onnx", files[0], precision,
+                                         file_entries(stage, files), inputs, outputs)
+    say(f"vae decoder stages: {len(exported)} ({precision}) in {time.perf_counter() - t0:.1f} s")
+    return [meta for _, _, meta in exported]
 
 
 def _manifest(ckpt: Checkpoint, source: Path, components: dict[str, ComponentSpec],
@@ -249,5 +268,6 @@ def _convert_static(checkpoint: str | Path, output: str | Path, precisions: dict
                        opset=args["opset"], default_steps=args["default_steps"],
                        default_guidance=args["default_guidance"],
                        vae_encoder=args["vae_encoder"], int8_method="static", progress=say,
+                       vae_stages=args["vae_stages"],
                        static_unet=lambda stage: quantize_int8_static(
                            ref / "unet.onnx", stage, N.UNET, feeds, keep=INT4_KEEP_FP32))

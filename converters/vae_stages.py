@@ -10,6 +10,7 @@ untiled stage (it runs at latent resolution, where memory is small).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -128,3 +129,62 @@ def decoder_stages(vae: Any) -> list[StageModule]:
             stages.append(StageModule(_Up(up), scale=2))
     stages.append(StageModule(_Out(d), d.conv_norm_out.num_groups, eps=d.conv_norm_out.eps))
     return stages
+
+
+def stage_io(s: StageModule) -> tuple[list[str], list[str]]:
+    """Input and output names of a stage graph."""
+    ins = ["x"] + (["skip"] if s.skips else []) + (["mean", "inv_std"] if s.groups else [])
+    return ins, ["y"]
+
+
+def export_decoder_stages(vae: Any, out_dir: Path, precision: str, opset: int,
+                          prefix: str = "vae_decoder_s") -> list[tuple[str, list[str], dict]]:
+    """Export every stage as `<out_dir>/<prefix>NN.onnx` (+ data); return, per stage, its
+    component name, its files and its tiling metadata for the manifest."""
+    import tempfile
+
+    import onnx
+
+    from .export_onnx import to_fp16
+    from .quantize import save_graph
+    if precision not in ("fp32", "fp16"):
+        raise ValueError(f"VAE decoder stages are exported as fp32 or fp16, not {precision}")
+    stages = decoder_stages(vae)
+    example = _example_inputs(vae, stages)
+    out = []
+    for k, (s, args) in enumerate(zip(stages, example)):
+        name = f"{prefix}{k:02d}"
+        ins, outs = stage_io(s)
+        spatial = {0: "batch", 2: "height", 3: "width"}
+        axes = {n: ({0: "batch"} if n in ("mean", "inv_std") else spatial) for n in ins + outs}
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".{name}-") as tmp:
+            raw = Path(tmp) / "stage.onnx"
+            with torch.no_grad():
+                torch.onnx.export(s.module, args, str(raw), input_names=ins, output_names=outs,
+                                  dynamic_axes=axes, opset_version=opset, dynamo=False)
+            graph = onnx.load(str(raw), load_external_data=True)
+        if precision == "fp16":
+            graph = to_fp16(graph)
+        graph.doc_string = f"edge-sdk VAE decoder stage {k} ({precision})"
+        meta = {"component": name, "groups": s.groups, "halo": s.halo, "scale": s.scale,
+                "skips": list(s.skips), "tiled": s.tiled, "eps": s.eps}
+        out.append((name, save_graph(graph, out_dir, name), meta))
+    return out
+
+
+def _example_inputs(vae: Any, stages: list[StageModule]) -> list[tuple[torch.Tensor, ...]]:
+    """Each stage's example arguments, from running the chain on a small latent."""
+    z = torch.randn(1, vae.config.latent_channels, 4, 6)
+    outputs: dict[int, torch.Tensor] = {-1: z}
+    current, args_list = z, []
+    with torch.no_grad():
+        for k, s in enumerate(stages):
+            args: tuple[torch.Tensor, ...] = (current,) + tuple(outputs[j] for j in s.skips)
+            if s.groups:
+                g = current.reshape(current.shape[0], s.groups, -1).double()
+                args += (g.mean(2).float(), (1 / torch.sqrt(g.var(2, unbiased=False) + s.eps))
+                         .float())
+            args_list.append(args)
+            current = s.module(*args)
+            outputs[k] = current
+    return args_list

@@ -64,6 +64,9 @@ def check_fits(manifest: Manifest, cfg: ResolvedConfig) -> None:
 
 # -- the one memory knob ---------------------------------------------------------------------
 MODES = ("fast", "balanced", "low")
+# Low mode's VAE tile: 16 latent pixels = 128 image pixels a side (a 512x512 SD image in 16
+# tiles per stage); exact whatever the size, so only speed and memory depend on it.
+LOW_VAE_TILE = 16
 
 
 @dataclass(frozen=True)
@@ -75,14 +78,17 @@ class MemoryPlan:
     balanced: every component resident, weights left in the page cache (mapped external
               data: shareable, evictable), basic graph optimizations only.
     low:      as balanced, and each component loaded for its stage and released after (text
-              encoder, then UNet, then VAE: never two large ones resident), and classifier-free
-              guidance as two batch-1 UNet passes (half the activation peak, same result).
+              encoder, then UNet, then VAE: never two large ones resident), classifier-free
+              guidance as two batch-1 UNet passes (half the activation peak, same result), and
+              the VAE decoded exactly in tiles when the bundle has decoder stages
+              (edge-convert --vae-stages).
     """
 
     mode: str
     map_weights: bool
     release_between_stages: bool
     batch_cfg: bool
+    vae_tile: int | None = None  # latent pixels a side; None: untiled decoding
     budget_bytes: int | None = None
 
     def describe(self) -> str:
@@ -93,11 +99,14 @@ class MemoryPlan:
         parts.append("components loaded per stage" if self.release_between_stages
                      else "components resident")
         parts.append("guidance batched" if self.batch_cfg else "guidance as two passes")
+        parts.append(f"VAE decoded in {self.vae_tile}-latent-pixel tiles" if self.vae_tile
+                     else "VAE decoded whole")
         return ", ".join(parts)
 
 
-_PLANS = {"fast": (False, False, True), "balanced": (True, False, True),
-          "low": (True, True, False)}
+# (map_weights, release_between_stages, batch_cfg, vae_tile)
+_PLANS = {"fast": (False, False, True, None), "balanced": (True, False, True, None),
+          "low": (True, True, False, LOW_VAE_TILE)}
 
 
 def parse_bytes(text: str) -> int:

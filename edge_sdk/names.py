@@ -42,3 +42,6 @@ DIM_SEQUENCE = "sequence"
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 BACKEND_FORMATS = ("onnx",)
+
+# manifest.extra key: the VAE decoder as stages for exact tiled decoding (edge_sdk.tiling)
+VAE_STAGES = "vae_decoder_stages"

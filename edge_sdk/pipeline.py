@@ -29,6 +29,7 @@ from .schedulers import create_scheduler
 from .text_encoder import PromptEmbeds, encode_prompts
 from .tokenizer import PromptTokenizer
 from .vae import decode_latents as _decode_latents
+from .vae import decode_latents_tiled, decoder_stages
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class Pipeline:
         self.manifest = manifest
         self.options = options
         self.plan = plan or MemoryPlan("fast", False, False, True)
+        self._warned_untiled = False
         self.tokenizer = PromptTokenizer(bundle / manifest.tokenizer.file, manifest.tokenizer)
         self._sessions: dict[str, Session] = {}
         self._load_lock = threading.Lock()
@@ -77,6 +79,7 @@ class Pipeline:
         path = Path(bundle) if bundle is not None else default_bundle()
         manifest = Manifest.load(path)
         manifest.verify_files(path, checksums=verify)
+        decoder_stages(manifest)  # a malformed stage list is refused now, not at decode time
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
                                     or threads < 1):
             raise InvalidInputError(f"threads must be a positive integer, got {threads!r}")
@@ -130,8 +133,19 @@ class Pipeline:
                                seed=seed).resolve(self.manifest)
         return self._denoise(embeds, latents, cfg, np.random.default_rng(cfg.seed), callback)
 
-    def decode_latents(self, latents: np.ndarray) -> np.ndarray:
-        """Final latents -> float images [B, H, W, 3] in [0, 1]."""
+    def decode_latents(self, latents: np.ndarray, tile: int | None = None) -> np.ndarray:
+        """Final latents -> float images [B, H, W, 3] in [0, 1]. With `tile` (latent pixels;
+        default: the memory plan's) and a bundle holding the decoder's stages, decoded exactly
+        in tiles (edge_sdk.tiling): the same image in a fraction of the memory."""
+        tile = self.plan.vae_tile if tile is None else tile
+        stages = decoder_stages(self.manifest)
+        if tile and stages:
+            return decode_latents_tiled(self.session, self._done_with, stages, latents,
+                                        self.manifest.vae, tile)
+        if tile and not self._warned_untiled:
+            self._warned_untiled = True
+            log.warning("this bundle has no VAE decoder stages: decoding untiled (re-convert "
+                        "with `edge-convert --vae-stages` for tiled decoding)")
         return _decode_latents(self.session(N.VAE_DECODER), latents, self.manifest.vae)
 
     # -- the whole thing -----------------------------------------------------------------

@@ -89,7 +89,8 @@ def run_stage_tiled(inputs: Sequence[np.ndarray], stage: Stage, tile: int) -> np
     return out
 
 
-def run_stages(x: np.ndarray, stages: Sequence[Stage], tile: int) -> np.ndarray:
+def run_stages(x: np.ndarray, stages: Sequence[Stage], tile: int,
+               after_stage: Callable[[int], None] | None = None) -> np.ndarray:
     """Run the chain of `stages` on `x` [B, C, H, W], each stage tiled with cores of `tile`
     pixels of `x` (so `tile * 2**k` pixels after k upsampling stages: the same tile grid
     throughout). Activations are kept only while a later stage needs them as a skip."""
@@ -105,6 +106,8 @@ def run_stages(x: np.ndarray, stages: Sequence[Stage], tile: int) -> np.ndarray:
     for k, st in enumerate(stages):
         current = run_stage_tiled([current] + [kept[j] for j in st.skips], st, tile * scale)
         scale *= st.scale
+        if after_stage is not None:
+            after_stage(k)
         kept = {j: a for j, a in kept.items() if last_use.get(j, -1) > k}
         if last_use.get(k, -1) > k:
             kept[k] = current

@@ -210,6 +210,9 @@ ROWS: list[Row] = [
     Row("manifest", "I/O names that do not match the graph",
         lambda c: L(c, c.manifest(_set(["components", "unet", "inputs", 0, "name"],
                                        "latents"))), BundleError, "do not match the manifest"),
+    Row("manifest", "VAE decoder stage list naming a missing component",
+        lambda c: L(c, c.manifest(_set(["extra", "vae_decoder_stages"], [{"component": "x"}]))),
+        ManifestError, "vae_decoder_stages.*malformed"),
     Row("manifest", "a required component missing (no unet)",
         lambda c: L(c, c.manifest(_del(["components", "unet"]))), ManifestError, "unet"),
     # parameters

@@ -71,5 +71,5 @@ def select_providers(requested: Sequence[str] | None, available: Sequence[str]) 
             chosen.append(full)
     if "CPUExecutionProvider" not in chosen:
         chosen.append("CPUExecutionProvider")
-    log.info("onnxruntime execution providers: %s", chosen)
+    log.debug("onnxruntime execution providers: %s", chosen)
     return chosen
