@@ -99,8 +99,9 @@ class BenchReport:
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def run_bench(prompt: str, config: GenerationConfig, load: Any) -> BenchReport:
-    """Load with `load()` (a callable returning a Pipeline) and generate once, measuring."""
+def run_bench(prompt: str, config: GenerationConfig, load: Any) -> tuple[BenchReport, Any]:
+    """Load with `load()` (a callable returning a Pipeline) and generate once, measuring;
+    return the report and the Generation."""
     with _PeakSampler() as sampler:
         t0 = time.perf_counter()
         pipe = load()
@@ -118,7 +119,7 @@ def run_bench(prompt: str, config: GenerationConfig, load: Any) -> BenchReport:
     # denoising starts right after the text encoder (the initial noise takes microseconds)
     starts = [t0 + result.timings["text_encoder"]] + stamps[:-1]
     steps = [b - a for a, b in zip(starts, stamps)]
-    return BenchReport(
+    report = BenchReport(
         model=str(pipe.manifest.source.name), memory_plan=pipe.plan.describe(),
         config=result.config.as_dict(), load_s=load_s,
         text_encoder_s=result.timings["text_encoder"], unet_step_s=steps,
@@ -126,3 +127,4 @@ def run_bench(prompt: str, config: GenerationConfig, load: Any) -> BenchReport:
         peak_rss_bytes=_status().get("VmHWM", 0), peak_private_bytes=sampler.peak,
         rss_after_load_bytes=after_load.get("VmRSS", 0),
         private_after_load_bytes=after_load.get("RssAnon", 0))
+    return report, result

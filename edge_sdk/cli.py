@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -174,7 +175,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     providers = [p for p in a.providers.split(",") if p] if a.providers else None
     config = GenerationConfig(steps=a.steps, guidance_scale=a.guidance, seed=a.seed,
                               width=a.width, height=a.height)
-    report = run_bench(a.prompt, config, lambda: Pipeline.load(
+    report, _ = run_bench(a.prompt, config, lambda: Pipeline.load(
         a.model, threads=a.threads, providers=providers, memory=a.memory))
     print(json.dumps(report.as_dict(), indent=1) if a.json else report.table())
     return 0
@@ -289,6 +290,9 @@ def run_cli(action: Callable[[], int], debug: bool,
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `edge-sdk bench --json | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
+        return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

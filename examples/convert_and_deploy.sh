@@ -22,16 +22,17 @@ if [[ -z "$CHECKPOINT" ]]; then
 fi
 
 # 2. workstation: convert, then measure what the precision costs against the checkpoint
-edge-convert "$CHECKPOINT" -o "$WORK/bundle" --precision "$PRECISION" --no-vae-encoder --overwrite
+#    --vae-stages: the decoder also as stages, so a small board can decode in tiles (--memory low)
+edge-convert "$CHECKPOINT" -o "$WORK/bundle" --precision "$PRECISION" --no-vae-encoder --vae-stages --overwrite
 edge-convert verify "$WORK/bundle" --reference "$CHECKPOINT" --steps 8
 
 # 3. copy to the board (the bundle is one self-describing folder; sha256s are checked on load)
 if [[ -n "$BOARD" ]]; then
   scp -r "$WORK/bundle" "$BOARD:~/edge-bundle"
-  ssh "$BOARD" "edge-sdk info ~/edge-bundle && edge-sdk generate '$PROMPT' --model ~/edge-bundle -o out.png"
+  ssh "$BOARD" "edge-sdk info ~/edge-bundle && edge-sdk generate '$PROMPT' --model ~/edge-bundle --memory low -o out.png"
 else
   cp -r "$WORK/bundle" "$WORK/on-board"
   edge-sdk info "$WORK/on-board"
-  edge-sdk generate "$PROMPT" --model "$WORK/on-board" --steps 8 --seed 1 -o "$WORK/out.png"
+  edge-sdk generate "$PROMPT" --model "$WORK/on-board" --steps 8 --seed 1 --memory low -o "$WORK/out.png"
   echo "image: $WORK/out.png"
 fi
