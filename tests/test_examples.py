@@ -101,3 +101,19 @@ def test_npu_example_falls_back_to_cpu_and_names_the_package_for_a_missing_npu(
     monkeypatch.setattr("sys.argv", ["npu_select.py", "x", "--require", "qnn"])
     assert npu.main() == 3
     assert "onnxruntime-qnn" in capsys.readouterr().err
+
+
+def test_raspberry_pi_example_plans_low_memory_and_decodes_in_tiles(tmp_path, monkeypatch,
+                                                                    capsys, caplog):
+    import logging
+    pi = _load("raspberry_pi")
+    out = tmp_path / "pi.png"
+    monkeypatch.setattr("sys.argv", ["raspberry_pi.py", "--size", "256", "--steps", "4",
+                                     "-o", str(out)])
+    with caplog.at_level(logging.WARNING):
+        assert pi.main() == 0
+    text = capsys.readouterr().out
+    assert "memory plan: memory mode 'low'" in text and "16-latent-pixel tiles" in text
+    assert "peak private" in text
+    assert "no VAE decoder stages" not in caplog.text  # the shipped bundle has them
+    assert Image.open(out).size == (256, 256)
