@@ -17,7 +17,7 @@ from typing import Any
 from .config import GenerationConfig
 
 
-def _status() -> dict[str, int]:
+def process_memory() -> dict[str, int]:
     """VmRSS, VmHWM, RssAnon, RssFile of this process, in bytes (Linux)."""
     out = {}
     try:
@@ -39,7 +39,7 @@ class _PeakSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def sample(self) -> None:
-        self.peak = max(self.peak, _status().get("RssAnon", 0))
+        self.peak = max(self.peak, process_memory().get("RssAnon", 0))
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -106,7 +106,7 @@ def run_bench(prompt: str, config: GenerationConfig, load: Any) -> tuple[BenchRe
         t0 = time.perf_counter()
         pipe = load()
         load_s = time.perf_counter() - t0
-        after_load = _status()
+        after_load = process_memory()
         stamps: list[float] = []
 
         def on_step(i: int, n: int, _latents: Any) -> None:
@@ -124,7 +124,7 @@ def run_bench(prompt: str, config: GenerationConfig, load: Any) -> tuple[BenchRe
         config=result.config.as_dict(), load_s=load_s,
         text_encoder_s=result.timings["text_encoder"], unet_step_s=steps,
         vae_decoder_s=result.timings["vae_decoder"], total_s=total,
-        peak_rss_bytes=_status().get("VmHWM", 0), peak_private_bytes=sampler.peak,
+        peak_rss_bytes=process_memory().get("VmHWM", 0), peak_private_bytes=sampler.peak,
         rss_after_load_bytes=after_load.get("VmRSS", 0),
         private_after_load_bytes=after_load.get("RssAnon", 0))
     return report, result

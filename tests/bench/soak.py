@@ -12,16 +12,13 @@ import argparse
 import gc
 import sys
 import time
-from pathlib import Path
 
 from edge_sdk import Pipeline
+from edge_sdk.bench import process_memory
 
 
 def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
+    return process_memory()["VmRSS"] / 2**20
 
 
 def main() -> int:
