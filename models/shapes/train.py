@@ -51,20 +51,26 @@ def build_tokenizer(folder: Path, seed: int):
     return CLIPTokenizer.from_pretrained(folder)
 
 
-def make_models(vocab_size: int, bos: int, eos: int):
+def make_models(vocab_size: int, bos: int, eos: int, attn16: bool = False,
+                text_time: bool = False, layers: int = 1):
+    """`attn16`: cross-attention at 16x16 latents too (a small object is 2-3 latent pixels
+    wide there). `text_time`: the caption, attention-pooled, is added to the timestep
+    embedding, so every ResBlock, also at 16x16, sees what to draw."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
                         block_out_channels=(16, 32, 64, 64), norm_num_groups=8,
                         down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, sample_size=SIZE)
+    first = "CrossAttn" if attn16 else ""
     unet = UNet2DConditionModel(
-        sample_size=SIZE // 8, in_channels=4, out_channels=4, layers_per_block=1,
+        sample_size=SIZE // 8, in_channels=4, out_channels=4, layers_per_block=layers,
         block_out_channels=(64, 128, 128), norm_num_groups=32, cross_attention_dim=64,
         attention_head_dim=4,
-        # cross-attention at 8x8 and 4x4 latents: 1.5x cheaper to train than also at 16x16
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+        down_block_types=(f"{first}DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", f"{first}UpBlock2D"),
+        **(dict(addition_embed_type="text", addition_embed_type_num_heads=4)
+           if text_time else {}))
     text = CLIPTextModel(CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=2, max_position_embeddings=MAX_TOKENS, projection_dim=64,
@@ -107,7 +113,7 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 
 
 def train_vae(vae, steps: int, batch: int, rng: np.random.Generator,
-              edge_gain: float = 0.0) -> None:
+              edge_gain: float = 0.0, device: str = "cpu") -> None:
     """`edge_gain > 0`: half of each batch cropped around an object, and the loss on edge
     pixels counted again, `edge_gain` times, on top of the plain per-pixel loss (shapes are
     told apart by their outlines, which a plain loss on mostly flat images neglects; the
@@ -122,6 +128,7 @@ def train_vae(vae, steps: int, batch: int, rng: np.random.Generator,
                            batch_images(rng, batch - batch // 2, crop=64)[0]])
         else:
             x, _ = batch_images(rng, batch, crop=64)
+        x = x.to(device)
         post = vae.encode(x).latent_dist
         recon = vae.decode(post.sample()).sample
         kl = post.kl().mean() / (x[0].numel())
@@ -140,10 +147,11 @@ def train_vae(vae, steps: int, batch: int, rng: np.random.Generator,
 
 
 @torch.no_grad()
-def vae_recon_scores(vae, rng: np.random.Generator, n: int = 200) -> dict[str, float]:
+def vae_recon_scores(vae, rng: np.random.Generator, n: int = 200,
+                     device: str = "cpu") -> dict[str, float]:
     """The ceiling the VAE sets: how often each attribute survives encode + decode."""
     x, scenes = batch_images(rng, n)
-    y = vae.decode(vae.encode(x).latent_dist.mean).sample
+    y = vae.decode(vae.encode(x.to(device)).latent_dist.mean).sample.cpu()
     y = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
     rows = [score(s, analyse(img)) for img, s in zip(y, scenes)]
     return {k: round(100.0 * float(np.mean([r[k] for r in rows if k in r])), 1)
@@ -151,22 +159,24 @@ def vae_recon_scores(vae, rng: np.random.Generator, n: int = 200) -> dict[str, f
 
 
 @torch.no_grad()
-def encode_pool(vae, n: int, rng: np.random.Generator) -> tuple[torch.Tensor, list, float]:
+def encode_pool(vae, n: int, rng: np.random.Generator,
+                device: str = "cpu") -> tuple[torch.Tensor, list, float]:
     lat, scenes = [], []
     for _ in range(0, n, 64):
         x, s = batch_images(rng, 64)
-        lat.append(vae.encode(x).latent_dist.mean)
+        lat.append(vae.encode(x.to(device)).latent_dist.mean)
         scenes += s
     z = torch.cat(lat)
     scaling = float(1.0 / z.std())  # SD's recipe for scaling_factor: unit-variance latents
     return z * scaling, scenes, scaling
 
 
-def train_unet(unet, text, tok, latents, scenes, steps: int, batch: int, seed: int):
+def train_unet(unet, text, tok, latents, scenes, steps: int, batch: int, seed: int,
+               device: str = "cpu"):
     from diffusers import DDPMScheduler
     sched = DDPMScheduler(**NOISE_SCHEDULE, num_train_timesteps=1000)
     acp = sched.alphas_cumprod.double()
-    snr = (acp / (1 - acp)).float()
+    snr = (acp / (1 - acp)).float().to(device)
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.01)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text).eval()
@@ -179,10 +189,11 @@ def train_unet(unet, text, tok, latents, scenes, steps: int, batch: int, seed: i
         idx = rng.integers(0, len(scenes), batch)
         texts = [caption(scenes[i], rng) if rng.random() > 0.1 else "" for i in idx]
         ids = tok(texts, padding="max_length", max_length=MAX_TOKENS, truncation=True,
-                  return_tensors="pt").input_ids
-        x0 = latents[torch.from_numpy(idx)]
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, 1000, (batch,), generator=gen)
+                  return_tensors="pt").input_ids.to(device)
+        x0 = latents[torch.from_numpy(idx).to(device)]
+        # drawn on the CPU generator whatever the device: the same noise on every device
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        t = torch.randint(0, 1000, (batch,), generator=gen).to(device)
         xt = sched.add_noise(x0, noise, t)
         pred = unet(xt, t, text(ids)[0]).sample
         target = sched.get_velocity(x0, noise, t)
@@ -197,12 +208,43 @@ def train_unet(unet, text, tok, latents, scenes, steps: int, batch: int, seed: i
         decay = min(0.999, (1 + step) / (10 + step))
         with torch.no_grad():
             for ema, live in ((ema_unet, unet), (ema_text, text)):
-                for pe, pl in zip(ema.parameters(), live.parameters()):
-                    pe.mul_(decay).add_(pl.detach(), alpha=1 - decay)
+                pe, pl = list(ema.parameters()), [q.detach() for q in live.parameters()]
+                torch._foreach_mul_(pe, decay)
+                torch._foreach_add_(pe, pl, alpha=1 - decay)
         if step % 200 == 0 or step == steps - 1:
             log.info("unet step %d/%d loss %.4f (%.0f s)", step, steps, loss.item(),
                      time.perf_counter() - t0)
     return ema_unet, ema_text
+
+
+def build_pipeline(vae, unet, text, tok):
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    sched = DPMSolverMultistepScheduler(**NOISE_SCHEDULE, timestep_spacing="trailing")
+    return StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
+                                   scheduler=sched, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
+@torch.no_grad()
+def validation_scores(pipe, device: str, steps: int = 20, guidance: float = 3.0) -> dict:
+    """The validation prompt set (never the held-out one), generated in torch: for comparing
+    training recipes. The seeds drive torch's noise, not the runtime's, so the figures are
+    close to, not equal to, `edge-sdk evaluate --validation` on the converted bundle."""
+    from edge_sdk.shapes.benchmark import VALIDATION_SEED, Report
+    from edge_sdk.shapes.scenes import HELD_OUT_PAIRS, evaluation_prompts
+    cases = evaluation_prompts(seed=VALIDATION_SEED)
+    report = Report()
+    for k in range(0, len(cases), 16):
+        chunk = cases[k:k + 16]
+        gens = [torch.Generator().manual_seed(seed) for _, _, seed in chunk]
+        out = pipe([p for _, p, _ in chunk], num_inference_steps=steps,
+                   guidance_scale=guidance, generator=gens, output_type="np").images
+        for (scene, prompt, seed), img in zip(chunk, out):
+            seen = analyse((img * 255).round().astype(np.uint8))
+            report.rows.append({"prompt": prompt, "score": score(scene, seen),
+                                "held_out": (scene.colour, scene.shape) in HELD_OUT_PAIRS})
+    return report.summary()
 
 
 def main() -> None:
@@ -211,49 +253,73 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vae-steps", type=int, default=2000)
     ap.add_argument("--vae-edge-gain", type=float, default=0.0,
-                    help="> 0: object-centred crops and edge-weighted VAE loss (experimental)")
+                    help="> 0: object-centred crops and edge-weighted VAE loss")
     ap.add_argument("--unet-steps", type=int, default=5500)
+    ap.add_argument("--unet-batch", type=int, default=32)
+    ap.add_argument("--attn16", action="store_true", help="cross-attention at 16x16 latents")
+    ap.add_argument("--text-time", action="store_true",
+                    help="pooled caption added to the timestep embedding")
+    ap.add_argument("--layers", type=int, default=1, help="UNet layers per block")
     ap.add_argument("--pool", type=int, default=16000, help="scenes encoded for UNet training")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="torch device (recipes are timed on cpu)")
+    ap.add_argument("--vae-only", action="store_true",
+                    help="stop after the VAE phase, saving it and the encoded pool")
+    ap.add_argument("--vae-from", help="a --vae-only output's vae_pool.pt: skip the VAE phase")
+    ap.add_argument("--validate", action="store_true",
+                    help="score the validation prompt set at the end (not counted in minutes)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    out = Path(args.output)
+    out, dev = Path(args.output), args.device
     t_start = time.perf_counter()
     tok = build_tokenizer(out / "tokenizer", args.seed)
-    vae, unet, text = make_models(len(tok), tok.bos_token_id, tok.eos_token_id)
+    vae, unet, text = make_models(len(tok), tok.bos_token_id, tok.eos_token_id,
+                                  args.attn16, args.text_time, args.layers)
     counts = {n: sum(p.numel() for p in m.parameters()) for n, m in
               (("vae", vae), ("unet", unet), ("text_encoder", text))}
     log.info("parameters: %s", counts)
     rng = np.random.default_rng(args.seed)
-    train_vae(vae, args.vae_steps, 16, rng, args.vae_edge_gain)
-    vae.eval()
-    recon = vae_recon_scores(vae, np.random.default_rng(args.seed + 3))
-    log.info("vae reconstruction of 200 scenes, evaluator accuracy: %s", recon)
-    latents, scenes, scaling = encode_pool(vae, args.pool, rng)
-    vae.register_to_config(scaling_factor=scaling)
+    vae, unet, text = vae.to(dev), unet.to(dev), text.to(dev)
+    if args.vae_from:  # for comparing UNet recipes on one VAE; not a from-scratch run
+        state = torch.load(args.vae_from, weights_only=False)
+        vae.load_state_dict(state["vae"])
+        latents, scenes, scaling, recon = (state[k] for k in ("latents", "scenes", "scaling",
+                                                               "recon"))
+        latents = latents.to(dev)
+    else:
+        train_vae(vae, args.vae_steps, 16, rng, args.vae_edge_gain, dev)
+        vae.eval()
+        recon = vae_recon_scores(vae, np.random.default_rng(args.seed + 3), device=dev)
+        log.info("vae reconstruction of 200 scenes, evaluator accuracy: %s", recon)
+        latents, scenes, scaling = encode_pool(vae, args.pool, rng, dev)
+    vae.eval().register_to_config(scaling_factor=scaling)
     log.info("latent scaling factor %.5f", scaling)
-    unet, text = train_unet(unet, text, tok, latents, scenes, args.unet_steps, 32, args.seed)
-    save(out, vae, unet, text, tok)
+    if args.vae_only:
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save({"vae": vae.state_dict(), "latents": latents.cpu(), "scenes": scenes,
+                    "scaling": scaling, "recon": recon}, out / "vae_pool.pt")
+        return
+    unet, text = train_unet(unet, text, tok, latents, scenes, args.unet_steps,
+                            args.unet_batch, args.seed, dev)
     minutes = (time.perf_counter() - t_start) / 60
-    (out / "training.json").write_text(json.dumps({
-        "seed": args.seed, "vae_steps": args.vae_steps, "vae_edge_gain": args.vae_edge_gain,
-        "unet_steps": args.unet_steps,
-        "pool": args.pool, "threads": args.threads, "minutes": round(minutes, 1),
-        "parameters": counts, "scaling_factor": scaling, "vae_reconstruction": recon,
-        "noise_schedule": NOISE_SCHEDULE,
-        "torch": torch.__version__}, indent=2))
+    pipe = build_pipeline(vae, unet, text, tok)
+    info = {k: getattr(args, k) for k in ("seed", "vae_steps", "vae_edge_gain", "unet_steps",
+                                          "unet_batch", "attn16", "text_time", "layers",
+                                          "pool", "threads", "device")}
+    info.update(minutes=round(minutes, 1), parameters=counts, scaling_factor=scaling,
+                vae_reconstruction=recon, noise_schedule=NOISE_SCHEDULE,
+                torch=torch.__version__)
+    if args.validate:
+        info["validation"] = validation_scores(pipe, dev)
+        log.info("validation set: %s", info["validation"])
+    save(out, pipe.to("cpu"))
+    (out / "training.json").write_text(json.dumps(info, indent=2))
     log.info("done in %.1f min -> %s", minutes, out)
 
 
-def save(out: Path, vae, unet, text, tok) -> None:
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-
-    sched = DPMSolverMultistepScheduler(**NOISE_SCHEDULE, timestep_spacing="trailing")
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet,
-                                   scheduler=sched, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+def save(out: Path, pipe) -> None:
     tok_files = {p.name: p.read_bytes() for p in (out / "tokenizer").iterdir()}
     # fp16 weights halve what the repository carries; edge-convert loads them as fp32
     pipe.to(torch.float16).save_pretrained(out, safe_serialization=True)
