@@ -45,6 +45,10 @@ def _convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", default=None, metavar="PROMPTS.txt",
                    help="prompts for static int8 calibration, one per line (default: a "
                    "built-in set)")
+    p.add_argument("--attention-chunks", default="auto", metavar="N|auto",
+                   help="compute the UNet's self-attention in N query slices (peak attention "
+                   "memory / N); auto: slices of 256 tokens for UNets with >= 2,048 tokens "
+                   "at their native size (SD 1.5: 16), none for small ones")
     p.add_argument("--debug", action="store_true")
     return p
 
@@ -113,7 +117,7 @@ def _convert(args: argparse.Namespace) -> int:
             overwrite=args.overwrite, allow_pickle=args.allow_pickle, opset=args.opset,
             default_steps=args.default_steps, default_guidance=args.default_guidance,
             vae_encoder=not args.no_vae_encoder, int8_method=args.int8_method,
-            vae_stages=args.vae_stages,
+            vae_stages=args.vae_stages, attention_chunks=args.attention_chunks,
             calibration=args.calibration, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(f"converted in {time.perf_counter() - t0:.1f} s")
     return 0

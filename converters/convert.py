@@ -26,6 +26,7 @@ from edge_sdk.manifest import (ComponentSpec, Defaults, Manifest, SourceInfo, Un
 from . import __version__
 from .bundle import AtomicBundle, file_entries, onnx_io, write_manifest
 from .checkpoint import Checkpoint
+from .attention import auto_chunks, use_chunked_attention
 from .export_onnx import DEFAULT_OPSET, finish_component, trace_fp32
 from .tokenizer import export_tokenizer
 
@@ -109,12 +110,14 @@ def convert(checkpoint: str | Path, output: str | Path, *, fmt: str = "onnx",
             opset: int = DEFAULT_OPSET, default_steps: int | None = None,
             default_guidance: float | None = None, vae_encoder: bool = True,
             int8_method: str = "dynamic", calibration: str | Path | None = None,
-            vae_stages: bool = False, progress: Progress | None = None,
-            static_unet: Callable[[Path], list[str]] | None = None) -> Manifest:
+            vae_stages: bool = False, attention_chunks: int | str = "auto",
+            progress: Progress | None = None, static_unet: Callable[[Path], list[str]] | None = None) -> Manifest:
     """Convert `checkpoint` into a bundle at `output` and return its manifest.
 
     `int8_method="static"` makes an int8 UNet static QDQ, calibrated on denoising
-    trajectories of the prompts in `calibration` (one per line; a built-in set if None)."""
+    trajectories of the prompts in `calibration` (one per line; a built-in set if None).
+    `attention_chunks`: the UNet's self-attention in that many query slices in the graph
+    (bounded attention memory); "auto" slices UNets whose native size has >= 2,048 tokens."""
     say = progress or (lambda msg: log.info("%s", msg))
     if fmt != "onnx":
         raise ConversionError(f"format {fmt!r} is not supported yet; use --format onnx")
@@ -125,6 +128,7 @@ def convert(checkpoint: str | Path, output: str | Path, *, fmt: str = "onnx",
         return _convert_static(checkpoint, output, precisions, calibration, say, locals())
     ckpt = Checkpoint.open(checkpoint, allow_pickle=allow_pickle)
     text_cfg = ckpt.config("text_encoder")
+    chunks = _attention_chunks(attention_chunks, int(ckpt.config("unet")["sample_size"]))
     plan = [N.TEXT_ENCODER, N.UNET, N.VAE_DECODER] + ([N.VAE_ENCODER] if vae_encoder else [])
     components: dict[str, ComponentSpec] = {}
     with AtomicBundle(output, overwrite=overwrite) as stage:
@@ -138,6 +142,8 @@ def convert(checkpoint: str | Path, output: str | Path, *, fmt: str = "onnx",
                 model = ckpt.load_text_encoder()
             elif comp == N.UNET:
                 model = ckpt.load_unet()
+                if chunks > 1:
+                    use_chunked_attention(model, chunks)
             else:
                 vae = vae if vae is not None else ckpt.load_vae()
                 model = vae
@@ -164,7 +170,7 @@ def convert(checkpoint: str | Path, output: str | Path, *, fmt: str = "onnx",
         tok = export_tokenizer(ckpt, stage, int(text_cfg.get("max_position_embeddings", 77)))
         say("tokenizer: tokenizer.json written and checked")
         manifest = _manifest(ckpt, Path(checkpoint), components, tok, opset, default_steps,
-                             default_guidance)
+                             default_guidance, chunks)
         if stage_meta:
             manifest = replace(manifest, extra={**manifest.extra, N.VAE_STAGES: stage_meta})
         if any(p == "int8" for p in precisions.values()):
@@ -192,7 +198,7 @@ def _export_vae_stages(ckpt: Checkpoint, stage: Path, precision: str, opset: int
 
 def _manifest(ckpt: Checkpoint, source: Path, components: dict[str, ComponentSpec],
               tok: Any, opset: int, default_steps: int | None,
-              default_guidance: float | None) -> Manifest:
+              default_guidance: float | None, attention_chunks: int = 1) -> Manifest:
     unet_cfg, vae_cfg, sched = ckpt.config("unet"), ckpt.config("vae"), ckpt.config("scheduler")
     vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
     return Manifest(
@@ -208,13 +214,26 @@ def _manifest(ckpt: Checkpoint, source: Path, components: dict[str, ComponentSpe
                     vae_cfg.get("shift_factor"),
                     int(vae_cfg["latent_channels"]), vae_factor),
         unet=UnetSpec(int(unet_cfg["in_channels"]), int(unet_cfg["sample_size"]),
-                      _cross_dim(unet_cfg)),
+                      _cross_dim(unet_cfg), attention_chunks),
         tokenizer=tok,
         defaults=_defaults(sched, int(unet_cfg["sample_size"]) * vae_factor, default_steps,
                            default_guidance),
         # UNet down/up-sampling needs latent sizes divisible by 2**(levels - 1)
         extra={"size_multiple": vae_factor * 2 ** (len(unet_cfg["block_out_channels"]) - 1)},
     )
+
+
+def _attention_chunks(value: int | str, sample_size: int) -> int:
+    if value == "auto":
+        return auto_chunks(sample_size)
+    try:
+        chunks = int(value)
+    except (TypeError, ValueError):
+        chunks = 0
+    if chunks < 1:
+        raise ConversionError(f"attention chunks must be 'auto' or a whole number >= 1, "
+                              f"got {value!r}")
+    return chunks
 
 
 def _cross_dim(unet_cfg: dict[str, Any]) -> int:
@@ -255,7 +274,7 @@ def _convert_static(checkpoint: str | Path, output: str | Path, precisions: dict
         convert(checkpoint, ref, precision="fp32", allow_pickle=args["allow_pickle"],
                 opset=args["opset"], default_steps=args["default_steps"],
                 default_guidance=args["default_guidance"], vae_encoder=False,
-                progress=lambda m: say(f"  (fp32 reference) {m}"))
+                attention_chunks=args["attention_chunks"], progress=lambda m: say(f"  (fp32 reference) {m}"))
         say(f"static int8: calibrating on {len(prompts)} prompts")
         feeds = unet_trajectories(ref, prompts)
         spec = ",".join(f"{c}={p}" for c, p in precisions.items())
@@ -265,5 +284,6 @@ def _convert_static(checkpoint: str | Path, output: str | Path, precisions: dict
                        default_guidance=args["default_guidance"],
                        vae_encoder=args["vae_encoder"], int8_method="static", progress=say,
                        vae_stages=args["vae_stages"],
+                       attention_chunks=args["attention_chunks"],
                        static_unet=lambda stage: quantize_int8_static(
                            ref / "unet.onnx", stage, N.UNET, feeds, keep=INT4_KEEP_FP32))

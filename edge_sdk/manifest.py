@@ -94,6 +94,9 @@ class UnetSpec:
     in_channels: int
     sample_size: int  # native latent size (64 -> 512 px for SD 1.5)
     cross_attention_dim: int
+    # self-attention computed in this many query slices in the graph (1 = whole): the
+    # attention score peak is the full tokens x tokens matrix divided by this
+    attention_chunks: int = 1
 
 
 @dataclass(frozen=True)
@@ -189,7 +192,8 @@ class Manifest:
                         r.get(v, "shift_factor", (int, float, type(None)), "vae."),
                         r.pos(v, "latent_channels", "vae."), r.pos(v, "scale_factor", "vae.")),
             unet=UnetSpec(r.pos(u, "in_channels", "unet."), r.pos(u, "sample_size", "unet."),
-                          r.pos(u, "cross_attention_dim", "unet.")),
+                          r.pos(u, "cross_attention_dim", "unet."),
+                          r.pos({"attention_chunks": 1, **u}, "attention_chunks", "unet.")),
             tokenizer=TokenizerSpec(
                 check_relative_name(r.get(t, "file", str, "tokenizer."), where),
                 r.pos(t, "max_length", "tokenizer."), r.get(t, "pad_token", str, "tokenizer."),

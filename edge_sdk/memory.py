@@ -33,7 +33,7 @@ def estimate_peak_bytes(manifest: Manifest, cfg: ResolvedConfig) -> int:
     f = manifest.vae.scale_factor
     tokens = (cfg.height // f) * (cfg.width // f)
     batch = cfg.num_images * (2 if cfg.guidance else 1)
-    attention = batch * ASSUMED_HEADS * tokens * tokens * 4
+    attention = batch * ASSUMED_HEADS * tokens * tokens * 4 // manifest.unet.attention_chunks
     vae = cfg.num_images * cfg.height * cfg.width * VAE_FULL_RES_BYTES_PER_PIXEL
     return max(attention, vae)
 
