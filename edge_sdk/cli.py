@@ -98,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--threads", type=int, default=None)
     b.add_argument("--providers", default=None)
+    b.add_argument("--output", "-o", default=None, help="also save the image here (PNG)")
     b.add_argument("--json", action="store_true", help="print the report as JSON")
     b.add_argument("--debug", action="store_true")
     t = sub.add_parser("selftest", help="generate with the shipped model and check the image "
@@ -175,8 +176,11 @@ def cmd_bench(a: argparse.Namespace) -> int:
     providers = [p for p in a.providers.split(",") if p] if a.providers else None
     config = GenerationConfig(steps=a.steps, guidance_scale=a.guidance, seed=a.seed,
                               width=a.width, height=a.height)
-    report, _ = run_bench(a.prompt, config, lambda: Pipeline.load(
+    report, result = run_bench(a.prompt, config, lambda: Pipeline.load(
         a.model, threads=a.threads, providers=providers, memory=a.memory))
+    if a.output:
+        from .image import save_png
+        save_png(result.images[0], a.output, result.parameters)
     print(json.dumps(report.as_dict(), indent=1) if a.json else report.table())
     return 0
 
