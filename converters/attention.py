@@ -24,6 +24,11 @@ AUTO_QUERY_SLICE = 256
 # Below this many tokens at the native size (64x64 latents = 4,096) chunking is not worth
 # the extra nodes: the full score matrix is already small.
 AUTO_MIN_TOKENS = 2048
+# The VAE decoder's mid-block attention runs at the output's latent size, whatever the
+# native size (a small model asked for 512x512 attends over 4,096 tokens: a 64 MB score
+# matrix, x2 with its softmax), and it is one layer with one head: slicing always costs
+# nothing measurable.
+VAE_AUTO_CHUNKS = 16
 
 
 def auto_chunks(sample_size: int) -> int:
@@ -91,7 +96,7 @@ def _attend(query: Any, key_t: Any, value: Any, mask: Any) -> Any:
     return torch.bmm(scores.softmax(dim=-1), value)
 
 
-def use_chunked_attention(unet: Any, chunks: int) -> None:
-    """Give every attention layer of `unet` the chunked processor (for export only)."""
-    unet.set_attn_processor(ChunkedSelfAttnProcessor(chunks))
-    log.info("UNet self-attention exported in %d query slices", chunks)
+def use_chunked_attention(model: Any, chunks: int) -> None:
+    """Give every attention layer of `model` (a UNet or a VAE) the chunked processor."""
+    model.set_attn_processor(ChunkedSelfAttnProcessor(chunks))
+    log.info("%s self-attention exported in %d query slices", type(model).__name__, chunks)

@@ -26,7 +26,7 @@ from edge_sdk.manifest import (ComponentSpec, Defaults, Manifest, SourceInfo, Un
 from . import __version__
 from .bundle import AtomicBundle, file_entries, onnx_io, write_manifest
 from .checkpoint import Checkpoint
-from .attention import auto_chunks, use_chunked_attention
+from .attention import VAE_AUTO_CHUNKS, auto_chunks, use_chunked_attention
 from .export_onnx import DEFAULT_OPSET, finish_component, trace_fp32
 from .tokenizer import export_tokenizer
 
@@ -117,7 +117,9 @@ def convert(checkpoint: str | Path, output: str | Path, *, fmt: str = "onnx",
     `int8_method="static"` makes an int8 UNet static QDQ, calibrated on denoising
     trajectories of the prompts in `calibration` (one per line; a built-in set if None).
     `attention_chunks`: the UNet's self-attention in that many query slices in the graph
-    (bounded attention memory); "auto" slices UNets whose native size has >= 2,048 tokens."""
+    (bounded attention memory) and the VAE's mid-block attention likewise; "auto" slices
+    UNets whose native size has >= 2,048 tokens, and the VAE always (it decodes at the
+    output size, often beyond the native one)."""
     say = progress or (lambda msg: log.info("%s", msg))
     if fmt != "onnx":
         raise ConversionError(f"format {fmt!r} is not supported yet; use --format onnx")
@@ -129,6 +131,7 @@ def convert(checkpoint: str | Path, output: str | Path, *, fmt: str = "onnx",
     ckpt = Checkpoint.open(checkpoint, allow_pickle=allow_pickle)
     text_cfg = ckpt.config("text_encoder")
     chunks = _attention_chunks(attention_chunks, int(ckpt.config("unet")["sample_size"]))
+    vae_chunks = VAE_AUTO_CHUNKS if attention_chunks == "auto" else chunks
     plan = [N.TEXT_ENCODER, N.UNET, N.VAE_DECODER] + ([N.VAE_ENCODER] if vae_encoder else [])
     components: dict[str, ComponentSpec] = {}
     with AtomicBundle(output, overwrite=overwrite) as stage:
@@ -145,7 +148,7 @@ def convert(checkpoint: str | Path, output: str | Path, *, fmt: str = "onnx",
                 if chunks > 1:
                     use_chunked_attention(model, chunks)
             else:
-                vae = vae if vae is not None else ckpt.load_vae()
+                vae = vae if vae is not None else _load_vae(ckpt, vae_chunks)
                 model = vae
             if comp == N.UNET and static_unet is not None:
                 files = static_unet(stage)
@@ -166,11 +169,11 @@ def convert(checkpoint: str | Path, output: str | Path, *, fmt: str = "onnx",
             say(f"[{i}/{len(plan)}] {comp}: done in {time.perf_counter() - t0:.1f} s, "
                 f"{size:.1f} MB")
         stage_meta = _export_vae_stages(ckpt, stage, precisions[N.VAE_DECODER], opset,
-                                        components, say) if vae_stages else None
+                                        components, say, vae_chunks) if vae_stages else None
         tok = export_tokenizer(ckpt, stage, int(text_cfg.get("max_position_embeddings", 77)))
         say("tokenizer: tokenizer.json written and checked")
         manifest = _manifest(ckpt, Path(checkpoint), components, tok, opset, default_steps,
-                             default_guidance, chunks)
+                             default_guidance, chunks, vae_chunks)
         if stage_meta:
             manifest = replace(manifest, extra={**manifest.extra, N.VAE_STAGES: stage_meta})
         if any(p == "int8" for p in precisions.values()):
@@ -181,13 +184,21 @@ def convert(checkpoint: str | Path, output: str | Path, *, fmt: str = "onnx",
     return manifest
 
 
+def _load_vae(ckpt: Checkpoint, chunks: int) -> Any:
+    vae = ckpt.load_vae()
+    if chunks > 1:
+        use_chunked_attention(vae, chunks)
+    return vae
+
+
 def _export_vae_stages(ckpt: Checkpoint, stage: Path, precision: str, opset: int,
-                       components: dict[str, ComponentSpec], say: Progress) -> list[dict]:
+                       components: dict[str, ComponentSpec], say: Progress,
+                       vae_chunks: int = 1) -> list[dict]:
     """The VAE decoder again, as GroupNorm-delimited stages for exact tiled decoding."""
     from .vae_stages import export_decoder_stages
     t0 = time.perf_counter()
     precision = precision if precision in ("fp32", "fp16") else "fp32"
-    exported = export_decoder_stages(ckpt.load_vae(), stage, precision, opset)
+    exported = export_decoder_stages(_load_vae(ckpt, vae_chunks), stage, precision, opset)
     for name, files, _ in exported:
         inputs, outputs = onnx_io(stage / files[0])
         components[name] = ComponentSpec(name, "onnx", files[0], precision,
@@ -198,7 +209,8 @@ def _export_vae_stages(ckpt: Checkpoint, stage: Path, precision: str, opset: int
 
 def _manifest(ckpt: Checkpoint, source: Path, components: dict[str, ComponentSpec],
               tok: Any, opset: int, default_steps: int | None,
-              default_guidance: float | None, attention_chunks: int = 1) -> Manifest:
+              default_guidance: float | None, attention_chunks: int = 1,
+              vae_attention_chunks: int = 1) -> Manifest:
     unet_cfg, vae_cfg, sched = ckpt.config("unet"), ckpt.config("vae"), ckpt.config("scheduler")
     vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
     return Manifest(
@@ -212,7 +224,7 @@ def _manifest(ckpt: Checkpoint, source: Path, components: dict[str, ComponentSpe
         prediction_type=sched.get("prediction_type", "epsilon"),
         vae=VaeSpec(float(vae_cfg.get("scaling_factor", AUTOENCODER_KL_DEFAULT_SCALING)),
                     vae_cfg.get("shift_factor"),
-                    int(vae_cfg["latent_channels"]), vae_factor),
+                    int(vae_cfg["latent_channels"]), vae_factor, vae_attention_chunks),
         unet=UnetSpec(int(unet_cfg["in_channels"]), int(unet_cfg["sample_size"]),
                       _cross_dim(unet_cfg), attention_chunks),
         tokenizer=tok,

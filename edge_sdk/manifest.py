@@ -87,6 +87,9 @@ class VaeSpec:
     shift_factor: float | None  # added after unscaling when the VAE has one
     latent_channels: int
     scale_factor: int  # image pixels per latent pixel (8)
+    # the decoder's mid-block attention (global, at latent resolution, whatever the output
+    # size) computed in this many query slices (1 = whole)
+    attention_chunks: int = 1
 
 
 @dataclass(frozen=True)
@@ -190,7 +193,8 @@ class Manifest:
             prediction_type=r.choice(d, "prediction_type", ("epsilon", "v_prediction", "sample")),
             vae=VaeSpec(r.num(v, "scaling_factor", "vae."),
                         r.get(v, "shift_factor", (int, float, type(None)), "vae."),
-                        r.pos(v, "latent_channels", "vae."), r.pos(v, "scale_factor", "vae.")),
+                        r.pos(v, "latent_channels", "vae."), r.pos(v, "scale_factor", "vae."),
+                        r.pos({"attention_chunks": 1, **v}, "attention_chunks", "vae.")),
             unet=UnetSpec(r.pos(u, "in_channels", "unet."), r.pos(u, "sample_size", "unet."),
                           r.pos(u, "cross_attention_dim", "unet."),
                           r.pos({"attention_chunks": 1, **u}, "attention_chunks", "unet.")),

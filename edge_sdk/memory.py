@@ -10,7 +10,9 @@ that cannot fit *before* an hour of work ends in the kernel's OOM killer, not to
 from __future__ import annotations
 
 import logging
+import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,7 +83,9 @@ class MemoryPlan:
               encoder, then UNet, then VAE: never two large ones resident), classifier-free
               guidance as two batch-1 UNet passes (half the activation peak, same result), and
               the VAE decoded exactly in tiles when the bundle has decoder stages
-              (edge-convert --vae-stages).
+              (edge-convert --vae-stages), the full-resolution maps kept between its stages
+              in unlinked files under $EDGE_SDK_SPILL_DIR (default: the temp folder), i.e.
+              evictable page cache rather than private memory.
     """
 
     mode: str
@@ -89,7 +93,12 @@ class MemoryPlan:
     release_between_stages: bool
     batch_cfg: bool
     vae_tile: int | None = None  # latent pixels a side; None: untiled decoding
+    spill_maps: bool = False  # tiled decoding keeps its between-stage maps in files
     budget_bytes: int | None = None
+
+    @property
+    def spill_dir(self) -> str:
+        return os.environ.get("EDGE_SDK_SPILL_DIR") or tempfile.gettempdir()
 
     def describe(self) -> str:
         parts = [f"memory mode {self.mode!r}"]
@@ -101,12 +110,14 @@ class MemoryPlan:
         parts.append("guidance batched" if self.batch_cfg else "guidance as two passes")
         parts.append(f"VAE decoded in {self.vae_tile}-latent-pixel tiles" if self.vae_tile
                      else "VAE decoded whole")
+        if self.spill_maps:
+            parts.append(f"its maps kept in files under {self.spill_dir}")
         return ", ".join(parts)
 
 
-# (map_weights, release_between_stages, batch_cfg, vae_tile)
-_PLANS = {"fast": (False, False, True, None), "balanced": (True, False, True, None),
-          "low": (True, True, False, LOW_VAE_TILE)}
+# (map_weights, release_between_stages, batch_cfg, vae_tile, spill_maps)
+_PLANS = {"fast": (False, False, True, None, False), "balanced": (True, False, True, None, False),
+          "low": (True, True, False, LOW_VAE_TILE, True)}
 
 
 def parse_bytes(text: str) -> int:

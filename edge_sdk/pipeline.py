@@ -27,6 +27,7 @@ from .memory import MemoryPlan, check_fits, estimate_peak_bytes, plan_memory
 from .models import default_bundle
 from .schedulers import create_scheduler
 from .text_encoder import PromptEmbeds, encode_prompts
+from .tiling import FileBackedMaps
 from .tokenizer import PromptTokenizer
 from .vae import decode_latents as _decode_latents
 from .vae import decode_latents_tiled, decoder_stages
@@ -140,8 +141,9 @@ class Pipeline:
         tile = self.plan.vae_tile if tile is None else tile
         stages = decoder_stages(self.manifest)
         if tile and stages:
+            alloc = FileBackedMaps(self.plan.spill_dir) if self.plan.spill_maps else np.empty
             return decode_latents_tiled(self.session, self._done_with, stages, latents,
-                                        self.manifest.vae, tile)
+                                        self.manifest.vae, tile, alloc)
         if tile and not self._warned_untiled:
             self._warned_untiled = True
             log.warning("this bundle has no VAE decoder stages: decoding untiled (re-convert "

@@ -18,12 +18,18 @@ tests), so this module knows nothing about the backend.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from .errors import InvalidInputError
+
+# alloc(shape, dtype) -> a writable array for a stage's full output map (np.empty, or one
+# backed by a file so that the maps kept between stages are not private memory)
+Alloc = Callable[[tuple[int, ...], np.dtype], np.ndarray]
 
 # run(tiles, mean, inv_std) -> output tile. `tiles` holds the main input's crop first, then
 # each skip input's crop (same region); mean / inv_std are [batch, groups] or None.
@@ -45,13 +51,21 @@ class Stage:
 
 def group_stats(x: np.ndarray, groups: int, eps: float) -> tuple[np.ndarray, np.ndarray]:
     """GroupNorm's mean and 1/sqrt(var + eps) per (batch, group) over the whole map [B,C,H,W],
-    accumulated in float64 so the order of summation does not show."""
+    accumulated in float64 so the order of summation does not show. One group at a time: a
+    float64 copy of the whole map would be twice the map, at the stage whose memory tiling
+    exists to bound."""
     b, c = x.shape[:2]
     if c % groups:
         raise InvalidInputError(f"{c} channels do not split into {groups} groups")
-    g = x.reshape(b, groups, -1).astype(np.float64)
-    mean = g.mean(axis=2)
-    var = g.var(axis=2)
+    g = x.reshape(b, groups, -1)
+    mean = np.empty((b, groups), np.float64)
+    var = np.empty((b, groups), np.float64)
+    for i in range(b):
+        for j in range(groups):
+            d = g[i, j].astype(np.float64)
+            mean[i, j] = m = d.mean()
+            d -= m
+            var[i, j] = np.dot(d, d) / d.size
     return mean.astype(np.float32), (1.0 / np.sqrt(var + eps)).astype(np.float32)
 
 
@@ -64,8 +78,10 @@ def tile_grid(height: int, width: int, tile: int) -> Iterator[tuple[int, int, in
             yield y0, min(y0 + tile, height), x0, min(x0 + tile, width)
 
 
-def run_stage_tiled(inputs: Sequence[np.ndarray], stage: Stage, tile: int) -> np.ndarray:
-    """One stage over full maps `inputs` (main first, then skips), tile by tile."""
+def run_stage_tiled(inputs: Sequence[np.ndarray], stage: Stage, tile: int,
+                    alloc: Alloc = np.empty) -> np.ndarray:
+    """One stage over full maps `inputs` (main first, then skips), tile by tile, into a map
+    from `alloc`."""
     main = inputs[0]
     mean = inv = None
     if stage.groups:
@@ -81,7 +97,7 @@ def run_stage_tiled(inputs: Sequence[np.ndarray], stage: Stage, tile: int) -> np
             raise InvalidInputError(f"a stage returned a {res.shape[2:]} tile for a "
                                     f"{(yb - ya, xb - xa)} input at scale {s}")
         if out is None:
-            out = np.empty((main.shape[0], res.shape[1], h * s, w * s), res.dtype)
+            out = alloc((main.shape[0], res.shape[1], h * s, w * s), res.dtype)
         oy, ox = (y0 - ya) * s, (x0 - xa) * s
         out[:, :, y0 * s:y1 * s, x0 * s:x1 * s] = \
             res[:, :, oy:oy + (y1 - y0) * s, ox:ox + (x1 - x0) * s]
@@ -90,7 +106,8 @@ def run_stage_tiled(inputs: Sequence[np.ndarray], stage: Stage, tile: int) -> np
 
 
 def run_stages(x: np.ndarray, stages: Sequence[Stage], tile: int,
-               after_stage: Callable[[int], None] | None = None) -> np.ndarray:
+               after_stage: Callable[[int], None] | None = None,
+               alloc: Alloc = np.empty) -> np.ndarray:
     """Run the chain of `stages` on `x` [B, C, H, W], each stage tiled with cores of `tile`
     pixels of `x` (so `tile * 2**k` pixels after k upsampling stages: the same tile grid
     throughout). Activations are kept only while a later stage needs them as a skip."""
@@ -104,7 +121,8 @@ def run_stages(x: np.ndarray, stages: Sequence[Stage], tile: int,
     kept: dict[int, np.ndarray] = {-1: x}
     current, scale = x, 1
     for k, st in enumerate(stages):
-        current = run_stage_tiled([current] + [kept[j] for j in st.skips], st, tile * scale)
+        current = run_stage_tiled([current] + [kept[j] for j in st.skips], st, tile * scale,
+                                  alloc)
         scale *= st.scale
         if after_stage is not None:
             after_stage(k)
@@ -112,3 +130,20 @@ def run_stages(x: np.ndarray, stages: Sequence[Stage], tile: int,
         if last_use.get(k, -1) > k:
             kept[k] = current
     return current
+
+
+class FileBackedMaps:
+    """An `Alloc` whose arrays live in unlinked files under `folder`: the full-resolution
+    maps kept between stages (an SD VAE's last stages hold 128 channels x 512 x 512 fp32 =
+    128 MB each, two or three at a time) become page cache the kernel can write back and
+    evict under memory pressure, instead of private memory it cannot. The files are
+    unlinked as soon as they are mapped, so nothing is left behind, even after a crash."""
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.folder = folder
+
+    def __call__(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        with tempfile.NamedTemporaryFile(dir=self.folder, prefix=".edge-sdk-map-") as f:
+            size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            f.truncate(max(size, 1))
+            return np.memmap(f.name, dtype=dtype, mode="r+", shape=shape)

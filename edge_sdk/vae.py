@@ -10,7 +10,7 @@ from . import names as N
 from .backends import Session
 from .errors import InferenceError, ManifestError
 from .manifest import Manifest, VaeSpec
-from .tiling import Stage, run_stages
+from .tiling import Alloc, Stage, run_stages
 
 
 def unscale_latents(latents: np.ndarray, vae: VaeSpec) -> np.ndarray:
@@ -66,10 +66,11 @@ def _pos_int(v: Any, zero: bool = False) -> bool:
 
 def decode_latents_tiled(session: Callable[[str], Session], release: Callable[[str], None],
                          stages: list[dict[str, Any]], latents: np.ndarray, vae: VaeSpec,
-                         tile: int) -> np.ndarray:
+                         tile: int, alloc: Alloc = np.empty) -> np.ndarray:
     """Like decode_latents, through the decoder's stages, tile by tile (`tile` latent pixels
     a side): the same image, with the full-resolution working set of one stage at a time.
-    `release(component)` is called after each stage (low-memory plans unload it)."""
+    `release(component)` is called after each stage (low-memory plans unload it); `alloc`
+    makes the full maps kept between stages (FileBackedMaps: out of private memory)."""
     def make(st: dict[str, Any]) -> Stage:
         name = st["component"]
 
@@ -88,7 +89,8 @@ def decode_latents_tiled(session: Callable[[str], Session], release: Callable[[s
     images = []
     for i in range(z.shape[0]):
         images.append(run_stages(z[i:i + 1], chain, tile,
-                                 after_stage=lambda k: release(stages[k]["component"])))
+                                 after_stage=lambda k: release(stages[k]["component"]),
+                                 alloc=alloc))
     return _to_images(np.concatenate(images))
 
 

@@ -33,6 +33,20 @@ def test_chunked_attention_equals_whole_attention_in_torch(models, arch):
     assert float((got - ref).abs().max()) < 1e-5 * float(ref.abs().max())
 
 
+def test_chunked_attention_equals_whole_attention_in_the_vae(models):
+    import torch
+    from diffusers import AutoencoderKL
+
+    from converters.attention import ChunkedSelfAttnProcessor
+    vae = AutoencoderKL.from_pretrained(models.checkpoint("tiny-sd1"), subfolder="vae").eval()
+    z = torch.randn(1, 4, 10, 14, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = vae.decode(z).sample
+        vae.set_attn_processor(ChunkedSelfAttnProcessor(16))  # 140 tokens: uneven slices
+        got = vae.decode(z).sample
+    assert float((got - ref).abs().max()) < 1e-5
+
+
 def test_chunked_unet_graph_serves_every_size_and_says_so(models, tmp_path):
     import onnx
     import onnxruntime as ort
@@ -42,7 +56,10 @@ def test_chunked_unet_graph_serves_every_size_and_says_so(models, tmp_path):
     from edge_sdk.manifest import Manifest
     out = tmp_path / "b"
     convert(models.checkpoint("tiny-sd1"), out, attention_chunks=3, vae_encoder=False)
-    assert Manifest.load(out).unet.attention_chunks == 3
+    manifest = Manifest.load(out)
+    assert manifest.unet.attention_chunks == manifest.vae.attention_chunks == 3
+    vae_graph = onnx.load(str(out / "vae_decoder.onnx"), load_external_data=False)
+    assert sum(n.op_type == "Softmax" for n in vae_graph.graph.node) == 3
     graph = onnx.load(str(out / "unet.onnx"), load_external_data=False)
     softmax = sum(n.op_type == "Softmax" for n in graph.graph.node)
     # tiny-sd1: 2 transformer blocks down, 1 mid, 3 up; each a self-attention (now 3
@@ -62,12 +79,13 @@ def test_chunked_unet_graph_serves_every_size_and_says_so(models, tmp_path):
 
 
 def test_attention_chunks_auto_and_bad_values(models, tmp_path):
-    from converters.attention import auto_chunks
+    from converters.attention import VAE_AUTO_CHUNKS, auto_chunks
     from converters.convert import convert
     from edge_sdk.errors import ConversionError
     assert auto_chunks(64) == 16  # SD 1.5: 4,096 tokens in slices of 256
     assert auto_chunks(96) == 36  # SD 2.x 768: 9,216 tokens
     assert auto_chunks(16) == 1  # the default model: 256 tokens, nothing to bound
+    assert VAE_AUTO_CHUNKS > 1  # the VAE attends at the output size, whatever the native one
     for bad in ("0", "many", -2):
         with pytest.raises(ConversionError, match="attention chunks"):
             convert(models.checkpoint("tiny-sd1"), tmp_path / "x", attention_chunks=bad)

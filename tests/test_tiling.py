@@ -119,3 +119,19 @@ def test_group_stats_and_grid():
         group_stats(x, 3, 1e-6)
     with pytest.raises(InvalidInputError, match="earlier stage"):
         run_stages(x, [Stage(lambda t, m, i: t[0], skips=(0,))], tile=2)
+
+
+def test_file_backed_maps_give_the_same_result_and_leave_no_files(tmp_path):
+    from edge_sdk.tiling import FileBackedMaps
+    x = RNG.standard_normal((1, 4, 12, 10)).astype(np.float32)
+    made = []
+    alloc = FileBackedMaps(tmp_path)
+
+    def counting(shape, dtype):
+        made.append(alloc(shape, dtype))
+        return made[-1]
+    tiled = run_stages(x, STAGES, tile=3, alloc=counting)
+    assert np.abs(tiled - decode(x)).max() < 1e-4 * np.abs(tiled).max()
+    assert len(made) == len(STAGES) - 1  # every tiled stage's map (not the whole-map one)
+    assert all(isinstance(m, np.memmap) for m in made)
+    assert list(tmp_path.iterdir()) == []  # unlinked as soon as mapped
