@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from edge_sdk.shapes.evaluator import analyse, score
-from edge_sdk.shapes.scenes import SIZE, caption, object_centres, random_scene, render
+from edge_sdk.shapes.scenes import PALETTE, SIZE, caption, object_centres, random_scene, render
 
 log = logging.getLogger("train")
 MAX_TOKENS = 32
@@ -158,34 +158,48 @@ def vae_recon_scores(vae, rng: np.random.Generator, n: int = 200,
             for k in ("colour", "shape", "count", "position", "background", "whole")}
 
 
+def object_mask(x: torch.Tensor, scenes: list) -> torch.Tensor:
+    """[n, 1, h/8, w/8] uint8: 1 on latent pixels that an object touches (or borders)."""
+    bg = torch.tensor([PALETTE[s.background] for s in scenes], dtype=torch.float32)
+    bg = (bg / 127.5 - 1)[:, :, None, None]
+    on = ((x - bg).abs().amax(1, keepdim=True) > 0.1).float()
+    m = F.max_pool2d(F.max_pool2d(on, 8), 3, stride=1, padding=1)
+    return m.to(torch.uint8)
+
+
 @torch.no_grad()
 def encode_pool(vae, n: int, rng: np.random.Generator,
-                device: str = "cpu") -> tuple[torch.Tensor, list, float]:
-    lat, scenes = [], []
+                device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, list, float]:
+    """Latents (scaled to unit variance), object masks at latent resolution, scenes, scale."""
+    lat, masks, scenes = [], [], []
     for _ in range(0, n, 64):
         x, s = batch_images(rng, 64)
         lat.append(vae.encode(x.to(device)).latent_dist.mean)
+        masks.append(object_mask(x, s))
         scenes += s
     z = torch.cat(lat)
     scaling = float(1.0 / z.std())  # SD's recipe for scaling_factor: unit-variance latents
-    return z * scaling, scenes, scaling
+    return z * scaling, torch.cat(masks).to(device), scenes, scaling
 
 
 def train_unet(unet, text, tok, latents, scenes, steps: int, batch: int, seed: int,
-               device: str = "cpu"):
+               device: str = "cpu", masks: torch.Tensor | None = None,
+               object_gain: float = 0.0, lr: float = 5e-4, warmup: int = 300):
+    """`object_gain > 0`: the error on latent pixels an object touches counts 1 + gain
+    times (shapes live in a few latent pixels; the flat background is most of the loss)."""
     from diffusers import DDPMScheduler
     sched = DDPMScheduler(**NOISE_SCHEDULE, num_train_timesteps=1000)
     acp = sched.alphas_cumprod.double()
     snr = (acp / (1 - acp)).float().to(device)
     params = list(unet.parameters()) + list(text.parameters())
-    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text).eval()
     rng = np.random.default_rng(seed + 1)
     gen = torch.Generator().manual_seed(seed + 2)
     t0 = time.perf_counter()
     for step in range(steps):
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, 5e-4, 300)
+            g["lr"] = lr_at(step, steps, lr, warmup)
         idx = rng.integers(0, len(scenes), batch)
         texts = [caption(scenes[i], rng) if rng.random() > 0.1 else "" for i in idx]
         ids = tok(texts, padding="max_length", max_length=MAX_TOKENS, truncation=True,
@@ -200,7 +214,11 @@ def train_unet(unet, text, tok, latents, scenes, steps: int, batch: int, seed: i
         # min-SNR-5 (Hang et al. 2023) in its "+1" form for v: weight 1 at zero SNR, where
         # the model must draw the layout from the caption alone
         weight = torch.clamp(snr[t] + 1, max=5.0) / (snr[t] + 1)
-        loss = (weight * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
+        err = (pred - target) ** 2
+        if object_gain > 0:
+            w = 1.0 + object_gain * masks[torch.from_numpy(idx).to(device)].float()
+            err = err * w / w.mean(dim=(1, 2, 3), keepdim=True)
+        loss = (weight * err.mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -256,6 +274,8 @@ def main() -> None:
                     help="> 0: object-centred crops and edge-weighted VAE loss")
     ap.add_argument("--unet-steps", type=int, default=5500)
     ap.add_argument("--unet-batch", type=int, default=32)
+    ap.add_argument("--object-gain", type=float, default=0.0,
+                    help="> 0: UNet loss on object latent pixels weighted 1 + gain")
     ap.add_argument("--attn16", action="store_true", help="cross-attention at 16x16 latents")
     ap.add_argument("--text-time", action="store_true",
                     help="pooled caption added to the timestep embedding")
@@ -285,28 +305,29 @@ def main() -> None:
     if args.vae_from:  # for comparing UNet recipes on one VAE; not a from-scratch run
         state = torch.load(args.vae_from, weights_only=False)
         vae.load_state_dict(state["vae"])
-        latents, scenes, scaling, recon = (state[k] for k in ("latents", "scenes", "scaling",
-                                                               "recon"))
-        latents = latents.to(dev)
+        latents, masks, scenes, scaling, recon = (
+            state[k] for k in ("latents", "masks", "scenes", "scaling", "recon"))
+        latents, masks = latents.to(dev), masks.to(dev)
     else:
         train_vae(vae, args.vae_steps, 16, rng, args.vae_edge_gain, dev)
         vae.eval()
         recon = vae_recon_scores(vae, np.random.default_rng(args.seed + 3), device=dev)
         log.info("vae reconstruction of 200 scenes, evaluator accuracy: %s", recon)
-        latents, scenes, scaling = encode_pool(vae, args.pool, rng, dev)
+        latents, masks, scenes, scaling = encode_pool(vae, args.pool, rng, dev)
     vae.eval().register_to_config(scaling_factor=scaling)
     log.info("latent scaling factor %.5f", scaling)
     if args.vae_only:
         out.mkdir(parents=True, exist_ok=True)
-        torch.save({"vae": vae.state_dict(), "latents": latents.cpu(), "scenes": scenes,
+        torch.save({"vae": vae.state_dict(), "latents": latents.cpu(),
+                    "masks": masks.cpu(), "scenes": scenes,
                     "scaling": scaling, "recon": recon}, out / "vae_pool.pt")
         return
     unet, text = train_unet(unet, text, tok, latents, scenes, args.unet_steps,
-                            args.unet_batch, args.seed, dev)
+                            args.unet_batch, args.seed, dev, masks, args.object_gain)
     minutes = (time.perf_counter() - t_start) / 60
     pipe = build_pipeline(vae, unet, text, tok)
     info = {k: getattr(args, k) for k in ("seed", "vae_steps", "vae_edge_gain", "unet_steps",
-                                          "unet_batch", "attn16", "text_time", "layers",
+                                          "unet_batch", "object_gain", "attn16", "text_time", "layers",
                                           "pool", "threads", "device")}
     info.update(minutes=round(minutes, 1), parameters=counts, scaling_factor=scaling,
                 vae_reconstruction=recon, noise_schedule=NOISE_SCHEDULE,
