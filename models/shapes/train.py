@@ -7,7 +7,8 @@ AutoencoderKL (factor-8 latents, 4 channels), UNet2DConditionModel with cross-at
 CLIPTextModel with a CLIP BPE tokenizer (the real CLIP merges, restricted to the caption
 vocabulary). Data are procedural scenes generated on the fly from the seed
 (edge_sdk.shapes.scenes). The result is a diffusers-format checkpoint: convert it with
-`edge-convert` like any SD checkpoint. Designed to finish within ~50 minutes on 2 CPU cores.
+`edge-convert` like any SD checkpoint. The defaults are the shipped model's recipe: 56 minutes
+on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -269,18 +270,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-o", "--output", default="models/shapes/checkpoint")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--vae-steps", type=int, default=2000)
-    ap.add_argument("--vae-edge-gain", type=float, default=0.0,
+    ap.add_argument("--vae-steps", type=int, default=1500)
+    ap.add_argument("--vae-edge-gain", type=float, default=2.0,
                     help="> 0: object-centred crops and edge-weighted VAE loss")
-    ap.add_argument("--unet-steps", type=int, default=5500)
+    ap.add_argument("--unet-steps", type=int, default=6500)
     ap.add_argument("--unet-batch", type=int, default=32)
     ap.add_argument("--object-gain", type=float, default=0.0,
                     help="> 0: UNet loss on object latent pixels weighted 1 + gain")
     ap.add_argument("--attn16", action="store_true", help="cross-attention at 16x16 latents")
-    ap.add_argument("--text-time", action="store_true",
+    ap.add_argument("--text-time", action=argparse.BooleanOptionalAction, default=True,
                     help="pooled caption added to the timestep embedding")
     ap.add_argument("--layers", type=int, default=1, help="UNet layers per block")
-    ap.add_argument("--pool", type=int, default=16000, help="scenes encoded for UNet training")
+    ap.add_argument("--pool", type=int, default=12000, help="scenes encoded for UNet training")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="torch device (recipes are timed on cpu)")
     ap.add_argument("--vae-only", action="store_true",
