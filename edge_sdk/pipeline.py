@@ -23,7 +23,8 @@ from .config import GenerationConfig, ResolvedConfig
 from .errors import BundleError, InvalidInputError
 from .image import to_pil
 from .manifest import Manifest
-from .memory import MemoryPlan, check_fits, estimate_peak_bytes, plan_memory
+from .memory import (MemoryPlan, check_fits, estimate_peak_bytes, plan_memory,
+                     return_freed_memory)
 from .models import default_bundle
 from .schedulers import create_scheduler
 from .text_encoder import PromptEmbeds, encode_prompts
@@ -86,6 +87,8 @@ class Pipeline:
             raise InvalidInputError(f"threads must be a positive integer, got {threads!r}")
         plan = plan_memory(memory, manifest, estimate_peak_bytes(
             manifest, GenerationConfig(seed=0).resolve(manifest)))
+        if plan.return_freed and not return_freed_memory():
+            log.info("could not set the C heap to return freed memory (not glibc)")
         options = BackendOptions(backend=backend, threads=threads,
                                  providers=tuple(providers) if providers else None,
                                  low_memory=plan.map_weights)

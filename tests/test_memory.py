@@ -29,6 +29,8 @@ def test_memory_plans_by_name_and_by_budget(caplog):
     fast, low = plan_memory("fast", m, 0), plan_memory("low", m, 0)
     assert (fast.map_weights, fast.release_between_stages, fast.batch_cfg) == (False, False, True)
     assert (low.map_weights, low.release_between_stages, low.batch_cfg) == (True, True, False)
+    assert low.return_freed and low.spill_maps and not fast.return_freed
+    assert "freed memory returned" in low.describe()
     assert plan_memory("balanced", m, 0).map_weights
     assert parse_bytes("300MB") == 300 * 2**20 and parse_bytes("1.5GiB") == int(1.5 * 2**30)
     weights = sum(f.size for c in m.components.values() for f in c.files)
@@ -69,3 +71,30 @@ def test_bench_reports_stages_steps_and_memory(capsys):
     assert "'low'" in r["memory_plan"]
     assert main(["bench", "--steps", "2"]) == 0
     assert "peak private" in capsys.readouterr().out
+
+
+def test_low_mode_makes_the_c_heap_return_freed_blocks():
+    """glibc keeps freed large blocks after raising its mmap threshold; low mode fixes it
+    (in a subprocess: mallopt is process-wide)."""
+    import platform
+    import subprocess
+    import sys
+
+    import pytest
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    code = ("import ctypes, numpy as np\n"
+            "from edge_sdk.memory import return_freed_memory\n"
+            "from edge_sdk.bench import process_memory\n"
+            "assert return_freed_memory()\n"
+            # a large block freed: without the fix glibc now raises its threshold to 30 MB
+            "x = np.ones(30_000_000, np.uint8); del x\n"
+            "base = process_memory()['RssAnon']\n"
+            "blocks = [np.ones(2_000_000 + k, np.uint8) for k in range(40)]\n"
+            "del blocks[::2]\n"  # half freed, interleaved: a heap would keep them
+            "held = process_memory()['RssAnon'] - base\n"
+            "print(held >> 20)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    # 20 live blocks of ~2 MB = 38 MiB; without the fix the freed 20 stay too (76 MiB)
+    assert int(out) < 55
