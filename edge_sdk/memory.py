@@ -69,6 +69,8 @@ MODES = ("fast", "balanced", "low")
 # Low mode's VAE tile: 16 latent pixels = 128 image pixels a side (a 512x512 SD image in 16
 # tiles per stage); exact whatever the size, so only speed and memory depend on it.
 LOW_VAE_TILE = 16
+# Balanced decodes in 4x fewer, larger tiles (256 px): faster, maps kept in memory
+BALANCED_VAE_TILE = 32
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,9 @@ class MemoryPlan:
     fast:     every component resident; onnxruntime may repack weights into private memory
               and apply every graph optimization (the fastest).
     balanced: every component resident, weights left in the page cache (mapped external
-              data: shareable, evictable), basic graph optimizations only.
+              data: shareable, evictable), basic graph optimizations only, freed memory
+              returned, the VAE decoded exactly in 32-latent tiles (maps in files) when
+              the bundle has decoder stages.
     low:      as balanced, and each component loaded for its stage and released after (text
               encoder, then UNet, then VAE: never two large ones resident), classifier-free
               guidance as two batch-1 UNet passes (half the activation peak, same result), and
@@ -120,7 +124,7 @@ class MemoryPlan:
 
 # (map_weights, release_between_stages, batch_cfg, vae_tile, spill_maps, return_freed)
 _PLANS = {"fast": (False, False, True, None, False, False),
-          "balanced": (True, False, True, None, False, False),
+          "balanced": (True, False, True, BALANCED_VAE_TILE, True, True),
           "low": (True, True, False, LOW_VAE_TILE, True, True)}
 
 # Blocks at least this large are mmap()ed by glibc, so free() hands them straight back

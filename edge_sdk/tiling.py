@@ -18,6 +18,7 @@ tests), so this module knows nothing about the backend.
 
 from __future__ import annotations
 
+import mmap
 import os
 import tempfile
 from dataclasses import dataclass
@@ -86,6 +87,7 @@ def run_stage_tiled(inputs: Sequence[np.ndarray], stage: Stage, tile: int,
     mean = inv = None
     if stage.groups:
         mean, inv = group_stats(main, stage.groups, stage.eps)
+        unmap_pages(main)
     if not stage.tiled:
         return stage.run(list(inputs), mean, inv)
     h, w, s, halo = main.shape[2], main.shape[3], stage.scale, stage.halo
@@ -101,6 +103,7 @@ def run_stage_tiled(inputs: Sequence[np.ndarray], stage: Stage, tile: int,
         oy, ox = (y0 - ya) * s, (x0 - xa) * s
         out[:, :, y0 * s:y1 * s, x0 * s:x1 * s] = \
             res[:, :, oy:oy + (y1 - y0) * s, ox:ox + (x1 - x0) * s]
+        unmap_pages(out, *inputs)
     assert out is not None
     return out
 
@@ -147,3 +150,14 @@ class FileBackedMaps:
             size = int(np.prod(shape)) * np.dtype(dtype).itemsize
             f.truncate(max(size, 1))
             return np.memmap(f.name, dtype=dtype, mode="r+", shape=shape)
+
+
+def unmap_pages(*arrays: np.ndarray) -> None:
+    """Drop file-backed maps' pages from this process (MADV_DONTNEED on a shared file
+    mapping: the data stays in the file and the page cache, a later access faults it back
+    in), so a spilled map counts in neither private memory nor RSS between tile accesses.
+    Plain arrays are left alone."""
+    for a in arrays:
+        mm = getattr(a, "_mmap", None)
+        if mm is not None and hasattr(mm, "madvise"):
+            mm.madvise(mmap.MADV_DONTNEED)

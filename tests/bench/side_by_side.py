@@ -106,7 +106,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--arch", default="sd15", help=argparse.SUPPRESS)  # tiny-sd1: smoke test
-    ap.add_argument("--only", default=None, help="comma-separated row names to run")
+    ap.add_argument("--only", default=None, help="';'-separated parts of row names to run")
     ap.add_argument("--json", default=None, help="also write the rows here")
     ap.add_argument("--child", choices=["diffusers", "ort"], help=argparse.SUPPRESS)
     ap.add_argument("--path", help=argparse.SUPPRESS)
@@ -131,7 +131,7 @@ def main() -> int:
                                                                  "--path", str(ckpt)],
             "onnxruntime fp32, default options (UNet only)": me + ["--child", "ort", "--path",
                                                                    str(fp32 / "unet.onnx")]}
-    wanted = set(args.only.split(",")) if args.only else None
+    wanted = set(args.only.split(";")) if args.only else None
     results = {}
     for name, cmd in rows.items():
         if wanted and not any(w in name for w in wanted):
