@@ -48,7 +48,8 @@ def _convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention-chunks", default="auto", metavar="N|auto",
                    help="compute the UNet's self-attention in N query slices (peak attention "
                    "memory / N); auto: slices of 256 tokens for UNets with >= 2,048 tokens "
-                   "at their native size (SD 1.5: 16), none for small ones")
+                   "at their native size (SD 1.5: 16), none for small ones; the VAE decoder's "
+                   "mid-block attention 16 (it runs at the output size)")
     p.add_argument("--debug", action="store_true")
     return p
 

@@ -24,9 +24,9 @@ from edge_sdk.manifest import (ComponentSpec, Defaults, Manifest, SourceInfo, Un
                                VaeSpec)
 
 from . import __version__
+from .attention import VAE_AUTO_CHUNKS, auto_chunks, use_chunked_attention
 from .bundle import AtomicBundle, file_entries, onnx_io, write_manifest
 from .checkpoint import Checkpoint
-from .attention import VAE_AUTO_CHUNKS, auto_chunks, use_chunked_attention
 from .export_onnx import DEFAULT_OPSET, finish_component, trace_fp32
 from .tokenizer import export_tokenizer
 
@@ -111,7 +111,8 @@ def convert(checkpoint: str | Path, output: str | Path, *, fmt: str = "onnx",
             default_guidance: float | None = None, vae_encoder: bool = True,
             int8_method: str = "dynamic", calibration: str | Path | None = None,
             vae_stages: bool = False, attention_chunks: int | str = "auto",
-            progress: Progress | None = None, static_unet: Callable[[Path], list[str]] | None = None) -> Manifest:
+            progress: Progress | None = None,
+            static_unet: Callable[[Path], list[str]] | None = None) -> Manifest:
     """Convert `checkpoint` into a bundle at `output` and return its manifest.
 
     `int8_method="static"` makes an int8 UNet static QDQ, calibrated on denoising
@@ -286,7 +287,8 @@ def _convert_static(checkpoint: str | Path, output: str | Path, precisions: dict
         convert(checkpoint, ref, precision="fp32", allow_pickle=args["allow_pickle"],
                 opset=args["opset"], default_steps=args["default_steps"],
                 default_guidance=args["default_guidance"], vae_encoder=False,
-                attention_chunks=args["attention_chunks"], progress=lambda m: say(f"  (fp32 reference) {m}"))
+                attention_chunks=args["attention_chunks"],
+                progress=lambda m: say(f"  (fp32 reference) {m}"))
         say(f"static int8: calibrating on {len(prompts)} prompts")
         feeds = unet_trajectories(ref, prompts)
         spec = ",".join(f"{c}={p}" for c, p in precisions.items())

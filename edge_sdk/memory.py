@@ -69,7 +69,7 @@ MODES = ("fast", "balanced", "low")
 # Low mode's VAE tile: 16 latent pixels = 128 image pixels a side (a 512x512 SD image in 16
 # tiles per stage); exact whatever the size, so only speed and memory depend on it.
 LOW_VAE_TILE = 16
-# Balanced decodes in 4x fewer, larger tiles (256 px): faster, maps kept in memory
+# Balanced decodes in 4x fewer, larger tiles (256 px a side): faster than low's
 BALANCED_VAE_TILE = 32
 
 
@@ -139,8 +139,8 @@ def return_freed_memory() -> bool:
     mmap threshold after the first large free (up to 32 MB), so later activations come from
     the heap and stay there, fragmented, after they are freed: an SD 1.5 UNet call at
     512x512 then held 1,077 MiB of private memory that was mostly free, against 183 MiB
-    with a fixed 64 KiB threshold (measured; one call each: 7.6 s against 5.4-7.2 s). Fixing the threshold turns
-    the adjustment off."""
+    with a fixed 64 KiB threshold (measured; one call each: 7.6 s against 5.4-7.2 s).
+    Fixing the threshold turns the adjustment off."""
     import ctypes
     import platform
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":

@@ -157,7 +157,8 @@ def unmap_pages(*arrays: np.ndarray) -> None:
     mapping: the data stays in the file and the page cache, a later access faults it back
     in), so a spilled map counts in neither private memory nor RSS between tile accesses.
     Plain arrays are left alone."""
+    advice = getattr(mmap, "MADV_DONTNEED", None)  # not on every platform
     for a in arrays:
         mm = getattr(a, "_mmap", None)
-        if mm is not None and hasattr(mm, "madvise"):
-            mm.madvise(mmap.MADV_DONTNEED)
+        if advice is not None and mm is not None and hasattr(mm, "madvise"):
+            mm.madvise(advice)
