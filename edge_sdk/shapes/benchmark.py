@@ -21,6 +21,13 @@ class Report:
     rows: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
 
+    def add(self, scene: Any, prompt: str, seed: int, image: np.ndarray) -> None:
+        """Score one generated image (RGB uint8 [H, W, 3]) against the scene it was asked for."""
+        seen = analyse(image)
+        self.rows.append({"prompt": prompt, "seed": seed, "seen": seen.__dict__,
+                          "score": score(scene, seen),
+                          "held_out": (scene.colour, scene.shape) in HELD_OUT_PAIRS})
+
     def accuracy(self, attribute: str, held_out: bool | None = None) -> float:
         vals = [r["score"][attribute] for r in self.rows
                 if attribute in r["score"] and (held_out is None or r["held_out"] == held_out)]
@@ -58,10 +65,7 @@ def run(generate: Callable[[str, int], Image.Image], limit: int | None = None,
     t0 = time.perf_counter()
     for k, (scene, prompt, seed) in enumerate(cases):
         image = generate(prompt, seed)
-        seen = analyse(np.asarray(image.convert("RGB")))
-        report.rows.append({"prompt": prompt, "seed": seed, "seen": seen.__dict__,
-                            "score": score(scene, seen),
-                            "held_out": (scene.colour, scene.shape) in HELD_OUT_PAIRS})
+        report.add(scene, prompt, seed, np.asarray(image.convert("RGB")))
         images.append(image)
         if progress:
             progress(k, len(cases))

@@ -205,7 +205,8 @@ def train_unet(unet, text, tok, latents, scenes, steps: int, batch: int, seed: i
         texts = [caption(scenes[i], rng) if rng.random() > 0.1 else "" for i in idx]
         ids = tok(texts, padding="max_length", max_length=MAX_TOKENS, truncation=True,
                   return_tensors="pt").input_ids.to(device)
-        x0 = latents[torch.from_numpy(idx).to(device)]
+        index = torch.from_numpy(idx).to(device)
+        x0 = latents[index]
         # drawn on the CPU generator whatever the device: the same noise on every device
         noise = torch.randn(x0.shape, generator=gen).to(device)
         t = torch.randint(0, 1000, (batch,), generator=gen).to(device)
@@ -217,7 +218,7 @@ def train_unet(unet, text, tok, latents, scenes, steps: int, batch: int, seed: i
         weight = torch.clamp(snr[t] + 1, max=5.0) / (snr[t] + 1)
         err = (pred - target) ** 2
         if object_gain > 0:
-            w = 1.0 + object_gain * masks[torch.from_numpy(idx).to(device)].float()
+            w = 1.0 + object_gain * masks[index].float()
             err = err * w / w.mean(dim=(1, 2, 3), keepdim=True)
         loss = (weight * err.mean(dim=(1, 2, 3))).mean()
         opt.zero_grad(set_to_none=True)
@@ -251,7 +252,7 @@ def validation_scores(pipe, device: str, steps: int = 20, guidance: float = 3.0)
     training recipes. The seeds drive torch's noise, not the runtime's, so the figures are
     close to, not equal to, `edge-sdk evaluate --validation` on the converted bundle."""
     from edge_sdk.shapes.benchmark import VALIDATION_SEED, Report
-    from edge_sdk.shapes.scenes import HELD_OUT_PAIRS, evaluation_prompts
+    from edge_sdk.shapes.scenes import evaluation_prompts
     cases = evaluation_prompts(seed=VALIDATION_SEED)
     report = Report()
     for k in range(0, len(cases), 16):
@@ -260,9 +261,7 @@ def validation_scores(pipe, device: str, steps: int = 20, guidance: float = 3.0)
         out = pipe([p for _, p, _ in chunk], num_inference_steps=steps,
                    guidance_scale=guidance, generator=gens, output_type="np").images
         for (scene, prompt, seed), img in zip(chunk, out):
-            seen = analyse((img * 255).round().astype(np.uint8))
-            report.rows.append({"prompt": prompt, "score": score(scene, seen),
-                                "held_out": (scene.colour, scene.shape) in HELD_OUT_PAIRS})
+            report.add(scene, prompt, seed, (img * 255).round().astype(np.uint8))
     return report.summary()
 
 

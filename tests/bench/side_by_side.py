@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -39,7 +40,7 @@ def _peak_rss() -> int:
 def child_diffusers(ckpt: Path, steps: int, size: int) -> dict[str, Any]:
     import torch
     from diffusers import StableDiffusionPipeline
-    torch.set_num_threads(len(__import__("os").sched_getaffinity(0)))
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     pipe = StableDiffusionPipeline.from_pretrained(ckpt, local_files_only=True)
     pipe.enable_attention_slicing()
     pipe.vae.enable_tiling()
@@ -143,7 +144,7 @@ def main() -> int:
                          if "peak_rss_bytes" in r else None, "error": r.get("error")}
         print(f"{name}: {results[name]}", file=sys.stderr, flush=True)
     print(f"\n{args.arch} architecture (random weights), {args.size}x{args.size}, guidance 7.5, "
-          f"{args.steps} steps; {platform.machine()}, {len(__import__('os').sched_getaffinity(0))}"
+          f"{args.steps} steps; {platform.machine()}, {len(os.sched_getaffinity(0))}"
           f" cores, {date.today().isoformat()}\n")
     print("| engine | s / UNet step (median) | peak RSS |\n|---|---|---|")
     for name, r in results.items():
