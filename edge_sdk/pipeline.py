@@ -23,8 +23,8 @@ from .config import GenerationConfig, ResolvedConfig
 from .errors import BundleError, InvalidInputError
 from .image import to_pil
 from .manifest import Manifest
-from .memory import (MemoryPlan, check_fits, estimate_peak_bytes, plan_memory,
-                     return_freed_memory)
+from .memory import (MemoryPlan, check_fits, drop_mapped_pages, estimate_peak_bytes,
+                     plan_memory, return_freed_memory)
 from .models import default_bundle
 from .schedulers import create_scheduler
 from .text_encoder import PromptEmbeds, encode_prompts
@@ -112,10 +112,15 @@ class Pipeline:
             return self._sessions[component]
 
     def _done_with(self, component: str) -> None:
-        """Release a component after its stage when the memory plan says so."""
+        """Release a component after its stage, or drop its mapped weights from the
+        resident set, when the memory plan says so."""
         if self.plan.release_between_stages:
             with self._load_lock:
                 self._sessions.pop(component, None)
+        elif self.plan.drop_pages and component in self.manifest.components:
+            spec = self.manifest.components[component]
+            dropped = drop_mapped_pages(self.bundle / f.path for f in spec.files)
+            log.debug("%s: %.1f MiB of mapped weights dropped", component, dropped / 2**20)
 
     # -- stages --------------------------------------------------------------------------
     def encode_prompt(self, prompt: str, negative_prompt: str | None = None,

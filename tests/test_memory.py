@@ -32,6 +32,8 @@ def test_memory_plans_by_name_and_by_budget(caplog):
     assert low.return_freed and low.spill_maps and not fast.return_freed
     assert "freed memory returned" in low.describe()
     assert plan_memory("balanced", m, 0).map_weights
+    assert [plan_memory(k, m, 0).drop_pages for k in ("fast", "balanced", "low")] == [
+        False, True, False]  # low releases whole sessions instead
     assert parse_bytes("300MB") == 300 * 2**20 and parse_bytes("1.5GiB") == int(1.5 * 2**30)
     weights = sum(f.size for c in m.components.values() for f in c.files)
     assert plan_memory("1GB", m, 10 * 2**20).mode == "fast"
@@ -98,3 +100,29 @@ def test_low_mode_makes_the_c_heap_return_freed_blocks():
                          check=True).stdout
     # 20 live blocks of ~2 MB = 38 MiB; without the fix the freed 20 stay too (76 MiB)
     assert int(out) < 55
+
+
+def test_balanced_mode_drops_a_components_mapped_weights_after_its_stage():
+    """The pages leave the process's resident set (they stay in the page cache) and the
+    next run maps them back: same image."""
+    import sys
+
+    import numpy as np
+    import pytest
+
+    from edge_sdk import Pipeline
+    from edge_sdk import names as N
+    from edge_sdk.memory import mapped_resident_bytes
+    if not sys.platform.startswith("linux"):
+        pytest.skip("/proc/self/smaps is Linux's")
+    pipe = Pipeline.load(memory="balanced")
+    first = np.asarray(pipe("a red circle on a blue background", seed=1, steps=4))
+    unet = [pipe.bundle / f.path for f in pipe.manifest.components[N.UNET].files]
+    embeds = pipe.encode_prompt("a red circle on a blue background")
+    pipe.denoise(embeds, np.ones((1, 4, 16, 16), np.float32), steps=2, seed=0)
+    touched = mapped_resident_bytes(unet)
+    assert touched > 1 << 20  # the UNet's weights, mapped and read by the run
+    pipe._done_with(N.UNET)
+    assert mapped_resident_bytes(unet) == 0
+    again = np.asarray(pipe("a red circle on a blue background", seed=1, steps=4))
+    assert np.array_equal(first, again)
