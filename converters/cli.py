@@ -24,7 +24,12 @@ def _convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"edge-convert {__version__}")
     p.add_argument("checkpoint", help="diffusers checkpoint folder (model_index.json, unet/ ...)")
     p.add_argument("-o", "--output", required=True, help="bundle folder to write")
-    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("--format", default="onnx", choices=["onnx", "tflite"],
+                   help="onnx (onnxruntime; any size) or tflite (LiteRT; static sizes, see "
+                   "--sizes; needs the [tflite-convert] extra)")
+    p.add_argument("--sizes", default=None, metavar="WxH,...",
+                   help="tflite: image sizes the UNet and VAE are exported for, e.g. "
+                   "512x512,512x768 (default: the model's native size)")
     p.add_argument("--precision", default="fp32",
                    help="fp32 | fp16 | int8 (text encoder + UNet; the VAE stays fp32) | int4 "
                    "(UNet int4, text encoder int8, VAE fp32), or per component: "
@@ -76,6 +81,9 @@ def _verify_parser() -> argparse.ArgumentParser:
                    help="a checkpoint folder (converted to fp32 on the fly) or an fp32 bundle")
     p.add_argument("--prompts", default=None, help="text file, one prompt per line")
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--evaluate", action="store_true",
+                   help="also score both bundles on the shapes model's held-out prompts "
+                   "(edge-sdk evaluate) and report the whole-prompt accuracy of each")
     p.add_argument("--debug", action="store_true")
     return p
 
@@ -97,7 +105,8 @@ def _verify(args: argparse.Namespace) -> int:
     prompts = None
     if args.prompts:
         prompts = [ln.strip() for ln in Path(args.prompts).read_text().splitlines() if ln.strip()]
-    report = verify(args.bundle, args.reference, prompts=prompts, steps=args.steps)
+    report = verify(args.bundle, args.reference, prompts=prompts, steps=args.steps,
+                    evaluate=args.evaluate)
     print(format_report(report))
     print(f"written to {Path(args.bundle) / 'quality.json'}")
     return 0
@@ -119,7 +128,7 @@ def _convert(args: argparse.Namespace) -> int:
             default_steps=args.default_steps, default_guidance=args.default_guidance,
             vae_encoder=not args.no_vae_encoder, int8_method=args.int8_method,
             vae_stages=args.vae_stages, attention_chunks=args.attention_chunks,
-            calibration=args.calibration, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+            sizes=args.sizes, calibration=args.calibration, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(f"converted in {time.perf_counter() - t0:.1f} s")
     return 0
 

@@ -28,6 +28,7 @@ from .attention import VAE_AUTO_CHUNKS, auto_chunks, use_chunked_attention
 from .bundle import AtomicBundle, file_entries, onnx_io, write_manifest
 from .checkpoint import Checkpoint
 from .export_onnx import DEFAULT_OPSET, finish_component, trace_fp32
+from .export_tflite import export_tflite, parse_sizes, require_litert_torch, tflite_io
 from .tokenizer import export_tokenizer
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,8 @@ def parse_precision(spec: str) -> dict[str, str]:
     for part in [p.strip() for p in spec.split(",") if p.strip()]:
         name, _, value = part.rpartition("=")
         if value not in N.PRECISIONS:
-            raise ConversionError(f"precision {value!r} is not supported for ONNX; choose "
-                                  f"one of {list(N.PRECISIONS)}")
+            raise ConversionError(f"precision {value!r} is not supported; choose one of "
+                                  f"{list(N.PRECISIONS)}")
         if not name:
             out.update(_BARE.get(value, {c: value for c in N.COMPONENTS}))
             continue
@@ -111,7 +112,7 @@ def convert(checkpoint: str | Path, output: str | Path, *, fmt: str = "onnx",
             default_guidance: float | None = None, vae_encoder: bool = True,
             int8_method: str = "dynamic", calibration: str | Path | None = None,
             vae_stages: bool = False, attention_chunks: int | str = "auto",
-            progress: Progress | None = None,
+            sizes: str | None = None, progress: Progress | None = None,
             static_unet: Callable[[Path], list[str]] | None = None) -> Manifest:
     """Convert `checkpoint` into a bundle at `output` and return its manifest.
 
@@ -120,10 +121,20 @@ def convert(checkpoint: str | Path, output: str | Path, *, fmt: str = "onnx",
     `attention_chunks`: the UNet's self-attention in that many query slices in the graph
     (bounded attention memory) and the VAE's mid-block attention likewise; "auto" slices
     UNets whose native size has >= 2,048 tokens, and the VAE always (it decodes at the
-    output size, often beyond the native one)."""
+    output size, often beyond the native one). `fmt="tflite"`: .tflite components with
+    static shapes, the UNet and VAE for each of `sizes` ("512x512,512x768"; default: the
+    native size); `vae_stages` then adds ONNX decoder stages (a mixed bundle)."""
     say = progress or (lambda msg: log.info("%s", msg))
-    if fmt != "onnx":
-        raise ConversionError(f"format {fmt!r} is not supported yet; use --format onnx")
+    if fmt not in N.BACKEND_FORMATS:
+        raise ConversionError(f"format {fmt!r} is not supported; use one of "
+                              f"{list(N.BACKEND_FORMATS)}")
+    if fmt == "tflite":
+        require_litert_torch()
+        if int8_method == "static":
+            raise ConversionError("static int8 is ONNX-only; TFLite int8 is dynamic "
+                                  "(drop --int8-method static)")
+    elif sizes:
+        raise ConversionError("--sizes is for --format tflite (ONNX graphs take any size)")
     if int8_method not in ("dynamic", "static"):
         raise ConversionError(f"int8 method {int8_method!r} unknown; use dynamic or static")
     precisions = parse_precision(precision)
@@ -134,6 +145,12 @@ def convert(checkpoint: str | Path, output: str | Path, *, fmt: str = "onnx",
     chunks = _attention_chunks(attention_chunks, int(ckpt.config("unet")["sample_size"]))
     vae_chunks = VAE_AUTO_CHUNKS if attention_chunks == "auto" else chunks
     plan = [N.TEXT_ENCODER, N.UNET, N.VAE_DECODER] + ([N.VAE_ENCODER] if vae_encoder else [])
+    unet_cfg = ckpt.config("unet")
+    vae_factor = 2 ** (len(ckpt.config("vae")["block_out_channels"]) - 1)
+    text_len = int(text_cfg.get("max_position_embeddings", 77))
+    context_dim = _cross_dim(unet_cfg)
+    tfl_sizes = parse_sizes(sizes, int(unet_cfg["sample_size"]) * vae_factor,
+                            vae_factor * 2 ** (len(unet_cfg["block_out_channels"]) - 1))
     components: dict[str, ComponentSpec] = {}
     with AtomicBundle(output, overwrite=overwrite) as stage:
         vae = None
@@ -153,6 +170,15 @@ def convert(checkpoint: str | Path, output: str | Path, *, fmt: str = "onnx",
                 model = vae
             if comp == N.UNET and static_unet is not None:
                 files = static_unet(stage)
+            elif fmt == "tflite":
+                files = export_tflite(comp, model, stage, precisions[comp], tfl_sizes,
+                                      vae_factor, text_len, context_dim)
+                model = None
+                if comp == plan[-1] or comp == N.VAE_ENCODER:
+                    vae = None
+                components[comp] = ComponentSpec(comp, "tflite", files[0], precisions[comp],
+                                                 file_entries(stage, files),
+                                                 *tflite_io(stage / files[0], comp))
             else:
                 with tempfile.TemporaryDirectory(dir=stage, prefix=f".{comp}-") as tmp:
                     src = trace_fp32(comp, model, Path(tmp), opset)
@@ -163,9 +189,10 @@ def convert(checkpoint: str | Path, output: str | Path, *, fmt: str = "onnx",
                         vae = None
                     gc.collect()
                     files = finish_component(comp, src, stage, precisions[comp])
-            inputs, outputs = onnx_io(stage / files[0])
-            components[comp] = ComponentSpec(comp, "onnx", files[0], precisions[comp],
-                                             file_entries(stage, files), inputs, outputs)
+            if fmt == "onnx":
+                inputs, outputs = onnx_io(stage / files[0])
+                components[comp] = ComponentSpec(comp, "onnx", files[0], precisions[comp],
+                                                 file_entries(stage, files), inputs, outputs)
             size = sum(e.size for e in components[comp].files) / 1e6
             say(f"[{i}/{len(plan)}] {comp}: done in {time.perf_counter() - t0:.1f} s, "
                 f"{size:.1f} MB")
@@ -177,6 +204,10 @@ def convert(checkpoint: str | Path, output: str | Path, *, fmt: str = "onnx",
                              default_guidance, chunks, vae_chunks)
         if stage_meta:
             manifest = replace(manifest, extra={**manifest.extra, N.VAE_STAGES: stage_meta})
+        if fmt == "tflite":
+            manifest = replace(manifest, extra={**manifest.extra,
+                                                N.TFLITE_SIZES: [list(x) for x in tfl_sizes]},
+                               converter={**manifest.converter, **_litert_versions()})
         if any(p == "int8" for p in precisions.values()):
             manifest = replace(manifest, converter={**manifest.converter,
                                                     "int8_method": int8_method})
@@ -268,6 +299,11 @@ def _converter_info(opset: int) -> dict[str, Any]:
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "diffusers": diffusers.__version__,
             "onnx": onnx.__version__, "python": platform.python_version()}
+
+
+def _litert_versions() -> dict[str, str]:
+    from importlib.metadata import version
+    return {p: version(p) for p in ("litert-torch", "ai-edge-quantizer", "ai-edge-litert")}
 
 
 def _convert_static(checkpoint: str | Path, output: str | Path, precisions: dict[str, str],

@@ -114,8 +114,23 @@ def _config(**kw: Any) -> Any:
     return GenerationConfig(**kw)
 
 
+def evaluate_both(test: Pipeline, ref: Pipeline, limit: int | None = None) -> dict[str, Any]:
+    """The shapes evaluator's scores (edge-sdk evaluate's held-out prompts, the models'
+    default settings) for both bundles: what quantization costs in prompts met."""
+    from edge_sdk.shapes import benchmark
+    out: dict[str, Any] = {}
+    for label, pipe in (("test", test), ("reference", ref)):
+        report, _ = benchmark.run(lambda prompt, seed: pipe(prompt, seed=seed), limit)  # noqa: B023
+        out[label] = report.summary()
+    return out
+
+
 def verify(bundle: str | Path, reference: str | Path, prompts: list[str] | None = None,
-           steps: int | None = None, write: bool = True) -> dict[str, Any]:
+           steps: int | None = None, write: bool = True,
+           evaluate: bool = False) -> dict[str, Any]:
+    """Compare `bundle` with `reference` (a bundle, or a checkpoint converted to fp32 here);
+    `evaluate=True` adds both bundles' held-out scores from the shapes evaluator (meaningful
+    for the shipped shapes model and models trained like it)."""
     bundle, reference = Path(bundle), Path(reference)
     with tempfile.TemporaryDirectory(prefix="edge-verify-") as tmp:
         if not (reference / N.MANIFEST_FILE).is_file():  # a checkpoint: convert it to fp32
@@ -129,6 +144,8 @@ def verify(bundle: str | Path, reference: str | Path, prompts: list[str] | None 
                   "reference_fingerprint": ref.manifest.source.fingerprint,
                   "components": compare_components(test, ref),
                   "end_to_end": compare_images(test, ref, prompts or DEFAULT_PROMPTS, steps)}
+        if evaluate:
+            report["evaluation"] = evaluate_both(test, ref)
     if write:
         path = bundle / QUALITY_FILE
         tmp_path = path.with_suffix(f".tmp{os.getpid()}")
@@ -150,5 +167,10 @@ def format_report(report: dict[str, Any]) -> str:
                  f"{e['ssim']:.4f}, max abs {e['max_abs']}/255; UNet step "
                  f"{e['unet_step_seconds'] * 1e3:.1f} ms vs {e['reference_unet_step_seconds'] * 1e3:.1f}"
                  " ms (reference)")
+    if "evaluation" in report:
+        t, r = (report["evaluation"][k]["accuracy"] for k in ("test", "reference"))
+        lines.append(f"held-out prompts ({report['evaluation']['test']['prompts']}), whole prompt "
+                     f"met: {t['whole']:.1f} % vs {r['whole']:.1f} % (reference); "
+                     + ", ".join(f"{k} {t[k]:.1f} vs {r[k]:.1f}" for k in t if k != "whole"))
     return "\n".join(lines)
 

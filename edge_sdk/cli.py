@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 from . import __version__
 from . import names as N
-from .errors import EdgeSDKError
+from .errors import EdgeSDKError, InvalidInputError
 
 log = logging.getLogger("edge_sdk")
 
@@ -62,9 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--scheduler", default=None, help="e.g. euler, euler_a, ddim, pndm, "
                    "dpmpp_2m, dpmpp_2m_karras, lcm (default: the model's)")
     g.add_argument("--num-images", type=int, default=1)
-    g.add_argument("--threads", type=int, default=None)
-    g.add_argument("--providers", default=None, help="comma-separated ONNX Runtime "
-                   "execution providers, e.g. xnnpack,cpu")
+    _add_backend_args(g)
     g.add_argument("--no-verify", action="store_true", help="skip sha256 checks at load")
     g.add_argument("--memory", default="fast", help="fast | balanced | low | a budget such "
                    "as 300MB (see the README's memory section)")
@@ -80,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="use the validation prompt set (for tuning), not the held-out one")
     e.add_argument("--sheet", default="contact_sheet.png", help="contact sheet PNG path")
     e.add_argument("--json", default=None, help="also write the report as JSON here")
-    e.add_argument("--threads", type=int, default=None)
+    _add_backend_args(e)
     e.add_argument("--debug", action="store_true")
     i = sub.add_parser("info", help="describe a bundle")
     i.add_argument("bundle", nargs="?", help="bundle folder (default: the shipped model)")
@@ -96,19 +94,42 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--width", type=int, default=None)
     b.add_argument("--height", type=int, default=None)
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--threads", type=int, default=None)
-    b.add_argument("--providers", default=None)
+    _add_backend_args(b)
     b.add_argument("--output", "-o", default=None, help="also save the image here (PNG)")
     b.add_argument("--json", action="store_true", help="print the report as JSON")
     b.add_argument("--debug", action="store_true")
     t = sub.add_parser("selftest", help="generate with the shipped model and check the image "
                        "(the smoke test of an install, a board or a container)")
     t.add_argument("--model", "-m", help="bundle folder (default: the shipped model)")
-    t.add_argument("--threads", type=int, default=None)
-    t.add_argument("--providers", default=None, help="as for generate")
+    _add_backend_args(t)
     t.add_argument("-o", "--output", default=None, help="also save the image here")
     t.add_argument("--debug", action="store_true")
     return p
+
+
+def _add_backend_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--backend", default="auto", choices=["auto", "onnx", "tflite"],
+                   help="auto: each component's own format (default)")
+    p.add_argument("--providers", default=None, help="comma-separated ONNX Runtime "
+                   "execution providers, e.g. xnnpack,cpu")
+    p.add_argument("--delegate", default=None, metavar="PATH.so",
+                   help="a TFLite external delegate library (e.g. a vendor NPU's)")
+    p.add_argument("--delegate-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option for --delegate (repeatable)")
+
+
+def _backend_kwargs(a: argparse.Namespace) -> dict[str, Any]:
+    """Pipeline.load's backend arguments from _add_backend_args's flags."""
+    options = []
+    for item in a.delegate_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidInputError(f"--delegate-option {item!r} is not KEY=VALUE")
+        options.append((key, value))
+    return {"threads": a.threads, "backend": a.backend,
+            "providers": [p for p in a.providers.split(",") if p] if a.providers else None,
+            "delegate": a.delegate, "delegate_options": dict(options) or None}
 
 
 def _output_paths(output: str, n: int) -> list[Path]:
@@ -123,10 +144,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from .image import save_png
     from .pipeline import Pipeline
 
-    providers = [p for p in a.providers.split(",") if p] if a.providers else None
     t0 = time.perf_counter()
-    pipe = Pipeline.load(a.model, threads=a.threads, providers=providers,
-                         verify=not a.no_verify, memory=a.memory)
+    pipe = Pipeline.load(a.model, verify=not a.no_verify, memory=a.memory, **_backend_kwargs(a))
     load_s = time.perf_counter() - t0
     config = GenerationConfig(negative_prompt=a.negative_prompt, steps=a.steps,
                               guidance_scale=a.guidance, seed=a.seed, width=a.width,
@@ -150,7 +169,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from .pipeline import Pipeline
     from .shapes import benchmark
 
-    pipe = Pipeline.load(a.model, threads=a.threads)
+    pipe = Pipeline.load(a.model, **_backend_kwargs(a))
 
     def generate(prompt: str, seed: int) -> Any:
         return pipe(prompt, seed=seed, steps=a.steps, guidance_scale=a.guidance,
@@ -173,11 +192,11 @@ def cmd_bench(a: argparse.Namespace) -> int:
     from .config import GenerationConfig
     from .pipeline import Pipeline
 
-    providers = [p for p in a.providers.split(",") if p] if a.providers else None
     config = GenerationConfig(steps=a.steps, guidance_scale=a.guidance, seed=a.seed,
                               width=a.width, height=a.height)
+    kwargs = _backend_kwargs(a)
     report, result = run_bench(a.prompt, config, lambda: Pipeline.load(
-        a.model, threads=a.threads, providers=providers, memory=a.memory))
+        a.model, memory=a.memory, **kwargs))
     if a.output:
         from .image import save_png
         save_png(result.images[0], a.output, result.parameters)
@@ -199,9 +218,8 @@ def cmd_selftest(a: argparse.Namespace) -> int:
     from .pipeline import Pipeline
     from .shapes.evaluator import analyse
 
-    providers = [p for p in a.providers.split(",") if p] if a.providers else None
     t0 = time.perf_counter()
-    pipe = Pipeline.load(a.model, threads=a.threads, providers=providers)
+    pipe = Pipeline.load(a.model, **_backend_kwargs(a))
     load_s = time.perf_counter() - t0
     result = pipe.generate(SELFTEST_PROMPT, GenerationConfig(seed=SELFTEST_SEED))
     seen = analyse(np.asarray(result.images[0]))

@@ -8,6 +8,7 @@ import secrets
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from . import names
 from .errors import InvalidInputError
 from .manifest import Manifest
 from .schedulers import resolve_scheduler
@@ -41,6 +42,12 @@ class GenerationConfig:
         height = _side("height", d.height if self.height is None else self.height, manifest)
         seed = secrets.randbits(63) if self.seed is None else _int("seed", self.seed, 0, 2**63 - 1)
         n = _int("num_images", self.num_images, 1, MAX_IMAGES)
+        static = manifest.extra.get(names.TFLITE_SIZES)
+        if static and [height, width] not in [list(x) for x in static]:
+            raise InvalidInputError(
+                f"{width}x{height}: this bundle's TFLite models have static shapes, exported "
+                f"for {', '.join(f'{w}x{h}' for h, w in static)}; choose one of those sizes, "
+                "or re-convert with `edge-convert --format tflite --sizes WxH,...`")
         if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
             raise InvalidInputError("negative_prompt must be a string or None")
         cls, _ = resolve_scheduler(self.scheduler, manifest.scheduler)

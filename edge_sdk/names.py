@@ -41,7 +41,9 @@ DIM_WIDTH = "width"
 DIM_SEQUENCE = "sequence"
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
-BACKEND_FORMATS = ("onnx",)
+BACKEND_FORMATS = ("onnx", "tflite")
 
 # manifest.extra key: the VAE decoder as stages for exact tiled decoding (edge_sdk.tiling)
 VAE_STAGES = "vae_decoder_stages"
+# manifest.extra key: the image sizes ([height, width] pixels) a TFLite bundle was exported for
+TFLITE_SIZES = "tflite_sizes"

@@ -11,7 +11,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -71,9 +71,14 @@ class Pipeline:
     @classmethod
     def load(cls, bundle: str | Path | None = None, *, backend: str = "auto",
              threads: int | None = None, providers: Sequence[str] | None = None,
-             verify: bool = True, memory: str = "fast") -> "Pipeline":
+             verify: bool = True, memory: str = "fast", delegate: str | None = None,
+             delegate_options: Mapping[str, str] | None = None) -> "Pipeline":
         """Open a bundle folder (None = the default model).
 
+        `backend`: "auto" (each component's own format), "onnx" or "tflite". `providers`:
+        ONNX Runtime execution providers in order (e.g. ["xnnpack"], ["qnn"]); `delegate`:
+        a TFLite external delegate library (.so) with its `delegate_options`. What is asked
+        for and missing is an error naming what to install, not a silent fallback.
         `verify=True` checks every file's sha256 against the manifest before loading (turn it
         off on slow storage; sizes are still checked). `memory` is "fast", "balanced", "low"
         or a budget such as "300MB" (see edge_sdk.memory.MemoryPlan); the plan is logged.
@@ -91,7 +96,9 @@ class Pipeline:
             log.info("could not set the C heap to return freed memory (not glibc)")
         options = BackendOptions(backend=backend, threads=threads,
                                  providers=tuple(providers) if providers else None,
-                                 low_memory=plan.map_weights)
+                                 low_memory=plan.map_weights, delegate=delegate,
+                                 delegate_options=tuple((str(k), str(v)) for k, v in
+                                                        (delegate_options or {}).items()))
         pipe = cls(path, manifest, options, plan)
         for comp in N.REQUIRED_COMPONENTS:  # load eagerly: errors surface at load time
             pipe.session(comp)

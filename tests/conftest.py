@@ -24,6 +24,7 @@ def _have(module: str) -> bool:
 
 HAVE_CONVERT = _have("torch") and _have("diffusers") and _have("onnx")
 needs_convert = pytest.mark.skipif(not HAVE_CONVERT, reason="needs the [convert] extra")
+HAVE_TFLITE_CONVERT = HAVE_CONVERT and _have("litert_torch") and _have("ai_edge_quantizer")
 
 
 class Models:
@@ -34,18 +35,25 @@ class Models:
         self._cache: dict[tuple[str, ...], Path] = {}
 
     def checkpoint(self, arch: str) -> Path:
+        """A tiny architecture built from a fixed seed, or "shapes": the shipped model's."""
+        if arch == "shapes":
+            return Path(__file__).resolve().parents[1] / "models" / "shapes" / "checkpoint"
         key = ("ckpt", arch)
         if key not in self._cache:
             from converters.synth import build_checkpoint
             self._cache[key] = build_checkpoint(self.root / f"ckpt-{arch}", arch, seed=0)
         return self._cache[key]
 
-    def bundle(self, arch: str, precision: str = "fp32") -> Path:
-        key = ("bundle", arch, precision)
+    def bundle(self, arch: str, precision: str = "fp32", fmt: str = "onnx",
+               **options: object) -> Path:
+        """The checkpoint converted with edge-convert (options: convert()'s keywords)."""
+        extra = tuple(sorted((k, str(v)) for k, v in options.items()))
+        key = ("bundle", arch, precision, fmt, *(f"{k}={v}" for k, v in extra))
         if key not in self._cache:
             from converters.convert import convert
-            out = self.root / f"bundle-{arch}-{precision}"
-            convert(self.checkpoint(arch), out, precision=precision)
+            out = self.root / "-".join(["bundle", arch, precision, fmt,
+                                        *(f"{k}{v}".replace(",", "_") for k, v in extra)])
+            convert(self.checkpoint(arch), out, precision=precision, fmt=fmt, **options)
             self._cache[key] = out
         return self._cache[key]
 

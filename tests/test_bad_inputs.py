@@ -258,7 +258,10 @@ ROWS: list[Row] = [
         lambda c: L(c, c.bundle, providers=["qnn"]), BackendUnavailableError,
         "onnxruntime-qnn"),
     Row("parameter", "an unknown backend", lambda c: L(c, c.bundle, backend="warp"),
-        BundleError, "backend"),
+        InvalidInputError, "backend 'warp' is unknown"),
+    Row("parameter", "the TFLite backend asked of an ONNX bundle",
+        lambda c: L(c, c.bundle, backend="tflite"),
+        BundleError, "stored as 'onnx'"),
     # prompts
     Row("prompt", "prompt None", lambda c: c.gen(None), InvalidInputError,
         "prompt must be a string"),

@@ -9,7 +9,8 @@ from typing import Mapping, Protocol, Sequence
 
 import numpy as np
 
-from ..errors import BackendUnavailableError, BundleError
+from ..errors import BackendUnavailableError, BundleError, InvalidInputError
+from .. import names as N
 from ..manifest import ComponentSpec, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -30,23 +31,37 @@ class Session(Protocol):
 class BackendOptions:
     """How sessions are created. `None` means the backend's default."""
 
-    backend: str = "auto"  # "auto" | "onnx"
+    backend: str = "auto"  # "auto" (each component's own format) | "onnx" | "tflite"
     threads: int | None = None  # intra-op threads; None = all cores
     providers: tuple[str, ...] | None = None  # ONNX Runtime execution providers, in order
     low_memory: bool = False  # keep weights mapped, skip memory-hungry rewrites
+    delegate: str | None = None  # TFLite external delegate library (.so), e.g. a vendor NPU's
+    delegate_options: tuple[tuple[str, str], ...] = ()  # passed to that delegate
+
+
+BACKENDS = ("auto", "onnx", "tflite")
 
 
 def open_session(bundle: Path, spec: ComponentSpec, options: BackendOptions) -> Session:
-    """Load `spec` from `bundle` with the backend the bundle and options call for."""
-    backend = spec.format if options.backend == "auto" else options.backend
-    if backend != spec.format:
+    """Load `spec` from `bundle` with the backend of its format. A backend named in the
+    options must be the format of the bundle's main components (text encoder, UNet, VAE
+    decoder); helper components (decoder stages, the VAE encoder) may be stored in another
+    format in a mixed bundle and run on their own."""
+    if options.backend not in BACKENDS:
+        raise InvalidInputError(f"backend {options.backend!r} is unknown; choose one of "
+                                f"{list(BACKENDS)}")
+    if options.backend != "auto" and spec.format != options.backend \
+            and spec.name in (N.TEXT_ENCODER, N.UNET, N.VAE_DECODER):
         raise BundleError(f"component {spec.name!r} is stored as {spec.format!r} but backend "
-                          f"{backend!r} was requested; use backend='auto'")
-    if backend == "onnx":
-        from .onnx import OnnxSession
-        return OnnxSession(bundle / spec.path, spec, options)
-    raise BackendUnavailableError(f"backend {backend!r} is not available; choose 'auto' or "
-                                  "'onnx'")
+                          f"{options.backend!r} was requested; use backend='auto' or convert "
+                          f"with `edge-convert --format {options.backend}`")
+    if options.delegate and spec.format != "tflite":
+        log.debug("%s is %s: the TFLite delegate does not apply", spec.name, spec.format)
+    if spec.format == "tflite":
+        from .litert import LiteRTSession
+        return LiteRTSession(bundle / spec.path, spec, options)
+    from .onnx import OnnxSession
+    return OnnxSession(bundle / spec.path, spec, options)
 
 
 def select_providers(requested: Sequence[str] | None, available: Sequence[str]) -> list[str]:
