@@ -16,13 +16,14 @@ FROM python:3.11-slim-bookworm
 LABEL org.opencontainers.image.title="edge-sdk runtime" \
       org.opencontainers.image.description="Torch-free text-to-image runtime with the shipped shapes model"
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-COPY docker/requirements-runtime.txt /tmp/requirements-runtime.txt
+COPY docker/requirements-runtime.txt docker/requirements-tflite.txt /tmp/
 COPY --from=build /wheels /wheels
 # --only-binary: a dependency without a wheel for this platform fails the build instead of
-# compiling for an hour on a board
+# compiling for an hour on a board. LiteRT comes too (TFLite bundles, --backend tflite).
 RUN pip install --no-cache-dir --only-binary=:all: -r /tmp/requirements-runtime.txt \
+    -r /tmp/requirements-tflite.txt \
  && pip install --no-cache-dir --no-deps /wheels/*.whl \
- && rm -rf /wheels /tmp/requirements-runtime.txt \
+ && rm -rf /wheels /tmp/requirements-runtime.txt /tmp/requirements-tflite.txt \
  && useradd --create-home --uid 1000 edge
 USER 1000
 WORKDIR /out

@@ -47,6 +47,11 @@ def test_runtime_requirements_are_pinned_and_match_pyproject():
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert _names(pinned) == _names(deps)
     assert not {"torch", "diffusers", "transformers"} & _names(pinned)
+    tflite = [r for r in (DOCKER / "requirements-tflite.txt").read_text().splitlines()
+              if r.strip() and not r.startswith("#")]
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]["tflite"]
+    assert all("==" in r for r in tflite) and _names(tflite) == _names(extra)
 
 
 def test_images_and_the_arm64_stage_share_requirements_and_smoke_command():
@@ -55,7 +60,9 @@ def test_images_and_the_arm64_stage_share_requirements_and_smoke_command():
         "no torch", "")
     assert 'ENTRYPOINT ["edge-sdk"]' in runtime
     assert "models/shapes/bundle" in runtime  # the default model is baked in
-    assert "docker/requirements-runtime.txt" in (ROOT / "tests/arm64/run.sh").read_text()
+    arm = (ROOT / "tests/arm64/run.sh").read_text()
+    assert "docker/requirements-runtime.txt" in arm and "docker/requirements-tflite.txt" in arm
+    assert "requirements-tflite.txt" in runtime
     assert "edge_sdk.cli selftest" in (ROOT / "tests/arm64/stage.sh").read_text()
     assert "selftest" in (DOCKER / "README.md").read_text()
     convert = (DOCKER / "convert.Dockerfile").read_text()

@@ -7,8 +7,9 @@
 set -euo pipefail
 CACHE=${ARM_CACHE:-/var/cache/edge-sdk-arm64}; R=$CACHE/rootfs
 HERE=$(cd "$(dirname "$0")" && pwd); ROOT=$(cd "$HERE/../.." && pwd)
-# the runtime's pinned wheels (the same list the Docker image installs) + the test runner
-REQS="$(grep -v '^#' "$ROOT/docker/requirements-runtime.txt" | tr '\n' ' ') pytest==9.2.0"
+# the runtime's pinned wheels (the same list the Docker image installs), LiteRT, the test runner
+REQS="$(cat "$ROOT/docker/requirements-runtime.txt" "$ROOT/docker/requirements-tflite.txt" |
+        grep -v '^#' | tr '\n' ' ') pytest==9.2.0"
 export QEMU_CPU=${QEMU_CPU:-cortex-a72}   # Pi 4 (cortex-a76 = Pi 5); "max" gives spurious FP warnings
 if ! command -v qemu-aarch64-static >/dev/null || ! command -v mmdebstrap >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user-static binfmt-support mmdebstrap >/dev/null
