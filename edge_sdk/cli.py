@@ -258,11 +258,15 @@ def describe(m: Any, path: Path) -> list[str]:
         f"diffusers {s.diffusers_version})",
         f"source      sha256 {s.fingerprint[:16]}...",
         f"converted   {c.get('name')} {c.get('version')} on {c.get('created')}, "
-        f"opset {c.get('opset')}",
+        + (f"litert-torch {c['litert-torch']}" if "litert-torch" in c
+           else f"opset {c.get('opset')}"),
         f"scheduler   {sched.get('_class_name')} (prediction {m.prediction_type}, "
         f"{sched.get('beta_schedule')} betas, spacing {sched.get('timestep_spacing')}, "
         f"steps_offset {sched.get('steps_offset', 0)})",
-        f"defaults    {d.width}x{d.height}, {d.steps} steps, guidance {d.guidance_scale}",
+        f"defaults    {d.width}x{d.height}, {d.steps} steps, guidance {d.guidance_scale}"
+        + (", static sizes (TFLite) " + ", ".join(f"{w}x{h}" for h, w in
+                                                  m.extra[N.TFLITE_SIZES])
+           if m.extra.get(N.TFLITE_SIZES) else ""),
         f"vae         scaling {m.vae.scaling_factor}"
         + (f", shift {m.vae.shift_factor}" if m.vae.shift_factor is not None else "")
         + f", {m.vae.latent_channels} latent channels, x{m.vae.scale_factor}",

@@ -61,6 +61,9 @@ def test_several_sizes_one_file_and_a_clear_error_for_others(models):
     tfl, onnx = Pipeline.load(bundle), Pipeline.load(models.bundle("tiny-sd1"))
     assert [f.path for f in tfl.manifest.components["unet"].files] == ["unet.tflite"]
     assert tfl.manifest.extra["tflite_sizes"] == [[64, 64], [64, 96]]
+    from edge_sdk.cli import describe
+    text = "\n".join(describe(tfl.manifest, bundle))
+    assert "static sizes (TFLite) 64x64, 96x64" in text and "unet          tflite" in text
     lat = np.random.default_rng(5).standard_normal((2, 4, 8, 12)).astype(np.float32)
     a = np.asarray(tfl.generate("a cat", _cfg(width=96, height=64, num_images=2),
                                 latents=lat).images[1]).astype(int)
