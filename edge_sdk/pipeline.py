@@ -90,6 +90,7 @@ class Pipeline:
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
                                     or threads < 1):
             raise InvalidInputError(f"threads must be a positive integer, got {threads!r}")
+        _check_accelerator_options(manifest, providers, delegate)
         plan = plan_memory(memory, manifest, estimate_peak_bytes(
             manifest, GenerationConfig(seed=0).resolve(manifest)))
         if plan.return_freed and not return_freed_memory():
@@ -241,3 +242,17 @@ class Pipeline:
                                     f"{latents.shape[0]} latents")
         return _denoise.denoise(self.session(N.UNET), sched, latents, embeds,
                                 cfg.guidance_scale, rng, callback, batch_cfg=self.plan.batch_cfg)
+
+
+def _check_accelerator_options(manifest: Manifest, providers: Sequence[str] | None,
+                               delegate: str | None) -> None:
+    """An accelerator option that cannot apply to this bundle is an error, not ignored: the
+    caller expects the NPU to run."""
+    formats = {c.format for c in manifest.components.values()}
+    if delegate and "tflite" not in formats:
+        raise InvalidInputError("a TFLite delegate was given but this bundle holds no TFLite "
+                                "component; use ONNX Runtime execution providers (providers= "
+                                "/ --providers) or convert with `edge-convert --format tflite`")
+    if providers and "onnx" not in formats:
+        raise InvalidInputError("ONNX Runtime execution providers were given but this bundle "
+                                "is TFLite; use a delegate (delegate= / --delegate PATH.so)")

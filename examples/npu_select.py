@@ -10,6 +10,9 @@ NPU/GPU), `onnxruntime-cann` (Huawei Ascend), NNAPI (Android), CoreML (Apple), a
 first one of a preference list that the installed onnxruntime offers and falls back to the
 CPU; `--require NAME` instead insists on one, and shows the SDK's typed error (naming the
 package to install) when it is missing. The chosen providers are printed.
+
+TFLite bundles (`edge-convert --format tflite`) reach NPUs through the vendor's LiteRT
+delegate instead: `--delegate /path/libvendor_delegate.so --delegate-option key=value`.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import sys
 import onnxruntime as ort
 
 from edge_sdk import Pipeline
-from edge_sdk.errors import BackendUnavailableError
+from edge_sdk.errors import BackendUnavailableError, InvalidInputError
 from edge_sdk.image import save_png
 
 # Best first. Names as edge_sdk accepts them (short aliases or full provider names).
@@ -45,16 +48,23 @@ def main() -> int:
     ap.add_argument("-o", "--output", default="out.png")
     ap.add_argument("--model", default=None, help="bundle folder (default: the shipped model)")
     ap.add_argument("--require", default=None, help="an execution provider that must be used")
+    ap.add_argument("--delegate", default=None, help="TFLite bundles: the NPU's delegate (.so)")
+    ap.add_argument("--delegate-option", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 
     available = ort.get_available_providers()
     providers = [args.require] if args.require else pick_providers(available)
     print(f"onnxruntime {ort.__version__} offers {available}")
+    options = dict(o.split("=", 1) for o in args.delegate_option)
     try:
-        pipe = Pipeline.load(args.model, providers=providers)
-    except BackendUnavailableError as exc:  # typed: the message names the package to install
-        print(f"cannot use {args.require!r}: {exc}", file=sys.stderr)
+        if args.delegate:  # a TFLite bundle: the delegate replaces the execution providers
+            providers = []
+            pipe = Pipeline.load(args.model, delegate=args.delegate, delegate_options=options)
+        else:
+            pipe = Pipeline.load(args.model, providers=providers)
+    except (BackendUnavailableError, InvalidInputError) as exc:  # typed, naming the fix
+        print(f"cannot use {args.require or args.delegate!r}: {exc}", file=sys.stderr)
         return 3
     print(f"running on {providers or ['cpu']} (then CPU for any op the accelerator lacks)")
     image = pipe(args.prompt, seed=0)

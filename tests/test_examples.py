@@ -101,6 +101,10 @@ def test_npu_example_falls_back_to_cpu_and_names_the_package_for_a_missing_npu(
     monkeypatch.setattr("sys.argv", ["npu_select.py", "x", "--require", "qnn"])
     assert npu.main() == 3
     assert "onnxruntime-qnn" in capsys.readouterr().err
+    # a TFLite delegate on the shipped (ONNX) model: refused, naming what applies instead
+    monkeypatch.setattr("sys.argv", ["npu_select.py", "x", "--delegate", "/x/libnpu.so"])
+    assert npu.main() == 3
+    assert "--providers" in capsys.readouterr().err
 
 
 def test_raspberry_pi_example_plans_low_memory_and_decodes_in_tiles(tmp_path, monkeypatch,

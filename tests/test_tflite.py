@@ -142,6 +142,8 @@ def test_missing_delegate_backend_and_runtime_are_typed_errors(models, monkeypat
     bundle = models.bundle("tiny-sd1", fmt="tflite")
     with pytest.raises(BackendUnavailableError, match="delegate library .*does not exist"):
         Pipeline.load(bundle, delegate="/nonexistent/libvendor_delegate.so")
+    with pytest.raises(InvalidInputError, match="bundle is TFLite; use a delegate"):
+        Pipeline.load(bundle, providers=["xnnpack"])
     with pytest.raises(BundleError, match="stored as 'tflite'.*--format onnx"):
         Pipeline.load(bundle, backend="onnx")
     with pytest.raises(InvalidInputError, match="unknown"):
