@@ -9,8 +9,8 @@ from typing import Mapping, Protocol, Sequence
 
 import numpy as np
 
-from ..errors import BackendUnavailableError, BundleError, InvalidInputError
 from .. import names as N
+from ..errors import BackendUnavailableError, BundleError, InferenceError, InvalidInputError
 from ..manifest import ComponentSpec, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,26 @@ def open_session(bundle: Path, spec: ComponentSpec, options: BackendOptions) -> 
         return LiteRTSession(bundle / spec.path, spec, options)
     from .onnx import OnnxSession
     return OnnxSession(bundle / spec.path, spec, options)
+
+
+def prepare_feeds(spec: ComponentSpec, feeds: Mapping[str, np.ndarray]
+                  ) -> dict[str, np.ndarray]:
+    """`feeds` as the component's inputs want them (contiguous, the manifest's dtypes)."""
+    cast = {}
+    for t in spec.inputs:
+        if t.name not in feeds:
+            raise InferenceError(f"{spec.name}: input {t.name!r} was not given")
+        cast[t.name] = np.ascontiguousarray(feeds[t.name], dtype=t.dtype)
+    return cast
+
+
+def check_io(spec: ComponentSpec, what: str, got_in: set[str], got_out: set[str]) -> None:
+    """The loaded model's input and output names against the manifest's contract."""
+    want_in, want_out = {t.name for t in spec.inputs}, {t.name for t in spec.outputs}
+    if got_in != want_in or not want_out <= got_out:
+        raise BundleError(f"{spec.path}: {what} inputs {sorted(got_in)} / outputs "
+                          f"{sorted(got_out)} do not match the manifest ({sorted(want_in)} / "
+                          f"{sorted(want_out)}); re-convert the bundle")
 
 
 def select_providers(requested: Sequence[str] | None, available: Sequence[str]) -> list[str]:

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import BackendUnavailableError, BundleError, InferenceError, InvalidInputError
 from ..manifest import ComponentSpec
-from . import BackendOptions
+from . import BackendOptions, check_io, prepare_feeds
 
 log = logging.getLogger(__name__)
 
@@ -84,18 +84,10 @@ class LiteRTSession:
 
     def _check_io(self) -> None:
         for key, (ins, outs) in self._engine.signatures.items():
-            want_in, want_out = {s.name for s in self.inputs}, {s.name for s in self.outputs}
-            if set(ins) != want_in or not want_out <= set(outs):
-                raise BundleError(f"{self.spec.path}: signature {key!r} has inputs "
-                                  f"{sorted(ins)} / outputs {sorted(outs)}, the manifest says "
-                                  f"{sorted(want_in)} / {sorted(want_out)}; re-convert the bundle")
+            check_io(self.spec, f"signature {key!r}", set(ins), set(outs))
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        cast = {}
-        for spec in self.inputs:
-            if spec.name not in feeds:
-                raise InferenceError(f"{self.spec.name}: input {spec.name!r} was not given")
-            cast[spec.name] = np.ascontiguousarray(feeds[spec.name], dtype=spec.dtype)
+        cast = prepare_feeds(self.spec, feeds)
         key, step = self._signature_for(cast)
         batch = next(iter(cast.values())).shape[0]
         parts: dict[str, list[np.ndarray]] = {o.name: [] for o in self.outputs}

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import BackendUnavailableError, BundleError, InferenceError
 from ..manifest import ComponentSpec
-from . import BackendOptions, select_providers
+from . import BackendOptions, check_io, prepare_feeds, select_providers
 from .onnx_files import check_external_data
 
 log = logging.getLogger(__name__)
@@ -49,21 +49,11 @@ class OnnxSession:
         self._check_io()
 
     def _check_io(self) -> None:
-        got_in = {i.name for i in self._session.get_inputs()}
-        got_out = {o.name for o in self._session.get_outputs()}
-        want_in = {s.name for s in self.inputs}
-        want_out = {s.name for s in self.outputs}
-        if got_in != want_in or not want_out <= got_out:
-            raise BundleError(f"{self.spec.path}: graph inputs {sorted(got_in)} / outputs "
-                              f"{sorted(got_out)} do not match the manifest "
-                              f"({sorted(want_in)} / {sorted(want_out)}); re-convert the bundle")
+        check_io(self.spec, "graph", {i.name for i in self._session.get_inputs()},
+                 {o.name for o in self._session.get_outputs()})
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        cast = {}
-        for spec in self.inputs:
-            if spec.name not in feeds:
-                raise InferenceError(f"{self.spec.name}: input {spec.name!r} was not given")
-            cast[spec.name] = np.ascontiguousarray(feeds[spec.name], dtype=spec.dtype)
+        cast = prepare_feeds(self.spec, feeds)
         names = [o.name for o in self.outputs]
         try:
             result = self._session.run(names, cast)
