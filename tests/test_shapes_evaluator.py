@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 
+import cv2
 import numpy as np
+import pytest
 
 from edge_sdk.shapes.evaluator import analyse, score
 from edge_sdk.shapes.scenes import (BACKGROUNDS, OBJECT_COLOURS, POSITIONS, SHAPES, Scene,
@@ -30,6 +32,23 @@ def test_random_scenes_read_back():
     rng = np.random.default_rng(1)
     results = [score(s, analyse(render(s, rng))) for s in (random_scene(rng) for _ in range(300))]
     assert all(r["whole"] for r in results)
+
+
+@pytest.mark.parametrize("sigma", [1.0, 2.0])
+def test_softened_drawings_read_back(sigma):
+    """A generator draws softer edges than the renderer: shape thresholds sit in the middle
+    of the gap between classes, so a blurred drawing is still read as what was drawn."""
+    rng = np.random.default_rng(7)
+    wrong = []
+    for shape in SHAPES:
+        for _ in range(60):
+            s = random_scene(rng, allow_held_out=True)
+            scene = Scene(shape, s.colour, s.count, s.size, s.position, s.background)
+            img = cv2.GaussianBlur(render(scene, rng), (0, 0), sigma)
+            seen = analyse(img)
+            if seen.shape != shape:
+                wrong.append((scene.shape, scene.size, seen.shape))
+    assert not wrong, f"{len(wrong)} of {4 * 60} misread: {wrong[:5]}"
 
 
 def test_blank_image_has_no_objects():
