@@ -50,9 +50,13 @@ class Scene:
     says_background: bool = True
 
 
-def random_scene(rng: np.random.Generator, allow_held_out: bool = False) -> Scene:
+def random_scene(rng: np.random.Generator, allow_held_out: bool = False,
+                 shape_p: tuple[float, ...] | None = None) -> Scene:
+    """`shape_p`: probabilities of SHAPES (default uniform); training can favour the shapes
+    a model finds hard."""
     while True:
-        shape, colour = str(rng.choice(SHAPES)), str(rng.choice(OBJECT_COLOURS))
+        shape = str(rng.choice(SHAPES) if shape_p is None else rng.choice(SHAPES, p=shape_p))
+        colour = str(rng.choice(OBJECT_COLOURS))
         if allow_held_out or (colour, shape) not in HELD_OUT_PAIRS:
             break
     count = int(rng.choice([1, 1, 2, 3]))

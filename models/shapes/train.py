@@ -79,9 +79,9 @@ def make_models(vocab_size: int, bos: int, eos: int, attn16: bool = False,
     return vae, unet, text
 
 
-def batch_images(rng: np.random.Generator, n: int, crop: int = SIZE,
-                 around_objects: bool = False) -> tuple[torch.Tensor, list]:
-    scenes = [random_scene(rng) for _ in range(n)]
+def batch_images(rng: np.random.Generator, n: int, crop: int = SIZE, around_objects: bool = False,
+                 shape_p: tuple[float, ...] | None = None) -> tuple[torch.Tensor, list]:
+    scenes = [random_scene(rng, shape_p=shape_p) for _ in range(n)]
     imgs = np.stack([render(s, rng) for s in scenes]).astype(np.float32) / 127.5 - 1
     if crop < SIZE and around_objects:  # each crop around one of its objects
         out = np.empty((n, crop, crop, 3), np.float32)
@@ -169,12 +169,13 @@ def object_mask(x: torch.Tensor, scenes: list) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_pool(vae, n: int, rng: np.random.Generator,
-                device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, list, float]:
+def encode_pool(vae, n: int, rng: np.random.Generator, device: str = "cpu",
+                shape_p: tuple[float, ...] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, list, float]:
     """Latents (scaled to unit variance), object masks at latent resolution, scenes, scale."""
     lat, masks, scenes = [], [], []
     for _ in range(0, n, 64):
-        x, s = batch_images(rng, 64)
+        x, s = batch_images(rng, 64, shape_p=shape_p)
         lat.append(vae.encode(x.to(device)).latent_dist.mean)
         masks.append(object_mask(x, s))
         scenes += s
@@ -183,11 +184,27 @@ def encode_pool(vae, n: int, rng: np.random.Generator,
     return z * scaling, torch.cat(masks).to(device), scenes, scaling
 
 
+def sample_timesteps(n: int, gen: torch.Generator, mid: float = 0.0) -> torch.Tensor:
+    """Training timesteps in [0, 1000): a fraction `mid` from a logit-normal(0, 1) centred on
+    t = 500 (SD3's timestep sampling), the rest uniform. Shapes are decided at mid noise (a
+    square's one-step x0 prediction stays a square at t = 200 and turns into a blob by
+    t = 400-500), while t > 800 (SNR < 0.02) is one task, the layout from the caption alone,
+    which uniform sampling gives a fifth of all steps."""
+    uniform = torch.randint(0, 1000, (n,), generator=gen)
+    if mid <= 0:
+        return uniform
+    normal = (torch.sigmoid(torch.randn(n, generator=gen)) * 1000).long().clamp(0, 999)
+    pick = torch.rand(n, generator=gen) < mid
+    return torch.where(pick, normal, uniform)
+
+
 def train_unet(unet, text, tok, latents, scenes, steps: int, batch: int, seed: int,
                device: str = "cpu", masks: torch.Tensor | None = None,
-               object_gain: float = 0.0, lr: float = 5e-4, warmup: int = 300):
+               object_gain: float = 0.0, lr: float = 5e-4, warmup: int = 300,
+               mid_timesteps: float = 0.0):
     """`object_gain > 0`: the error on latent pixels an object touches counts 1 + gain
-    times (shapes live in a few latent pixels; the flat background is most of the loss)."""
+    times (shapes live in a few latent pixels; the flat background is most of the loss).
+    `mid_timesteps`: see sample_timesteps."""
     from diffusers import DDPMScheduler
     sched = DDPMScheduler(**NOISE_SCHEDULE, num_train_timesteps=1000)
     acp = sched.alphas_cumprod.double()
@@ -209,7 +226,7 @@ def train_unet(unet, text, tok, latents, scenes, steps: int, batch: int, seed: i
         x0 = latents[index]
         # drawn on the CPU generator whatever the device: the same noise on every device
         noise = torch.randn(x0.shape, generator=gen).to(device)
-        t = torch.randint(0, 1000, (batch,), generator=gen).to(device)
+        t = sample_timesteps(batch, gen, mid_timesteps).to(device)
         xt = sched.add_noise(x0, noise, t)
         pred = unet(xt, t, text(ids)[0]).sample
         target = sched.get_velocity(x0, noise, t)
@@ -276,6 +293,11 @@ def main() -> None:
     ap.add_argument("--unet-batch", type=int, default=32)
     ap.add_argument("--object-gain", type=float, default=0.0,
                     help="> 0: UNet loss on object latent pixels weighted 1 + gain")
+    ap.add_argument("--mid-timesteps", type=float, default=0.0,
+                    help="fraction of UNet timesteps drawn logit-normal around t=500")
+    ap.add_argument("--shape-p", type=lambda s: tuple(float(v) for v in s.split(",")),
+                    help="UNet training pool's shape probabilities, in the order "
+                         "circle,square,triangle,star (default uniform)")
     ap.add_argument("--attn16", action="store_true", help="cross-attention at 16x16 latents")
     ap.add_argument("--text-time", action=argparse.BooleanOptionalAction, default=True,
                     help="pooled caption added to the timestep embedding")
@@ -313,7 +335,7 @@ def main() -> None:
         vae.eval()
         recon = vae_recon_scores(vae, np.random.default_rng(args.seed + 3), device=dev)
         log.info("vae reconstruction of 200 scenes, evaluator accuracy: %s", recon)
-        latents, masks, scenes, scaling = encode_pool(vae, args.pool, rng, dev)
+        latents, masks, scenes, scaling = encode_pool(vae, args.pool, rng, dev, args.shape_p)
     vae.eval().register_to_config(scaling_factor=scaling)
     log.info("latent scaling factor %.5f", scaling)
     if args.vae_only:
@@ -323,12 +345,13 @@ def main() -> None:
                     "scaling": scaling, "recon": recon}, out / "vae_pool.pt")
         return
     unet, text = train_unet(unet, text, tok, latents, scenes, args.unet_steps,
-                            args.unet_batch, args.seed, dev, masks, args.object_gain)
+                            args.unet_batch, args.seed, dev, masks, args.object_gain,
+                            mid_timesteps=args.mid_timesteps)
     minutes = (time.perf_counter() - t_start) / 60
     pipe = build_pipeline(vae, unet, text, tok)
-    info = {k: getattr(args, k) for k in ("seed", "vae_steps", "vae_edge_gain", "unet_steps",
-                                          "unet_batch", "object_gain", "attn16", "text_time", "layers",
-                                          "pool", "threads", "device")}
+    info = {k: getattr(args, k) for k in (
+        "seed", "vae_steps", "vae_edge_gain", "unet_steps", "unet_batch", "object_gain",
+        "mid_timesteps", "shape_p", "attn16", "text_time", "layers", "pool", "threads", "device")}
     info.update(minutes=round(minutes, 1), parameters=counts, scaling_factor=scaling,
                 vae_reconstruction=recon, noise_schedule=NOISE_SCHEDULE,
                 torch=torch.__version__)
