@@ -7,7 +7,7 @@ AutoencoderKL (factor-8 latents, 4 channels), UNet2DConditionModel with cross-at
 CLIPTextModel with a CLIP BPE tokenizer (the real CLIP merges, restricted to the caption
 vocabulary). Data are procedural scenes generated on the fly from the seed
 (edge_sdk.shapes.scenes). The result is a diffusers-format checkpoint: convert it with
-`edge-convert` like any SD checkpoint. The defaults are the shipped model's recipe: 56 minutes
+`edge-convert` like any SD checkpoint. The defaults are the shipped model's recipe: 52.5 minutes
 on 2 CPU cores.
 """
 
@@ -293,11 +293,12 @@ def main() -> None:
     ap.add_argument("--unet-batch", type=int, default=32)
     ap.add_argument("--object-gain", type=float, default=0.0,
                     help="> 0: UNet loss on object latent pixels weighted 1 + gain")
-    ap.add_argument("--mid-timesteps", type=float, default=0.0,
+    ap.add_argument("--mid-timesteps", type=float, default=0.7,
                     help="fraction of UNet timesteps drawn logit-normal around t=500")
     ap.add_argument("--shape-p", type=lambda s: tuple(float(v) for v in s.split(",")),
+                    default=(0.15, 0.35, 0.3, 0.2),
                     help="UNet training pool's shape probabilities, in the order "
-                         "circle,square,triangle,star (default uniform)")
+                         "circle,square,triangle,star (squares and triangles are the hard ones)")
     ap.add_argument("--attn16", action="store_true", help="cross-attention at 16x16 latents")
     ap.add_argument("--text-time", action=argparse.BooleanOptionalAction, default=True,
                     help="pooled caption added to the timestep embedding")
