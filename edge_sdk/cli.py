@@ -76,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     e.add_argument("--validation", action="store_true",
                    help="use the validation prompt set (for tuning), not the held-out one")
-    e.add_argument("--sheet", default="contact_sheet.png", help="contact sheet PNG path")
+    e.add_argument("--sheet", default=None,
+                   help="also write a contact sheet of the results to this PNG path")
     e.add_argument("--json", default=None, help="also write the report as JSON here")
     _add_backend_args(e)
     e.add_argument("--debug", action="store_true")
@@ -179,8 +180,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     report, images = benchmark.run(generate, a.limit, progress=lambda k, n: bar(k, n),
                                    validation=a.validation)
     print(report.table())
-    sheet = benchmark.contact_sheet(images, report, a.sheet)
-    print(f"contact sheet: {sheet}")
+    if a.sheet:
+        print(f"contact sheet: {benchmark.contact_sheet(images, report, a.sheet)}")
     if a.json:
         Path(a.json).write_text(json.dumps({"summary": report.summary(), "rows": report.rows},
                                            indent=1))

@@ -59,3 +59,22 @@ def test_selftest_passes_on_the_shipped_model_and_fails_on_a_wrong_image(tmp_pat
     monkeypatch.setattr(cli, "SELFTEST_PROMPT", "a green square on a white background")
     assert cli.main(["selftest"]) == 1
     assert "selftest FAIL" in capsys.readouterr().out
+
+
+def test_evaluate_prints_the_table_and_writes_files_only_where_asked(tmp_path, capsys,
+                                                                     monkeypatch):
+    import json
+
+    from edge_sdk.cli import main
+    monkeypatch.chdir(tmp_path)  # a stray contact sheet would land here
+    assert main(["evaluate", "--limit", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "whole" in text and "2 prompts in" in text
+    assert list(tmp_path.iterdir()) == []
+    sheet, report = tmp_path / "out" / "sheet.png", tmp_path / "r.json"
+    sheet.parent.mkdir()
+    assert main(["evaluate", "--limit", "2", "--sheet", str(sheet), "--json", str(report)]) == 0
+    from PIL import Image
+    assert Image.open(sheet).size[0] > 2 * 128
+    rows = json.loads(report.read_text())["rows"]
+    assert len(rows) == 2 and {"colour", "shape", "whole"} <= set(rows[0]["score"])

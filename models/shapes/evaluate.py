@@ -4,7 +4,7 @@
 
 Same as `edge-sdk evaluate`: prints accuracy per attribute (colour, shape, count, position,
 background) and for the whole prompt, separately for colour-shape pairs never seen in
-training, and writes a contact sheet (red frame = prompt not fully met).
+training, and with `--sheet PATH` writes a contact sheet (red frame = prompt not fully met).
 """
 
 import sys
