@@ -184,16 +184,18 @@ def encode_pool(vae, n: int, rng: np.random.Generator, device: str = "cpu",
     return z * scaling, torch.cat(masks).to(device), scenes, scaling
 
 
-def sample_timesteps(n: int, gen: torch.Generator, mid: float = 0.0) -> torch.Tensor:
+def sample_timesteps(n: int, gen: torch.Generator, mid: float = 0.0,
+                     centre: int = 500) -> torch.Tensor:
     """Training timesteps in [0, 1000): a fraction `mid` from a logit-normal(0, 1) centred on
-    t = 500 (SD3's timestep sampling), the rest uniform. Shapes are decided at mid noise (a
+    t = `centre` (SD3's timestep sampling has 500), the rest uniform. Shapes are decided at mid noise (a
     square's one-step x0 prediction stays a square at t = 200 and turns into a blob by
     t = 400-500), while t > 800 (SNR < 0.02) is one task, the layout from the caption alone,
     which uniform sampling gives a fifth of all steps."""
     uniform = torch.randint(0, 1000, (n,), generator=gen)
     if mid <= 0:
         return uniform
-    normal = (torch.sigmoid(torch.randn(n, generator=gen)) * 1000).long().clamp(0, 999)
+    shift = math.log(centre / (1000 - centre))
+    normal = (torch.sigmoid(torch.randn(n, generator=gen) + shift) * 1000).long().clamp(0, 999)
     pick = torch.rand(n, generator=gen) < mid
     return torch.where(pick, normal, uniform)
 
@@ -201,7 +203,7 @@ def sample_timesteps(n: int, gen: torch.Generator, mid: float = 0.0) -> torch.Te
 def train_unet(unet, text, tok, latents, scenes, steps: int, batch: int, seed: int,
                device: str = "cpu", masks: torch.Tensor | None = None,
                object_gain: float = 0.0, lr: float = 5e-4, warmup: int = 300,
-               mid_timesteps: float = 0.0):
+               mid_timesteps: float = 0.0, mid_centre: int = 500):
     """`object_gain > 0`: the error on latent pixels an object touches counts 1 + gain
     times (shapes live in a few latent pixels; the flat background is most of the loss).
     `mid_timesteps`: see sample_timesteps."""
@@ -226,7 +228,7 @@ def train_unet(unet, text, tok, latents, scenes, steps: int, batch: int, seed: i
         x0 = latents[index]
         # drawn on the CPU generator whatever the device: the same noise on every device
         noise = torch.randn(x0.shape, generator=gen).to(device)
-        t = sample_timesteps(batch, gen, mid_timesteps).to(device)
+        t = sample_timesteps(batch, gen, mid_timesteps, mid_centre).to(device)
         xt = sched.add_noise(x0, noise, t)
         pred = unet(xt, t, text(ids)[0]).sample
         target = sched.get_velocity(x0, noise, t)
@@ -294,7 +296,10 @@ def main() -> None:
     ap.add_argument("--object-gain", type=float, default=0.0,
                     help="> 0: UNet loss on object latent pixels weighted 1 + gain")
     ap.add_argument("--mid-timesteps", type=float, default=0.7,
-                    help="fraction of UNet timesteps drawn logit-normal around t=500")
+                    help="fraction of UNet timesteps drawn logit-normal around --mid-centre")
+    ap.add_argument("--mid-centre", type=int, default=500,
+                    help="the timestep those logit-normal draws centre on (1-999)")
+    ap.add_argument("--lr", type=float, default=5e-4, help="UNet + text encoder peak LR")
     ap.add_argument("--shape-p", type=lambda s: tuple(float(v) for v in s.split(",")),
                     default=(0.15, 0.35, 0.3, 0.2),
                     help="UNet training pool's shape probabilities, in the order "
@@ -347,12 +352,13 @@ def main() -> None:
         return
     unet, text = train_unet(unet, text, tok, latents, scenes, args.unet_steps,
                             args.unet_batch, args.seed, dev, masks, args.object_gain,
-                            mid_timesteps=args.mid_timesteps)
+                            lr=args.lr, mid_timesteps=args.mid_timesteps,
+                            mid_centre=args.mid_centre)
     minutes = (time.perf_counter() - t_start) / 60
     pipe = build_pipeline(vae, unet, text, tok)
     info = {k: getattr(args, k) for k in (
         "seed", "vae_steps", "vae_edge_gain", "unet_steps", "unet_batch", "object_gain",
-        "mid_timesteps", "shape_p", "attn16", "text_time", "layers", "pool", "threads", "device")}
+        "lr", "mid_timesteps", "mid_centre", "shape_p", "attn16", "text_time", "layers", "pool", "threads", "device")}
     info.update(minutes=round(minutes, 1), parameters=counts, scaling_factor=scaling,
                 vae_reconstruction=recon, noise_schedule=NOISE_SCHEDULE,
                 torch=torch.__version__)
