@@ -74,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--guidance", type=float, default=None)
     e.add_argument("--scheduler", default=None)
     e.add_argument("--limit", type=int, default=None, help="only the first N prompts")
+    e.add_argument("--prompts", type=int, default=80, metavar="N",
+                   help="size of the prompt set (default 80, the standard set, which stays "
+                        "the first 80 of a larger one; tune on e.g. --validation --prompts 320)")
     e.add_argument("--validation", action="store_true",
                    help="use the validation prompt set (for tuning), not the held-out one")
     e.add_argument("--sheet", default=None,
@@ -170,6 +173,10 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from .pipeline import Pipeline
     from .shapes import benchmark
 
+    if a.prompts < 1 or (a.limit is not None and a.limit < 1):
+        raise InvalidInputError(f"--prompts {a.prompts} / --limit {a.limit}: both must be at "
+                                "least 1")
+
     pipe = Pipeline.load(a.model, **_backend_kwargs(a))
 
     def generate(prompt: str, seed: int) -> Any:
@@ -178,7 +185,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
     bar = ProgressBar("evaluating")
     report, images = benchmark.run(generate, a.limit, progress=lambda k, n: bar(k, n),
-                                   validation=a.validation)
+                                   validation=a.validation, prompts=a.prompts)
     print(report.table())
     if a.sheet:
         print(f"contact sheet: {benchmark.contact_sheet(images, report, a.sheet)}")

@@ -78,3 +78,14 @@ def test_evaluate_prints_the_table_and_writes_files_only_where_asked(tmp_path, c
     assert Image.open(sheet).size[0] > 2 * 128
     rows = json.loads(report.read_text())["rows"]
     assert len(rows) == 2 and {"colour", "shape", "whole"} <= set(rows[0]["score"])
+
+
+def test_evaluate_extends_the_prompt_set_keeping_the_standard_set_first(capsys):
+    from edge_sdk.cli import main
+    from edge_sdk.shapes.benchmark import VALIDATION_SEED
+    from edge_sdk.shapes.scenes import evaluation_prompts
+    for seed in (VALIDATION_SEED, 2024):
+        assert evaluation_prompts(320, seed)[:80] == evaluation_prompts(80, seed)
+    assert len({p for _, p, _ in evaluation_prompts(320, VALIDATION_SEED)}) > 200
+    assert main(["evaluate", "--prompts", "0"]) != 0
+    assert "at least 1" in capsys.readouterr().err

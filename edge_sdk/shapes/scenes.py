@@ -137,7 +137,10 @@ def render(scene: Scene, rng: np.random.Generator | None = None, size: int = SIZ
     return cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
 
 
-def evaluation_prompts(n: int = 80, seed: int = 2024) -> list[tuple[Scene, str, int]]:
+HELD_OUT_SEED = 2024
+
+
+def evaluation_prompts(n: int = 80, seed: int = HELD_OUT_SEED) -> list[tuple[Scene, str, int]]:
     """The fixed held-out set: (scene, prompt, seed) triples, a quarter of them with
     colour-shape pairs never seen in training. Every attribute is stated in the prompt."""
     rng = np.random.default_rng(seed)
