@@ -61,7 +61,8 @@ def run(generate: Callable[[str, int], Image.Image], limit: int | None = None,
     """`generate(prompt, seed) -> image` for each held-out (or validation) prompt.
     `prompts` > 80 extends the set (its first 80 stay the standard set): at ~70 % accuracy
     80 prompts carry a standard error of ~5 points, 320 of ~2.5."""
-    cases = evaluation_prompts(prompts, seed=VALIDATION_SEED if validation else HELD_OUT_SEED)[:limit]
+    seed = VALIDATION_SEED if validation else HELD_OUT_SEED
+    cases = evaluation_prompts(prompts, seed)[:limit]
     report, images = Report(), []
     t0 = time.perf_counter()
     for k, (scene, prompt, seed) in enumerate(cases):

@@ -187,10 +187,10 @@ def encode_pool(vae, n: int, rng: np.random.Generator, device: str = "cpu",
 def sample_timesteps(n: int, gen: torch.Generator, mid: float = 0.0,
                      centre: int = 500) -> torch.Tensor:
     """Training timesteps in [0, 1000): a fraction `mid` from a logit-normal(0, 1) centred on
-    t = `centre` (SD3's timestep sampling has 500), the rest uniform. Shapes are decided at mid noise (a
-    square's one-step x0 prediction stays a square at t = 200 and turns into a blob by
-    t = 400-500), while t > 800 (SNR < 0.02) is one task, the layout from the caption alone,
-    which uniform sampling gives a fifth of all steps."""
+    t = `centre` (SD3's timestep sampling has 500), the rest uniform. Shapes are decided at
+    mid noise (a square's one-step x0 prediction stays a square at t = 200 and turns into a
+    blob by t = 400-500), while t > 800 (SNR < 0.02) is one task, the layout from the caption
+    alone, which uniform sampling gives a fifth of all steps."""
     uniform = torch.randint(0, 1000, (n,), generator=gen)
     if mid <= 0:
         return uniform
@@ -358,7 +358,8 @@ def main() -> None:
     pipe = build_pipeline(vae, unet, text, tok)
     info = {k: getattr(args, k) for k in (
         "seed", "vae_steps", "vae_edge_gain", "unet_steps", "unet_batch", "object_gain",
-        "lr", "mid_timesteps", "mid_centre", "shape_p", "attn16", "text_time", "layers", "pool", "threads", "device")}
+        "lr", "mid_timesteps", "mid_centre", "shape_p", "attn16", "text_time", "layers", "pool",
+        "threads", "device")}
     info.update(minutes=round(minutes, 1), parameters=counts, scaling_factor=scaling,
                 vae_reconstruction=recon, noise_schedule=NOISE_SCHEDULE,
                 torch=torch.__version__)
