@@ -82,9 +82,8 @@ def test_evaluate_prints_the_table_and_writes_files_only_where_asked(tmp_path, c
 
 def test_evaluate_extends_the_prompt_set_keeping_the_standard_set_first(capsys):
     from edge_sdk.cli import main
-    from edge_sdk.shapes.benchmark import VALIDATION_SEED
-    from edge_sdk.shapes.scenes import evaluation_prompts
-    for seed in (VALIDATION_SEED, 2024):
+    from edge_sdk.shapes.scenes import HELD_OUT_SEED, VALIDATION_SEED, evaluation_prompts
+    for seed in (VALIDATION_SEED, HELD_OUT_SEED):
         assert evaluation_prompts(320, seed)[:80] == evaluation_prompts(80, seed)
     assert len({p for _, p, _ in evaluation_prompts(320, VALIDATION_SEED)}) > 200
     assert main(["evaluate", "--prompts", "0"]) != 0

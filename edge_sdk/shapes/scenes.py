@@ -138,6 +138,7 @@ def render(scene: Scene, rng: np.random.Generator | None = None, size: int = SIZ
 
 
 HELD_OUT_SEED = 2024
+VALIDATION_SEED = 7  # a second prompt set, for choosing defaults without touching held-out
 
 
 def evaluation_prompts(n: int = 80, seed: int = HELD_OUT_SEED) -> list[tuple[Scene, str, int]]:

@@ -270,8 +270,8 @@ def validation_scores(pipe, device: str, steps: int = 20, guidance: float = 3.0)
     """The validation prompt set (never the held-out one), generated in torch: for comparing
     training recipes. The seeds drive torch's noise, not the runtime's, so the figures are
     close to, not equal to, `edge-sdk evaluate --validation` on the converted bundle."""
-    from edge_sdk.shapes.benchmark import VALIDATION_SEED, Report
-    from edge_sdk.shapes.scenes import evaluation_prompts
+    from edge_sdk.shapes.benchmark import Report
+    from edge_sdk.shapes.scenes import VALIDATION_SEED, evaluation_prompts
     cases = evaluation_prompts(seed=VALIDATION_SEED)
     report = Report()
     for k in range(0, len(cases), 16):
