@@ -41,6 +41,9 @@ def _convert_parser() -> argparse.ArgumentParser:
                    "(memory='low' uses them; adds the decoder's size again)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="also load .bin/.ckpt weights (pickle: only for sources you trust)")
+    p.add_argument("--name", default=None,
+                   help="the model's name in the manifest, shown by `edge-sdk info` and the "
+                   "benchmarks (default: the checkpoint folder's name)")
     p.add_argument("--default-steps", type=int, default=None)
     p.add_argument("--default-guidance", type=float, default=None)
     p.add_argument("--no-vae-encoder", action="store_true", help="skip the VAE encoder")
@@ -128,7 +131,8 @@ def _convert(args: argparse.Namespace) -> int:
             default_steps=args.default_steps, default_guidance=args.default_guidance,
             vae_encoder=not args.no_vae_encoder, int8_method=args.int8_method,
             vae_stages=args.vae_stages, attention_chunks=args.attention_chunks,
-            sizes=args.sizes, calibration=args.calibration, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+            sizes=args.sizes, calibration=args.calibration, name=args.name,
+            progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(f"converted in {time.perf_counter() - t0:.1f} s")
     return 0
 

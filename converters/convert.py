@@ -112,7 +112,8 @@ def convert(checkpoint: str | Path, output: str | Path, *, fmt: str = "onnx",
             default_guidance: float | None = None, vae_encoder: bool = True,
             int8_method: str = "dynamic", calibration: str | Path | None = None,
             vae_stages: bool = False, attention_chunks: int | str = "auto",
-            sizes: str | None = None, progress: Progress | None = None,
+            sizes: str | None = None, name: str | None = None,
+            progress: Progress | None = None,
             static_unet: Callable[[Path], list[str]] | None = None) -> Manifest:
     """Convert `checkpoint` into a bundle at `output` and return its manifest.
 
@@ -123,7 +124,8 @@ def convert(checkpoint: str | Path, output: str | Path, *, fmt: str = "onnx",
     UNets whose native size has >= 2,048 tokens, and the VAE always (it decodes at the
     output size, often beyond the native one). `fmt="tflite"`: .tflite components with
     static shapes, the UNet and VAE for each of `sizes` ("512x512,512x768"; default: the
-    native size); `vae_stages` then adds ONNX decoder stages (a mixed bundle)."""
+    native size); `vae_stages` then adds ONNX decoder stages (a mixed bundle). `name`: the
+    model's name in the manifest (`source.name`; default: the checkpoint folder's name)."""
     say = progress or (lambda msg: log.info("%s", msg))
     if fmt not in N.BACKEND_FORMATS:
         raise ConversionError(f"format {fmt!r} is not supported; use one of "
@@ -137,6 +139,9 @@ def convert(checkpoint: str | Path, output: str | Path, *, fmt: str = "onnx",
         raise ConversionError("--sizes is for --format tflite (ONNX graphs take any size)")
     if int8_method not in ("dynamic", "static"):
         raise ConversionError(f"int8 method {int8_method!r} unknown; use dynamic or static")
+    if name is not None and not name.strip():
+        raise ConversionError("--name must not be empty (leave it out to use the checkpoint "
+                              "folder's name)")
     precisions = parse_precision(precision)
     if int8_method == "static" and precisions[N.UNET] == "int8" and static_unet is None:
         return _convert_static(checkpoint, output, precisions, calibration, say, locals())
@@ -200,8 +205,8 @@ def convert(checkpoint: str | Path, output: str | Path, *, fmt: str = "onnx",
                                         components, say, vae_chunks) if vae_stages else None
         tok = export_tokenizer(ckpt, stage, int(text_cfg.get("max_position_embeddings", 77)))
         say("tokenizer: tokenizer.json written and checked")
-        manifest = _manifest(ckpt, Path(checkpoint), components, tok, opset, default_steps,
-                             default_guidance, chunks, vae_chunks)
+        manifest = _manifest(ckpt, name or Path(checkpoint).absolute().name, components, tok,
+                             opset, default_steps, default_guidance, chunks, vae_chunks)
         if stage_meta:
             manifest = replace(manifest, extra={**manifest.extra, N.VAE_STAGES: stage_meta})
         if fmt == "tflite":
@@ -239,7 +244,7 @@ def _export_vae_stages(ckpt: Checkpoint, stage: Path, precision: str, opset: int
     return [meta for _, _, meta in exported]
 
 
-def _manifest(ckpt: Checkpoint, source: Path, components: dict[str, ComponentSpec],
+def _manifest(ckpt: Checkpoint, source_name: str, components: dict[str, ComponentSpec],
               tok: Any, opset: int, default_steps: int | None,
               default_guidance: float | None, attention_chunks: int = 1,
               vae_attention_chunks: int = 1) -> Manifest:
@@ -248,7 +253,7 @@ def _manifest(ckpt: Checkpoint, source: Path, components: dict[str, ComponentSpe
     return Manifest(
         family="stable-diffusion",
         variant=_variant(unet_cfg, tok.pad_token, sched),
-        source=SourceInfo(source.absolute().name, ckpt.fingerprint(), ckpt.pipeline_class,
+        source=SourceInfo(source_name, ckpt.fingerprint(), ckpt.pipeline_class,
                           ckpt.model_index.get("_diffusers_version")),
         converter=_converter_info(opset),
         components=components,
@@ -333,7 +338,7 @@ def _convert_static(checkpoint: str | Path, output: str | Path, precisions: dict
                        opset=args["opset"], default_steps=args["default_steps"],
                        default_guidance=args["default_guidance"],
                        vae_encoder=args["vae_encoder"], int8_method="static", progress=say,
-                       vae_stages=args["vae_stages"],
+                       vae_stages=args["vae_stages"], name=args["name"],
                        attention_chunks=args["attention_chunks"],
                        static_unet=lambda stage: quantize_int8_static(
                            ref / "unet.onnx", stage, N.UNET, feeds, keep=INT4_KEEP_FP32))

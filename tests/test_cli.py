@@ -27,8 +27,15 @@ def test_convert_cli_progress_and_overwrite(models, tmp_path, capsys):
     # an existing bundle is not replaced without --overwrite
     assert convert_main([str(ckpt), "-o", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert convert_main([str(ckpt), "-o", str(out), "--overwrite", "--default-steps", "9"]) == 0
-    assert json.loads((out / "manifest.json").read_text())["defaults"]["steps"] == 9
+    assert json.loads((out / "manifest.json").read_text())["source"]["name"] == ckpt.name
+    # an empty --name is refused before anything is written over the bundle
+    assert convert_main([str(ckpt), "-o", str(out), "--overwrite", "--name", " "]) == 2
+    assert "--name" in capsys.readouterr().err
+    assert (out / "manifest.json").exists()
+    assert convert_main([str(ckpt), "-o", str(out), "--overwrite", "--default-steps", "9",
+                         "--name", "tiny-2"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["defaults"]["steps"] == 9 and manifest["source"]["name"] == "tiny-2"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
 
 
