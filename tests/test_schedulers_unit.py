@@ -34,6 +34,20 @@ def test_karras_alias_sets_option():
     assert cfg["use_karras_sigmas"] is True
 
 
+@pytest.mark.parametrize("name", ["ddim", "DDIMScheduler"])
+def test_swapped_in_ddim_does_not_clip_latents_unless_the_config_says(name):
+    dpm = {k: v for k, v in SD15.items() if k != "clip_sample"}
+    dpm["_class_name"] = "DPMSolverMultistepScheduler"
+    assert resolve_scheduler(name, dpm)[1]["clip_sample"] is False
+    x0 = np.full((1, 4, 8, 8), 3.0, np.float32)  # |x0| > 1, as latents often are
+    s = create_scheduler(name, {**dpm, "prediction_type": "sample"}, 10)
+    sample = np.zeros_like(x0)
+    for i in range(len(s.timesteps)):
+        sample = s.step(i, sample, x0)
+    assert float(sample.min()) > 2.9  # ends at x0 (~3), not at a clipped 1
+    assert resolve_scheduler(name, {**dpm, "clip_sample": True})[1]["clip_sample"] is True
+
+
 def test_steps_out_of_order_rejected():
     s = create_scheduler("dpmpp_2m", SD15, 5)
     x = np.zeros((1, 4, 2, 2), np.float32)
