@@ -139,7 +139,8 @@ def convert(checkpoint: str | Path, output: str | Path, *, fmt: str = "onnx",
         raise ConversionError("--sizes is for --format tflite (ONNX graphs take any size)")
     if int8_method not in ("dynamic", "static"):
         raise ConversionError(f"int8 method {int8_method!r} unknown; use dynamic or static")
-    if name is not None and not name.strip():
+    name = name.strip() if name is not None else None  # a shell's stray spaces are no name
+    if name == "":
         raise ConversionError("--name must not be empty (leave it out to use the checkpoint "
                               "folder's name)")
     precisions = parse_precision(precision)

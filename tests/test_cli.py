@@ -33,7 +33,7 @@ def test_convert_cli_progress_and_overwrite(models, tmp_path, capsys):
     assert "--name" in capsys.readouterr().err
     assert (out / "manifest.json").exists()
     assert convert_main([str(ckpt), "-o", str(out), "--overwrite", "--default-steps", "9",
-                         "--name", "tiny-2"]) == 0
+                         "--name", " tiny-2 "]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["defaults"]["steps"] == 9 and manifest["source"]["name"] == "tiny-2"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
