@@ -165,8 +165,8 @@ def format_report(report: dict[str, Any]) -> str:
     e = report["end_to_end"]
     lines.append(f"end to end over {len(e['images'])} images: PSNR {e['psnr']:.2f} dB, SSIM "
                  f"{e['ssim']:.4f}, max abs {e['max_abs']}/255; UNet step "
-                 f"{e['unet_step_seconds'] * 1e3:.1f} ms vs {e['reference_unet_step_seconds'] * 1e3:.1f}"
-                 " ms (reference)")
+                 f"{e['unet_step_seconds'] * 1e3:.1f} ms vs "
+                 f"{e['reference_unet_step_seconds'] * 1e3:.1f} ms (reference)")
     if "evaluation" in report:
         t, r = (report["evaluation"][k]["accuracy"] for k in ("test", "reference"))
         lines.append(f"held-out prompts ({report['evaluation']['test']['prompts']}), whole prompt "

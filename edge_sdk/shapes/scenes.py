@@ -91,7 +91,8 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     return f"{a_bg} {bg} background with {obj}{pos}"
 
 
-def object_centres(scene: Scene, rng: np.random.Generator | None = None) -> list[tuple[float, float]]:
+def object_centres(scene: Scene,
+                   rng: np.random.Generator | None = None) -> list[tuple[float, float]]:
     cx, cy = _CENTRES[scene.position]
     if rng is not None:
         cx, cy = cx + rng.uniform(-5, 5), cy + rng.uniform(-5, 5)
