@@ -45,7 +45,10 @@ def _run_pair(class_name: str, config: dict, steps: int, seed: int) -> float:
     ref.set_timesteps(steps)
     ours = create_scheduler(class_name, config, steps)
     np.testing.assert_allclose(ours.timesteps, ref.timesteps.numpy(), rtol=0, atol=1e-3)
-    assert abs(ours.init_noise_sigma - float(ref.init_noise_sigma)) < 1e-4
+    # 1e-4, or 1e-7 of it: zero terminal SNR puts sigma_max at 4096, where one float32 ulp
+    # is 5e-4 and hosts differ in that ulp (4095.99976 vs 4096.0 on an AMD EPYC host)
+    ref_sigma = float(ref.init_noise_sigma)
+    assert abs(ours.init_noise_sigma - ref_sigma) <= max(1e-4, 1e-7 * ref_sigma)
     rng = np.random.default_rng(seed)
     worst = 0.0
     for i, t in enumerate(ref.timesteps):
@@ -59,10 +62,13 @@ def _run_pair(class_name: str, config: dict, steps: int, seed: int) -> float:
         ref_out = ref.step(torch.from_numpy(out), t, torch.from_numpy(sample)).prev_sample.numpy()
         our_out = ours.step(i, sample, out, noise=noise)
         assert our_out.dtype == np.float32
-        # 1e-5 absolute, plus 1e-6 of the largest value the step works on: with linear betas
+        # an absolute bound (the assert below), plus 1e-6 of the largest value the step works on: with linear betas
         # samples reach ~400, where one float32 ulp is already 3e-5, and DPM-Solver's x0
         # predictions reach ~60x the sample (torch's sqrt/log also differ from numpy's in the
-        # last ulp). SD's scaled_linear 2nd-order schedules stay within 1e-5 absolute.
+        # last ulp). SD's scaled_linear schedules stay within 1e-5 absolute on most hosts;
+        # 3rd-order DPM-Solver, which sums three outputs with large coefficients, reached
+        # 1.2e-5 on an AMD EPYC host with the same packages, hence 2e-5 (a wrong formula is
+        # off by 1e-2 or more).
         history = [o for o in getattr(ours, "_outputs", []) if o is not None]
         scale = max([float(np.abs(a).max()) for a in [sample, *history]])
         excess = np.abs(our_out - ref_out) - 1e-6 * scale
@@ -92,7 +98,7 @@ def test_matches_diffusers_step_by_step(class_name, prediction_type, spacing, be
             if class_name == "PNDMScheduler" and not config["skip_prk_steps"] and steps < 5:
                 continue
             worst = _run_pair(class_name, config, steps, seed=steps)
-            assert worst < 1e-5, f"{config} steps={steps}: max abs diff {worst:.3g}"
+            assert worst < 2e-5, f"{config} steps={steps}: max abs diff {worst:.3g}"
 
 
 ZERO_SNR = ["DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
