@@ -62,13 +62,12 @@ def _run_pair(class_name: str, config: dict, steps: int, seed: int) -> float:
         ref_out = ref.step(torch.from_numpy(out), t, torch.from_numpy(sample)).prev_sample.numpy()
         our_out = ours.step(i, sample, out, noise=noise)
         assert our_out.dtype == np.float32
-        # an absolute bound (the assert below), plus 1e-6 of the largest value the step works on: with linear betas
-        # samples reach ~400, where one float32 ulp is already 3e-5, and DPM-Solver's x0
-        # predictions reach ~60x the sample (torch's sqrt/log also differ from numpy's in the
-        # last ulp). SD's scaled_linear schedules stay within 1e-5 absolute on most hosts;
-        # 3rd-order DPM-Solver, which sums three outputs with large coefficients, reached
-        # 1.2e-5 on an AMD EPYC host with the same packages, hence 2e-5 (a wrong formula is
-        # off by 1e-2 or more).
+        # an absolute bound (the assert below), plus 1e-6 of the largest value the step
+        # works on: with linear betas samples reach ~400, where one float32 ulp is already
+        # 3e-5, and DPM-Solver's x0 predictions reach ~60x the sample (torch's sqrt/log also
+        # differ from numpy's in the last ulp). SD's scaled_linear schedules stay within 1e-5
+        # absolute on most hosts; 3rd-order DPM-Solver, which sums three outputs with large
+        # coefficients, reached 1.2e-5 on an AMD EPYC host with the same packages, hence 2e-5.
         history = [o for o in getattr(ours, "_outputs", []) if o is not None]
         scale = max([float(np.abs(a).max()) for a in [sample, *history]])
         excess = np.abs(our_out - ref_out) - 1e-6 * scale
