@@ -203,11 +203,14 @@ def sample_timesteps(n: int, gen: torch.Generator, mid: float = 0.0,
 def train_unet(unet, text, tok, latents, scenes, steps: int, batch: int, seed: int,
                device: str = "cpu", masks: torch.Tensor | None = None,
                object_gain: float = 0.0, lr: float = 5e-4, warmup: int = 300,
-               mid_timesteps: float = 0.0, mid_centre: int = 500, uniform_steps: int = 0):
+               mid_timesteps: float = 0.0, mid_centre: int = 500, uniform_steps: int = 0,
+               late_steps: int = 0, late_centre: int = 400):
     """`object_gain > 0`: the error on latent pixels an object touches counts 1 + gain
     times (shapes live in a few latent pixels; the flat background is most of the loss).
     `mid_timesteps`: see sample_timesteps; the first `uniform_steps` steps draw timesteps
-    uniformly all the same (the layout first, then the shapes)."""
+    uniformly all the same (the layout first, then the shapes), and the last `late_steps`
+    centre the logit-normal draws on `late_centre` instead of `mid_centre` (the shapes
+    last, once the layout is learned)."""
     from diffusers import DDPMScheduler
     sched = DDPMScheduler(**NOISE_SCHEDULE, num_train_timesteps=1000)
     acp = sched.alphas_cumprod.double()
@@ -230,7 +233,8 @@ def train_unet(unet, text, tok, latents, scenes, steps: int, batch: int, seed: i
         # drawn on the CPU generator whatever the device: the same noise on every device
         noise = torch.randn(x0.shape, generator=gen).to(device)
         mid = mid_timesteps if step >= uniform_steps else 0.0
-        t = sample_timesteps(batch, gen, mid, mid_centre).to(device)
+        centre = late_centre if step >= steps - late_steps else mid_centre
+        t = sample_timesteps(batch, gen, mid, centre).to(device)
         xt = sched.add_noise(x0, noise, t)
         pred = unet(xt, t, text(ids)[0]).sample
         target = sched.get_velocity(x0, noise, t)
@@ -304,6 +308,10 @@ def main() -> None:
     ap.add_argument("--uniform-steps", type=int, default=0,
                     help="the first N UNet steps draw timesteps uniformly (the layout first), "
                     "whatever --mid-timesteps")
+    ap.add_argument("--late-steps", type=int, default=0,
+                    help="the last N UNet steps centre the logit-normal draws on --late-centre")
+    ap.add_argument("--late-centre", type=int, default=400,
+                    help="their centre (1-999): lower means less noise, where shapes are decided")
     ap.add_argument("--lr", type=float, default=5e-4, help="UNet + text encoder peak LR")
     ap.add_argument("--shape-p", type=lambda s: tuple(float(v) for v in s.split(",")),
                     default=(0.15, 0.35, 0.3, 0.2),
@@ -358,13 +366,14 @@ def main() -> None:
     unet, text = train_unet(unet, text, tok, latents, scenes, args.unet_steps,
                             args.unet_batch, args.seed, dev, masks, args.object_gain,
                             lr=args.lr, mid_timesteps=args.mid_timesteps,
-                            mid_centre=args.mid_centre, uniform_steps=args.uniform_steps)
+                            mid_centre=args.mid_centre, uniform_steps=args.uniform_steps,
+                            late_steps=args.late_steps, late_centre=args.late_centre)
     minutes = (time.perf_counter() - t_start) / 60
     pipe = build_pipeline(vae, unet, text, tok)
     info = {k: getattr(args, k) for k in (
         "seed", "vae_steps", "vae_edge_gain", "unet_steps", "unet_batch", "object_gain",
-        "lr", "mid_timesteps", "mid_centre", "uniform_steps", "shape_p", "attn16", "text_time",
-        "layers", "pool", "threads", "device")}
+        "lr", "mid_timesteps", "mid_centre", "uniform_steps", "late_steps", "late_centre",
+        "shape_p", "attn16", "text_time", "layers", "pool", "threads", "device")}
     info.update(minutes=round(minutes, 1), parameters=counts, scaling_factor=scaling,
                 vae_reconstruction=recon, noise_schedule=NOISE_SCHEDULE,
                 torch=torch.__version__)
