@@ -1,6 +1,10 @@
 """Time whole generations: median (and min/max) of N runs after one warm-up.
 
     python -m tests.bench.speed [--model BUNDLE] [--steps 20] [--runs 5] [--size 128]
+        [--scheduler euler_a,dpmpp_2m] [--guidance 2,3]
+
+Several comma-separated schedulers and/or guidance scales are timed in one process, in
+turn, for side-by-side ratios (default: the bundle's own).
 """
 
 from __future__ import annotations
@@ -20,11 +24,22 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--size", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--scheduler", default=None, help="comma-separated, e.g. euler_a,dpmpp_2m")
+    ap.add_argument("--guidance", default=None, help="comma-separated, e.g. 2,3")
     args = ap.parse_args()
     t0 = time.perf_counter()
     pipe = Pipeline.load(args.model, threads=args.threads)
     load = time.perf_counter() - t0
-    kw = dict(steps=args.steps, width=args.size, height=args.size)
+    scheds = args.scheduler.split(",") if args.scheduler else [None]
+    guides = [float(g) for g in args.guidance.split(",")] if args.guidance else [None]
+    for sched in scheds:
+        for g in guides:
+            kw = dict(steps=args.steps, width=args.size, height=args.size,
+                      scheduler=sched, guidance_scale=g)
+            time_one(pipe, kw, args, load)
+
+
+def time_one(pipe: Pipeline, kw: dict, args: argparse.Namespace, load: float) -> None:
     pipe("a red circle on a blue background", seed=0, **kw)  # warm-up
     totals, stages = [], []
     for k in range(args.runs):
