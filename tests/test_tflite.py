@@ -44,14 +44,15 @@ def test_tflite_fp32_bundle_matches_the_onnx_one(models, arch):
 
 @needs_tflite
 def test_the_default_model_as_tflite_gives_the_onnx_image(models):
-    kw = dict(vae_encoder=False, default_steps=20, default_guidance=3.0)
+    kw = dict(vae_encoder=False, default_steps=20, default_guidance=2.0)
     tfl = Pipeline.load(models.bundle("shapes", fmt="tflite", **kw))
     onnx = Pipeline.load(models.bundle("shapes", **kw))
     rng = np.random.default_rng(0)
     for prompt in ("a red circle on a blue background", "two small green squares at the top"):
         lat = rng.standard_normal((1, 4, 16, 16)).astype(np.float32)
-        a = np.asarray(tfl(prompt, latents=lat)).astype(int)
-        b = np.asarray(onnx(prompt, latents=lat)).astype(int)
+        # the seed too: the shipped sampler (Euler ancestral) draws fresh noise every step
+        a = np.asarray(tfl(prompt, latents=lat, seed=7)).astype(int)
+        b = np.asarray(onnx(prompt, latents=lat, seed=7)).astype(int)
         assert np.abs(a - b).max() <= 2
 
 
