@@ -99,7 +99,9 @@ def test_a_tiny_run_is_reproducible_and_converts(tmp_path):
     # the sampler the recipe names is the one the shipped checkpoint (and bundle) default to
     shipped = ROOT / "models" / "shapes" / "checkpoint" / "scheduler" / "scheduler_config.json"
     ours = json.loads((tmp_path / "a" / "scheduler" / "scheduler_config.json").read_text())
-    assert ours == json.loads(shipped.read_text())
+    theirs = json.loads(shipped.read_text())
+    theirs.pop("_diffusers_version")  # another diffusers may also add keys of its own
+    assert {k: ours.get(k) for k in theirs} == theirs
     assert ours["_class_name"] == "EulerAncestralDiscreteScheduler"
     convert(tmp_path / "a", tmp_path / "bundle", precision="fp32", vae_encoder=False,
             default_steps=2, name="tiny-shapes")
