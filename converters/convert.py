@@ -269,7 +269,7 @@ def _manifest(ckpt: Checkpoint, source_name: str, components: dict[str, Componen
         defaults=_defaults(sched, int(unet_cfg["sample_size"]) * vae_factor, default_steps,
                            default_guidance),
         # UNet down/up-sampling needs latent sizes divisible by 2**(levels - 1)
-        extra={"size_multiple": vae_factor * 2 ** (len(unet_cfg["block_out_channels"]) - 1)},
+        extra={N.SIZE_MULTIPLE: vae_factor * 2 ** (len(unet_cfg["block_out_channels"]) - 1)},
     )
 
 

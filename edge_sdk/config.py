@@ -93,7 +93,7 @@ def _side(name: str, value: Any, manifest: Manifest) -> int:
     if value <= 0 or value % f:
         raise InvalidInputError(f"{name} must be a positive multiple of {f} pixels, got {value}; "
                                 f"try {max(f, round(value / f) * f)}")
-    multiple = int(manifest.extra.get("size_multiple", f))
+    multiple = int(manifest.extra.get(names.SIZE_MULTIPLE, f))
     if value % multiple:
         raise InvalidInputError(f"{name}={value}: this model's UNet needs sizes that are "
                                 f"multiples of {multiple} pixels; try "

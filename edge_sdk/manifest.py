@@ -162,6 +162,7 @@ class Manifest:
     def from_dict(cls, data: Any, where: str = names.MANIFEST_FILE) -> "Manifest":
         r = _Reader(where)
         d = r.obj(data, "")
+        _refuse_nan(d, "", where)
         if r.get(d, "format", str) != names.BUNDLE_FORMAT:
             raise ManifestError(f"{where}: 'format' is not {names.BUNDLE_FORMAT!r}; "
                                 "this is not an edge-sdk bundle manifest")
@@ -207,7 +208,7 @@ class Manifest:
                               r.num(df, "guidance_scale", "defaults."),
                               r.pos(df, "width", "defaults."), r.pos(df, "height", "defaults.")),
             format_version=version,
-            extra=d.get("extra", {}) if isinstance(d.get("extra", {}), dict) else {},
+            extra=_extra(r, d),
         )
 
     # -- writing -------------------------------------------------------------------------
@@ -300,6 +301,37 @@ def _component(r: "_Reader", name: str, c: Any) -> ComponentSpec:
     return ComponentSpec(name=name, format=r.choice(c, "format", names.BACKEND_FORMATS, pre),
                          path=path, precision=r.get(c, "precision", str, pre), files=files,
                          inputs=specs("inputs"), outputs=specs("outputs"))
+
+
+def _extra(r: _Reader, d: Mapping[str, Any]) -> dict[str, Any]:
+    """`extra`, with the keys this runtime reads checked here, at load, rather than failing
+    with a bare ValueError mid-generation (VAE stages are checked against the components by
+    edge_sdk.vae.decoder_stages)."""
+    extra = d.get("extra", {})
+    if not isinstance(extra, dict):
+        return {}
+    if names.SIZE_MULTIPLE in extra:
+        r.pos(extra, names.SIZE_MULTIPLE, "extra.")
+    sizes = extra.get(names.TFLITE_SIZES)
+    if sizes is not None and not (isinstance(sizes, list) and sizes and all(
+            isinstance(hw, list) and len(hw) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in hw)
+            for hw in sizes)):
+        raise ManifestError(f"{r.where}: field 'extra.{names.TFLITE_SIZES}' must be a list of "
+                            f"[height, width] pairs, got {sizes!r}; re-convert the bundle")
+    return extra
+
+
+def _refuse_nan(value: Any, path: str, where: str) -> None:
+    """NaN means nothing in a manifest (infinities do: diffusers writes -Infinity)."""
+    if isinstance(value, float) and math.isnan(value):
+        raise ManifestError(f"{where}: field '{path}' is NaN; re-convert the bundle")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _refuse_nan(v, f"{path}.{k}" if path else str(k), where)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _refuse_nan(v, f"{path}[{i}]", where)
 
 
 class _Reader:

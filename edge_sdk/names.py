@@ -47,3 +47,5 @@ BACKEND_FORMATS = ("onnx", "tflite")
 VAE_STAGES = "vae_decoder_stages"
 # manifest.extra key: the image sizes ([height, width] pixels) a TFLite bundle was exported for
 TFLITE_SIZES = "tflite_sizes"
+# manifest.extra key: image sides must be multiples of this many pixels (the UNet's levels)
+SIZE_MULTIPLE = "size_multiple"

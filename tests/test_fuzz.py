@@ -7,8 +7,10 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -69,6 +71,22 @@ def test_mutated_manifests_load_or_raise_manifest_error(data):
         return
     # accepted: then it must be self-consistent enough to round-trip
     assert Manifest.from_dict(json.loads(m.to_json())) == m
+
+
+@pytest.mark.parametrize("section,key,value,message", [
+    # the fuzzer's find: a NaN size multiple loaded, then failed mid-generation on int(nan)
+    ("extra", "size_multiple", float("nan"), "extra.size_multiple' is NaN"),
+    ("extra", "size_multiple", 0, "extra.size_multiple' must be > 0"),
+    ("extra", "size_multiple", "8", "extra.size_multiple' has the wrong type"),
+    ("extra", "tflite_sizes", [[128]], "extra.tflite_sizes' must be a list of"),
+    ("scheduler", "beta_end", float("nan"), "scheduler.beta_end' is NaN"),
+    ("vae", "shift_factor", float("nan"), "vae.shift_factor' is NaN"),
+])
+def test_values_the_runtime_would_choke_on_are_refused_at_load(section, key, value, message):
+    data = copy.deepcopy(VALID)
+    data[section][key] = value
+    with pytest.raises(ManifestError, match=re.escape(message)):
+        Manifest.from_dict(data)
 
 
 @settings(max_examples=200, deadline=None)
