@@ -17,7 +17,7 @@ ROOT=$(cd "$HERE/../.." && pwd)
 # that selftest also runs the LiteRT backend on aarch64. The chroot sees the repo as /src.
 TFL=.arm64-tflite-bundle
 (cd "$ROOT" && python -m converters.cli models/shapes/checkpoint -o "$TFL" --overwrite \
-   --format tflite --no-vae-encoder --default-steps 20 --default-guidance 3 >/dev/null 2>&1)
+   --format tflite --name shapes --no-vae-encoder --default-steps 20 --default-guidance 2 >/dev/null 2>&1)
 echo "== emulated arm64 stage (QEMU_CPU=${QEMU_CPU:-cortex-a72})"
 bash "$HERE/run.sh" /bin/sh -ec "
   echo \"machine: \$(uname -m)\"
