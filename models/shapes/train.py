@@ -32,7 +32,8 @@ from edge_sdk.shapes.scenes import PALETTE, SIZE, caption, object_centres, rando
 log = logging.getLogger("train")
 MAX_TOKENS = 32
 # The guidance the shipped bundle defaults to (edge-convert --default-guidance 2); on the
-# validation set 1.5-2.5 score alike (shape 75-77 %), 5 falls to 60 % (see build_pipeline).
+# validation set 1.5-2.5 score alike (shape 75-77 %); DPM++ 2M at 5 fell to 60 % (see
+# build_pipeline).
 DEFAULT_GUIDANCE = 2.0
 # Zero terminal SNR + v-prediction (Lin et al. 2023). With SD's plain schedule the last
 # training step still leaks the image's low frequencies (sqrt(alpha_bar) = 0.07); on 16x16
