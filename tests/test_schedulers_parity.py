@@ -117,3 +117,36 @@ def test_zero_terminal_snr_matches_diffusers(class_name, spacing):
     for steps in (4, 20):
         worst = _run_pair(class_name, config, steps, seed=steps)
         assert worst < 1e-5, f"{config} steps={steps}: max abs diff {worst:.3g}"
+
+
+@pytest.mark.parametrize("class_name", list(SCHEDULERS))
+@pytest.mark.parametrize("begin", [0, 3, 7])
+def test_add_noise_and_a_run_from_a_begin_index_match_diffusers(class_name, begin):
+    """img2img's path: the clean latents noised to step `begin`, then the steps from there,
+    as diffusers' img2img pipeline drives its schedulers (set_begin_index where the class
+    has one, the timesteps from `begin` on)."""
+    config = {"_class_name": class_name, "num_train_timesteps": 1000, "beta_start": 0.00085,
+              "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1,
+              "skip_prk_steps": True, "set_alpha_to_one": False, "clip_sample": False}
+    ref = getattr(ds, class_name).from_config(config)
+    ref.set_timesteps(10)
+    if hasattr(ref, "set_begin_index"):
+        ref.set_begin_index(begin)
+    ours = create_scheduler(class_name, config, 10)
+    ours.set_begin_index(begin)
+    rng = np.random.default_rng(begin)
+    x0, noise = (rng.standard_normal((1, 4, 6, 5)).astype(np.float32) for _ in range(2))
+    want = ref.add_noise(torch.from_numpy(x0), torch.from_numpy(noise),
+                         ref.timesteps[begin:begin + 1]).numpy()
+    sample = ours.add_noise(x0, noise, begin)
+    np.testing.assert_allclose(sample, want, atol=1e-5, rtol=1e-6)
+    for i in range(begin, 10):
+        t = ref.timesteps[i]
+        out, step_noise = (rng.standard_normal(x0.shape).astype(np.float32) for _ in range(2))
+        _patch_noise(class_name, step_noise)
+        ref_in = ref.scale_model_input(torch.from_numpy(sample), t).numpy()
+        np.testing.assert_allclose(ours.scale_model_input(sample, i), ref_in, atol=1e-5,
+                                   rtol=1e-6)
+        want = ref.step(torch.from_numpy(out), t, torch.from_numpy(sample)).prev_sample.numpy()
+        sample = ours.step(i, sample, out, noise=step_noise)
+        np.testing.assert_allclose(sample, want, atol=1e-4, rtol=1e-5)

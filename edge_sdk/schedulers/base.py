@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import InvalidInputError, SchedulerError
 
 __all__ = ["Scheduler", "alphas_cumprod", "sigmas_of", "karras_sigmas", "sigma_to_t",
-           "threshold_sample", "leading_or_trailing"]
+           "threshold_sample", "leading_or_trailing", "discrete_timesteps", "x0_and_eps", "clamp_x0"]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 SPACINGS = ("leading", "trailing", "linspace")
@@ -27,10 +27,11 @@ class Scheduler(ABC):
 
     Create one per generation. `timesteps[i]` is what the UNet gets at call `i`; call
     `scale_model_input(sample, i)` before the UNet and `step(i, sample, model_output)` after
-    it, for i = 0, 1, ... in order (multistep methods keep history and check the order).
+    it, for i = begin_index, begin_index + 1, ... in order (multistep methods keep history,
+    so the order is checked). `set_begin_index(k)` starts the run at step k (img2img's
+    strength), where `add_noise(x0, noise, k)` puts a clean sample.
     """
 
-    name: ClassVar[str]  # short name, e.g. "euler"
     class_name: ClassVar[str]  # diffusers class name, e.g. "EulerDiscreteScheduler"
     defaults: ClassVar[dict[str, Any]]  # diffusers' __init__ defaults
     supported: ClassVar[dict[str, tuple[Any, ...]]] = {}  # option -> accepted values
@@ -43,7 +44,11 @@ class Scheduler(ABC):
         self.num_inference_steps = num_inference_steps
         self.alphas_cumprod = alphas_cumprod(self.config)
         self.init_noise_sigma = 1.0
-        self._next = 0
+        # alpha_bar "before" the first training step, where DDIM-style steps end
+        self.final_alpha_cumprod = 1.0 if self.config.get("set_alpha_to_one", True) \
+            else float(self.alphas_cumprod[0])
+        self.begin_index = 0
+        self.step_index: int | None = None  # the last step taken (None: none yet)
 
     # -- config --------------------------------------------------------------------------
     @classmethod
@@ -67,20 +72,33 @@ class Scheduler(ABC):
     # -- the loop ------------------------------------------------------------------------
     timesteps: np.ndarray
 
-    def __len__(self) -> int:
-        return len(self.timesteps)
+    def set_begin_index(self, begin_index: int) -> None:
+        """Start denoising at step `begin_index` instead of 0 (before any step)."""
+        if self.step_index is not None:
+            raise SchedulerError(f"{self.class_name}: set_begin_index after a step was taken")
+        if not 0 <= begin_index < len(self.timesteps):
+            raise InvalidInputError(f"begin index {begin_index} is outside the "
+                                    f"{len(self.timesteps)} steps")
+        self.begin_index = begin_index
 
     def scale_model_input(self, sample: np.ndarray, i: int) -> np.ndarray:
         return sample
+
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
+        """`original` (clean latents) noised to the level the UNet expects at step `i`:
+        sqrt(a_t) x0 + sqrt(1 - a_t) noise (DDPM's forward process, eq. 4)."""
+        a_t = self.alphas_cumprod[int(self.timesteps[i])]  # float32, as diffusers
+        return (a_t**0.5 * original + (1 - a_t) ** 0.5 * noise).astype(np.float32)
 
     def step(self, i: int, sample: np.ndarray, model_output: np.ndarray,
              rng: np.random.Generator | None = None,
              noise: np.ndarray | None = None) -> np.ndarray:
         """Advance from timestep `i` to `i + 1`. Stochastic schedulers take `noise` (a
         standard-normal array shaped like `sample`) or draw it from `rng`."""
-        if i != self._next:
+        expected = self.begin_index if self.step_index is None else self.step_index + 1
+        if i != expected:
             raise SchedulerError(f"{self.class_name}.step called with i={i}, expected "
-                                 f"{self._next}: steps must run in order (create a new scheduler "
+                                 f"{expected}: steps must run in order (create a new scheduler "
                                  "for a new generation)")
         if self.stochastic and noise is None:
             if rng is None:
@@ -88,7 +106,7 @@ class Scheduler(ABC):
             noise = rng.standard_normal(sample.shape, dtype=np.float32)
         out = self._step(i, sample.astype(np.float32, copy=False),
                          model_output.astype(np.float32, copy=False), noise)
-        self._next = i + 1
+        self.step_index = i
         return out.astype(np.float32, copy=False)
 
     @abstractmethod
@@ -177,6 +195,16 @@ def leading_or_trailing(cfg: Mapping[str, Any], n: int) -> np.ndarray:
     return np.round(np.arange(T, 0, -ratio)) - 1
 
 
+def discrete_timesteps(cfg: Mapping[str, Any], n: int) -> np.ndarray:
+    """Descending integer timesteps of DDIM-style schedulers for each spacing."""
+    if cfg["timestep_spacing"] == "linspace":
+        T = int(cfg["num_train_timesteps"])
+        ts = np.linspace(0, T - 1, n).round()[::-1]
+    else:
+        ts = leading_or_trailing(cfg, n)
+    return ts.astype(np.int64)
+
+
 def threshold_sample(x0: np.ndarray, ratio: float, max_value: float) -> np.ndarray:
     """Saharia et al. 2022 dynamic thresholding of the predicted x0, per batch item."""
     b = x0.shape[0]
@@ -186,12 +214,21 @@ def threshold_sample(x0: np.ndarray, ratio: float, max_value: float) -> np.ndarr
     return (np.clip(flat, -s, s) / s).reshape(x0.shape).astype(x0.dtype)
 
 
-def x0_and_eps(prediction_type: str, sample: np.ndarray, out: np.ndarray,
-               a_t: float) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted clean sample and noise from the model output, for alpha_bar_t = a_t."""
-    b_t = 1 - a_t
+def x0_and_eps(prediction_type: str, sample: np.ndarray, out: np.ndarray, alpha: float,
+               sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted clean sample and noise from the model output, where the sample is
+    alpha * x0 + sigma * eps (alpha = sqrt(alpha_bar_t), sigma = sqrt(1 - alpha_bar_t))."""
     if prediction_type == "epsilon":
-        return (sample - b_t**0.5 * out) / a_t**0.5, out
+        return (sample - sigma * out) / alpha, out
     if prediction_type == "sample":
-        return out, (sample - a_t**0.5 * out) / b_t**0.5
-    return a_t**0.5 * sample - b_t**0.5 * out, a_t**0.5 * out + b_t**0.5 * sample
+        return out, (sample - alpha * out) / sigma
+    return alpha * sample - sigma * out, alpha * out + sigma * sample
+
+
+def clamp_x0(cfg: Mapping[str, Any], x0: np.ndarray) -> np.ndarray:
+    """The config's dynamic thresholding (Saharia et al. 2022) or plain clipping of x0."""
+    if cfg.get("thresholding"):
+        return threshold_sample(x0, cfg["dynamic_thresholding_ratio"], cfg["sample_max_value"])
+    if cfg.get("clip_sample"):
+        return np.clip(x0, -cfg["clip_sample_range"], cfg["clip_sample_range"])
+    return x0

@@ -6,11 +6,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .base import Scheduler, leading_or_trailing, threshold_sample, x0_and_eps
+from .base import Scheduler, clamp_x0, discrete_timesteps, x0_and_eps
 
 
 class DDIMScheduler(Scheduler):
-    name = "ddim"
     class_name = "DDIMScheduler"
     defaults = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
                     beta_schedule="linear", trained_betas=None, clip_sample=True,
@@ -23,12 +22,7 @@ class DDIMScheduler(Scheduler):
         cfg, n = self.config, num_inference_steps
         T = int(cfg["num_train_timesteps"])
         self._check_steps_limit(T, "num_train_timesteps")
-        self.final_alpha_cumprod = 1.0 if cfg["set_alpha_to_one"] else float(self.alphas_cumprod[0])
-        if cfg["timestep_spacing"] == "linspace":
-            ts = np.linspace(0, T - 1, n).round()[::-1]
-        else:
-            ts = leading_or_trailing(cfg, n)
-        self.timesteps = ts.astype(np.int64)
+        self.timesteps = discrete_timesteps(cfg, n)
         # diffusers steps back by T // n whatever the spacing; we do the same to match it.
         self._stride = T // n
 
@@ -39,10 +33,8 @@ class DDIMScheduler(Scheduler):
         prev = t - self._stride
         a_t = float(self.alphas_cumprod[t])
         a_prev = float(self.alphas_cumprod[prev]) if prev >= 0 else self.final_alpha_cumprod
-        x0, eps = x0_and_eps(cfg["prediction_type"], sample, model_output, a_t)
-        if cfg["thresholding"]:
-            x0 = threshold_sample(x0, cfg["dynamic_thresholding_ratio"], cfg["sample_max_value"])
-        elif cfg["clip_sample"]:
-            x0 = np.clip(x0, -cfg["clip_sample_range"], cfg["clip_sample_range"])
+        x0, eps = x0_and_eps(cfg["prediction_type"], sample, model_output, a_t**0.5,
+                             (1 - a_t) ** 0.5)
+        x0 = clamp_x0(cfg, x0)
         # (12) of the DDIM paper with sigma_t = 0
         return a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps

@@ -8,11 +8,11 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .base import Scheduler, karras_sigmas, sigma_to_t, sigmas_of, threshold_sample
+from .base import (Scheduler, clamp_x0, karras_sigmas, sigma_to_t, sigmas_of,
+                   x0_and_eps)
 
 
 class DPMSolverMultistepScheduler(Scheduler):
-    name = "dpmpp_2m"
     class_name = "DPMSolverMultistepScheduler"
     defaults = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
                     beta_schedule="linear", trained_betas=None, solver_order=2,
@@ -74,18 +74,14 @@ class DPMSolverMultistepScheduler(Scheduler):
             lam = np.log(alpha) - np.log(s)
         return alpha, s, lam
 
-    def _to_x0(self, i: int, sample: np.ndarray, out: np.ndarray) -> np.ndarray:
-        cfg = self.config
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
         alpha, sigma, _ = self._alpha_sigma(self.sigmas[i])
-        if cfg["prediction_type"] == "epsilon":
-            x0 = (sample - sigma * out) / alpha
-        elif cfg["prediction_type"] == "v_prediction":
-            x0 = alpha * sample - sigma * out
-        else:
-            x0 = out
-        if cfg["thresholding"]:
-            x0 = threshold_sample(x0, cfg["dynamic_thresholding_ratio"], cfg["sample_max_value"])
-        return x0
+        return (alpha * original + sigma * noise).astype(np.float32)
+
+    def _to_x0(self, i: int, sample: np.ndarray, out: np.ndarray) -> np.ndarray:
+        alpha, sigma, _ = self._alpha_sigma(self.sigmas[i])
+        x0, _ = x0_and_eps(self.config["prediction_type"], sample, out, alpha, sigma)
+        return clamp_x0(self.config, x0)
 
     def _step(self, i: int, sample: np.ndarray, model_output: np.ndarray,
               noise: np.ndarray | None) -> np.ndarray:

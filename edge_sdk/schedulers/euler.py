@@ -34,6 +34,10 @@ class SigmaScheduler(Scheduler):
         sigma = self.sigmas[i]  # float32 scalar: the same rounding as diffusers' tensors
         return (sample / (sigma**2 + 1) ** 0.5).astype(np.float32)
 
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, i: int) -> np.ndarray:
+        """x = x0 + sigma_i * noise (the variance-exploding form these schedulers use)."""
+        return (original + noise * self.sigmas[i]).astype(np.float32)
+
     def _x0(self, sample: np.ndarray, out: np.ndarray, sigma: np.float32,
             sigma_hat: np.float32) -> np.ndarray:
         pt = self.config["prediction_type"]
@@ -45,7 +49,6 @@ class SigmaScheduler(Scheduler):
 
 
 class EulerDiscreteScheduler(SigmaScheduler):
-    name = "euler"
     class_name = "EulerDiscreteScheduler"
     defaults = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
                     beta_schedule="linear", trained_betas=None, prediction_type="epsilon",

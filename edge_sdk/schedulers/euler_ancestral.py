@@ -11,7 +11,6 @@ from .euler import SigmaScheduler, euler_timesteps
 
 
 class EulerAncestralDiscreteScheduler(SigmaScheduler):
-    name = "euler_a"
     class_name = "EulerAncestralDiscreteScheduler"
     stochastic = True
     defaults = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,

@@ -6,11 +6,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .base import Scheduler, threshold_sample, x0_and_eps
+from .base import Scheduler, clamp_x0, x0_and_eps
 
 
 class LCMScheduler(Scheduler):
-    name = "lcm"
     class_name = "LCMScheduler"
     stochastic = True
     defaults = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
@@ -26,7 +25,6 @@ class LCMScheduler(Scheduler):
         cfg, n = self.config, num_inference_steps
         T, orig = int(cfg["num_train_timesteps"]), int(cfg["original_inference_steps"])
         self._check_steps_limit(orig, "the LCM distillation schedule (original_inference_steps)")
-        self.final_alpha_cumprod = 1.0 if cfg["set_alpha_to_one"] else float(self.alphas_cumprod[0])
         origin = (np.arange(1, orig + 1) * (T // orig) - 1)[::-1]
         idx = np.floor(np.linspace(0, len(origin), num=n, endpoint=False)).astype(np.int64)
         self.timesteps = origin[idx].astype(np.int64)
@@ -42,11 +40,9 @@ class LCMScheduler(Scheduler):
         st = t * cfg["timestep_scaling"]
         c_skip = 0.25 / (st**2 + 0.25)
         c_out = st / (st**2 + 0.25) ** 0.5
-        x0, _ = x0_and_eps(cfg["prediction_type"], sample, model_output, a_t)
-        if cfg["thresholding"]:
-            x0 = threshold_sample(x0, cfg["dynamic_thresholding_ratio"], cfg["sample_max_value"])
-        elif cfg["clip_sample"]:
-            x0 = np.clip(x0, -cfg["clip_sample_range"], cfg["clip_sample_range"])
+        x0, _ = x0_and_eps(cfg["prediction_type"], sample, model_output, a_t**0.5,
+                           (1 - a_t) ** 0.5)
+        x0 = clamp_x0(cfg, x0)
         denoised = c_out * x0 + c_skip * sample
         if i == len(self.timesteps) - 1:
             return denoised

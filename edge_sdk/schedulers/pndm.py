@@ -10,11 +10,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .base import Scheduler
+from .base import Scheduler, discrete_timesteps, x0_and_eps
 
 
 class PNDMScheduler(Scheduler):
-    name = "pndm"
     class_name = "PNDMScheduler"
     defaults = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02,
                     beta_schedule="linear", trained_betas=None, skip_prk_steps=False,
@@ -27,13 +26,7 @@ class PNDMScheduler(Scheduler):
         cfg, n = self.config, num_inference_steps
         T = int(cfg["num_train_timesteps"])
         self._check_steps_limit(T, "num_train_timesteps")
-        self.final_alpha_cumprod = 1.0 if cfg["set_alpha_to_one"] else float(self.alphas_cumprod[0])
-        if cfg["timestep_spacing"] == "linspace":
-            base = np.linspace(0, T - 1, n).round().astype(np.int64)
-        elif cfg["timestep_spacing"] == "leading":
-            base = (np.arange(0, n) * (T // n)).round() + cfg["steps_offset"]
-        else:
-            base = (np.round(np.arange(T, 0, -T / n))[::-1] - 1).astype(np.int64)
+        base = discrete_timesteps(cfg, n)[::-1]  # ascending
         self._stride = T // n
         if cfg["skip_prk_steps"]:
             self.prk_timesteps = np.array([], dtype=np.int64)
@@ -52,12 +45,14 @@ class PNDMScheduler(Scheduler):
 
     def _step(self, i: int, sample: np.ndarray, model_output: np.ndarray,
               noise: np.ndarray | None) -> np.ndarray:
-        if i < len(self.prk_timesteps) and not self.config["skip_prk_steps"]:
+        # PNDM's phases count calls from the first one run (diffusers' `counter`), while the
+        # timestep is the i-th: they differ when the run starts at a begin index
+        if i - self.begin_index < len(self.prk_timesteps) and not self.config["skip_prk_steps"]:
             return self._step_prk(i, sample, model_output)
         return self._step_plms(i, sample, model_output)
 
-    def _step_prk(self, i: int, sample: np.ndarray, out: np.ndarray) -> np.ndarray:
-        t = int(self.timesteps[i])
+    def _step_prk(self, step: int, sample: np.ndarray, out: np.ndarray) -> np.ndarray:
+        t, i = int(self.timesteps[step]), step - self.begin_index
         prev = t - (0 if i % 2 else self._stride // 2)
         t = int(self.prk_timesteps[i // 4 * 4])
         # Runge-Kutta 4 weights 1/6, 1/3, 1/3, 1/6 over the four evaluations
@@ -73,8 +68,8 @@ class PNDMScheduler(Scheduler):
         cur = self._cur_sample if self._cur_sample is not None else sample
         return self._prev_sample(cur, t, prev, out)
 
-    def _step_plms(self, i: int, sample: np.ndarray, out: np.ndarray) -> np.ndarray:
-        t = int(self.timesteps[i])
+    def _step_plms(self, step: int, sample: np.ndarray, out: np.ndarray) -> np.ndarray:
+        t, i = int(self.timesteps[step]), step - self.begin_index
         prev = t - self._stride
         if i != 1:
             self._ets = self._ets[-3:] + [out]
@@ -99,7 +94,7 @@ class PNDMScheduler(Scheduler):
         a_prev = float(self.alphas_cumprod[prev]) if prev >= 0 else self.final_alpha_cumprod
         b_t, b_prev = 1 - a_t, 1 - a_prev
         if self.config["prediction_type"] == "v_prediction":
-            out = a_t**0.5 * out + b_t**0.5 * sample
+            out = x0_and_eps("v_prediction", sample, out, a_t**0.5, b_t**0.5)[1]
         # formula (9) of the PNDM paper
         sample_coeff = (a_prev / a_t) ** 0.5
         denom = a_t * b_prev**0.5 + (a_t * b_t * a_prev) ** 0.5
