@@ -11,7 +11,6 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
 
 from edge_sdk.errors import ConversionError
 from edge_sdk.manifest import FileEntry, Manifest, TensorSpec, sha256_file
@@ -150,7 +149,3 @@ def write_manifest(folder: Path, manifest: Manifest) -> None:
     # runtime would refuse.
     Manifest.from_dict(manifest.to_dict(), where="generated manifest")
     (folder / N.MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")
-
-
-def iter_bundle_files(folder: Path) -> Iterator[Path]:
-    return (p for p in sorted(folder.iterdir()) if p.is_file())

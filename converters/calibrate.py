@@ -8,17 +8,19 @@ bundle over a prompt list with the edge_sdk runtime and record every UNet input.
 from __future__ import annotations
 
 import logging
+import tempfile
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from edge_sdk import GenerationConfig, Pipeline
 from edge_sdk import names as N
-from edge_sdk.denoise import denoise
 from edge_sdk.errors import ConversionError
-from edge_sdk.schedulers import create_scheduler
+from edge_sdk.manifest import Manifest
 
+from .options import ConvertOptions
 from .quantize import run_ort_quantizer, save_graph
 
 log = logging.getLogger(__name__)
@@ -49,9 +51,9 @@ def read_prompts(path: str | Path | None) -> list[str]:
 class _Recorder:
     """A Session that records what it is fed (the calibration data)."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, feeds: list[dict[str, np.ndarray]]) -> None:
         self.inner, self.inputs, self.outputs = inner, inner.inputs, inner.outputs
-        self.feeds: list[dict[str, np.ndarray]] = []
+        self.feeds = feeds
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.feeds.append({k: np.array(v, copy=True) for k, v in feeds.items()})
@@ -60,23 +62,38 @@ class _Recorder:
 
 def unet_trajectories(bundle: Path, prompts: Sequence[str], steps: int | None = None,
                       seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """The UNet inputs of generating each prompt with the fp32 `bundle` (its defaults)."""
+    """The UNet inputs of generating each prompt with the fp32 `bundle` (its defaults; the
+    k-th prompt with seed `seed + k`), recorded from the runtime's own generation."""
     pipe = Pipeline.load(bundle)
-    rec = _Recorder(pipe.session(N.UNET))
-    m = pipe.manifest
+    feeds: list[dict[str, np.ndarray]] = []
+    pipe.components.wrap(N.UNET, lambda session: _Recorder(session, feeds))
     for k, prompt in enumerate(prompts):
-        cfg = GenerationConfig(steps=steps, seed=seed + k).resolve(m)
-        embeds = pipe.encode_prompt(prompt, None, 1, cfg.guidance_scale)
-        sched = create_scheduler(cfg.scheduler, {**m.scheduler,
-                                                 "prediction_type": m.prediction_type}, cfg.steps)
-        f = m.vae.scale_factor
-        rng = np.random.default_rng(cfg.seed)
-        noise = rng.standard_normal((1, m.unet.in_channels, cfg.height // f, cfg.width // f),
-                                    dtype=np.float32)
-        denoise(rec, sched, noise * np.float32(sched.init_noise_sigma), embeds,
-                cfg.guidance_scale, rng)
-    log.info("calibration: %d UNet calls from %d prompts", len(rec.feeds), len(prompts))
-    return rec.feeds
+        pipe.generate(prompt, GenerationConfig(steps=steps, seed=seed + k))
+    log.info("calibration: %d UNet calls from %d prompts", len(feeds), len(prompts))
+    return feeds
+
+
+# (output, options, progress, UNet source or None) -> the bundle written
+WriteBundle = Callable[..., Manifest]
+
+
+def convert_static(output: str | Path, opts: ConvertOptions, say: Callable[[str], None],
+                   write: WriteBundle) -> Manifest:
+    """Static int8 as its own step: an fp32 bundle converted aside, the runtime's generations
+    over the calibration prompts recorded, then the bundle written with its UNet quantized
+    from the fp32 graph with those activation ranges."""
+    from .export_onnx import INT4_KEEP_FP32
+    prompts = read_prompts(opts.calibration)
+    parent = Path(output).resolve().parent
+    with tempfile.TemporaryDirectory(dir=parent, prefix=".edge-convert-calib-") as tmp:
+        ref = Path(tmp) / "fp32"
+        say("static int8: converting an fp32 reference for calibration")
+        write(ref, replace(opts, precision="fp32", vae_encoder=False, vae_stages=False,
+                           overwrite=False), lambda m: say(f"  (fp32 reference) {m}"))
+        say(f"static int8: calibrating on {len(prompts)} prompts")
+        feeds = unet_trajectories(ref, prompts)
+        return write(output, opts, say, lambda stage: quantize_int8_static(
+            ref / f"{N.UNET}.onnx", stage, N.UNET, feeds, keep=INT4_KEEP_FP32))
 
 
 def quantize_int8_static(graph: Path, out_dir: Path, name: str,

@@ -93,6 +93,44 @@ class Checkpoint:
                     h.update(block)
         return h.hexdigest()
 
+    def tokenizer_config(self) -> dict[str, Any]:
+        p = self.path / "tokenizer" / "tokenizer_config.json"
+        return json.loads(p.read_text()) if p.is_file() else {}
+
+    # -- what this converter supports ----------------------------------------------------
+    def check_supported(self) -> None:
+        """Refuse, before any export, a checkpoint this converter would convert wrongly: a
+        family it does not support yet, or components whose sizes disagree (each a
+        ConversionError naming what was found)."""
+        unet, vae, text = self.config("unet"), self.config("vae"), self.config("text_encoder")
+        if "XL" in self.pipeline_class or (self.path / "text_encoder_2").is_dir() \
+                or unet.get("addition_embed_type") == "text_time":
+            raise ConversionError(f"{self.path}: an SDXL checkpoint ({self.pipeline_class}, "
+                                  "two text encoders, added conditions); edge-convert supports "
+                                  "Stable Diffusion 1.x and 2.x so far")
+        if unet.get("time_cond_proj_dim") is not None:
+            raise ConversionError(f"{self.path}: an LCM-distilled UNet (time_cond_proj_dim="
+                                  f"{unet['time_cond_proj_dim']}: guidance enters as an "
+                                  "embedding); edge-convert does not export that input yet, and "
+                                  "the model would run without it")
+        _same("the text encoder's width (text_encoder hidden_size)", text.get("hidden_size"),
+              "the UNet's cross-attention width (unet cross_attention_dim)",
+              _first(unet.get("cross_attention_dim")))
+        latent = vae.get("latent_channels")
+        if unet.get("in_channels") == 2 * int(latent or 0) + 1:
+            raise ConversionError(f"{self.path}: an inpainting UNet ({unet['in_channels']} input "
+                                  f"channels = latents + mask + masked-image latents); "
+                                  "edge-convert does not support inpainting models yet")
+        for key in ("in_channels", "out_channels"):
+            _same("the VAE's latent channels (vae latent_channels)", latent,
+                  f"the UNet's {key.replace('_', ' ')} (unet {key})", unet.get(key, 4))
+        positions = text.get("max_position_embeddings", 77)
+        length = self.tokenizer_config().get("model_max_length")
+        if isinstance(length, int) and positions < length < 10**6:  # larger: "unset"
+            raise ConversionError(f"{self.path}: the tokenizer's model_max_length ({length}) "
+                                  f"exceeds the text encoder's max_position_embeddings "
+                                  f"({positions}); the components do not belong together")
+
     # -- models --------------------------------------------------------------------------
     def _load(self, cls: Any, name: str) -> Any:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -122,3 +160,14 @@ class Checkpoint:
         except Exception as exc:
             raise ConversionError(f"cannot load tokenizer from {self.path / 'tokenizer'}: {exc}"
                                   ) from exc
+
+
+def _first(value: Any) -> Any:
+    return value[0] if isinstance(value, (list, tuple)) else value
+
+
+def _same(what: str, a: Any, other: str, b: Any) -> None:
+    if a != b:
+        raise ConversionError(f"{what} is {a} but {other} is {b}: the components do not "
+                              "belong together (was one of them replaced?); fix the "
+                              "checkpoint's configs or use matching weights")

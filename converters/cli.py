@@ -14,6 +14,7 @@ from typing import Sequence
 from edge_sdk.cli import run_cli
 
 from . import __version__
+from .options import DEFAULT_OPSET
 
 
 def _convert_parser() -> argparse.ArgumentParser:
@@ -34,7 +35,7 @@ def _convert_parser() -> argparse.ArgumentParser:
                    help="fp32 | fp16 | int8 (text encoder + UNet; the VAE stays fp32) | int4 "
                    "(UNet int4, text encoder int8, VAE fp32), or per component: "
                    "unet=int4,text_encoder=int8,vae=fp16")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
     p.add_argument("--vae-stages", action="store_true",
                    help="also export the VAE decoder as stages for exact tiled decoding "
@@ -124,14 +125,16 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .convert import convert
+    from .convert import ConvertOptions, convert
     t0 = time.perf_counter()
-    convert(args.checkpoint, args.output, fmt=args.format, precision=args.precision,
-            overwrite=args.overwrite, allow_pickle=args.allow_pickle, opset=args.opset,
-            default_steps=args.default_steps, default_guidance=args.default_guidance,
-            vae_encoder=not args.no_vae_encoder, int8_method=args.int8_method,
-            vae_stages=args.vae_stages, attention_chunks=args.attention_chunks,
-            sizes=args.sizes, calibration=args.calibration, name=args.name,
+    options = ConvertOptions(
+        fmt=args.format, precision=args.precision, overwrite=args.overwrite,
+        allow_pickle=args.allow_pickle, opset=args.opset, default_steps=args.default_steps,
+        default_guidance=args.default_guidance, vae_encoder=not args.no_vae_encoder,
+        int8_method=args.int8_method, vae_stages=args.vae_stages,
+        attention_chunks=args.attention_chunks, sizes=args.sizes,
+        calibration=args.calibration, name=args.name)
+    convert(args.checkpoint, args.output, options,
             progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(f"converted in {time.perf_counter() - t0:.1f} s")
     return 0

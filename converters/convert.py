@@ -1,87 +1,42 @@
 """`convert()`: a diffusers checkpoint folder -> an edge-sdk bundle folder.
 
-Components are exported one at a time and freed after export, so peak memory is that of the
-largest component, not the whole pipeline.
+The bundle's roles are exported one at a time, each by its kind's exporter
+(converters.registry) in the asked format, and freed after export, so peak memory is that of
+the largest component, not the whole pipeline. Static int8 is a step of its own: an fp32
+bundle is converted aside, the runtime generates with it to record the UNet's inputs
+(converters.calibrate), and the UNet is quantized from that bundle's graph.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import errno
 import functools
-import gc
 import logging
-import platform
-import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
 from edge_sdk import names as N
+from edge_sdk.contracts import contract_of
 from edge_sdk.errors import ConversionError
-from edge_sdk.manifest import (ComponentSpec, Defaults, Manifest, SourceInfo, UnetSpec,
-                               VaeSpec)
+from edge_sdk.manifest import ComponentSpec, DecoderStage, Manifest
 
-from . import __version__
-from .attention import VAE_AUTO_CHUNKS, auto_chunks, use_chunked_attention
+from .attention import use_chunked_attention
 from .bundle import AtomicBundle, file_entries, onnx_io, write_manifest
+from .bundle_manifest import Layout, build_manifest
 from .checkpoint import Checkpoint
-from .export_onnx import DEFAULT_OPSET, finish_component, trace_fp32
-from .export_tflite import export_tflite, parse_sizes, require_litert_torch, tflite_io
+from .export_onnx import export_onnx
+from .options import ConvertOptions, parse_precision
+from .registry import exporter
 from .tokenizer import export_tokenizer
 
 log = logging.getLogger(__name__)
 
+__all__ = ["convert", "ConvertOptions", "parse_precision"]
+
 Progress = Callable[[str], None]
-# AutoencoderKL's own default, used by diffusers when a VAE config.json omits scaling_factor
-AUTOENCODER_KL_DEFAULT_SCALING = 0.18215
-
-
-# A bare precision sets these components. The VAE is the sensitive part (its output is the
-# image) and stays fp32 unless named (`--precision int8,vae=int8`); the text encoder is small
-# and loses most to 4 bits, so a bare "int4" makes it int8.
-_BARE: dict[str, dict[str, str]] = {
-    "int8": {N.TEXT_ENCODER: "int8", N.UNET: "int8"},
-    "int4": {N.TEXT_ENCODER: "int8", N.UNET: "int4"},
-}
-
-
-def parse_precision(spec: str) -> dict[str, str]:
-    """`fp16` -> every component fp16; `int8` -> text encoder and UNet int8, VAE fp32;
-    `int4` -> UNet int4, text encoder int8, VAE fp32; `unet=int4,vae=fp16` -> per component
-    (`vae` means both VAE halves). Unnamed: fp32."""
-    out = {c: "fp32" for c in N.COMPONENTS}
-    for part in [p.strip() for p in spec.split(",") if p.strip()]:
-        name, _, value = part.rpartition("=")
-        if value not in N.PRECISIONS:
-            raise ConversionError(f"precision {value!r} is not supported; choose one of "
-                                  f"{list(N.PRECISIONS)}")
-        if not name:
-            out.update(_BARE.get(value, {c: value for c in N.COMPONENTS}))
-            continue
-        targets = [N.VAE_DECODER, N.VAE_ENCODER] if name == "vae" else [name]
-        for t in targets:
-            if t not in out:
-                raise ConversionError(f"unknown component {t!r} in --precision; use "
-                                      f"{list(N.COMPONENTS)} or 'vae'")
-            out[t] = value
-    return out
-
-
-def _defaults(sched: dict[str, Any], size: int, steps: int | None,
-              guidance: float | None) -> Defaults:
-    # Distilled models (LCM, Turbo) want few steps and no classifier-free guidance.
-    cls = sched.get("_class_name")
-    if cls == "LCMScheduler":
-        d_steps, d_guid = 4, 1.0
-    elif cls == "EulerAncestralDiscreteScheduler" and sched.get("timestep_spacing") == "trailing":
-        d_steps, d_guid = 1, 0.0  # SD-Turbo's configuration
-    else:
-        d_steps, d_guid = 25, 7.5
-    return Defaults(steps=steps or d_steps,
-                    guidance_scale=d_guid if guidance is None else guidance,
-                    width=size, height=size)
+# (stage folder) -> the UNet's files, made some other way than by exporting it
+UnetSource = Callable[[Path], list[str]]
 
 
 def _storage_errors_reported(fn: Callable[..., Manifest]) -> Callable[..., Manifest]:
@@ -106,240 +61,100 @@ def _storage_errors_reported(fn: Callable[..., Manifest]) -> Callable[..., Manif
 
 
 @_storage_errors_reported
-def convert(checkpoint: str | Path, output: str | Path, *, fmt: str = "onnx",
-            precision: str = "fp32", overwrite: bool = False, allow_pickle: bool = False,
-            opset: int = DEFAULT_OPSET, default_steps: int | None = None,
-            default_guidance: float | None = None, vae_encoder: bool = True,
-            int8_method: str = "dynamic", calibration: str | Path | None = None,
-            vae_stages: bool = False, attention_chunks: int | str = "auto",
-            sizes: str | None = None, name: str | None = None,
-            progress: Progress | None = None,
-            static_unet: Callable[[Path], list[str]] | None = None) -> Manifest:
+def convert(checkpoint: str | Path, output: str | Path, options: ConvertOptions | None = None,
+            *, progress: Progress | None = None, **kwargs: Any) -> Manifest:
     """Convert `checkpoint` into a bundle at `output` and return its manifest.
 
-    `int8_method="static"` makes an int8 UNet static QDQ, calibrated on denoising
-    trajectories of the prompts in `calibration` (one per line; a built-in set if None).
-    `attention_chunks`: the UNet's self-attention in that many query slices in the graph
-    (bounded attention memory) and the VAE's mid-block attention likewise; "auto" slices
-    UNets whose native size has >= 2,048 tokens, and the VAE always (it decodes at the
-    output size, often beyond the native one). `fmt="tflite"`: .tflite components with
-    static shapes, the UNet and VAE for each of `sizes` ("512x512,512x768"; default: the
-    native size); `vae_stages` then adds ONNX decoder stages (a mixed bundle). `name`: the
-    model's name in the manifest (`source.name`; default: the checkpoint folder's name)."""
+    `options` (or keyword arguments naming its fields) say how: see ConvertOptions. Every
+    option and the checkpoint's consistency are checked before anything is exported."""
+    opts = ConvertOptions.of(options, kwargs).validate()
     say = progress or (lambda msg: log.info("%s", msg))
-    if fmt not in N.BACKEND_FORMATS:
-        raise ConversionError(f"format {fmt!r} is not supported; use one of "
-                              f"{list(N.BACKEND_FORMATS)}")
-    if fmt == "tflite":
+    if opts.fmt == "tflite":
+        from .export_tflite import require_litert_torch
         require_litert_torch()
-        if int8_method == "static":
-            raise ConversionError("static int8 is ONNX-only; TFLite int8 is dynamic "
-                                  "(drop --int8-method static)")
-    elif sizes:
-        raise ConversionError("--sizes is for --format tflite (ONNX graphs take any size)")
-    if int8_method not in ("dynamic", "static"):
-        raise ConversionError(f"int8 method {int8_method!r} unknown; use dynamic or static")
-    name = name.strip() if name is not None else None  # a shell's stray spaces are no name
-    if name == "":
-        raise ConversionError("--name must not be empty (leave it out to use the checkpoint "
-                              "folder's name)")
-    precisions = parse_precision(precision)
-    if int8_method == "static" and precisions[N.UNET] == "int8" and static_unet is None:
-        return _convert_static(checkpoint, output, precisions, calibration, say, locals())
-    ckpt = Checkpoint.open(checkpoint, allow_pickle=allow_pickle)
-    text_cfg = ckpt.config("text_encoder")
-    chunks = _attention_chunks(attention_chunks, int(ckpt.config("unet")["sample_size"]))
-    vae_chunks = VAE_AUTO_CHUNKS if attention_chunks == "auto" else chunks
-    plan = [N.TEXT_ENCODER, N.UNET, N.VAE_DECODER] + ([N.VAE_ENCODER] if vae_encoder else [])
-    unet_cfg = ckpt.config("unet")
-    vae_factor = 2 ** (len(ckpt.config("vae")["block_out_channels"]) - 1)
-    text_len = int(text_cfg.get("max_position_embeddings", 77))
-    context_dim = _cross_dim(unet_cfg)
-    tfl_sizes = parse_sizes(sizes, int(unet_cfg["sample_size"]) * vae_factor,
-                            vae_factor * 2 ** (len(unet_cfg["block_out_channels"]) - 1))
+    ckpt = Checkpoint.open(checkpoint, allow_pickle=opts.allow_pickle)
+    ckpt.check_supported()
+    layout = Layout.of(ckpt, opts)
+    name = opts.name or Path(checkpoint).absolute().name
+    if opts.static_int8:
+        from .calibrate import convert_static
+        return convert_static(output, opts, say, lambda out, o, s, unet=None: write_bundle(
+            ckpt, out, o, layout, name, s, unet))
+    return write_bundle(ckpt, output, opts, layout, name, say)
+
+
+def write_bundle(ckpt: Checkpoint, output: str | Path, opts: ConvertOptions, layout: Layout,
+                 name: str, say: Progress, unet_source: UnetSource | None = None) -> Manifest:
+    """Export every role of the bundle into a staging folder, then move it into place."""
+    from .export_tflite import parse_sizes
+    sizes = parse_sizes(opts.sizes, layout.native, layout.size_multiple) \
+        if opts.fmt == "tflite" else None
+    plan = list(N.REQUIRED_COMPONENTS) + ([N.VAE_ENCODER] if opts.vae_encoder else [])
     components: dict[str, ComponentSpec] = {}
-    with AtomicBundle(output, overwrite=overwrite) as stage:
-        vae = None
-        for i, comp in enumerate(plan, 1):
+    with AtomicBundle(output, overwrite=opts.overwrite) as stage:
+        for i, role in enumerate(plan, 1):
             t0 = time.perf_counter()
-            say(f"[{i}/{len(plan)}] {comp}: loading and exporting ({precisions[comp]})")
-            if comp == N.UNET and static_unet is not None:
-                model = None  # quantized from the calibrated fp32 graph, not re-exported
-            elif comp == N.TEXT_ENCODER:
-                model = ckpt.load_text_encoder()
-            elif comp == N.UNET:
-                model = ckpt.load_unet()
-                if chunks > 1:
-                    use_chunked_attention(model, chunks)
-            else:
-                vae = vae if vae is not None else _load_vae(ckpt, vae_chunks)
-                model = vae
-            if comp == N.UNET and static_unet is not None:
-                files = static_unet(stage)
-            elif fmt == "tflite":
-                files = export_tflite(comp, model, stage, precisions[comp], tfl_sizes,
-                                      vae_factor, text_len, context_dim)
-                model = None
-                if comp == plan[-1] or comp == N.VAE_ENCODER:
-                    vae = None
-                components[comp] = ComponentSpec(comp, "tflite", files[0], precisions[comp],
-                                                 file_entries(stage, files),
-                                                 *tflite_io(stage / files[0], comp))
-            else:
-                with tempfile.TemporaryDirectory(dir=stage, prefix=f".{comp}-") as tmp:
-                    src = trace_fp32(comp, model, Path(tmp), opset)
-                    # the torch copy goes before the graph is loaded or quantized: with both
-                    # resident, an SD 1.5 int8 conversion peaked at 14.3 GB RSS (now 4.8 GB)
-                    model = None
-                    if comp == plan[-1] or comp == N.VAE_ENCODER:
-                        vae = None
-                    gc.collect()
-                    files = finish_component(comp, src, stage, precisions[comp])
-            if fmt == "onnx":
-                inputs, outputs = onnx_io(stage / files[0])
-                components[comp] = ComponentSpec(comp, "onnx", files[0], precisions[comp],
-                                                 file_entries(stage, files), inputs, outputs)
-            size = sum(e.size for e in components[comp].files) / 1e6
-            say(f"[{i}/{len(plan)}] {comp}: done in {time.perf_counter() - t0:.1f} s, "
-                f"{size:.1f} MB")
-        stage_meta = _export_vae_stages(ckpt, stage, precisions[N.VAE_DECODER], opset,
-                                        components, say, vae_chunks) if vae_stages else None
-        tok = export_tokenizer(ckpt, stage, int(text_cfg.get("max_position_embeddings", 77)))
+            precision = opts.precisions[role]
+            say(f"[{i}/{len(plan)}] {role}: loading and exporting ({precision})")
+            source = unet_source if role == N.UNET else None
+            components[role] = _export_role(role, ckpt, stage, opts, layout, sizes, source)
+            say(f"[{i}/{len(plan)}] {role}: done in {time.perf_counter() - t0:.1f} s, "
+                f"{components[role].bytes / 1e6:.1f} MB")
+        stages = _export_vae_stages(ckpt, stage, opts, layout, components, say) \
+            if opts.vae_stages else ()
+        tok = export_tokenizer(ckpt, stage, layout.shapes.text_len)
         say("tokenizer: tokenizer.json written and checked")
-        manifest = _manifest(ckpt, name or Path(checkpoint).absolute().name, components, tok,
-                             opset, default_steps, default_guidance, chunks, vae_chunks)
-        if stage_meta:
-            manifest = replace(manifest, extra={**manifest.extra, N.VAE_STAGES: stage_meta})
-        if fmt == "tflite":
-            manifest = replace(manifest, extra={**manifest.extra,
-                                                N.TFLITE_SIZES: [list(x) for x in tfl_sizes]},
-                               converter={**manifest.converter, **_litert_versions()})
-        if any(p == "int8" for p in precisions.values()):
-            manifest = replace(manifest, converter={**manifest.converter,
-                                                    "int8_method": int8_method})
+        manifest = build_manifest(ckpt, opts, layout, name, components, tok, stages,
+                                  tuple(sizes) if sizes else None)
         write_manifest(stage, manifest)
     say(f"bundle written to {Path(output)}")
     return manifest
 
 
-def _load_vae(ckpt: Checkpoint, chunks: int) -> Any:
-    vae = ckpt.load_vae()
-    if chunks > 1:
-        use_chunked_attention(vae, chunks)
-    return vae
+def _export_role(role: str, ckpt: Checkpoint, stage: Path, opts: ConvertOptions,
+                 layout: Layout, sizes: list[tuple[int, int]] | None,
+                 source: UnetSource | None) -> ComponentSpec:
+    """One role exported (or made by `source`) into `stage`, described for the manifest."""
+    exp, precision = exporter(role), opts.precisions[role]
+    if source is not None:
+        files = source(stage)
+    elif sizes is not None:
+        from .export_tflite import export_tflite, tflite_io
+        files = export_tflite(role, exp, _load(role, ckpt, layout), stage, precision, sizes,
+                              layout.shapes)
+        return ComponentSpec(role, exp.contract.kind, "tflite", files[0], precision,
+                             file_entries(stage, files), *tflite_io(stage / files[0],
+                                                                    exp.contract))
+    else:
+        files = export_onnx(role, exp, _load(role, ckpt, layout), stage, precision,
+                            layout.shapes, opts.opset)
+    weight_map = next((f for f in files if f.endswith(N.WEIGHT_MAP_SUFFIX)), None)
+    return ComponentSpec(role, exp.contract.kind, "onnx", files[0], precision,
+                         file_entries(stage, files), *onnx_io(stage / files[0]), weight_map)
 
 
-def _export_vae_stages(ckpt: Checkpoint, stage: Path, precision: str, opset: int,
-                       components: dict[str, ComponentSpec], say: Progress,
-                       vae_chunks: int = 1) -> list[dict]:
+def _load(role: str, ckpt: Checkpoint, layout: Layout) -> Any:
+    """The role's torch module, with sliced attention where the layout says."""
+    model = exporter(role).load(ckpt)
+    chunks = layout.unet_chunks if role == N.UNET else layout.vae_chunks
+    if role != N.TEXT_ENCODER and chunks > 1:
+        use_chunked_attention(model, chunks)
+    return model
+
+
+def _export_vae_stages(ckpt: Checkpoint, stage: Path, opts: ConvertOptions, layout: Layout,
+                       components: dict[str, ComponentSpec], say: Progress
+                       ) -> tuple[DecoderStage, ...]:
     """The VAE decoder again, as GroupNorm-delimited stages for exact tiled decoding."""
     from .vae_stages import export_decoder_stages
     t0 = time.perf_counter()
+    precision = opts.precisions[N.VAE_DECODER]
     precision = precision if precision in ("fp32", "fp16") else "fp32"
-    exported = export_decoder_stages(_load_vae(ckpt, vae_chunks), stage, precision, opset)
-    for name, files, _ in exported:
-        inputs, outputs = onnx_io(stage / files[0])
-        components[name] = ComponentSpec(name, "onnx", files[0], precision,
-                                         file_entries(stage, files), inputs, outputs)
+    exported = export_decoder_stages(_load(N.VAE_DECODER, ckpt, layout), stage, precision,
+                                     opts.opset)
+    kind = contract_of(N.VAE_DECODER_STAGE).kind
+    for role, files, _ in exported:
+        components[role] = ComponentSpec(role, kind, "onnx", files[0], precision,
+                                         file_entries(stage, files), *onnx_io(stage / files[0]))
     say(f"vae decoder stages: {len(exported)} ({precision}) in {time.perf_counter() - t0:.1f} s")
-    return [meta for _, _, meta in exported]
-
-
-def _manifest(ckpt: Checkpoint, source_name: str, components: dict[str, ComponentSpec],
-              tok: Any, opset: int, default_steps: int | None,
-              default_guidance: float | None, attention_chunks: int = 1,
-              vae_attention_chunks: int = 1) -> Manifest:
-    unet_cfg, vae_cfg, sched = ckpt.config("unet"), ckpt.config("vae"), ckpt.config("scheduler")
-    vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
-    return Manifest(
-        family="stable-diffusion",
-        variant=_variant(unet_cfg, tok.pad_token, sched),
-        source=SourceInfo(source_name, ckpt.fingerprint(), ckpt.pipeline_class,
-                          ckpt.model_index.get("_diffusers_version")),
-        converter=_converter_info(opset),
-        components=components,
-        scheduler=sched,
-        prediction_type=sched.get("prediction_type", "epsilon"),
-        vae=VaeSpec(float(vae_cfg.get("scaling_factor", AUTOENCODER_KL_DEFAULT_SCALING)),
-                    vae_cfg.get("shift_factor"),
-                    int(vae_cfg["latent_channels"]), vae_factor, vae_attention_chunks),
-        unet=UnetSpec(int(unet_cfg["in_channels"]), int(unet_cfg["sample_size"]),
-                      _cross_dim(unet_cfg), attention_chunks),
-        tokenizer=tok,
-        defaults=_defaults(sched, int(unet_cfg["sample_size"]) * vae_factor, default_steps,
-                           default_guidance),
-        # UNet down/up-sampling needs latent sizes divisible by 2**(levels - 1)
-        extra={N.SIZE_MULTIPLE: vae_factor * 2 ** (len(unet_cfg["block_out_channels"]) - 1)},
-    )
-
-
-def _attention_chunks(value: int | str, sample_size: int) -> int:
-    if value == "auto":
-        return auto_chunks(sample_size)
-    try:
-        chunks = int(value)
-    except (TypeError, ValueError):
-        chunks = 0
-    if chunks < 1:
-        raise ConversionError(f"attention chunks must be 'auto' or a whole number >= 1, "
-                              f"got {value!r}")
-    return chunks
-
-
-def _cross_dim(unet_cfg: dict[str, Any]) -> int:
-    d = unet_cfg["cross_attention_dim"]
-    return int(d[0] if isinstance(d, (list, tuple)) else d)
-
-
-def _variant(unet_cfg: dict[str, Any], pad: str, sched: dict[str, Any]) -> str:
-    if _cross_dim(unet_cfg) == 1024 or pad == "!" or sched.get("prediction_type") == "v_prediction":
-        return "sd2"
-    return "sd1"
-
-
-def _converter_info(opset: int) -> dict[str, Any]:
-    import diffusers
-    import onnx
-    import torch
-    return {"name": "edge-convert", "version": __version__, "opset": opset,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "onnx": onnx.__version__, "python": platform.python_version()}
-
-
-def _litert_versions() -> dict[str, str]:
-    from importlib.metadata import version
-    return {p: version(p) for p in ("litert-torch", "ai-edge-quantizer", "ai-edge-litert")}
-
-
-def _convert_static(checkpoint: str | Path, output: str | Path, precisions: dict[str, str],
-                    calibration: str | Path | None, say: Progress,
-                    args: dict[str, Any]) -> Manifest:
-    """Convert an fp32 bundle aside, record its UNet's inputs over the calibration prompts,
-    then convert for real with the UNet quantized statically from that fp32 graph."""
-    import tempfile
-
-    from .calibrate import quantize_int8_static, read_prompts, unet_trajectories
-    from .export_onnx import INT4_KEEP_FP32
-    prompts = read_prompts(calibration)
-    parent = Path(output).resolve().parent
-    with tempfile.TemporaryDirectory(dir=parent, prefix=".edge-convert-calib-") as tmp:
-        ref = Path(tmp) / "fp32"
-        say("static int8: converting an fp32 reference for calibration")
-        convert(checkpoint, ref, precision="fp32", allow_pickle=args["allow_pickle"],
-                opset=args["opset"], default_steps=args["default_steps"],
-                default_guidance=args["default_guidance"], vae_encoder=False,
-                attention_chunks=args["attention_chunks"],
-                progress=lambda m: say(f"  (fp32 reference) {m}"))
-        say(f"static int8: calibrating on {len(prompts)} prompts")
-        feeds = unet_trajectories(ref, prompts)
-        spec = ",".join(f"{c}={p}" for c, p in precisions.items())
-        return convert(checkpoint, output, fmt=args["fmt"], precision=spec,
-                       overwrite=args["overwrite"], allow_pickle=args["allow_pickle"],
-                       opset=args["opset"], default_steps=args["default_steps"],
-                       default_guidance=args["default_guidance"],
-                       vae_encoder=args["vae_encoder"], int8_method="static", progress=say,
-                       vae_stages=args["vae_stages"], name=args["name"],
-                       attention_chunks=args["attention_chunks"],
-                       static_unet=lambda stage: quantize_int8_static(
-                           ref / "unet.onnx", stage, N.UNET, feeds, keep=INT4_KEEP_FP32))
+    return tuple(meta for _, _, meta in exported)

@@ -22,14 +22,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from edge_sdk import names as N
+from edge_sdk.contracts import DIM_SEQUENCE, ComponentContract
 from edge_sdk.errors import ConversionError
 from edge_sdk.manifest import TensorSpec
 
-from .export_onnx import _IO, _wrappers
+from .registry import Exporter, Shapes
 
 log = logging.getLogger(__name__)
-
-SIZED = (N.UNET, N.VAE_DECODER, N.VAE_ENCODER)  # one signature per size
 
 
 def require_litert_torch() -> Any:
@@ -61,13 +60,13 @@ def parse_sizes(spec: str | None, native: int, multiple: int) -> list[tuple[int,
     return sizes
 
 
-def _named(component: str, model: Any) -> Any:
-    """The ONNX export's wrapper, called with keyword inputs and returning named outputs:
+def _named(exp: Exporter, model: Any) -> Any:
+    """The exporter's module, called with keyword inputs and returning named outputs:
     litert-torch names a signature's inputs after the keywords and its outputs after the
     dict's keys."""
     import torch
-    inputs, outputs, _ = _IO[component]
-    inner = _wrappers()[component](model).eval()
+    inputs, outputs = exp.contract.input_names(), exp.contract.output_names()
+    inner = exp.wrap(model)
 
     class Named(torch.nn.Module):
         def __init__(self) -> None:
@@ -81,43 +80,26 @@ def _named(component: str, model: Any) -> Any:
     return Named().eval()
 
 
-def _examples(component: str, model: Any, size: tuple[int, int], factor: int,
-              text_len: int, context_dim: int) -> dict[str, Any]:
-    import torch
-    cfg = model.config
-    h, w = size[0] // factor, size[1] // factor
-    if component == N.TEXT_ENCODER:
-        return {N.TEXT_INPUT_IDS: torch.full((1, text_len), cfg.eos_token_id, dtype=torch.int64)}
-    if component == N.UNET:
-        return {N.UNET_SAMPLE: torch.randn(1, cfg.in_channels, h, w),
-                N.UNET_TIMESTEP: torch.tensor([999.0]),
-                N.UNET_CONTEXT: torch.randn(1, text_len, context_dim)}
-    if component == N.VAE_DECODER:
-        return {N.VAE_LATENTS: torch.randn(1, cfg.latent_channels, h, w)}
-    return {N.VAE_IMAGE: torch.randn(1, cfg.in_channels, size[0], size[1])}
-
-
-def export_tflite(component: str, model: Any, out_dir: Path, precision: str,
-                  sizes: Sequence[tuple[int, int]], factor: int, text_len: int,
-                  context_dim: int = 0) -> list[str]:
-    """Convert `model` to `<out_dir>/<component>.tflite` at `precision`; return [file name].
+def export_tflite(role: str, exp: Exporter, model: Any, out_dir: Path, precision: str,
+                  sizes: Sequence[tuple[int, int]], shapes: Shapes) -> list[str]:
+    """Convert `model` to `<out_dir>/<role>.tflite` at `precision`; return [file name].
     `sizes`: (height, width) in pixels, one signature each for the sized components."""
     litert_torch = require_litert_torch()
     import torch
-    wrapper = _named(component, model)
+    wrapper = _named(exp, model)
     converter = None
-    for size in (sizes if component in SIZED else [sizes[0]]):
-        key = f"{size[1]}x{size[0]}" if component in SIZED else "text"
-        kw = _examples(component, model, size, factor, text_len, context_dim)
+    for size in (sizes if exp.sized else [sizes[0]]):
+        key = f"{size[1]}x{size[0]}" if exp.sized else "text"
+        kw = exp.example(model, 1, size, shapes)
         converter = (litert_torch.signature(key, wrapper, sample_kwargs=kw) if converter is None
                      else converter.signature(key, wrapper, sample_kwargs=kw))
-    name = f"{component}.tflite"
+    name = f"{role}.tflite"
     with torch.no_grad():
         converted = converter.convert()  # type: ignore[union-attr]
     if precision == "fp32":
         converted.export(str(out_dir / name))
         return [name]
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".{component}-") as tmp:
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".{role}-") as tmp:
         src = Path(tmp) / "fp32.tflite"
         converted.export(str(src))
         del converted
@@ -150,8 +132,8 @@ def quantize_tflite(src: Path, dst: Path, precision: str) -> None:
     q.quantize().export_model(str(dst), overwrite=True)
 
 
-def tflite_io(path: Path, component: str) -> tuple[tuple[TensorSpec, ...],
-                                                     tuple[TensorSpec, ...]]:
+def tflite_io(path: Path, contract: ComponentContract
+              ) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
     """The manifest's I/O specs of a converted file: names and dtypes from its first
     signature; batch and (for sized components) height/width named like the ONNX axes, since
     the runtime serves them by looping and by choosing a signature."""
@@ -159,19 +141,17 @@ def tflite_io(path: Path, component: str) -> tuple[tuple[TensorSpec, ...],
     it = Interpreter(str(path))
     key = next(iter(it.get_signature_list()))
     runner = it.get_signature_runner(key)
-    _, _, axes = _IO[component]
+    axes = contract.dynamic_axes()
 
-    def specs(details: dict[str, Any]) -> tuple[TensorSpec, ...]:
+    def specs(details: dict[str, Any], order: list[str]) -> tuple[TensorSpec, ...]:
         out = []
         for name, d in details.items():
             dims: list[int | str] = [int(x) for x in d["shape"]]
             for i, axis in axes.get(name, {}).items():
-                if axis != N.DIM_SEQUENCE:
+                if axis != DIM_SEQUENCE:
                     dims[i] = axis
             out.append(TensorSpec(name, str(d["dtype"].__name__), tuple(dims)))
-        return tuple(out)
+        return tuple(sorted(out, key=lambda s: order.index(s.name)))
 
-    inputs, outputs = specs(runner.get_input_details()), specs(runner.get_output_details())
-    order_in, order_out = _IO[component][0], _IO[component][1]
-    return (tuple(sorted(inputs, key=lambda s: order_in.index(s.name))),
-            tuple(sorted(outputs, key=lambda s: order_out.index(s.name))))
+    return (specs(runner.get_input_details(), contract.input_names()),
+            specs(runner.get_output_details(), contract.output_names()))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from edge_sdk import names as N
 from edge_sdk.errors import ConversionError
-from edge_sdk.manifest import TokenizerSpec
+from edge_sdk.manifest import TokenizerSpec, sha256_file
 from edge_sdk.tokenizer import PromptTokenizer
 
 from .checkpoint import Checkpoint
@@ -27,9 +27,11 @@ def export_tokenizer(ckpt: Checkpoint, out_dir: Path, max_positions: int) -> Tok
         max_length = max_positions
     if tok.pad_token is None:
         raise ConversionError(f"{ckpt.path / 'tokenizer'}: no pad token in the tokenizer config")
+    path = out_dir / N.TOKENIZER_FILE
     spec = TokenizerSpec(file=N.TOKENIZER_FILE, max_length=max_length, pad_token=tok.pad_token,
                          pad_token_id=int(tok.pad_token_id), bos_token_id=int(tok.bos_token_id),
-                         eos_token_id=int(tok.eos_token_id))
+                         eos_token_id=int(tok.eos_token_id), size=path.stat().st_size,
+                         sha256=sha256_file(path))
     ours = PromptTokenizer(out_dir / N.TOKENIZER_FILE, spec)
     for text in PROBES:
         want = tok(text, padding="max_length", max_length=max_length, truncation=True).input_ids

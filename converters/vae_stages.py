@@ -16,6 +16,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from edge_sdk.contracts import VAE_DECODER_STAGE, StageIO
+from edge_sdk.manifest import DecoderStage
+
 
 class StatNorm(torch.nn.Module):
     """GroupNorm's affine normalisation with statistics given from outside."""
@@ -132,15 +135,17 @@ def decoder_stages(vae: Any) -> list[StageModule]:
 
 
 def stage_io(s: StageModule) -> tuple[list[str], list[str]]:
-    """Input and output names of a stage graph."""
-    ins = ["x"] + (["skip"] if s.skips else []) + (["mean", "inv_std"] if s.groups else [])
-    return ins, ["y"]
+    """Input and output names of a stage graph: the contract's, less what it does not take."""
+    ins = [StageIO.X] + ([StageIO.SKIP] if s.skips else []) \
+        + ([StageIO.MEAN, StageIO.INV_STD] if s.groups else [])
+    return ins, VAE_DECODER_STAGE.output_names()
 
 
 def export_decoder_stages(vae: Any, out_dir: Path, precision: str, opset: int,
-                          prefix: str = "vae_decoder_s") -> list[tuple[str, list[str], dict]]:
+                          prefix: str = "vae_decoder_s"
+                          ) -> list[tuple[str, list[str], DecoderStage]]:
     """Export every stage as `<out_dir>/<prefix>NN.onnx` (+ data); return, per stage, its
-    component name, its files and its tiling metadata for the manifest."""
+    role, its files and its tiling metadata for the manifest."""
     import tempfile
 
     import onnx
@@ -155,8 +160,8 @@ def export_decoder_stages(vae: Any, out_dir: Path, precision: str, opset: int,
     for k, (s, args) in enumerate(zip(stages, example)):
         name = f"{prefix}{k:02d}"
         ins, outs = stage_io(s)
-        spatial = {0: "batch", 2: "height", 3: "width"}
-        axes = {n: ({0: "batch"} if n in ("mean", "inv_std") else spatial) for n in ins + outs}
+        every = VAE_DECODER_STAGE.dynamic_axes()
+        axes = {n: every[n] for n in ins + outs}
         with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".{name}-") as tmp:
             raw = Path(tmp) / "stage.onnx"
             with torch.no_grad():
@@ -166,8 +171,8 @@ def export_decoder_stages(vae: Any, out_dir: Path, precision: str, opset: int,
         if precision == "fp16":
             graph = to_fp16(graph)
         graph.doc_string = f"edge-sdk VAE decoder stage {k} ({precision})"
-        meta = {"component": name, "groups": s.groups, "halo": s.halo, "scale": s.scale,
-                "skips": list(s.skips), "tiled": s.tiled, "eps": s.eps}
+        meta = DecoderStage(name, s.groups, s.halo, s.scale, tuple(s.skips), s.tiled,
+                            float(s.eps))
         out.append((name, save_graph(graph, out_dir, name), meta))
     return out
 

@@ -16,8 +16,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edge_sdk import Pipeline
+from edge_sdk import GenerationConfig, Pipeline
 from edge_sdk import names as N
+from edge_sdk.contracts import TextEncoderIO, UnetIO, VaeIO
+from edge_sdk.vae import unscale_latents
 
 QUALITY_FILE = N.QUALITY_FILE
 DEFAULT_PROMPTS = [
@@ -66,23 +68,22 @@ def compare_components(test: Pipeline, ref: Pipeline, seed: int = 0) -> dict[str
     m, rng = ref.manifest, np.random.default_rng(seed)
     ids = ref.tokenizer(DEFAULT_PROMPTS[:2])
     run = lambda p, c, feeds: p.session(c).run(feeds)  # noqa: E731
-    ctx = run(ref, N.TEXT_ENCODER, {N.TEXT_INPUT_IDS: ids})[N.TEXT_HIDDEN_STATES]
+    ctx = run(ref, N.TEXT_ENCODER, {TextEncoderIO.INPUT_IDS: ids})[TextEncoderIO.HIDDEN_STATES]
     side = m.unet.sample_size
-    lat = rng.standard_normal((2, m.unet.in_channels, side, side)).astype(np.float32)
+    lat = rng.standard_normal((2, m.vae.latent_channels, side, side)).astype(np.float32)
     feeds = {
-        N.TEXT_ENCODER: ({N.TEXT_INPUT_IDS: ids}, N.TEXT_HIDDEN_STATES),
-        N.UNET: ({N.UNET_SAMPLE: lat, N.UNET_TIMESTEP: np.array([700.0, 300.0], np.float32),
-                  N.UNET_CONTEXT: ctx}, N.UNET_OUTPUT),
-        N.VAE_DECODER: ({N.VAE_LATENTS: lat[:1] / np.float32(m.vae.scaling_factor)},
-                        N.VAE_IMAGE),
+        N.TEXT_ENCODER: ({TextEncoderIO.INPUT_IDS: ids}, TextEncoderIO.HIDDEN_STATES),
+        N.UNET: ({UnetIO.SAMPLE: lat, UnetIO.TIMESTEP: np.array([700.0, 300.0], np.float32),
+                  UnetIO.CONTEXT: ctx}, UnetIO.OUTPUT),
+        N.VAE_DECODER: ({VaeIO.LATENTS: unscale_latents(lat[:1], m.vae)}, VaeIO.IMAGE),
     }
     out: dict[str, Any] = {}
     for comp, (inputs, name) in feeds.items():
         want, t_ref = _timed(lambda: run(ref, comp, inputs)[name])
         got, t_test = _timed(lambda: run(test, comp, inputs)[name])
         out[comp] = {"precision": test.manifest.components[comp].precision,
-                     "bytes": sum(f.size for f in test.manifest.components[comp].files),
-                     "reference_bytes": sum(f.size for f in m.components[comp].files),
+                     "bytes": test.manifest.components[comp].bytes,
+                     "reference_bytes": m.components[comp].bytes,
                      "seconds": t_test, "reference_seconds": t_ref, **_err(got, want)}
     return out
 
@@ -93,7 +94,7 @@ def compare_images(test: Pipeline, ref: Pipeline, prompts: list[str], steps: int
     for k, prompt in enumerate(prompts):
         pair = []
         for label, pipe in (("reference", ref), ("test", test)):
-            r = pipe.generate(prompt, _config(seed=k, steps=steps))
+            r = pipe.generate(prompt, GenerationConfig(seed=k, steps=steps))
             unet_step[label].append(r.timings["denoise"] / r.config.steps)
             pair.append(np.asarray(r.images[0]))
         rows.append({"prompt": prompt, "seed": k, "psnr": psnr(pair[1], pair[0]),
@@ -107,11 +108,6 @@ def compare_images(test: Pipeline, ref: Pipeline, prompts: list[str], steps: int
             "unet_step_seconds": float(np.mean(unet_step["test"])),
             "reference_unet_step_seconds": float(np.mean(unet_step["reference"])),
             "images": rows}
-
-
-def _config(**kw: Any) -> Any:
-    from edge_sdk import GenerationConfig
-    return GenerationConfig(**kw)
 
 
 def evaluate_both(test: Pipeline, ref: Pipeline, limit: int | None = None) -> dict[str, Any]:

@@ -17,9 +17,8 @@ from typing import Any, Callable, Sequence
 
 from . import __version__
 from . import names as N
+from .config import add_arguments, config_from_arguments
 from .errors import EdgeSDKError, InvalidInputError
-
-log = logging.getLogger("edge_sdk")
 
 
 class ProgressBar:
@@ -49,30 +48,40 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-sdk", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"edge-sdk {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="generate an image from a text prompt")
+    _generate_parser(sub.add_parser("generate", help="generate an image from a text prompt"))
+    _evaluate_parser(sub.add_parser("evaluate", help="score a bundle on the shapes model's "
+                                    "held-out prompts"))
+    i = sub.add_parser("info", help="describe a bundle")
+    i.add_argument("bundle", nargs="?", help="bundle folder (default: the shipped model)")
+    i.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    i.add_argument("--debug", action="store_true")
+    _bench_parser(sub.add_parser("bench", help="time one generation per stage and per UNet "
+                                 "step, with peak RSS and peak private memory"))
+    t = sub.add_parser("selftest", help="generate with the shipped model and check the image "
+                       "(the smoke test of an install, a board or a container)")
+    t.add_argument("--model", "-m", help="bundle folder (default: the shipped model)")
+    _add_backend_args(t)
+    t.add_argument("-o", "--output", default=None, help="also save the image here")
+    t.add_argument("--debug", action="store_true")
+    return p
+
+
+def _generate_parser(g: argparse.ArgumentParser) -> None:
     g.add_argument("prompt")
     g.add_argument("--model", "-m", help="bundle folder (default: the shipped model)")
     g.add_argument("-o", "--output", default="out.png", help="PNG path (default: out.png)")
-    g.add_argument("--negative-prompt", default=None)
-    g.add_argument("--steps", type=int, default=None)
-    g.add_argument("--guidance", type=float, default=None, help="guidance scale (<=1: off)")
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--width", type=int, default=None)
-    g.add_argument("--height", type=int, default=None)
-    g.add_argument("--scheduler", default=None, help="e.g. euler, euler_a, ddim, pndm, "
-                   "dpmpp_2m, dpmpp_2m_karras, lcm (default: the model's)")
-    g.add_argument("--num-images", type=int, default=1)
+    add_arguments(g)  # every generation parameter (edge_sdk.config.GenerationConfig)
     _add_backend_args(g)
     g.add_argument("--no-verify", action="store_true", help="skip sha256 checks at load")
     g.add_argument("--memory", default="fast", help="fast | balanced | low | a budget such "
                    "as 300MB (see the README's memory section)")
     g.add_argument("-q", "--quiet", action="store_true")
     g.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    e = sub.add_parser("evaluate", help="score a bundle on the shapes model's held-out prompts")
+
+
+def _evaluate_parser(e: argparse.ArgumentParser) -> None:
     e.add_argument("--model", "-m", help="bundle folder (default: the shipped model)")
-    e.add_argument("--steps", type=int, default=None)
-    e.add_argument("--guidance", type=float, default=None)
-    e.add_argument("--scheduler", default=None)
+    add_arguments(e, only=("steps", "guidance_scale", "scheduler"))
     e.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     e.add_argument("--prompts", type=int, default=80, metavar="N",
                    help="size of the prompt set (default 80, the standard set, which stays "
@@ -84,31 +93,18 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--json", default=None, help="also write the report as JSON here")
     _add_backend_args(e)
     e.add_argument("--debug", action="store_true")
-    i = sub.add_parser("info", help="describe a bundle")
-    i.add_argument("bundle", nargs="?", help="bundle folder (default: the shipped model)")
-    i.add_argument("--json", action="store_true", help="print the manifest as JSON")
-    i.add_argument("--debug", action="store_true")
-    b = sub.add_parser("bench", help="time one generation per stage and per UNet step, with "
-                       "peak RSS and peak private memory")
+
+
+def _bench_parser(b: argparse.ArgumentParser) -> None:
     b.add_argument("prompt", nargs="?", default="a red circle on a blue background")
     b.add_argument("--model", "-m", help="bundle folder (default: the shipped model)")
     b.add_argument("--memory", default="fast", help="fast | balanced | low | e.g. 300MB")
-    b.add_argument("--steps", type=int, default=None)
-    b.add_argument("--guidance", type=float, default=None)
-    b.add_argument("--width", type=int, default=None)
-    b.add_argument("--height", type=int, default=None)
-    b.add_argument("--seed", type=int, default=0)
+    add_arguments(b, only=("steps", "guidance_scale", "width", "height", "seed"))
+    b.set_defaults(seed=0)  # a benchmark is repeatable by default
     _add_backend_args(b)
     b.add_argument("--output", "-o", default=None, help="also save the image here (PNG)")
     b.add_argument("--json", action="store_true", help="print the report as JSON")
     b.add_argument("--debug", action="store_true")
-    t = sub.add_parser("selftest", help="generate with the shipped model and check the image "
-                       "(the smoke test of an install, a board or a container)")
-    t.add_argument("--model", "-m", help="bundle folder (default: the shipped model)")
-    _add_backend_args(t)
-    t.add_argument("-o", "--output", default=None, help="also save the image here")
-    t.add_argument("--debug", action="store_true")
-    return p
 
 
 def _add_backend_args(p: argparse.ArgumentParser) -> None:
@@ -144,16 +140,13 @@ def _output_paths(output: str, n: int) -> list[Path]:
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    from .config import GenerationConfig
     from .image import save_png
     from .pipeline import Pipeline
 
     t0 = time.perf_counter()
     pipe = Pipeline.load(a.model, verify=not a.no_verify, memory=a.memory, **_backend_kwargs(a))
     load_s = time.perf_counter() - t0
-    config = GenerationConfig(negative_prompt=a.negative_prompt, steps=a.steps,
-                              guidance_scale=a.guidance, seed=a.seed, width=a.width,
-                              height=a.height, scheduler=a.scheduler, num_images=a.num_images)
+    config = config_from_arguments(a)
     result = pipe.generate(a.prompt, config, callback=ProgressBar("denoising", not a.quiet))
     params = {**result.parameters, "model": pipe.manifest.source.name,
               "edge_sdk": __version__}
@@ -180,8 +173,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     pipe = Pipeline.load(a.model, **_backend_kwargs(a))
 
     def generate(prompt: str, seed: int) -> Any:
-        return pipe(prompt, seed=seed, steps=a.steps, guidance_scale=a.guidance,
-                    scheduler=a.scheduler)
+        return pipe.generate(prompt, config_from_arguments(a, seed=seed)).images[0]
 
     bar = ProgressBar("evaluating")
     report, images = benchmark.run(generate, a.limit, progress=lambda k, n: bar(k, n),
@@ -197,11 +189,9 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 def cmd_bench(a: argparse.Namespace) -> int:
     from .bench import run_bench
-    from .config import GenerationConfig
     from .pipeline import Pipeline
 
-    config = GenerationConfig(steps=a.steps, guidance_scale=a.guidance, seed=a.seed,
-                              width=a.width, height=a.height)
+    config = config_from_arguments(a)
     kwargs = _backend_kwargs(a)
     report, result = run_bench(a.prompt, config, lambda: Pipeline.load(
         a.model, memory=a.memory, **kwargs))
@@ -272,9 +262,8 @@ def describe(m: Any, path: Path) -> list[str]:
         f"{sched.get('beta_schedule')} betas, spacing {sched.get('timestep_spacing')}, "
         f"steps_offset {sched.get('steps_offset', 0)})",
         f"defaults    {d.width}x{d.height}, {d.steps} steps, guidance {d.guidance_scale}"
-        + (", static sizes (TFLite) " + ", ".join(f"{w}x{h}" for h, w in
-                                                  m.extra[N.TFLITE_SIZES])
-           if m.extra.get(N.TFLITE_SIZES) else ""),
+        + (", static sizes (TFLite) " + ", ".join(f"{w}x{h}" for h, w in m.static_sizes)
+           if m.static_sizes else ""),
         f"vae         scaling {m.vae.scaling_factor}"
         + (f", shift {m.vae.shift_factor}" if m.vae.shift_factor is not None else "")
         + f", {m.vae.latent_channels} latent channels, x{m.vae.scale_factor}",

@@ -1,49 +1,95 @@
-"""What the caller asks for (GenerationConfig, `None` = the model's default) and its
-validation against what the model ships with (the manifest)."""
+"""What the caller asks for: the generation parameters, declared once.
+
+`GenerationConfig` is the one declaration of every per-call parameter: its field, default
+(`None` = the model's default, from the manifest), help text, command-line flag and the
+diffusers names accepted for it. `Pipeline.__call__` takes the same parameters (a test checks
+the two agree) and the CLI's flags are made from it (`add_arguments`).
+"""
 
 from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Mapping
 
-from . import names
 from .errors import InvalidInputError
 from .manifest import Manifest
 from .schedulers import resolve_scheduler
 
 MAX_SIDE = 8192
 MAX_IMAGES = 64
+MAX_STEPS = 1000
+MAX_GUIDANCE = 100
+
+
+def _param(default: Any, help: str, *, flag: str | None = None, type: Any = None,
+           aliases: tuple[str, ...] = ()) -> Any:
+    """A generation parameter: `flag` is its CLI spelling (default: --field-name), `type`
+    the CLI's parser, `aliases` other keyword names (diffusers') that mean the same."""
+    return field(default=default, metadata={"help": help, "flag": flag, "type": type,
+                                            "aliases": aliases})
+
+
+def uses_guidance(guidance_scale: float) -> bool:
+    """Classifier-free guidance is on only above 1, as in diffusers."""
+    return guidance_scale > 1.0
 
 
 @dataclass(frozen=True)
 class GenerationConfig:
     """Per-call generation settings. `None` means the model's default (its manifest)."""
 
-    negative_prompt: str | None = None
-    steps: int | None = None
-    guidance_scale: float | None = None
-    seed: int | None = None  # None = a fresh random seed (recorded in the result)
-    width: int | None = None
-    height: int | None = None
-    scheduler: str | None = None  # short name or diffusers class name; None = the bundle's
-    num_images: int = 1
+    negative_prompt: str | None = _param(None, "what the image should not show", type=str)
+    steps: int | None = _param(None, "denoising steps (default: the model's)", type=int,
+                               aliases=("num_inference_steps",))
+    guidance_scale: float | None = _param(None, "classifier-free guidance scale; <= 1 turns "
+                                          "it off (default: the model's)", flag="--guidance",
+                                          type=float)
+    seed: int | None = _param(None, "random seed (default: a fresh one, recorded in the "
+                              "result)", type=int)
+    width: int | None = _param(None, "image width in pixels (default: the model's)", type=int)
+    height: int | None = _param(None, "image height in pixels (default: the model's)",
+                                type=int)
+    scheduler: str | None = _param(None, "e.g. euler, euler_a, ddim, pndm, dpmpp_2m, "
+                                   "dpmpp_2m_karras, lcm, or a diffusers class name "
+                                   "(default: the model's)", type=str)
+    num_images: int = _param(1, "images generated from the prompt", type=int,
+                             aliases=("num_images_per_prompt",))
 
-    def resolve(self, manifest: Manifest) -> "ResolvedConfig":
+    @classmethod
+    def from_kwargs(cls, params: Mapping[str, Any]) -> "GenerationConfig":
+        """A config from keyword arguments, accepting each field's aliases; an unknown name
+        is an InvalidInputError listing the accepted ones."""
+        names = {f.name: f.name for f in fields(cls)}
+        names.update({a: f.name for f in fields(cls) for a in f.metadata["aliases"]})
+        values: dict[str, Any] = {}
+        for key, value in params.items():
+            if key not in names:
+                raise InvalidInputError(f"unknown generation parameter {key!r}; accepted: "
+                                        f"{sorted(names)}")
+            if names[key] in values:
+                raise InvalidInputError(f"{key!r} repeats another name of {names[key]!r}")
+            values[names[key]] = value
+        return cls(**values)
+
+    def resolve(self, manifest: Manifest) -> "GenerationConfig":
+        """Every field concrete and checked: the model's defaults filled in, a seed drawn."""
         d = manifest.defaults
-        steps = _int("steps", d.steps if self.steps is None else self.steps, 1, 1000)
+        steps = _int("steps", d.steps if self.steps is None else self.steps, 1, MAX_STEPS)
         g = d.guidance_scale if self.guidance_scale is None else self.guidance_scale
         if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) \
-                or not 0 <= g <= 100:
-            raise InvalidInputError(f"guidance_scale must be a finite number in [0, 100], got "
-                                    f"{g!r}; values <= 1 turn classifier-free guidance off")
+                or not 0 <= g <= MAX_GUIDANCE:
+            raise InvalidInputError(f"guidance_scale must be a finite number in [0, "
+                                    f"{MAX_GUIDANCE}], got {g!r}; values <= 1 turn "
+                                    "classifier-free guidance off")
         width = _side("width", d.width if self.width is None else self.width, manifest)
         height = _side("height", d.height if self.height is None else self.height, manifest)
-        seed = secrets.randbits(63) if self.seed is None else _int("seed", self.seed, 0, 2**63 - 1)
+        seed = secrets.randbits(63) if self.seed is None else _int("seed", self.seed, 0,
+                                                                  2**63 - 1)
         n = _int("num_images", self.num_images, 1, MAX_IMAGES)
-        static = manifest.extra.get(names.TFLITE_SIZES)
-        if static and [height, width] not in [list(x) for x in static]:
+        static = manifest.static_sizes
+        if static and (height, width) not in static:
             raise InvalidInputError(
                 f"{width}x{height}: this bundle's TFLite models have static shapes, exported "
                 f"for {', '.join(f'{w}x{h}' for h, w in static)}; choose one of those sizes, "
@@ -51,31 +97,34 @@ class GenerationConfig:
         if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
             raise InvalidInputError("negative_prompt must be a string or None")
         cls, _ = resolve_scheduler(self.scheduler, manifest.scheduler)
-        return ResolvedConfig(negative_prompt=self.negative_prompt, steps=steps,
-                              guidance_scale=float(g), seed=seed, width=width, height=height,
-                              scheduler=self.scheduler or cls.class_name, num_images=n)
-
-
-@dataclass(frozen=True)
-class ResolvedConfig:
-    """Every setting of one generation, concrete and validated."""
-
-    negative_prompt: str | None
-    steps: int
-    guidance_scale: float
-    seed: int
-    width: int
-    height: int
-    scheduler: str
-    num_images: int
+        return replace(self, steps=steps, guidance_scale=float(g), width=width, height=height,
+                       seed=seed, scheduler=self.scheduler or cls.class_name, num_images=n)
 
     @property
     def guidance(self) -> bool:
-        """Classifier-free guidance is on only above 1 (as in diffusers)."""
-        return self.guidance_scale > 1.0
+        """Classifier-free guidance is on (a resolved config's guidance_scale > 1)."""
+        return uses_guidance(float(self.guidance_scale or 0.0))
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def add_arguments(parser: Any, only: tuple[str, ...] | None = None) -> None:
+    """Add a CLI flag for each generation parameter (or those in `only`) to an argparse
+    parser; `config_from_arguments` reads them back."""
+    for f in fields(GenerationConfig):
+        if only is not None and f.name not in only:
+            continue
+        flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+        parser.add_argument(flag, dest=f.name, type=f.metadata["type"], default=f.default,
+                            help=f.metadata["help"])
+
+
+def config_from_arguments(args: Any, **overrides: Any) -> GenerationConfig:
+    """The GenerationConfig of parsed CLI arguments (flags made by add_arguments)."""
+    given = {f.name: getattr(args, f.name) for f in fields(GenerationConfig)
+             if hasattr(args, f.name)}
+    return GenerationConfig(**{**given, **overrides})
 
 
 def _int(name: str, value: Any, lo: int, hi: int) -> int:
@@ -93,7 +142,7 @@ def _side(name: str, value: Any, manifest: Manifest) -> int:
     if value <= 0 or value % f:
         raise InvalidInputError(f"{name} must be a positive multiple of {f} pixels, got {value}; "
                                 f"try {max(f, round(value / f) * f)}")
-    multiple = int(manifest.extra.get(names.SIZE_MULTIPLE, f))
+    multiple = manifest.unet.size_multiple
     if value % multiple:
         raise InvalidInputError(f"{name}={value}: this model's UNet needs sizes that are "
                                 f"multiples of {multiple} pixels; try "

@@ -1,57 +1,96 @@
-"""The denoising loop: UNet + scheduler, with classifier-free guidance."""
+"""The denoising stage: a loop over a scheduler's steps around a predictor.
+
+The loop knows nothing about the UNet's inputs: it calls `predict(latents, t, step)` and
+hands the output to the scheduler. A predictor is built from a session and a Conditioning
+(`unet_predictor`), so a new kind of UNet input (SDXL's added conditions, an inpainting
+UNet's mask channels, ControlNet residuals, cached features) is a new predictor or a new
+conditioning feed, not an edit of the loop. Classifier-free guidance lives here, once.
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Mapping
 
 import numpy as np
 
-from . import names as N
 from .backends import Session
+from .contracts import UnetIO
 from .errors import CancelledError, InferenceError
 from .schedulers import Scheduler
 from .text_encoder import PromptEmbeds
 
 log = logging.getLogger(__name__)
 
-# callback(step_index, total_steps, latents) -> False to cancel
+# predict(model_input, timestep, step_index) -> the model output (guided)
+Predict = Callable[[np.ndarray, float, int], np.ndarray]
+# callback(step, total_steps, latents) -> False to cancel (step counts from 0 per run)
 StepCallback = Callable[[int, int, np.ndarray], "bool | None"]
+Feeds = Mapping[str, np.ndarray]
 
 
-def predict_noise(unet: Session, x: np.ndarray, t: float, embeds: PromptEmbeds,
-                  guidance_scale: float, batch_cfg: bool = True) -> np.ndarray:
-    """The model output at timestep `t`, guided: uncond + g * (cond - uncond).
+@dataclass(frozen=True)
+class Conditioning:
+    """The UNet's inputs besides sample and timestep, by contract name, for the conditional
+    branch and (when classifier-free guidance is on) the unconditional one; each array has
+    the latents' batch size."""
 
-    `batch_cfg=False` runs the unconditional and conditional halves as two calls, which
-    halves the UNet's activation memory for the same result.
-    """
-    def call(sample: np.ndarray, context: np.ndarray) -> np.ndarray:
-        ts = np.full((sample.shape[0],), t, dtype=np.float32)
-        return unet.run({N.UNET_SAMPLE: sample, N.UNET_TIMESTEP: ts,
-                         N.UNET_CONTEXT: context})[N.UNET_OUTPUT]
+    cond: Feeds
+    uncond: Feeds | None = None
 
-    if embeds.uncond is None:
-        return call(x, embeds.cond)
-    if batch_cfg:
-        out = call(np.concatenate([x, x]), np.concatenate([embeds.uncond, embeds.cond]))
-        uncond, cond = np.split(out, 2)
+    @classmethod
+    def from_prompt(cls, embeds: PromptEmbeds) -> "Conditioning":
+        uncond = None if embeds.uncond is None else {UnetIO.CONTEXT: embeds.uncond}
+        return cls({UnetIO.CONTEXT: embeds.cond}, uncond)
+
+    @property
+    def batch(self) -> int:
+        return next(iter(self.cond.values())).shape[0]
+
+
+def classifier_free_guidance(run: Callable[[np.ndarray, Feeds], np.ndarray], x: np.ndarray,
+                             conditioning: Conditioning, guidance_scale: float,
+                             batched: bool = True) -> np.ndarray:
+    """uncond + g * (cond - uncond) (Ho & Salimans 2022), or the conditional output alone
+    when the conditioning has no unconditional branch. `batched=False` runs the two branches
+    as two calls: half the activation memory, the same result."""
+    cond, uncond = conditioning.cond, conditioning.uncond
+    if uncond is None:
+        return run(x, cond)
+    if batched:
+        both = {k: np.concatenate([uncond[k], cond[k]]) for k in cond}
+        out_uncond, out_cond = np.split(run(np.concatenate([x, x]), both), 2)
     else:
-        uncond, cond = call(x, embeds.uncond), call(x, embeds.cond)
-    return uncond + guidance_scale * (cond - uncond)
+        out_uncond, out_cond = run(x, uncond), run(x, cond)
+    return out_uncond + guidance_scale * (out_cond - out_uncond)
 
 
-def denoise(unet: Session, scheduler: Scheduler, latents: np.ndarray, embeds: PromptEmbeds,
-            guidance_scale: float, rng: np.random.Generator | None = None,
-            callback: StepCallback | None = None, batch_cfg: bool = True) -> np.ndarray:
-    """Run every step of `scheduler` from `latents` (already scaled by init_noise_sigma)."""
-    n = len(scheduler.timesteps)
-    for i, t in enumerate(scheduler.timesteps):
+def unet_predictor(unet: Session, conditioning: Conditioning, guidance_scale: float,
+                   batched: bool = True) -> Predict:
+    """The guided model output of a UNet session fed by the contract's names."""
+    def predict(x: np.ndarray, t: float, step: int) -> np.ndarray:
+        def run(sample: np.ndarray, feeds: Feeds) -> np.ndarray:
+            ts = np.full((sample.shape[0],), t, dtype=np.float32)
+            return unet.run({UnetIO.SAMPLE: sample, UnetIO.TIMESTEP: ts, **feeds}
+                            )[UnetIO.OUTPUT]
+        return classifier_free_guidance(run, x, conditioning, guidance_scale, batched)
+    return predict
+
+
+def run_denoising(predict: Predict, scheduler: Scheduler, latents: np.ndarray,
+                  rng: np.random.Generator | None = None,
+                  callback: StepCallback | None = None) -> np.ndarray:
+    """Run the scheduler's steps from its begin index on `latents` (already at that step's
+    noise level: scaled by init_noise_sigma, or add_noise'd) and return the final latents."""
+    first, end = scheduler.begin_index, len(scheduler.timesteps)
+    for i in range(first, end):
         model_in = scheduler.scale_model_input(latents, i)
-        noise_pred = predict_noise(unet, model_in, float(t), embeds, guidance_scale, batch_cfg)
-        latents = scheduler.step(i, latents, noise_pred, rng=rng)
-        if callback is not None and callback(i, n, latents) is False:
-            raise CancelledError(f"generation cancelled by the callback at step {i + 1}/{n}")
+        latents = scheduler.step(i, latents, predict(model_in, float(scheduler.timesteps[i]), i),
+                                 rng=rng)
+        if callback is not None and callback(i - first, end - first, latents) is False:
+            raise CancelledError(f"generation cancelled by the callback at step "
+                                 f"{i - first + 1}/{end - first}")
     if not np.isfinite(latents).all():
         raise InferenceError("the denoised latents contain NaN/inf (the image would be black); "
                              "try an fp32 UNet, fewer guidance or another scheduler")

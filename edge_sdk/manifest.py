@@ -2,14 +2,19 @@
 
 The converter writes `manifest.json`; the runtime reads every model-specific number from it
 (I/O names, dtypes, scheduler config, VAE scaling, tokenizer limits, checksums). Reading
-validates the schema and reports the first problem with the path of the offending field.
+validates the schema (edge_sdk.manifest_reader) and reports the first problem with the path
+of the offending field; a manifest of an older format version is migrated when read
+(edge_sdk.manifest_v1).
+
+Components are keyed by role (`text_encoder`, `unet`, `vae_decoder`, `vae_decoder_s03` ...)
+and each records its kind, whose I/O contract is in edge_sdk.contracts: a bundle may hold
+several components of one kind (two text encoders, a full and a tiny decoder, ControlNets).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Mapping
@@ -17,19 +22,9 @@ from typing import Any, Mapping
 from . import names
 from .errors import BundleError, IntegrityError, ManifestError
 
-__all__ = [
-    "TensorSpec",
-    "FileEntry",
-    "ComponentSpec",
-    "TokenizerSpec",
-    "VaeSpec",
-    "UnetSpec",
-    "Defaults",
-    "SourceInfo",
-    "Manifest",
-    "sha256_file",
-    "check_relative_name",
-]
+__all__ = ["TensorSpec", "FileEntry", "ComponentSpec", "TokenizerSpec", "DecoderStage",
+           "VaeSpec", "UnetSpec", "Defaults", "SourceInfo", "Manifest", "sha256_file",
+           "check_relative_name"]
 
 Dim = int | str  # a fixed size, or the name of a dynamic axis
 
@@ -54,21 +49,25 @@ class FileEntry:
 
 @dataclass(frozen=True)
 class ComponentSpec:
-    """One model component (text encoder, UNet, VAE decoder/encoder) as exported."""
+    """One exported network, under its role in the bundle."""
 
-    name: str
-    format: str  # "onnx"
+    name: str  # the role: the key in Manifest.components
+    kind: str  # its I/O contract: edge_sdk.contracts.CONTRACTS
+    format: str  # "onnx" | "tflite"
     path: str  # the graph file, relative to the bundle
-    precision: str  # "fp32" | "fp16"
-    files: tuple[FileEntry, ...]  # the graph and its external-data files
+    precision: str  # "fp32" | "fp16" | "int8" | "int4"
+    files: tuple[FileEntry, ...]  # the graph, its external data, its weight map
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    # a JSON file of the bundle: checkpoint parameter name -> graph initializer name
+    weight_map: str | None = None
 
-    def input(self, name: str) -> TensorSpec:
-        return _find(self.inputs, name, f"component {self.name!r} input")
+    def input_names(self) -> set[str]:
+        return {t.name for t in self.inputs}
 
-    def output(self, name: str) -> TensorSpec:
-        return _find(self.outputs, name, f"component {self.name!r} output")
+    @property
+    def bytes(self) -> int:
+        return sum(f.size for f in self.files)
 
 
 @dataclass(frozen=True)
@@ -79,6 +78,22 @@ class TokenizerSpec:
     pad_token_id: int
     bos_token_id: int
     eos_token_id: int
+    size: int | None = None  # None only in bundles migrated from format 1
+    sha256: str | None = None
+    text_encoder: str = names.TEXT_ENCODER  # the role of the encoder it feeds
+
+
+@dataclass(frozen=True)
+class DecoderStage:
+    """One stage of the VAE decoder for exact tiled decoding (see edge_sdk.tiling.Stage)."""
+
+    component: str  # the stage's role in Manifest.components
+    groups: int | None  # GroupNorm groups of its input; None: no GroupNorm
+    halo: int
+    scale: int  # 1, or 2 for an upsampling stage
+    skips: tuple[int, ...]  # earlier stages whose outputs it also takes (-1: the input)
+    tiled: bool  # False: run on the whole map (the mid-block attention)
+    eps: float
 
 
 @dataclass(frozen=True)
@@ -90,6 +105,7 @@ class VaeSpec:
     # the decoder's mid-block attention (global, at latent resolution, whatever the output
     # size) computed in this many query slices (1 = whole)
     attention_chunks: int = 1
+    decoder_stages: tuple[DecoderStage, ...] = ()  # empty: the decoder only decodes whole
 
 
 @dataclass(frozen=True)
@@ -100,6 +116,7 @@ class UnetSpec:
     # self-attention computed in this many query slices in the graph (1 = whole): the
     # attention score peak is the full tokens x tokens matrix divided by this
     attention_chunks: int = 1
+    size_multiple: int = 8  # image sides must be multiples of this many pixels
 
 
 @dataclass(frozen=True)
@@ -114,7 +131,7 @@ class Defaults:
 
 @dataclass(frozen=True)
 class SourceInfo:
-    name: str  # the checkpoint folder's name
+    name: str  # the model's name (edge-convert --name; default: the checkpoint folder's)
     fingerprint: str  # sha256 over the checkpoint's configs and weight files
     pipeline_class: str
     diffusers_version: str | None
@@ -127,14 +144,22 @@ class Manifest:
     source: SourceInfo
     converter: Mapping[str, Any]
     components: Mapping[str, ComponentSpec]
+    tokenizers: Mapping[str, TokenizerSpec]
     scheduler: Mapping[str, Any]  # diffusers scheduler_config.json, incl. "_class_name"
     prediction_type: str
     vae: VaeSpec
     unet: UnetSpec
-    tokenizer: TokenizerSpec
     defaults: Defaults
+    # TFLite graphs have static shapes: the (height, width) pixel sizes they were exported
+    # for; None: any size (a multiple of unet.size_multiple)
+    static_sizes: tuple[tuple[int, int], ...] | None = None
     format_version: int = names.FORMAT_VERSION
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)  # informational; never read
+
+    @property
+    def tokenizer(self) -> TokenizerSpec:
+        """The tokenizer of the (first) text encoder."""
+        return self.tokenizers[names.TOKENIZER]
 
     # -- reading -------------------------------------------------------------------------
     @classmethod
@@ -160,56 +185,8 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, data: Any, where: str = names.MANIFEST_FILE) -> "Manifest":
-        r = _Reader(where)
-        d = r.obj(data, "")
-        _refuse_nan(d, "", where)
-        if r.get(d, "format", str) != names.BUNDLE_FORMAT:
-            raise ManifestError(f"{where}: 'format' is not {names.BUNDLE_FORMAT!r}; "
-                                "this is not an edge-sdk bundle manifest")
-        version = r.get(d, "format_version", int)
-        if version != names.FORMAT_VERSION:
-            raise ManifestError(
-                f"{where}: format_version {version} is not supported by this runtime (it reads "
-                f"version {names.FORMAT_VERSION}); upgrade edge-sdk or re-convert the bundle")
-        comps = r.get(d, "components", dict)
-        components = {n: _component(r, n, c) for n, c in comps.items()}
-        missing = [c for c in names.REQUIRED_COMPONENTS if c not in components]
-        if missing:
-            raise ManifestError(f"{where}: components {missing} are missing; a bundle needs "
-                                f"{list(names.REQUIRED_COMPONENTS)}")
-        sched = r.get(d, "scheduler", dict)
-        r.get(sched, "_class_name", str, "scheduler.")
-        v, u, t, df, s = (r.get(d, k, dict) for k in ("vae", "unet", "tokenizer", "defaults",
-                                                       "source"))
-        return cls(
-            family=r.get(d, "family", str),
-            variant=r.get(d, "variant", str),
-            source=SourceInfo(r.get(s, "name", str, "source."),
-                              r.get(s, "fingerprint", str, "source."),
-                              r.get(s, "pipeline_class", str, "source."),
-                              r.get(s, "diffusers_version", (str, type(None)), "source.")),
-            converter=r.get(d, "converter", dict),
-            components=components,
-            scheduler=sched,
-            prediction_type=r.choice(d, "prediction_type", ("epsilon", "v_prediction", "sample")),
-            vae=VaeSpec(r.num(v, "scaling_factor", "vae."),
-                        r.get(v, "shift_factor", (int, float, type(None)), "vae."),
-                        r.pos(v, "latent_channels", "vae."), r.pos(v, "scale_factor", "vae."),
-                        r.pos({"attention_chunks": 1, **v}, "attention_chunks", "vae.")),
-            unet=UnetSpec(r.pos(u, "in_channels", "unet."), r.pos(u, "sample_size", "unet."),
-                          r.pos(u, "cross_attention_dim", "unet."),
-                          r.pos({"attention_chunks": 1, **u}, "attention_chunks", "unet.")),
-            tokenizer=TokenizerSpec(
-                check_relative_name(r.get(t, "file", str, "tokenizer."), where),
-                r.pos(t, "max_length", "tokenizer."), r.get(t, "pad_token", str, "tokenizer."),
-                *(r.get(t, k, int, "tokenizer.") for k in ("pad_token_id", "bos_token_id",
-                                                           "eos_token_id"))),
-            defaults=Defaults(r.pos(df, "steps", "defaults."),
-                              r.num(df, "guidance_scale", "defaults."),
-                              r.pos(df, "width", "defaults."), r.pos(df, "height", "defaults.")),
-            format_version=version,
-            extra=_extra(r, d),
-        )
+        from .manifest_reader import read_manifest
+        return read_manifest(data, where)
 
     # -- writing -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -224,30 +201,39 @@ class Manifest:
 
     # -- integrity -----------------------------------------------------------------------
     def verify_files(self, bundle: str | Path, checksums: bool = True) -> None:
-        """Check every component file exists with the recorded size (and sha256)."""
+        """Check every file the runtime reads exists with the recorded size (and sha256)."""
         bundle = Path(bundle)
         for comp in self.components.values():
             for entry in comp.files:
-                path = bundle / entry.path
-                if path.is_symlink():
-                    raise BundleError(f"bundle file {entry.path!r} is a symbolic link; bundle "
-                                      "files must be regular files inside the bundle folder "
-                                      "(a link could point anywhere)")
-                if not path.is_file():
-                    raise BundleError(f"bundle file {entry.path!r} of component {comp.name!r} "
-                                      f"is missing from {str(bundle)!r}; copy the whole bundle "
-                                      "folder again or re-convert it")
-                size = path.stat().st_size
-                if size != entry.size:
-                    raise IntegrityError(f"{path}: {size} bytes, the manifest says {entry.size} "
-                                         "(truncated or replaced); copy the bundle again")
-                if checksums and sha256_file(path) != entry.sha256:
-                    raise IntegrityError(f"{path}: sha256 does not match the manifest (corrupted "
-                                         "or modified); copy the bundle again, or load with "
-                                         "verify=False to skip checksums")
-        if not (bundle / self.tokenizer.file).is_file():
-            raise BundleError(f"tokenizer file {self.tokenizer.file!r} is missing from "
-                              f"{str(bundle)!r}; copy the whole bundle folder again")
+                _check_file(bundle, entry, f"of component {comp.name!r}", checksums)
+        for role, tok in self.tokenizers.items():
+            if tok.size is None or tok.sha256 is None:  # migrated: presence only
+                if not (bundle / tok.file).is_file():
+                    raise BundleError(f"tokenizer file {tok.file!r} is missing from "
+                                      f"{str(bundle)!r}; copy the whole bundle folder again")
+                continue
+            _check_file(bundle, FileEntry(tok.file, tok.size, tok.sha256), f"of {role!r}",
+                        checksums)
+
+
+def _check_file(bundle: Path, entry: FileEntry, owner: str, checksums: bool) -> None:
+    path = bundle / entry.path
+    if path.is_symlink():
+        raise BundleError(f"bundle file {entry.path!r} is a symbolic link; bundle files must "
+                          "be regular files inside the bundle folder (a link could point "
+                          "anywhere)")
+    if not path.is_file():
+        raise BundleError(f"bundle file {entry.path!r} {owner} is missing from "
+                          f"{str(bundle)!r}; copy the whole bundle folder again or re-convert "
+                          "it")
+    size = path.stat().st_size
+    if size != entry.size:
+        raise IntegrityError(f"{path}: {size} bytes, the manifest says {entry.size} "
+                             "(truncated or replaced); copy the bundle again")
+    if checksums and sha256_file(path) != entry.sha256:
+        raise IntegrityError(f"{path}: sha256 does not match the manifest (corrupted or "
+                             "modified); copy the bundle again, or load with verify=False to "
+                             "skip checksums")
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -266,113 +252,3 @@ def check_relative_name(name: str, where: str = names.MANIFEST_FILE) -> str:
         raise ManifestError(f"{where}: file name {name!r} is not a plain file name inside the "
                             "bundle; the manifest may only name files in the bundle folder")
     return name
-
-
-def _find(specs: tuple[TensorSpec, ...], name: str, what: str) -> TensorSpec:
-    for spec in specs:
-        if spec.name == name:
-            return spec
-    raise ManifestError(f"{what} {name!r} is not in the manifest (has "
-                        f"{[s.name for s in specs]}); re-convert the bundle")
-
-
-def _component(r: "_Reader", name: str, c: Any) -> ComponentSpec:
-    pre = f"components.{name}."
-    c = r.obj(c, pre)
-    files = tuple(FileEntry(check_relative_name(r.get(f, "path", str, pre + "files[]."), r.where),
-                            r.get(f, "size", int, pre + "files[]."),
-                            r.get(f, "sha256", str, pre + "files[]."))
-                  for f in (r.obj(x, pre + "files[]") for x in r.get(c, "files", list, pre)))
-    path = check_relative_name(r.get(c, "path", str, pre), r.where)
-    if path not in {f.path for f in files}:
-        raise ManifestError(f"{r.where}: {pre}path {path!r} is not listed in {pre}files")
-
-    def specs(key: str) -> tuple[TensorSpec, ...]:
-        out = []
-        for s in r.get(c, key, list, pre):
-            s = r.obj(s, pre + key)
-            shape = r.get(s, "shape", list, pre + key + ".")
-            if not all(isinstance(x, (int, str)) and not isinstance(x, bool) for x in shape):
-                raise ManifestError(f"{r.where}: {pre}{key}.shape must hold ints or axis names")
-            out.append(TensorSpec(r.get(s, "name", str, pre + key + "."),
-                                  r.get(s, "dtype", str, pre + key + "."), tuple(shape)))
-        return tuple(out)
-
-    return ComponentSpec(name=name, format=r.choice(c, "format", names.BACKEND_FORMATS, pre),
-                         path=path, precision=r.get(c, "precision", str, pre), files=files,
-                         inputs=specs("inputs"), outputs=specs("outputs"))
-
-
-def _extra(r: _Reader, d: Mapping[str, Any]) -> dict[str, Any]:
-    """`extra`, with the keys this runtime reads checked here, at load, rather than failing
-    with a bare ValueError mid-generation (VAE stages are checked against the components by
-    edge_sdk.vae.decoder_stages)."""
-    extra = d.get("extra", {})
-    if not isinstance(extra, dict):
-        return {}
-    if names.SIZE_MULTIPLE in extra:
-        r.pos(extra, names.SIZE_MULTIPLE, "extra.")
-    sizes = extra.get(names.TFLITE_SIZES)
-    if sizes is not None and not (isinstance(sizes, list) and sizes and all(
-            isinstance(hw, list) and len(hw) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in hw)
-            for hw in sizes)):
-        raise ManifestError(f"{r.where}: field 'extra.{names.TFLITE_SIZES}' must be a list of "
-                            f"[height, width] pairs, got {sizes!r}; re-convert the bundle")
-    return extra
-
-
-def _refuse_nan(value: Any, path: str, where: str) -> None:
-    """NaN means nothing in a manifest (infinities do: diffusers writes -Infinity)."""
-    if isinstance(value, float) and math.isnan(value):
-        raise ManifestError(f"{where}: field '{path}' is NaN; re-convert the bundle")
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _refuse_nan(v, f"{path}.{k}" if path else str(k), where)
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            _refuse_nan(v, f"{path}[{i}]", where)
-
-
-class _Reader:
-    """Typed field access that reports the manifest path of whatever is wrong."""
-
-    def __init__(self, where: str) -> None:
-        self.where = where
-
-    def obj(self, value: Any, path: str) -> dict[str, Any]:
-        if not isinstance(value, dict):
-            raise ManifestError(f"{self.where}: {path or 'the top level'} must be a JSON object")
-        return value
-
-    def get(self, d: Mapping[str, Any], key: str, typ: Any, prefix: str = "") -> Any:
-        if key not in d:
-            raise ManifestError(f"{self.where}: required field '{prefix}{key}' is missing; "
-                                "re-convert the bundle with a matching edge-convert")
-        value = d[key]
-        bad_bool = isinstance(value, bool) and typ in (int, float, (int, float))
-        if bad_bool or not isinstance(value, typ):
-            raise ManifestError(f"{self.where}: field '{prefix}{key}' has the wrong type "
-                                f"({type(value).__name__}: {value!r})")
-        return value
-
-    def num(self, d: Mapping[str, Any], key: str, prefix: str = "") -> float:
-        value = float(self.get(d, key, (int, float), prefix))
-        if not math.isfinite(value) or value < 0:
-            raise ManifestError(f"{self.where}: field '{prefix}{key}' must be a finite number "
-                                f">= 0, got {value}")
-        return value
-
-    def pos(self, d: Mapping[str, Any], key: str, prefix: str = "") -> int:
-        value = self.get(d, key, int, prefix)
-        if value <= 0:
-            raise ManifestError(f"{self.where}: field '{prefix}{key}' must be > 0, got {value}")
-        return value
-
-    def choice(self, d: Mapping[str, Any], key: str, allowed: tuple[str, ...],
-               prefix: str = "") -> str:
-        value = self.get(d, key, str, prefix)
-        if value not in allowed:
-            raise ManifestError(f"{self.where}: field '{prefix}{key}' is {value!r}; this runtime "
-                                f"accepts {list(allowed)}")
-        return value

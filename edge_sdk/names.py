@@ -1,51 +1,32 @@
-"""Names shared by the converter (which writes bundles) and the runtime (which reads them).
+"""Bundle-level names shared by the converter (which writes bundles) and the runtime.
 
-Keep every string that appears in a bundle here, so both sides agree by construction.
+Files, component roles, precisions and formats live here; each component kind's tensor
+names live in edge_sdk.contracts. Both sides import them, so they agree by construction.
 """
 
 from __future__ import annotations
 
 MANIFEST_FILE = "manifest.json"
 BUNDLE_FORMAT = "edge-sdk-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 TOKENIZER_FILE = "tokenizer.json"
 QUALITY_FILE = "quality.json"  # written by `edge-convert verify`
+WEIGHT_MAP_SUFFIX = ".weights.json"  # checkpoint parameter name -> graph initializer name
 
-# Components, in the order a generation uses them.
+# Component roles (the manifest's keys), in the order a generation uses them. A role's kind
+# (its I/O contract) is recorded beside it: several roles may share a kind.
 TEXT_ENCODER = "text_encoder"
 UNET = "unet"
 VAE_DECODER = "vae_decoder"
 VAE_ENCODER = "vae_encoder"
+VAE_DECODER_STAGE = "vae_decoder_stage"  # the kind of each `vae_decoder_sNN` role
 COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)
 REQUIRED_COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER)
 
-# Tensor names of each component's graph.
-TEXT_INPUT_IDS = "input_ids"
-TEXT_HIDDEN_STATES = "last_hidden_state"
-TEXT_POOLED = "pooler_output"
-
-UNET_SAMPLE = "sample"
-UNET_TIMESTEP = "timestep"
-UNET_CONTEXT = "encoder_hidden_states"
-UNET_OUTPUT = "out_sample"
-
-VAE_LATENTS = "latent_sample"
-VAE_IMAGE = "image"  # decoder output, encoder input: NCHW, values in [-1, 1]
-VAE_LATENT_MEAN = "latent_mean"
-VAE_LATENT_LOGVAR = "latent_logvar"
-
-# Symbolic (dynamic) dimension names used in the manifest.
-DIM_BATCH = "batch"
-DIM_HEIGHT = "height"
-DIM_WIDTH = "width"
-DIM_SEQUENCE = "sequence"
+# Tokenizer roles: the tokenizer that feeds each text encoder.
+TOKENIZER = "tokenizer"
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 BACKEND_FORMATS = ("onnx", "tflite")
 
-# manifest.extra key: the VAE decoder as stages for exact tiled decoding (edge_sdk.tiling)
-VAE_STAGES = "vae_decoder_stages"
-# manifest.extra key: the image sizes ([height, width] pixels) a TFLite bundle was exported for
-TFLITE_SIZES = "tflite_sizes"
-# manifest.extra key: image sides must be multiples of this many pixels (the UNet's levels)
-SIZE_MULTIPLE = "size_multiple"
+RECONVERT_HINT = "re-convert it with `edge-convert CHECKPOINT -o BUNDLE --overwrite`"

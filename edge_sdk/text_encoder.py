@@ -7,8 +7,8 @@ from typing import Sequence
 
 import numpy as np
 
-from . import names as N
 from .backends import Session
+from .contracts import TextEncoderIO
 from .errors import InferenceError
 from .tokenizer import PromptTokenizer
 
@@ -25,7 +25,7 @@ def encode_text(session: Session, tokenizer: PromptTokenizer,
                 prompts: Sequence[str]) -> np.ndarray:
     """Last hidden states of the text encoder for each prompt: [len(prompts), tokens, dim]."""
     ids = tokenizer(prompts)
-    out = session.run({N.TEXT_INPUT_IDS: ids})[N.TEXT_HIDDEN_STATES]
+    out = session.run({TextEncoderIO.INPUT_IDS: ids})[TextEncoderIO.HIDDEN_STATES]
     if not np.isfinite(out).all():
         raise InferenceError("the text encoder produced NaN/inf; the bundle's text encoder is "
                              "broken (try an fp32 text encoder)")

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from . import names as N
 from .backends import Session
-from .errors import InferenceError, ManifestError
-from .manifest import Manifest, VaeSpec
+from .contracts import StageIO, VaeIO
+from .errors import InferenceError
+from .manifest import DecoderStage, VaeSpec
 from .tiling import Alloc, Stage, run_stages
+
+
+class StageSessions(Protocol):
+    """Where tiled decoding gets each stage's session and says it is done with it
+    (edge_sdk.components.Components)."""
+
+    def session(self, role: str) -> Session: ...
+
+    def done_with(self, role: str) -> None: ...
 
 
 def unscale_latents(latents: np.ndarray, vae: VaeSpec) -> np.ndarray:
@@ -21,14 +30,20 @@ def unscale_latents(latents: np.ndarray, vae: VaeSpec) -> np.ndarray:
     return z.astype(np.float32, copy=False)
 
 
+def scale_latents(z: np.ndarray, vae: VaeSpec) -> np.ndarray:
+    """The VAE's latent space -> diffusion-space latents (the inverse of unscale_latents)."""
+    if vae.shift_factor is not None:
+        z = z - np.float32(vae.shift_factor)
+    return (z * np.float32(vae.scaling_factor)).astype(np.float32)
+
+
 def decode_latents(decoder: Session, latents: np.ndarray, vae: VaeSpec) -> np.ndarray:
     """Decode [B, C, h, w] latents to float images [B, H, W, 3] in [0, 1], one at a time
     (the decoder's activations are the largest of a generation)."""
     z = unscale_latents(latents, vae)
     images = []
     for i in range(z.shape[0]):
-        img = decoder.run({N.VAE_LATENTS: z[i:i + 1]})[N.VAE_IMAGE]
-        images.append(img)
+        images.append(decoder.run({VaeIO.LATENTS: z[i:i + 1]})[VaeIO.IMAGE])
     return _to_images(np.concatenate(images))
 
 
@@ -39,58 +54,30 @@ def _to_images(out: np.ndarray) -> np.ndarray:
     return np.clip(out / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
 
 
-def decoder_stages(manifest: Manifest) -> list[dict[str, Any]] | None:
-    """The bundle's VAE decoder stages (edge-convert --vae-stages), validated; None if absent."""
-    raw = manifest.extra.get(N.VAE_STAGES)
-    if raw is None:
-        return None
-    where = f"manifest extra.{N.VAE_STAGES}"
-    if not isinstance(raw, list) or not raw:
-        raise ManifestError(f"{where} must be a non-empty list; re-convert the bundle")
-    for k, st in enumerate(raw):
-        ok = (isinstance(st, dict) and st.get("component") in manifest.components
-              and (st.get("groups") is None or _pos_int(st.get("groups")))
-              and _pos_int(st.get("halo", -1), zero=True) and st.get("scale") in (1, 2)
-              and isinstance(st.get("skips"), list)
-              and all(isinstance(j, int) and -1 <= j < k for j in st["skips"])
-              and isinstance(st.get("tiled"), bool)
-              and isinstance(st.get("eps"), (int, float)) and st["eps"] > 0)
-        if not ok:
-            raise ManifestError(f"{where}[{k}] is malformed ({st!r}); re-convert the bundle")
-    return raw
+def _stage(spec: DecoderStage, sessions: StageSessions) -> Stage:
+    def run(tiles: list[np.ndarray], mean: Any, inv: Any) -> np.ndarray:
+        feeds = {StageIO.X: tiles[0]}
+        if spec.skips:
+            feeds[StageIO.SKIP] = tiles[1]
+        if spec.groups:
+            feeds[StageIO.MEAN], feeds[StageIO.INV_STD] = mean, inv
+        return sessions.session(spec.component).run(feeds)[StageIO.Y]
+    return Stage(run, spec.groups, spec.halo, spec.scale, spec.skips, spec.tiled, spec.eps)
 
 
-def _pos_int(v: Any, zero: bool = False) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and (v >= 0 if zero else v > 0)
-
-
-def decode_latents_tiled(session: Callable[[str], Session], release: Callable[[str], None],
-                         stages: list[dict[str, Any]], latents: np.ndarray, vae: VaeSpec,
+def decode_latents_tiled(sessions: StageSessions, latents: np.ndarray, vae: VaeSpec,
                          tile: int, alloc: Alloc = np.empty) -> np.ndarray:
-    """Like decode_latents, through the decoder's stages, tile by tile (`tile` latent pixels
-    a side): the same image, with the full-resolution working set of one stage at a time.
-    `release(component)` is called after each stage (low-memory plans unload it); `alloc`
-    makes the full maps kept between stages (FileBackedMaps: out of private memory)."""
-    def make(st: dict[str, Any]) -> Stage:
-        name = st["component"]
-
-        def run(tiles: list[np.ndarray], mean: Any, inv: Any) -> np.ndarray:
-            feeds = {"x": tiles[0]}
-            if st["skips"]:
-                feeds["skip"] = tiles[1]
-            if st["groups"]:
-                feeds["mean"], feeds["inv_std"] = mean, inv
-            return session(name).run(feeds)["y"]
-        return Stage(run, st["groups"], st["halo"], st["scale"], tuple(st["skips"]),
-                     st["tiled"], float(st["eps"]))
-
+    """Like decode_latents, through the decoder's stages (`vae.decoder_stages`), tile by
+    tile (`tile` latent pixels a side): the same image, with the full-resolution working set
+    of one stage at a time. `sessions.done_with(role)` is called after each stage (low-memory
+    plans unload it); `alloc` makes the full maps kept between stages (FileBackedMaps: out of
+    private memory)."""
+    stages = vae.decoder_stages
+    chain = [_stage(st, sessions) for st in stages]
+    release: Callable[[int], None] = lambda k: sessions.done_with(stages[k].component)  # noqa
     z = unscale_latents(latents, vae)
-    chain = [make(st) for st in stages]
-    images = []
-    for i in range(z.shape[0]):
-        images.append(run_stages(z[i:i + 1], chain, tile,
-                                 after_stage=lambda k: release(stages[k]["component"]),
-                                 alloc=alloc))
+    images = [run_stages(z[i:i + 1], chain, tile, after_stage=release, alloc=alloc)
+              for i in range(z.shape[0])]
     return _to_images(np.concatenate(images))
 
 
@@ -99,11 +86,9 @@ def encode_images(encoder: Session, images: np.ndarray, vae: VaeSpec,
     """Encode float images [B, H, W, 3] in [0, 1] to diffusion-space latents: the mean of the
     latent distribution, or a sample from it when `rng` is given."""
     x = (images.transpose(0, 3, 1, 2) * 2 - 1).astype(np.float32)
-    out = encoder.run({N.VAE_IMAGE: x})
-    z = out[N.VAE_LATENT_MEAN]
+    out = encoder.run({VaeIO.IMAGE: x})
+    z = out[VaeIO.LATENT_MEAN]
     if rng is not None:
-        std = np.exp(0.5 * out[N.VAE_LATENT_LOGVAR])
+        std = np.exp(0.5 * out[VaeIO.LATENT_LOGVAR])
         z = z + std * rng.standard_normal(z.shape, dtype=np.float32)
-    if vae.shift_factor is not None:
-        z = z - np.float32(vae.shift_factor)
-    return (z * np.float32(vae.scaling_factor)).astype(np.float32)
+    return scale_latents(z, vae)

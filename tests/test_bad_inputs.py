@@ -120,6 +120,34 @@ def _pickle_checkpoint(ctx: Ctx) -> Path:
     return ck
 
 
+def _edited(ctx: Ctx, edits: dict[str, dict[str, Any]], **files: str) -> Path:
+    """A copy of the checkpoint with config fields changed (component -> {key: value}) and
+    extra files (relative path -> text): the converter must refuse it before loading
+    weights, so the weights need not match."""
+    ck = ctx.tmp / "edited"
+    shutil.copytree(ctx.ckpt, ck)
+    for comp, changes in edits.items():
+        name = "model_index.json" if comp == "." else f"{comp}/config.json"
+        cfg = json.loads((ck / name).read_text())
+        cfg.update(changes)
+        (ck / name).write_text(json.dumps(cfg))
+    for rel, text in files.items():
+        (ck / rel).parent.mkdir(parents=True, exist_ok=True)
+        (ck / rel).write_text(text)
+    return ck
+
+
+def _convert_edited(edits: dict[str, dict[str, Any]], **files: str) -> Callable[[Ctx], Any]:
+    return lambda c: c.convert(_edited(c, edits, **files), "-o", c.tmp / "out")
+
+
+def _longer_tokenizer(ctx: Ctx) -> Any:
+    ck = _edited(ctx, {})
+    path = ck / "tokenizer" / "tokenizer_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "model_max_length": 100}))
+    return ctx.convert(ck, "-o", ctx.tmp / "out")
+
+
 def _long_prompt(ctx: Ctx) -> None:
     with _capture("edge_sdk.tokenizer") as records:
         image = ctx.gen("a red circle on a blue background " * 20)
@@ -211,8 +239,8 @@ ROWS: list[Row] = [
         lambda c: L(c, c.manifest(_set(["components", "unet", "inputs", 0, "name"],
                                        "latents"))), BundleError, "do not match the manifest"),
     Row("manifest", "VAE decoder stage list naming a missing component",
-        lambda c: L(c, c.manifest(_set(["extra", "vae_decoder_stages"], [{"component": "x"}]))),
-        ManifestError, "vae_decoder_stages.*malformed"),
+        lambda c: L(c, c.manifest(_set(["vae", "decoder_stages"], [{"component": "x"}]))),
+        ManifestError, "decoder_stages.*malformed"),
     Row("manifest", "a required component missing (no unet)",
         lambda c: L(c, c.manifest(_del(["components", "unet"]))), ManifestError, "unet"),
     # parameters
@@ -295,6 +323,25 @@ ROWS: list[Row] = [
     Row("conversion", "unknown component in --precision",
         lambda c: c.convert(c.ckpt, "-o", c.tmp / "out", "--precision", "unet2=int8"),
         ConversionError, "unknown component"),
+    Row("conversion", "text encoder width (512) differs from the UNet's cross-attention "
+        "width (768)", _convert_edited({"text_encoder": {"hidden_size": 512},
+                                        "unet": {"cross_attention_dim": 768}}),
+        ConversionError, "text encoder's width.*is 512 but the UNet's cross-attention width"
+        ".*is 768"),
+    Row("conversion", "VAE latent channels (16) differ from the UNet's (4)",
+        _convert_edited({"vae": {"latent_channels": 16}}), ConversionError,
+        "latent channels.*is 16 but the UNet's in channels.*is 4"),
+    Row("conversion", "tokenizer longer (100) than the text encoder's positions (77)",
+        _longer_tokenizer, ConversionError,
+        r"model_max_length \(100\) exceeds.*max_position_embeddings \(77\)"),
+    Row("conversion", "an SDXL checkpoint (not supported yet)",
+        _convert_edited({".": {"_class_name": "StableDiffusionXLPipeline"}}), ConversionError,
+        "SDXL checkpoint"),
+    Row("conversion", "an LCM-distilled UNet (time_cond_proj_dim; not supported yet)",
+        _convert_edited({"unet": {"time_cond_proj_dim": 256}}), ConversionError,
+        "LCM-distilled UNet"),
+    Row("conversion", "a 9-channel inpainting UNet (not supported yet)",
+        _convert_edited({"unet": {"in_channels": 9}}), ConversionError, "inpainting UNet"),
     Row("conversion", "empty calibration file",
         lambda c: (c.tmp / "p.txt").write_text("# nothing\n") and c.convert(
             c.ckpt, "-o", c.tmp / "out", "--precision", "int8", "--int8-method", "static",

@@ -75,16 +75,16 @@ def test_mutated_manifests_load_or_raise_manifest_error(data):
 
 @pytest.mark.parametrize("section,key,value,message", [
     # the fuzzer's find: a NaN size multiple loaded, then failed mid-generation on int(nan)
-    ("extra", "size_multiple", float("nan"), "extra.size_multiple' is NaN"),
-    ("extra", "size_multiple", 0, "extra.size_multiple' must be > 0"),
-    ("extra", "size_multiple", "8", "extra.size_multiple' has the wrong type"),
-    ("extra", "tflite_sizes", [[128]], "extra.tflite_sizes' must be a list of"),
+    ("unet", "size_multiple", float("nan"), "unet.size_multiple' is NaN"),
+    ("unet", "size_multiple", 0, "unet.size_multiple' must be > 0"),
+    ("unet", "size_multiple", "8", "unet.size_multiple' has the wrong type"),
+    (None, "static_sizes", [[128]], "static_sizes' must be a list of"),
     ("scheduler", "beta_end", float("nan"), "scheduler.beta_end' is NaN"),
     ("vae", "shift_factor", float("nan"), "vae.shift_factor' is NaN"),
 ])
 def test_values_the_runtime_would_choke_on_are_refused_at_load(section, key, value, message):
     data = copy.deepcopy(VALID)
-    data[section][key] = value
+    (data[section] if section else data)[key] = value
     with pytest.raises(ManifestError, match=re.escape(message)):
         Manifest.from_dict(data)
 

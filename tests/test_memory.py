@@ -54,7 +54,7 @@ def test_every_memory_mode_gives_the_same_image_and_low_keeps_nothing_loaded():
     for mode in ("fast", "balanced", "low"):
         pipe = Pipeline.load(memory=mode)
         images[mode] = np.asarray(pipe("a red circle on a blue background", seed=1, steps=8))
-        assert (len(pipe._sessions) == 0) == (mode == "low")  # low: released after each stage
+        assert (len(pipe.components.loaded) == 0) == (mode == "low")  # low: released after each stage
     for mode in ("balanced", "low"):  # other graph optimizations: float rounding only
         assert np.abs(images[mode].astype(int) - images["fast"].astype(int)).max() <= 2
 
@@ -86,7 +86,7 @@ def test_low_mode_makes_the_c_heap_return_freed_blocks():
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("glibc only")
     code = ("import ctypes, numpy as np\n"
-            "from edge_sdk.memory import return_freed_memory\n"
+            "from edge_sdk.osmem import return_freed_memory\n"
             "from edge_sdk.bench import process_memory\n"
             "assert return_freed_memory()\n"
             # a large block freed: without the fix glibc now raises its threshold to 30 MB
@@ -112,7 +112,7 @@ def test_balanced_mode_drops_a_components_mapped_weights_after_its_stage():
 
     from edge_sdk import Pipeline
     from edge_sdk import names as N
-    from edge_sdk.memory import mapped_resident_bytes
+    from edge_sdk.osmem import mapped_resident_bytes
     if not sys.platform.startswith("linux"):
         pytest.skip("/proc/self/smaps is Linux's")
     pipe = Pipeline.load(memory="balanced")
@@ -122,7 +122,7 @@ def test_balanced_mode_drops_a_components_mapped_weights_after_its_stage():
     pipe.denoise(embeds, np.ones((1, 4, 16, 16), np.float32), steps=2, seed=0)
     touched = mapped_resident_bytes(unet)
     assert touched > 1 << 20  # the UNet's weights, mapped and read by the run
-    pipe._done_with(N.UNET)
+    pipe.components.done_with(N.UNET)
     assert mapped_resident_bytes(unet) == 0
     again = np.asarray(pipe("a red circle on a blue background", seed=1, steps=4))
     assert np.array_equal(first, again)

@@ -61,7 +61,7 @@ def test_several_sizes_one_file_and_a_clear_error_for_others(models):
     bundle = models.bundle("tiny-sd1", fmt="tflite", sizes="64x64,96x64", vae_encoder=False)
     tfl, onnx = Pipeline.load(bundle), Pipeline.load(models.bundle("tiny-sd1"))
     assert [f.path for f in tfl.manifest.components["unet"].files] == ["unet.tflite"]
-    assert tfl.manifest.extra["tflite_sizes"] == [[64, 64], [64, 96]]
+    assert tfl.manifest.static_sizes == ((64, 64), (64, 96))
     from edge_sdk.cli import describe
     text = "\n".join(describe(tfl.manifest, bundle))
     assert "static sizes (TFLite) 64x64, 96x64" in text and "unet          tflite" in text

@@ -50,12 +50,11 @@ def test_staged_tiled_decoder_equals_the_decoder(models, vae_dir):
 def test_bundle_with_vae_stages_decodes_tiled_exactly_and_low_mode_uses_them(models, tmp_path):
     from converters.convert import convert
     from edge_sdk import GenerationConfig, Manifest, Pipeline
-    from edge_sdk.vae import decoder_stages
     out = tmp_path / "staged"
     convert(models.checkpoint("tiny-sd1"), out, vae_encoder=False, vae_stages=True)
     m = Manifest.load(out)
-    stages = decoder_stages(m)
-    assert stages and all(s["component"] in m.components for s in stages)
+    stages = m.vae.decoder_stages
+    assert stages and all(s.component in m.components for s in stages)
     pipe = Pipeline.load(out)
     latents = pipe.generate("a red circle", GenerationConfig(seed=0, steps=3, width=96,
                                                              height=64)).latents
@@ -65,4 +64,4 @@ def test_bundle_with_vae_stages_decodes_tiled_exactly_and_low_mode_uses_them(mod
     low = Pipeline.load(out, memory="low")
     img_low = np.asarray(low("a red circle", seed=0, steps=3, width=96, height=64), np.int16)
     img_fast = np.asarray(pipe("a red circle", seed=0, steps=3, width=96, height=64), np.int16)
-    assert np.abs(img_low - img_fast).max() <= 1 and not low._sessions
+    assert np.abs(img_low - img_fast).max() <= 1 and not low.components.loaded

@@ -40,6 +40,9 @@ class BackendOptions:
 
 
 BACKENDS = ("auto", "onnx", "tflite")
+# the kinds a named backend must run; helpers (decoder stages, the VAE encoder) may be stored
+# in another format in a mixed bundle
+_MAIN_KINDS = (N.TEXT_ENCODER, N.UNET, N.VAE_DECODER)
 
 
 def open_session(bundle: Path, spec: ComponentSpec, options: BackendOptions) -> Session:
@@ -51,7 +54,7 @@ def open_session(bundle: Path, spec: ComponentSpec, options: BackendOptions) -> 
         raise InvalidInputError(f"backend {options.backend!r} is unknown; choose one of "
                                 f"{list(BACKENDS)}")
     if options.backend != "auto" and spec.format != options.backend \
-            and spec.name in (N.TEXT_ENCODER, N.UNET, N.VAE_DECODER):
+            and spec.kind in _MAIN_KINDS:
         raise BundleError(f"component {spec.name!r} is stored as {spec.format!r} but backend "
                           f"{options.backend!r} was requested; use backend='auto' or convert "
                           f"with `edge-convert --format {options.backend}`")

@@ -1,0 +1,123 @@
+"""The manifest of a converted bundle, built in one piece from the checkpoint's configs, the
+options and what the exporters wrote."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from edge_sdk import names as N
+from edge_sdk.manifest import (ComponentSpec, DecoderStage, Defaults, Manifest, SourceInfo,
+                               TokenizerSpec, UnetSpec, VaeSpec)
+
+from . import __version__
+from .attention import VAE_AUTO_CHUNKS, auto_chunks
+from .checkpoint import Checkpoint
+from .options import ConvertOptions
+from .registry import Shapes
+
+# AutoencoderKL's own default, used by diffusers when a VAE config.json omits scaling_factor
+AUTOENCODER_KL_DEFAULT_SCALING = 0.18215
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the checkpoint's configs and the options fix about the graphs."""
+
+    shapes: Shapes
+    native: int  # native image side, pixels
+    size_multiple: int  # image sides must be multiples of this (the UNet's levels)
+    unet_chunks: int  # self-attention query slices in the UNet graph
+    vae_chunks: int  # the same for the VAE's mid-block attention
+
+    @classmethod
+    def of(cls, ckpt: Checkpoint, opts: ConvertOptions) -> "Layout":
+        unet, vae = ckpt.config("unet"), ckpt.config("vae")
+        factor = 2 ** (len(vae["block_out_channels"]) - 1)
+        chunks = attention_chunks(opts.attention_chunks, int(unet["sample_size"]))
+        return cls(Shapes(int(ckpt.config("text_encoder").get("max_position_embeddings", 77)),
+                          cross_dim(unet), factor),
+                   int(unet["sample_size"]) * factor,
+                   factor * 2 ** (len(unet["block_out_channels"]) - 1), chunks,
+                   VAE_AUTO_CHUNKS if opts.attention_chunks == "auto" else chunks)
+
+
+def attention_chunks(value: int | str, sample_size: int) -> int:
+    from edge_sdk.errors import ConversionError
+    if value == "auto":
+        return auto_chunks(sample_size)
+    try:
+        chunks = int(value)
+    except (TypeError, ValueError):
+        chunks = 0
+    if chunks < 1:
+        raise ConversionError(f"attention chunks must be 'auto' or a whole number >= 1, "
+                              f"got {value!r}")
+    return chunks
+
+
+def cross_dim(unet_cfg: Mapping[str, Any]) -> int:
+    d = unet_cfg["cross_attention_dim"]
+    return int(d[0] if isinstance(d, (list, tuple)) else d)
+
+
+def build_manifest(ckpt: Checkpoint, opts: ConvertOptions, layout: Layout, source_name: str,
+                   components: dict[str, ComponentSpec], tok: TokenizerSpec,
+                   stages: tuple[DecoderStage, ...],
+                   static_sizes: tuple[tuple[int, int], ...] | None) -> Manifest:
+    unet_cfg, vae_cfg, sched = ckpt.config("unet"), ckpt.config("vae"), ckpt.config("scheduler")
+    converter = _converter_info(opts)
+    return Manifest(
+        family="stable-diffusion", variant=_variant(unet_cfg, tok.pad_token, sched),
+        source=SourceInfo(source_name, ckpt.fingerprint(), ckpt.pipeline_class,
+                          ckpt.model_index.get("_diffusers_version")),
+        converter=converter, components=components, tokenizers={N.TOKENIZER: tok},
+        scheduler=sched, prediction_type=sched.get("prediction_type", "epsilon"),
+        vae=VaeSpec(float(vae_cfg.get("scaling_factor", AUTOENCODER_KL_DEFAULT_SCALING)),
+                    vae_cfg.get("shift_factor"), int(vae_cfg["latent_channels"]),
+                    layout.shapes.vae_factor, layout.vae_chunks, stages),
+        unet=UnetSpec(int(unet_cfg["in_channels"]), int(unet_cfg["sample_size"]),
+                      cross_dim(unet_cfg), layout.unet_chunks, layout.size_multiple),
+        defaults=_defaults(sched, layout.native, opts.default_steps, opts.default_guidance),
+        static_sizes=static_sizes)
+
+
+def _defaults(sched: Mapping[str, Any], size: int, steps: int | None,
+              guidance: float | None) -> Defaults:
+    # Distilled models (LCM, Turbo) want few steps and no classifier-free guidance.
+    cls = sched.get("_class_name")
+    if cls == "LCMScheduler":
+        d_steps, d_guid = 4, 1.0
+    elif cls == "EulerAncestralDiscreteScheduler" and sched.get("timestep_spacing") == "trailing":
+        d_steps, d_guid = 1, 0.0  # SD-Turbo's configuration
+    else:
+        d_steps, d_guid = 25, 7.5
+    return Defaults(steps=steps or d_steps,
+                    guidance_scale=d_guid if guidance is None else float(guidance),
+                    width=size, height=size)
+
+
+def _variant(unet_cfg: Mapping[str, Any], pad: str, sched: Mapping[str, Any]) -> str:
+    if cross_dim(unet_cfg) == 1024 or pad == "!" or sched.get("prediction_type") == "v_prediction":
+        return "sd2"
+    return "sd1"
+
+
+def _converter_info(opts: ConvertOptions) -> dict[str, Any]:
+    import diffusers
+    import onnx
+    import torch
+    info: dict[str, Any] = {
+        "name": "edge-convert", "version": __version__, "opset": opts.opset,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "onnx": onnx.__version__, "python": platform.python_version()}
+    if opts.fmt == "tflite":
+        from importlib.metadata import version
+        info.update({p: version(p) for p in ("litert-torch", "ai-edge-quantizer",
+                                             "ai-edge-litert")})
+    if "int8" in opts.precisions.values():
+        info["int8_method"] = opts.int8_method
+    return info

@@ -1,0 +1,119 @@
+"""What a conversion is asked to do: one object, checked before any work starts."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from edge_sdk import names as N
+from edge_sdk.errors import ConversionError
+
+DEFAULT_OPSET = 17
+MIN_OPSET = 14  # scaled_dot_product / the exporter's attention patterns need 14+
+INT8_METHODS = ("dynamic", "static")
+
+# A bare precision sets these components. The VAE is the sensitive part (its output is the
+# image) and stays fp32 unless named (`--precision int8,vae=int8`); the text encoder is small
+# and loses most to 4 bits, so a bare "int4" makes it int8.
+_BARE: dict[str, dict[str, str]] = {
+    "int8": {N.TEXT_ENCODER: "int8", N.UNET: "int8"},
+    "int4": {N.TEXT_ENCODER: "int8", N.UNET: "int4"},
+}
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """Every option of `edge-convert` (see converters.cli for the flags)."""
+
+    fmt: str = "onnx"  # "onnx" | "tflite"
+    precision: str = "fp32"  # see parse_precision
+    overwrite: bool = False
+    allow_pickle: bool = False
+    opset: int = DEFAULT_OPSET
+    default_steps: int | None = None
+    default_guidance: float | None = None
+    vae_encoder: bool = True
+    int8_method: str = "dynamic"  # "dynamic" | "static" (QDQ, calibrated)
+    calibration: str | Path | None = None  # prompts file for static int8
+    vae_stages: bool = False  # also export the decoder as stages for exact tiled decoding
+    attention_chunks: int | str = "auto"
+    sizes: str | None = None  # TFLite: "512x512,512x768"
+    name: str | None = None  # the model's name in the manifest
+
+    @classmethod
+    def of(cls, options: "ConvertOptions | None", overrides: Mapping[str, Any]
+           ) -> "ConvertOptions":
+        """`options` (or the defaults) with keyword overrides; unknown keys are refused."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TypeError(f"unknown conversion option(s) {unknown}; known: {sorted(known)}")
+        return replace(options or cls(), **overrides)
+
+    @property
+    def precisions(self) -> dict[str, str]:
+        return parse_precision(self.precision)
+
+    @property
+    def static_int8(self) -> bool:
+        return self.int8_method == "static" and self.precisions[N.UNET] == "int8"
+
+    def validate(self) -> "ConvertOptions":
+        """Every option checked now, before a checkpoint is read; returns the options with
+        `name` stripped (a shell's stray spaces are no name)."""
+        if self.fmt not in N.BACKEND_FORMATS:
+            raise ConversionError(f"format {self.fmt!r} is not supported; use one of "
+                                  f"{list(N.BACKEND_FORMATS)}")
+        if self.int8_method not in INT8_METHODS:
+            raise ConversionError(f"int8 method {self.int8_method!r} unknown; use dynamic or "
+                                  "static")
+        if self.fmt == "tflite" and self.int8_method == "static":
+            raise ConversionError("static int8 is ONNX-only; TFLite int8 is dynamic "
+                                  "(drop --int8-method static)")
+        if self.fmt == "onnx" and self.sizes:
+            raise ConversionError("--sizes is for --format tflite (ONNX graphs take any size)")
+        if not isinstance(self.opset, int) or self.opset < MIN_OPSET:
+            raise ConversionError(f"--opset {self.opset} is too old; use {MIN_OPSET} or newer "
+                                  f"(default {DEFAULT_OPSET})")
+        _check_defaults(self.default_steps, self.default_guidance)
+        self.precisions  # noqa: B018 - parsing is the check
+        name = self.name.strip() if self.name is not None else None
+        if name == "":
+            raise ConversionError("--name must not be empty (leave it out to use the "
+                                  "checkpoint folder's name)")
+        return replace(self, name=name)
+
+
+def _check_defaults(steps: int | None, guidance: float | None) -> None:
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)
+                              or steps < 1):
+        raise ConversionError(f"--default-steps must be a whole number >= 1, got {steps!r}")
+    if guidance is not None and (isinstance(guidance, bool)
+                                 or not isinstance(guidance, (int, float))
+                                 or not math.isfinite(guidance) or guidance < 0):
+        raise ConversionError(f"--default-guidance must be a finite number >= 0, got "
+                              f"{guidance!r}")
+
+
+def parse_precision(spec: str) -> dict[str, str]:
+    """`fp16` -> every component fp16; `int8` -> text encoder and UNet int8, VAE fp32;
+    `int4` -> UNet int4, text encoder int8, VAE fp32; `unet=int4,vae=fp16` -> per component
+    (`vae` means both VAE halves). Unnamed: fp32."""
+    out = {c: "fp32" for c in N.COMPONENTS}
+    for part in [p.strip() for p in spec.split(",") if p.strip()]:
+        name, _, value = part.rpartition("=")
+        if value not in N.PRECISIONS:
+            raise ConversionError(f"precision {value!r} is not supported; choose one of "
+                                  f"{list(N.PRECISIONS)}")
+        if not name:
+            out.update(_BARE.get(value, {c: value for c in N.COMPONENTS}))
+            continue
+        targets = [N.VAE_DECODER, N.VAE_ENCODER] if name == "vae" else [name]
+        for t in targets:
+            if t not in out:
+                raise ConversionError(f"unknown component {t!r} in --precision; use "
+                                      f"{list(N.COMPONENTS)} or 'vae'")
+            out[t] = value
+    return out

@@ -1,0 +1,126 @@
+"""One exporter per component kind: how to load it from a checkpoint, the torch module that
+exposes it with its contract's inputs and outputs (edge_sdk.contracts), and the example
+tensors to trace it with. export_onnx and export_tflite take an entry and a format's rules;
+convert() walks the bundle's roles and never branches on kind x format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from edge_sdk import contracts as C
+from edge_sdk.contracts import TextEncoderIO, UnetIO, VaeIO
+
+from .checkpoint import Checkpoint
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """The sizes a trace needs beyond the model's own config."""
+
+    text_len: int  # the text encoder's token count (the UNet's context length)
+    context_dim: int  # the UNet's cross-attention width
+    vae_factor: int  # image pixels per latent pixel
+
+
+@dataclass(frozen=True)
+class Exporter:
+    contract: C.ComponentContract
+    load: Callable[[Checkpoint], Any]  # the torch module, fp32, eval mode
+    wrap: Callable[[Any], Any]  # -> a module whose forward takes the contract's inputs
+    # (model, batch, image (height, width) or None for "any small size", shapes) -> inputs
+    example: Callable[[Any, int, "tuple[int, int] | None", Shapes], dict[str, Any]]
+    sized: bool = True  # TFLite: one signature per image size
+
+
+def _module(forward: Callable[..., Any]) -> Callable[[Any], Any]:
+    """A wrapper class whose forward(self, *inputs) is `forward(model, *inputs)`."""
+    def wrap(model: Any) -> Any:
+        import torch
+
+        class Wrapper(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.m = model  # the prefix "m." of every parameter name in the graph
+
+            def forward(self, *inputs: Any) -> Any:
+                return forward(self.m, *inputs)
+        return Wrapper().eval()
+    return wrap
+
+
+def _text(m: Any, input_ids: Any) -> Any:
+    out = m(input_ids=input_ids, return_dict=True)
+    return out.last_hidden_state, out.pooler_output
+
+
+def _unet(m: Any, sample: Any, timestep: Any, context: Any) -> Any:
+    return m(sample, timestep, context, return_dict=False)[0]
+
+
+def _decode(m: Any, latents: Any) -> Any:
+    return m.decode(latents, return_dict=False)[0]
+
+
+def _encode(m: Any, image: Any) -> Any:
+    import torch
+    h = m.encoder(image)
+    moments = m.quant_conv(h) if m.quant_conv is not None else h
+    mean, logvar = torch.chunk(moments, 2, dim=1)
+    return mean, torch.clamp(logvar, -30.0, 20.0)  # as DiagonalGaussianDistribution
+
+
+def _latent_hw(cfg: Any, size: tuple[int, int] | None, factor: int) -> tuple[int, int]:
+    if size is not None:
+        return size[0] // factor, size[1] // factor
+    return 4, 6  # small and not square: a trace that mixes up height and width fails
+
+
+def _text_example(model: Any, batch: int, size: Any, s: Shapes) -> dict[str, Any]:
+    import torch
+    cfg = model.config
+    return {TextEncoderIO.INPUT_IDS: torch.full((batch, s.text_len), cfg.eos_token_id,
+                                                dtype=torch.int64)}
+
+
+def _unet_example(model: Any, batch: int, size: tuple[int, int] | None,
+                  s: Shapes) -> dict[str, Any]:
+    import torch
+    cfg = model.config
+    if size is None:  # even latent sizes down to the last level; any context length
+        side = 2 ** (len(cfg.block_out_channels) - 1) * 2
+        hw, ctx_len, t = (side, side + side // 2), 7, torch.tensor([999.0, 500.0][:batch])
+    else:
+        hw, ctx_len, t = (size[0] // s.vae_factor, size[1] // s.vae_factor), s.text_len, \
+            torch.tensor([999.0] * batch)
+    return {UnetIO.SAMPLE: torch.randn(batch, cfg.in_channels, *hw), UnetIO.TIMESTEP: t,
+            UnetIO.CONTEXT: torch.randn(batch, ctx_len, s.context_dim)}
+
+
+def _decoder_example(model: Any, batch: int, size: Any, s: Shapes) -> dict[str, Any]:
+    import torch
+    cfg = model.config
+    return {VaeIO.LATENTS: torch.randn(batch, cfg.latent_channels,
+                                       *_latent_hw(cfg, size, s.vae_factor))}
+
+
+def _encoder_example(model: Any, batch: int, size: Any, s: Shapes) -> dict[str, Any]:
+    import torch
+    cfg = model.config
+    h, w = _latent_hw(cfg, size, s.vae_factor)
+    return {VaeIO.IMAGE: torch.randn(batch, cfg.in_channels, h * s.vae_factor,
+                                     w * s.vae_factor)}
+
+
+EXPORTERS: dict[str, Exporter] = {e.contract.kind: e for e in (
+    Exporter(C.TEXT_ENCODER, Checkpoint.load_text_encoder, _module(_text), _text_example,
+             sized=False),
+    Exporter(C.UNET, Checkpoint.load_unet, _module(_unet), _unet_example),
+    Exporter(C.VAE_DECODER, Checkpoint.load_vae, _module(_decode), _decoder_example),
+    Exporter(C.VAE_ENCODER, Checkpoint.load_vae, _module(_encode), _encoder_example),
+)}
+
+
+def exporter(kind: str) -> Exporter:
+    return EXPORTERS[kind]

@@ -1,0 +1,78 @@
+"""The loaded components of a bundle: each session opened on first use and released (or its
+mapped weights dropped) after its stage, as the memory plan says."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Callable
+
+from .backends import BackendOptions, Session, open_session
+from .errors import BundleError
+from .manifest import Manifest
+from .memory import MemoryPlan
+from .osmem import drop_mapped_pages
+
+log = logging.getLogger(__name__)
+
+Wrapper = Callable[[Session], Session]
+
+
+class Components:
+    """Sessions by role. `session(role)` opens one when first needed; `done_with(role)` is
+    called after each stage, and releases the session (low memory) or takes its mapped
+    weights out of the resident set (balanced), or keeps it (fast)."""
+
+    def __init__(self, bundle: Path, manifest: Manifest, options: BackendOptions,
+                 plan: MemoryPlan) -> None:
+        self.bundle, self.manifest, self.options, self.plan = bundle, manifest, options, plan
+        self._sessions: dict[str, Session] = {}
+        self._wrappers: dict[str, Wrapper] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def loaded(self) -> list[str]:
+        """The roles whose sessions are open now."""
+        return list(self._sessions)
+
+    def session(self, role: str) -> Session:
+        """The open session of a component (opened on first use)."""
+        with self._lock:
+            if role not in self._sessions:
+                spec = self.manifest.components.get(role)
+                if spec is None:
+                    raise BundleError(f"this bundle has no {role!r} component; re-convert it "
+                                      "with that component")
+                session = open_session(self.bundle, spec, self.options)
+                wrap = self._wrappers.get(role)
+                self._sessions[role] = wrap(session) if wrap else session
+            return self._sessions[role]
+
+    def wrap(self, role: str, wrapper: Wrapper) -> None:
+        """Pass the role's session through `wrapper` from now on (it sees what the stage
+        feeds: calibration records the UNet's inputs this way)."""
+        with self._lock:
+            self._wrappers[role] = wrapper
+            if role in self._sessions:
+                self._sessions[role] = wrapper(self._sessions[role])
+
+    def done_with(self, role: str) -> None:
+        """A stage is over: release its session or drop its mapped pages, per the plan."""
+        if self.plan.release_between_stages:
+            with self._lock:
+                self._sessions.pop(role, None)
+        elif self.plan.drop_pages and role in self.manifest.components:
+            spec = self.manifest.components[role]
+            dropped = drop_mapped_pages(self.bundle / f.path for f in spec.files)
+            log.debug("%s: %.1f MiB of mapped weights dropped", role, dropped / 2**20)
+
+    def open_all(self, roles: tuple[str, ...]) -> None:
+        """Open `roles` now, so a broken graph is an error at load rather than mid-run. A
+        plan that releases components between stages opens none (each is opened when its
+        stage comes: opening them here would load every one twice)."""
+        if self.plan.release_between_stages:
+            return
+        for role in roles:
+            self.session(role)
+            self.done_with(role)

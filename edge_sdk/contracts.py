@@ -1,0 +1,144 @@
+"""The I/O contract of every kind of bundle component, written once for both sides.
+
+The converter exports each graph with exactly these input and output names, dtypes and
+dynamic axes; the runtime builds its feeds and reads its outputs by the same names, and the
+manifest records what the exporter wrote so a load can check the two agree. A new kind of
+network (a second text encoder, a tiny decoder, a ControlNet) is a new contract here; a new
+input of an existing network (SDXL's added conditions, LCM's guidance embedding) is a new
+optional tensor of its contract, which the runtime feeds only when the graph declares it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["TensorContract", "ComponentContract", "CONTRACTS", "contract_of",
+           "TEXT_ENCODER", "UNET", "VAE_DECODER", "VAE_ENCODER", "VAE_DECODER_STAGE",
+           "DIM_BATCH", "DIM_HEIGHT", "DIM_WIDTH", "DIM_SEQUENCE"]
+
+# Symbolic (dynamic) dimension names, as recorded in the manifest's tensor shapes.
+DIM_BATCH = "batch"
+DIM_HEIGHT = "height"
+DIM_WIDTH = "width"
+DIM_SEQUENCE = "sequence"
+
+_SPATIAL = {0: DIM_BATCH, 2: DIM_HEIGHT, 3: DIM_WIDTH}
+
+
+@dataclass(frozen=True)
+class TensorContract:
+    """One input or output: its name, numpy dtype and dynamic axes (index -> axis name).
+    `optional` tensors exist only in graphs of models that have them."""
+
+    name: str
+    dtype: str = "float32"
+    axes: tuple[tuple[int, str], ...] = ((0, DIM_BATCH),)
+    optional: bool = False
+
+    @property
+    def dynamic_axes(self) -> dict[int, str]:
+        return dict(self.axes)
+
+
+@dataclass(frozen=True)
+class ComponentContract:
+    """A kind of component: its graph's inputs and outputs, in export order."""
+
+    kind: str
+    inputs: tuple[TensorContract, ...]
+    outputs: tuple[TensorContract, ...]
+
+    def input_names(self, optional: bool = False) -> list[str]:
+        return [t.name for t in self.inputs if optional or not t.optional]
+
+    def output_names(self, optional: bool = False) -> list[str]:
+        return [t.name for t in self.outputs if optional or not t.optional]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """For torch.onnx.export: every tensor's dynamic axes by name."""
+        return {t.name: t.dynamic_axes for t in self.inputs + self.outputs}
+
+    def tensor(self, name: str) -> TensorContract:
+        for t in self.inputs + self.outputs:
+            if t.name == name:
+                return t
+        raise KeyError(f"{self.kind} has no tensor {name!r}")
+
+
+def _spatial(name: str, dtype: str = "float32") -> TensorContract:
+    return TensorContract(name, dtype, tuple(_SPATIAL.items()))
+
+
+class TextEncoderIO:
+    """CLIP text encoder: token ids -> hidden states (the UNet's context) and pooled output."""
+
+    INPUT_IDS = "input_ids"
+    HIDDEN_STATES = "last_hidden_state"
+    POOLED = "pooler_output"
+
+
+class UnetIO:
+    """The denoiser: noisy latents, timestep and text context -> the model output."""
+
+    SAMPLE = "sample"
+    TIMESTEP = "timestep"
+    CONTEXT = "encoder_hidden_states"
+    OUTPUT = "out_sample"
+
+
+class VaeIO:
+    """The VAE halves: latents <-> images (NCHW, values in [-1, 1])."""
+
+    LATENTS = "latent_sample"
+    IMAGE = "image"
+    LATENT_MEAN = "latent_mean"
+    LATENT_LOGVAR = "latent_logvar"
+
+
+class StageIO:
+    """One stage of the VAE decoder split at its GroupNorms (edge_sdk.tiling): the stage
+    input, an earlier stage's output (a resnet's shortcut), the GroupNorm statistics computed
+    over the whole map, and the stage output."""
+
+    X = "x"
+    SKIP = "skip"
+    MEAN = "mean"
+    INV_STD = "inv_std"
+    Y = "y"
+
+
+TEXT_ENCODER = ComponentContract(
+    "text_encoder",
+    (TensorContract(TextEncoderIO.INPUT_IDS, "int64"),),
+    (TensorContract(TextEncoderIO.HIDDEN_STATES), TensorContract(TextEncoderIO.POOLED)))
+
+UNET = ComponentContract(
+    "unet",
+    (_spatial(UnetIO.SAMPLE), TensorContract(UnetIO.TIMESTEP),
+     TensorContract(UnetIO.CONTEXT, axes=((0, DIM_BATCH), (1, DIM_SEQUENCE)))),
+    (_spatial(UnetIO.OUTPUT),))
+
+VAE_DECODER = ComponentContract("vae_decoder", (_spatial(VaeIO.LATENTS),),
+                                (_spatial(VaeIO.IMAGE),))
+
+VAE_ENCODER = ComponentContract("vae_encoder", (_spatial(VaeIO.IMAGE),),
+                                (_spatial(VaeIO.LATENT_MEAN), _spatial(VaeIO.LATENT_LOGVAR)))
+
+VAE_DECODER_STAGE = ComponentContract(
+    "vae_decoder_stage",
+    (_spatial(StageIO.X), TensorContract(StageIO.SKIP, axes=tuple(_SPATIAL.items()),
+                                         optional=True),
+     TensorContract(StageIO.MEAN, optional=True), TensorContract(StageIO.INV_STD,
+                                                                  optional=True)),
+    (_spatial(StageIO.Y),))
+
+CONTRACTS: dict[str, ComponentContract] = {c.kind: c for c in (
+    TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, VAE_DECODER_STAGE)}
+
+
+def contract_of(kind: str) -> ComponentContract:
+    """The contract of a component kind (KeyError names the kinds this runtime knows)."""
+    try:
+        return CONTRACTS[kind]
+    except KeyError:
+        raise KeyError(f"unknown component kind {kind!r}; known: {sorted(CONTRACTS)}") from None

@@ -1,0 +1,220 @@
+"""Reading a manifest dict into the typed Manifest: every field checked once, here, with the
+path of whatever is wrong; older format versions are migrated first (manifest_v1)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+from . import names
+from .contracts import CONTRACTS
+from .errors import ManifestError
+from .manifest import (ComponentSpec, DecoderStage, Defaults, FileEntry, Manifest,
+                       SourceInfo, TensorSpec, TokenizerSpec, UnetSpec, VaeSpec,
+                       check_relative_name)
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def read_manifest(data: Any, where: str) -> Manifest:
+    r = _Reader(where)
+    d = r.obj(data, "")
+    _refuse_nan(d, "", where)
+    if r.get(d, "format", str) != names.BUNDLE_FORMAT:
+        raise ManifestError(f"{where}: 'format' is not {names.BUNDLE_FORMAT!r}; "
+                            "this is not an edge-sdk bundle manifest")
+    version = r.get(d, "format_version", int)
+    if version == 1:
+        from .manifest_v1 import migrate
+        d = migrate(d, r)
+    elif version != names.FORMAT_VERSION:
+        raise ManifestError(
+            f"{where}: format_version {version} is not supported by this runtime (it reads "
+            f"versions 1 and {names.FORMAT_VERSION}); upgrade edge-sdk or re-convert the "
+            "bundle")
+    components = {n: _component(r, n, c) for n, c in r.get(d, "components", dict).items()}
+    missing = [c for c in names.REQUIRED_COMPONENTS if c not in components]
+    if missing:
+        raise ManifestError(f"{where}: components {missing} are missing; a bundle needs "
+                            f"{list(names.REQUIRED_COMPONENTS)}")
+    sched = r.get(d, "scheduler", dict)
+    r.get(sched, "_class_name", str, "scheduler.")
+    return Manifest(
+        family=r.get(d, "family", str), variant=r.get(d, "variant", str),
+        source=_source(r, r.get(d, "source", dict)),
+        converter=r.get(d, "converter", dict), components=components,
+        tokenizers=_tokenizers(r, r.get(d, "tokenizers", dict), components),
+        scheduler=sched, prediction_type=r.choice(d, "prediction_type", PREDICTION_TYPES),
+        vae=_vae(r, r.get(d, "vae", dict), components), unet=_unet(r, r.get(d, "unet", dict)),
+        defaults=_defaults(r, r.get(d, "defaults", dict)),
+        static_sizes=_static_sizes(r, d.get("static_sizes")),
+        format_version=names.FORMAT_VERSION,
+        extra=d["extra"] if isinstance(d.get("extra"), dict) else {})
+
+
+def _source(r: "_Reader", s: dict[str, Any]) -> SourceInfo:
+    return SourceInfo(r.get(s, "name", str, "source."), r.get(s, "fingerprint", str, "source."),
+                      r.get(s, "pipeline_class", str, "source."),
+                      r.get(s, "diffusers_version", (str, type(None)), "source."))
+
+
+def _vae(r: "_Reader", v: dict[str, Any], components: Mapping[str, ComponentSpec]) -> VaeSpec:
+    stages = r.get({"decoder_stages": [], **v}, "decoder_stages", list, "vae.")
+    return VaeSpec(r.num(v, "scaling_factor", "vae."),
+                   r.get(v, "shift_factor", (int, float, type(None)), "vae."),
+                   r.pos(v, "latent_channels", "vae."), r.pos(v, "scale_factor", "vae."),
+                   r.pos({"attention_chunks": 1, **v}, "attention_chunks", "vae."),
+                   tuple(_stage(r, k, st, components) for k, st in enumerate(stages)))
+
+
+def _stage(r: "_Reader", k: int, st: Any, components: Mapping[str, ComponentSpec]
+           ) -> DecoderStage:
+    def count(v: Any, lo: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+    ok = (isinstance(st, dict) and st.get("component") in components
+          and (st.get("groups") is None or count(st.get("groups"), 1))
+          and count(st.get("halo"), 0) and st.get("scale") in (1, 2)
+          and isinstance(st.get("skips"), list)
+          and all(count(j, -1) and j < k for j in st["skips"])
+          and isinstance(st.get("tiled"), bool)
+          and isinstance(st.get("eps"), (int, float)) and not isinstance(st["eps"], bool)
+          and math.isfinite(st["eps"]) and st["eps"] > 0)
+    if not ok:
+        raise ManifestError(f"{r.where}: vae.decoder_stages[{k}] is malformed ({st!r}); "
+                            "re-convert the bundle")
+    return DecoderStage(st["component"], st["groups"], st["halo"], st["scale"],
+                        tuple(st["skips"]), st["tiled"], float(st["eps"]))
+
+
+def _unet(r: "_Reader", u: dict[str, Any]) -> UnetSpec:
+    u = {"attention_chunks": 1, **u}
+    return UnetSpec(r.pos(u, "in_channels", "unet."), r.pos(u, "sample_size", "unet."),
+                    r.pos(u, "cross_attention_dim", "unet."),
+                    r.pos(u, "attention_chunks", "unet."), r.pos(u, "size_multiple", "unet."))
+
+
+def _defaults(r: "_Reader", df: dict[str, Any]) -> Defaults:
+    return Defaults(r.pos(df, "steps", "defaults."), r.num(df, "guidance_scale", "defaults."),
+                    r.pos(df, "width", "defaults."), r.pos(df, "height", "defaults."))
+
+
+def _static_sizes(r: "_Reader", sizes: Any) -> tuple[tuple[int, int], ...] | None:
+    if sizes is None:
+        return None
+    if not (isinstance(sizes, list) and sizes and all(
+            isinstance(hw, list) and len(hw) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in hw)
+            for hw in sizes)):
+        raise ManifestError(f"{r.where}: field 'static_sizes' must be a list of [height, width] "
+                            f"pairs, got {sizes!r}; re-convert the bundle")
+    return tuple((h, w) for h, w in sizes)
+
+
+def _tokenizers(r: "_Reader", toks: dict[str, Any], components: Mapping[str, ComponentSpec]
+                ) -> dict[str, TokenizerSpec]:
+    if names.TOKENIZER not in toks:
+        raise ManifestError(f"{r.where}: required field 'tokenizers.{names.TOKENIZER}' is "
+                            "missing; re-convert the bundle with a matching edge-convert")
+    out = {}
+    for role, t in toks.items():
+        pre = f"tokenizers.{role}."
+        t = r.obj(t, pre)
+        encoder = r.get({"text_encoder": names.TEXT_ENCODER, **t}, "text_encoder", str, pre)
+        if encoder not in components:
+            raise ManifestError(f"{r.where}: {pre}text_encoder {encoder!r} is not a component")
+        hashed = "size" in t or "sha256" in t
+        out[role] = TokenizerSpec(
+            check_relative_name(r.get(t, "file", str, pre), r.where),
+            r.pos(t, "max_length", pre), r.get(t, "pad_token", str, pre),
+            *(r.get(t, k, int, pre) for k in ("pad_token_id", "bos_token_id", "eos_token_id")),
+            size=r.get(t, "size", int, pre) if hashed else None,
+            sha256=r.get(t, "sha256", str, pre) if hashed else None, text_encoder=encoder)
+    return out
+
+
+def _component(r: "_Reader", name: str, c: Any) -> ComponentSpec:
+    pre = f"components.{name}."
+    c = r.obj(c, pre)
+    files = tuple(FileEntry(check_relative_name(r.get(f, "path", str, pre + "files[]."), r.where),
+                            r.get(f, "size", int, pre + "files[]."),
+                            r.get(f, "sha256", str, pre + "files[]."))
+                  for f in (r.obj(x, pre + "files[]") for x in r.get(c, "files", list, pre)))
+    listed = {f.path for f in files}
+    path = check_relative_name(r.get(c, "path", str, pre), r.where)
+    weight_map = r.get({"weight_map": None, **c}, "weight_map", (str, type(None)), pre)
+    for key, value in (("path", path), ("weight_map", weight_map)):
+        if value is not None and value not in listed:
+            raise ManifestError(f"{r.where}: {pre}{key} {value!r} is not listed in {pre}files")
+    return ComponentSpec(name=name, kind=r.choice(c, "kind", tuple(CONTRACTS), pre),
+                         format=r.choice(c, "format", names.BACKEND_FORMATS, pre),
+                         path=path, precision=r.get(c, "precision", str, pre), files=files,
+                         inputs=_tensors(r, c, "inputs", pre),
+                         outputs=_tensors(r, c, "outputs", pre), weight_map=weight_map)
+
+
+def _tensors(r: "_Reader", c: dict[str, Any], key: str, pre: str) -> tuple[TensorSpec, ...]:
+    out = []
+    for s in r.get(c, key, list, pre):
+        s = r.obj(s, pre + key)
+        shape = r.get(s, "shape", list, pre + key + ".")
+        if not all(isinstance(x, (int, str)) and not isinstance(x, bool) for x in shape):
+            raise ManifestError(f"{r.where}: {pre}{key}.shape must hold ints or axis names")
+        out.append(TensorSpec(r.get(s, "name", str, pre + key + "."),
+                              r.get(s, "dtype", str, pre + key + "."), tuple(shape)))
+    return tuple(out)
+
+
+def _refuse_nan(value: Any, path: str, where: str) -> None:
+    """NaN means nothing in a manifest (infinities do: diffusers writes -Infinity)."""
+    if isinstance(value, float) and math.isnan(value):
+        raise ManifestError(f"{where}: field '{path}' is NaN; re-convert the bundle")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _refuse_nan(v, f"{path}.{k}" if path else str(k), where)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _refuse_nan(v, f"{path}[{i}]", where)
+
+
+class _Reader:
+    """Typed field access that reports the manifest path of whatever is wrong."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def obj(self, value: Any, path: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise ManifestError(f"{self.where}: {path or 'the top level'} must be a JSON object")
+        return value
+
+    def get(self, d: Mapping[str, Any], key: str, typ: Any, prefix: str = "") -> Any:
+        if key not in d:
+            raise ManifestError(f"{self.where}: required field '{prefix}{key}' is missing; "
+                                "re-convert the bundle with a matching edge-convert")
+        value = d[key]
+        bad_bool = isinstance(value, bool) and typ in (int, float, (int, float))
+        if bad_bool or not isinstance(value, typ):
+            raise ManifestError(f"{self.where}: field '{prefix}{key}' has the wrong type "
+                                f"({type(value).__name__}: {value!r})")
+        return value
+
+    def num(self, d: Mapping[str, Any], key: str, prefix: str = "") -> float:
+        value = float(self.get(d, key, (int, float), prefix))
+        if not math.isfinite(value) or value < 0:
+            raise ManifestError(f"{self.where}: field '{prefix}{key}' must be a finite number "
+                                f">= 0, got {value}")
+        return value
+
+    def pos(self, d: Mapping[str, Any], key: str, prefix: str = "") -> int:
+        value = self.get(d, key, int, prefix)
+        if value <= 0:
+            raise ManifestError(f"{self.where}: field '{prefix}{key}' must be > 0, got {value}")
+        return value
+
+    def choice(self, d: Mapping[str, Any], key: str, allowed: tuple[str, ...],
+               prefix: str = "") -> str:
+        value = self.get(d, key, str, prefix)
+        if value not in allowed:
+            raise ManifestError(f"{self.where}: field '{prefix}{key}' is {value!r}; this runtime "
+                                f"accepts {list(allowed)}")
+        return value
