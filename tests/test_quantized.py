@@ -132,16 +132,3 @@ def test_static_int8_is_calibrated_and_stays_close(models, tmp_path):
            .graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # activations quantized too
     assert psnr_vs(models.bundle("tiny-sd1"), out) > 25
-
-
-def test_empty_calibration_file_is_a_clear_error(models, tmp_path):
-    import pytest
-
-    from converters.convert import convert
-    from edge_sdk.errors import ConversionError
-    empty = tmp_path / "empty.txt"
-    empty.write_text("# nothing\n\n")
-    with pytest.raises(ConversionError, match="no prompts"):
-        convert(models.checkpoint("tiny-sd1"), tmp_path / "x", precision="int8",
-                int8_method="static", calibration=empty)
-    assert not (tmp_path / "x").exists()
