@@ -36,7 +36,8 @@ def require_litert_torch() -> Any:
         import litert_torch
     except ImportError as exc:
         raise ConversionError("--format tflite needs litert-torch and ai-edge-quantizer: "
-                              "`pip install 'edge-sdk[tflite-convert]'`") from exc
+                              "install the [tflite-convert] extra (`pip install "
+                              "'.[tflite-convert]'` in a clone of edge-sdk)") from exc
     # its per-pass progress lines would bury edge-convert's own; kept with --debug
     litert_torch.config.show_progress = log.isEnabledFor(logging.DEBUG)
     return litert_torch

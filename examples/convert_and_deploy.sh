@@ -6,7 +6,8 @@
 # Without CHECKPOINT it builds a tiny random-weight SD checkpoint (offline) so the script
 # runs anywhere; without BOARD it "deploys" to a local folder and runs there, which is what
 # the board would do. The workstation needs `pip install torch==2.13.0 && pip install
-# '.[convert]'`; the board needs only `pip install edge-sdk` (no torch).
+# '.[convert]'`; the board needs only the runtime: `pip install edge_sdk_diffusion-*.whl` (a
+# wheel built with `pip wheel --no-deps . -w dist`), no torch.
 set -euo pipefail
 
 WORK=${WORK:-$(mktemp -d)}

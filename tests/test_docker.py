@@ -76,3 +76,17 @@ def test_ci_runs_the_emulated_arm64_stage():
     assert "bash tests/arm64/stage.sh" in ci
     command = next(line for line in ci.splitlines() if line.startswith("python3 -m venv"))
     assert command.strip() in readme  # the README's test command is what CI runs
+
+
+def test_no_install_line_sends_users_to_the_unrelated_edge_sdk_on_pypi():
+    """PyPI's `edge-sdk` is another project (a market-data SDK, import name `edge`): this
+    distribution has a free name, and no document tells anyone to install `edge-sdk`."""
+    import re
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["name"] == \
+        "edge-sdk-diffusion"
+    wrong = re.compile(r"pip install(?: [^\s;&|]+)*? ['\"]?edge-sdk(?![\w-])")
+    docs = [ROOT / "README.md", *(ROOT / "docker").iterdir(), *(ROOT / "examples").iterdir(),
+            *(ROOT / "edge_sdk").rglob("*.py"), *(ROOT / "converters").rglob("*.py")]
+    offenders = [str(p) for p in docs if p.is_file() and wrong.search(p.read_text())]
+    assert not offenders
+    assert wrong.search("pip install 'edge-sdk[convert]'")  # the pattern does catch one

@@ -43,7 +43,7 @@ def load_runtime() -> tuple[str, Any]:
         pass
     if _import_util.find_spec("tflite_runtime") is None:
         raise BackendUnavailableError("the TFLite backend needs LiteRT: `pip install "
-                                      "ai-edge-litert` (or `pip install 'edge-sdk[tflite]'`)")
+                                      "ai-edge-litert` (or the [tflite] extra)")
     if int(np.__version__.split(".")[0]) >= 2:
         raise BackendUnavailableError(
             f"tflite-runtime is installed but cannot run with numpy {np.__version__} (it needs "
