@@ -70,11 +70,7 @@ class Checkpoint:
     # -- configs -------------------------------------------------------------------------
     def config(self, name: str) -> dict[str, Any]:
         fname = "scheduler_config.json" if name == "scheduler" else "config.json"
-        p = self.path / name / fname
-        try:
-            return json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConversionError(f"{p}: unreadable ({exc})") from exc
+        return _read_json(self.path / name / fname)
 
     @property
     def pipeline_class(self) -> str:
@@ -95,7 +91,7 @@ class Checkpoint:
 
     def tokenizer_config(self) -> dict[str, Any]:
         p = self.path / "tokenizer" / "tokenizer_config.json"
-        return json.loads(p.read_text()) if p.is_file() else {}
+        return _read_json(p) if p.is_file() else {}
 
     # -- what this converter supports ----------------------------------------------------
     def check_supported(self) -> None:
@@ -117,7 +113,10 @@ class Checkpoint:
               "the UNet's cross-attention width (unet cross_attention_dim)",
               _first(unet.get("cross_attention_dim")))
         latent = vae.get("latent_channels")
-        if unet.get("in_channels") == 2 * int(latent or 0) + 1:
+        if not isinstance(latent, int) or isinstance(latent, bool) or latent < 1:
+            raise ConversionError(f"{self.path / 'vae'}: latent_channels is {latent!r}, not a "
+                                  "positive whole number")
+        if unet.get("in_channels") == 2 * latent + 1:
             raise ConversionError(f"{self.path}: an inpainting UNet ({unet['in_channels']} input "
                                   f"channels = latents + mask + masked-image latents); "
                                   "edge-convert does not support inpainting models yet")
@@ -126,7 +125,8 @@ class Checkpoint:
                   f"the UNet's {key.replace('_', ' ')} (unet {key})", unet.get(key, 4))
         positions = text.get("max_position_embeddings", 77)
         length = self.tokenizer_config().get("model_max_length")
-        if isinstance(length, int) and positions < length < 10**6:  # larger: "unset"
+        if isinstance(length, int) and isinstance(positions, int) \
+                and positions < length < 10**6:  # larger: "unset"
             raise ConversionError(f"{self.path}: the tokenizer's model_max_length ({length}) "
                                   f"exceeds the text encoder's max_position_embeddings "
                                   f"({positions}); the components do not belong together")
@@ -171,3 +171,14 @@ def _same(what: str, a: Any, other: str, b: Any) -> None:
         raise ConversionError(f"{what} is {a} but {other} is {b}: the components do not "
                               "belong together (was one of them replaced?); fix the "
                               "checkpoint's configs or use matching weights")
+
+
+def _read_json(p: Path) -> dict[str, Any]:
+    """A config file as a dict, or a ConversionError naming the file."""
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConversionError(f"{p}: unreadable ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConversionError(f"{p}: not a JSON object; the checkpoint's configs are broken")
+    return data

@@ -126,7 +126,7 @@ def _export_role(role: str, ckpt: Checkpoint, stage: Path, opts: ConvertOptions,
                              file_entries(stage, files), *tflite_io(stage / files[0],
                                                                     exp.contract))
     else:
-        files = export_onnx(role, exp, _load(role, ckpt, layout), stage, precision,
+        files = export_onnx(role, exp, lambda: _load(role, ckpt, layout), stage, precision,
                             layout.shapes, opts.opset)
     weight_map = next((f for f in files if f.endswith(N.WEIGHT_MAP_SUFFIX)), None)
     return ComponentSpec(role, exp.contract.kind, "onnx", files[0], precision,

@@ -11,7 +11,7 @@ import json
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from edge_sdk import names as N
 
@@ -27,32 +27,35 @@ log = logging.getLogger(__name__)
 INT4_KEEP_FP32 = ("/conv_in/", "/conv_out/", "/time_embedding/")
 
 
-def export_onnx(role: str, exp: Exporter, model: Any, out_dir: Path, precision: str,
-                shapes: Shapes, opset: int = DEFAULT_OPSET) -> list[str]:
-    """Export `model` as `<out_dir>/<role>.onnx` (+ data, + a weight map for fp32/fp16) and
-    return the file names written. Pass the only reference to `model`: it is dropped after
-    tracing, before the graph is loaded or quantized (with both resident, an SD 1.5 int8
-    conversion peaked at 14.3 GB RSS; 4.8 GB this way)."""
+def export_onnx(role: str, exp: Exporter, load: Callable[[], Any], out_dir: Path,
+                precision: str, shapes: Shapes, opset: int = DEFAULT_OPSET) -> list[str]:
+    """Export the model `load()` returns as `<out_dir>/<role>.onnx` (+ data, + a weight map
+    for fp32/fp16) and return the file names written. The torch model lives only while it
+    is traced: it is gone before the graph is loaded or quantized (with both resident, an
+    SD 1.5 int8 conversion peaked at 14.3 GB RSS; 4.8 GB this way)."""
+    mapped = precision in ("fp32", "fp16")  # quantized graphs rename what they rewrite
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".{role}-") as tmp:
-        src, wmap = trace_fp32(exp, model, Path(tmp), shapes, opset)
-        del model
+        src, wmap = trace_fp32(exp, load, Path(tmp), shapes, opset, weight_names=mapped)
         gc.collect()
         files = finish_component(role, src, out_dir, precision)
-    if precision in ("fp32", "fp16"):  # quantized graphs rename what they rewrite
+    if mapped:
         name = role + N.WEIGHT_MAP_SUFFIX
         (out_dir / name).write_text(json.dumps(wmap, indent=0, sort_keys=True))
         files.append(name)
     return files
 
 
-def trace_fp32(exp: Exporter, model: Any, scratch: Path, shapes: Shapes,
-               opset: int = DEFAULT_OPSET) -> tuple[Path, dict[str, list[Any]]]:
-    """Trace `model` to an fp32 `<scratch>/model.onnx`; return its path and the map from
-    the model's parameter names to the graph's initializers (converters.weight_map)."""
+def trace_fp32(exp: Exporter, load: Callable[[], Any], scratch: Path, shapes: Shapes,
+               opset: int = DEFAULT_OPSET, weight_names: bool = True
+               ) -> tuple[Path, dict[str, list[Any]]]:
+    """Trace the model `load()` returns to an fp32 `<scratch>/model.onnx`; return its path
+    and the map from the model's parameter names to the graph's initializers
+    (converters.weight_map; empty when `weight_names` is off)."""
     import onnx
     import torch
 
     contract = exp.contract
+    model = load()
     wrapper = exp.wrap(model)
     example = exp.example(model, 1 if contract.kind.startswith("vae") else 2, None, shapes)
     args = tuple(example[n] for n in contract.input_names())
@@ -65,7 +68,7 @@ def trace_fp32(exp: Exporter, model: Any, scratch: Path, shapes: Shapes,
     graph = onnx.load(str(raw), load_external_data=False)
     _name_output_dims(graph, wrapper, args, contract.dynamic_axes())
     onnx.save(graph, str(raw))  # external-data references stay as the exporter wrote them
-    return raw, weight_map(graph, scratch, wrapper.m)
+    return raw, weight_map(graph, scratch, model) if weight_names else {}
 
 
 def finish_component(role: str, src: Path, out_dir: Path, precision: str) -> list[str]:

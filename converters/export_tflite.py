@@ -1,10 +1,10 @@
-"""TFLite export with litert-torch (no TensorFlow), one function per bundle component.
+"""TFLite export with litert-torch (no TensorFlow) of one component, by its kind's exporter.
 
 TFLite shapes are static. The UNet, the VAE decoder and the VAE encoder get one signature per
 requested size in a single `.tflite` file (the weights are stored once and shared by the
 signatures); the runtime picks the signature whose shapes match its inputs. Every signature
 has batch 1: the runtime runs a larger batch image by image. Signature inputs and outputs
-carry the same names as the ONNX graphs (edge_sdk.names), so the manifest's I/O contract is
+carry the contract's names (edge_sdk.contracts), like the ONNX graphs, so the manifest's I/O contract is
 the same for both formats.
 
 Precisions go through ai-edge-quantizer: fp16 weights (float casting, fp32 compute), int8

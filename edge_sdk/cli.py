@@ -255,6 +255,9 @@ def describe(m: Any, path: Path) -> list[str]:
         f"model       {m.family} ({m.variant}), from {s.name!r} ({s.pipeline_class}, "
         f"diffusers {s.diffusers_version})",
         f"source      sha256 {s.fingerprint[:16]}...",
+        f"format      {m.format_version}" + (
+            f" (read from format {m.migrated_from}: {N.RECONVERT_HINT})" if m.migrated_from
+            else ""),
         f"converted   {c.get('name')} {c.get('version')} on {c.get('created')}, "
         + (f"litert-torch {c['litert-torch']}" if "litert-torch" in c
            else f"opset {c.get('opset')}"),

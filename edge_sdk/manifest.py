@@ -154,6 +154,8 @@ class Manifest:
     # for; None: any size (a multiple of unet.size_multiple)
     static_sizes: tuple[tuple[int, int], ...] | None = None
     format_version: int = names.FORMAT_VERSION
+    # the format of the file this was read from, when older (migrated when read); not written
+    migrated_from: int | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)  # informational; never read
 
     @property
@@ -191,6 +193,7 @@ class Manifest:
     # -- writing -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d.pop("migrated_from")
         out: dict[str, Any] = {"format": names.BUNDLE_FORMAT,
                                "format_version": d.pop("format_version")}
         out.update(d)

@@ -24,6 +24,7 @@ def read_manifest(data: Any, where: str) -> Manifest:
         raise ManifestError(f"{where}: 'format' is not {names.BUNDLE_FORMAT!r}; "
                             "this is not an edge-sdk bundle manifest")
     version = r.get(d, "format_version", int)
+    migrated_from = version if version == 1 else None
     if version == 1:
         from .manifest_v1 import migrate
         d = migrate(d, r)
@@ -37,18 +38,23 @@ def read_manifest(data: Any, where: str) -> Manifest:
     if missing:
         raise ManifestError(f"{where}: components {missing} are missing; a bundle needs "
                             f"{list(names.REQUIRED_COMPONENTS)}")
+    for role in names.COMPONENTS:  # the standard roles hold the networks of their name
+        if role in components and components[role].kind != role:
+            raise ManifestError(f"{where}: component {role!r} is of kind "
+                                f"{components[role].kind!r}, not {role!r}; re-convert the bundle")
     sched = r.get(d, "scheduler", dict)
     r.get(sched, "_class_name", str, "scheduler.")
     return Manifest(
         family=r.get(d, "family", str), variant=r.get(d, "variant", str),
         source=_source(r, r.get(d, "source", dict)),
         converter=r.get(d, "converter", dict), components=components,
-        tokenizers=_tokenizers(r, r.get(d, "tokenizers", dict), components),
+        tokenizers=_tokenizers(r, r.get(d, "tokenizers", dict), components,
+                               migrated_from is not None),
         scheduler=sched, prediction_type=r.choice(d, "prediction_type", PREDICTION_TYPES),
         vae=_vae(r, r.get(d, "vae", dict), components), unet=_unet(r, r.get(d, "unet", dict)),
         defaults=_defaults(r, r.get(d, "defaults", dict)),
         static_sizes=_static_sizes(r, d.get("static_sizes")),
-        format_version=names.FORMAT_VERSION,
+        format_version=names.FORMAT_VERSION, migrated_from=migrated_from,
         extra=d["extra"] if isinstance(d.get("extra"), dict) else {})
 
 
@@ -71,7 +77,9 @@ def _stage(r: "_Reader", k: int, st: Any, components: Mapping[str, ComponentSpec
            ) -> DecoderStage:
     def count(v: Any, lo: int) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) and v >= lo
-    ok = (isinstance(st, dict) and st.get("component") in components
+    ok = (isinstance(st, dict) and isinstance(st.get("component"), str)
+          and st["component"] in components
+          and components[st["component"]].kind == names.VAE_DECODER_STAGE
           and (st.get("groups") is None or count(st.get("groups"), 1))
           and count(st.get("halo"), 0) and st.get("scale") in (1, 2)
           and isinstance(st.get("skips"), list)
@@ -110,8 +118,8 @@ def _static_sizes(r: "_Reader", sizes: Any) -> tuple[tuple[int, int], ...] | Non
     return tuple((h, w) for h, w in sizes)
 
 
-def _tokenizers(r: "_Reader", toks: dict[str, Any], components: Mapping[str, ComponentSpec]
-                ) -> dict[str, TokenizerSpec]:
+def _tokenizers(r: "_Reader", toks: dict[str, Any], components: Mapping[str, ComponentSpec],
+                migrated: bool) -> dict[str, TokenizerSpec]:
     if names.TOKENIZER not in toks:
         raise ManifestError(f"{r.where}: required field 'tokenizers.{names.TOKENIZER}' is "
                             "missing; re-convert the bundle with a matching edge-convert")
@@ -120,9 +128,10 @@ def _tokenizers(r: "_Reader", toks: dict[str, Any], components: Mapping[str, Com
         pre = f"tokenizers.{role}."
         t = r.obj(t, pre)
         encoder = r.get({"text_encoder": names.TEXT_ENCODER, **t}, "text_encoder", str, pre)
-        if encoder not in components:
-            raise ManifestError(f"{r.where}: {pre}text_encoder {encoder!r} is not a component")
-        hashed = "size" in t or "sha256" in t
+        if encoder not in components or components[encoder].kind != names.TEXT_ENCODER:
+            raise ManifestError(f"{r.where}: {pre}text_encoder {encoder!r} is not a text "
+                                "encoder of this bundle")
+        hashed = not migrated  # format 1 recorded no tokenizer checksum
         out[role] = TokenizerSpec(
             check_relative_name(r.get(t, "file", str, pre), r.where),
             r.pos(t, "max_length", pre), r.get(t, "pad_token", str, pre),

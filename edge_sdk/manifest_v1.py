@@ -26,7 +26,8 @@ def migrate(d: dict[str, Any], r: Any) -> dict[str, Any]:
     extra = d.get("extra") if isinstance(d.get("extra"), dict) else {}
     stages = extra.pop(_STAGES, None)
     comps = r.get(d, "components", dict)
-    stage_roles = {st.get("component") for st in stages or [] if isinstance(st, dict)}
+    stage_roles = {st.get("component") for st in (stages if isinstance(stages, list) else [])
+                   if isinstance(st, dict) and isinstance(st.get("component"), str)}
     for role, c in comps.items():
         if isinstance(c, dict):
             c.setdefault("kind", names.VAE_DECODER_STAGE if role in stage_roles else role)
