@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from .backends import BackendOptions, Session, open_session
+from .backends import BackendOptions, Session, check_backend, open_session
 from .errors import BundleError
 from .manifest import Manifest
 from .memory import MemoryPlan
@@ -70,8 +70,11 @@ class Components:
     def open_all(self, roles: tuple[str, ...]) -> None:
         """Open `roles` now, so a broken graph is an error at load rather than mid-run. A
         plan that releases components between stages opens none (each is opened when its
-        stage comes: opening them here would load every one twice)."""
+        stage comes: opening them here would load every one twice); the backend options
+        are still checked against each, and the files were checked by the manifest."""
         if self.plan.release_between_stages:
+            for role in roles:
+                check_backend(self.manifest.components[role], self.options)
             return
         for role in roles:
             self.session(role)

@@ -9,6 +9,7 @@ the two agree) and the CLI's flags are made from it (`add_arguments`).
 from __future__ import annotations
 
 import math
+import numbers
 import secrets
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Mapping
@@ -78,13 +79,15 @@ class GenerationConfig:
         d = manifest.defaults
         steps = _int("steps", d.steps if self.steps is None else self.steps, 1, MAX_STEPS)
         g = d.guidance_scale if self.guidance_scale is None else self.guidance_scale
-        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) \
+        if isinstance(g, bool) or not isinstance(g, numbers.Real) or not math.isfinite(g) \
                 or not 0 <= g <= MAX_GUIDANCE:
             raise InvalidInputError(f"guidance_scale must be a finite number in [0, "
                                     f"{MAX_GUIDANCE}], got {g!r}; values <= 1 turn "
                                     "classifier-free guidance off")
-        width = _side("width", d.width if self.width is None else self.width, manifest)
-        height = _side("height", d.height if self.height is None else self.height, manifest)
+        width = _side("width", d.width if self.width is None else self.width, manifest,
+                      self.width is not None)
+        height = _side("height", d.height if self.height is None else self.height, manifest,
+                       self.height is not None)
         seed = secrets.randbits(63) if self.seed is None else _int("seed", self.seed, 0,
                                                                   2**63 - 1)
         n = _int("num_images", self.num_images, 1, MAX_IMAGES)
@@ -96,6 +99,9 @@ class GenerationConfig:
                 "or re-convert with `edge-convert --format tflite --sizes WxH,...`")
         if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
             raise InvalidInputError("negative_prompt must be a string or None")
+        if self.scheduler is not None and not isinstance(self.scheduler, str):
+            raise InvalidInputError(f"scheduler must be a name (a string) or None, got "
+                                    f"{self.scheduler!r}; `edge-sdk schedulers` lists them")
         cls, _ = resolve_scheduler(self.scheduler, manifest.scheduler)
         return replace(self, steps=steps, guidance_scale=float(g), width=width, height=height,
                        seed=seed, scheduler=self.scheduler or cls.class_name, num_images=n)
@@ -128,25 +134,26 @@ def config_from_arguments(args: Any, **overrides: Any) -> GenerationConfig:
 
 
 def _int(name: str, value: Any, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    """An integer parameter (numpy integers too), checked against its range."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise InvalidInputError(f"{name} must be an integer, got {value!r}")
     if not lo <= value <= hi:
         raise InvalidInputError(f"{name} must be in [{lo}, {hi}], got {value}")
-    return value
+    return int(value)
 
 
-def _side(name: str, value: Any, manifest: Manifest) -> int:
-    f = manifest.vae.scale_factor
-    if isinstance(value, bool) or not isinstance(value, int):
+def _side(name: str, value: Any, manifest: Manifest, given: bool = True) -> int:
+    """A width or height: a positive multiple of what both the VAE and the UNet need."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise InvalidInputError(f"{name} must be an integer number of pixels, got {value!r}")
-    if value <= 0 or value % f:
-        raise InvalidInputError(f"{name} must be a positive multiple of {f} pixels, got {value}; "
-                                f"try {max(f, round(value / f) * f)}")
-    multiple = manifest.unet.size_multiple
-    if value % multiple:
-        raise InvalidInputError(f"{name}={value}: this model's UNet needs sizes that are "
-                                f"multiples of {multiple} pixels; try "
-                                f"{max(multiple, round(value / multiple) * multiple)}")
+    value = int(value)
+    multiple = math.lcm(manifest.vae.scale_factor, manifest.unet.size_multiple)
+    what = f"{name}={value}" if given else f"the model's default {name} ({value})"
+    if value <= 0 or value % multiple:
+        fix = (f"try {max(multiple, round(value / multiple) * multiple)}" if given
+               else "re-convert the bundle")
+        raise InvalidInputError(f"{what}: this model needs sizes that are positive multiples "
+                                f"of {multiple} pixels; {fix}")
     if value > MAX_SIDE:
-        raise InvalidInputError(f"{name}={value} exceeds the maximum of {MAX_SIDE} pixels")
+        raise InvalidInputError(f"{what} exceeds the maximum of {MAX_SIDE} pixels")
     return value

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -78,16 +78,30 @@ def unet_predictor(unet: Session, conditioning: Conditioning, guidance_scale: fl
     return predict
 
 
+def batch_noise(rngs: Sequence[np.random.Generator], shape: tuple[int, ...]) -> np.ndarray:
+    """Standard-normal noise for a batch, item k drawn from rngs[k] (one generator may
+    serve every item: the same numbers as one draw of the whole shape)."""
+    if len(rngs) == 1:
+        return rngs[0].standard_normal(shape, dtype=np.float32)
+    if len(rngs) != shape[0]:
+        raise ValueError(f"{len(rngs)} generators for a batch of {shape[0]}")
+    return np.stack([r.standard_normal(shape[1:], dtype=np.float32) for r in rngs])
+
+
 def run_denoising(predict: Predict, scheduler: Scheduler, latents: np.ndarray,
-                  rng: np.random.Generator | None = None,
+                  rng: np.random.Generator | Sequence[np.random.Generator] | None = None,
                   callback: StepCallback | None = None) -> np.ndarray:
     """Run the scheduler's steps from its begin index on `latents` (already at that step's
-    noise level: scaled by init_noise_sigma, or add_noise'd) and return the final latents."""
+    noise level: scaled by init_noise_sigma, or add_noise'd) and return the final latents.
+    A stochastic scheduler's noise comes from `rng`: one generator, or one per batch item
+    (so any image of a batch can be made again alone)."""
+    rngs = [rng] if isinstance(rng, np.random.Generator) else list(rng or [])
     first, end = scheduler.begin_index, len(scheduler.timesteps)
     for i in range(first, end):
         model_in = scheduler.scale_model_input(latents, i)
-        latents = scheduler.step(i, latents, predict(model_in, float(scheduler.timesteps[i]), i),
-                                 rng=rng)
+        out = predict(model_in, float(scheduler.timesteps[i]), i)
+        noise = batch_noise(rngs, latents.shape) if scheduler.stochastic and rngs else None
+        latents = scheduler.step(i, latents, out, noise=noise)
         if callback is not None and callback(i - first, end - first, latents) is False:
             raise CancelledError(f"generation cancelled by the callback at step "
                                  f"{i - first + 1}/{end - first}")

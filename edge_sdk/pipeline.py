@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -18,8 +18,8 @@ from PIL import Image
 from . import names as N
 from .backends import BackendOptions, Session
 from .components import Components
-from .config import GenerationConfig, uses_guidance
-from .denoise import Conditioning, StepCallback, run_denoising, unet_predictor
+from .config import MAX_IMAGES, GenerationConfig, uses_guidance
+from .denoise import Conditioning, StepCallback, batch_noise, run_denoising, unet_predictor
 from .errors import InvalidInputError
 from .image import to_pil
 from .manifest import Manifest
@@ -29,7 +29,7 @@ from .osmem import return_freed_memory
 from .schedulers import Scheduler, create_scheduler
 from .text_encoder import PromptEmbeds, encode_prompts
 from .tiling import FileBackedMaps
-from .tokenizer import PromptTokenizer
+from .tokenizer import PromptTokenizer, check_prompt
 from .vae import decode_latents as _decode_whole
 from .vae import decode_latents_tiled
 
@@ -43,15 +43,26 @@ class Generation:
     """The full result of one generation."""
 
     images: list[Image.Image]
-    latents: np.ndarray  # final latents, [num_images, C, h, w]
+    latents: np.ndarray  # final latents, [images, C, h, w]
     config: GenerationConfig  # resolved: every field concrete
-    prompt: str
+    prompt: str | list[str]
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    seeds: list[int] = field(default_factory=list)  # image k's own seed (config.seed + k)
 
     @property
     def parameters(self) -> dict[str, Any]:
-        """What produced the images (written into PNG metadata)."""
-        return {"prompt": self.prompt, **self.config.as_dict()}
+        """What produced the (first) image (written into its file's metadata)."""
+        return self.image_parameters(0)
+
+    def image_parameters(self, k: int) -> dict[str, Any]:
+        """What produced image k: generating its prompt with its seed and num_images 1 makes
+        it again."""
+        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
+        per_prompt = max(1, len(self.images) // max(1, len(prompts)))
+        seed = self.seeds[k] if self.seeds else self.config.seed
+        return {**self.config.as_dict(), "prompt": prompts[min(k // per_prompt,
+                                                               len(prompts) - 1)],
+                "seed": seed, "num_images": 1}
 
 
 class Pipeline:
@@ -85,21 +96,15 @@ class Pipeline:
         path = Path(bundle) if bundle is not None else default_bundle()
         manifest = Manifest.load(path)
         manifest.verify_files(path, checksums=verify)
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
-                                    or threads < 1):
-            raise InvalidInputError(f"threads must be a positive integer, got {threads!r}")
-        _check_accelerator_options(manifest, providers, delegate)
+        options = BackendOptions.checked(backend, threads, providers, False, delegate,
+                                         delegate_options)
+        _check_accelerator_options(manifest, options.providers, options.delegate)
         # planned for the model's own default generation (its size, steps and guidance)
         plan = plan_memory(memory, manifest, estimate_peak_bytes(
             manifest, GenerationConfig(seed=0).resolve(manifest)))
         if plan.return_freed and not return_freed_memory():
             log.info("could not set the C heap to return freed memory (not glibc)")
-        options = BackendOptions(backend=backend, threads=threads,
-                                 providers=tuple(providers) if providers else None,
-                                 low_memory=plan.map_weights, delegate=delegate,
-                                 delegate_options=tuple((str(k), str(v)) for k, v in
-                                                        (delegate_options or {}).items()))
-        pipe = cls(path, manifest, options, plan)
+        pipe = cls(path, manifest, replace(options, low_memory=plan.map_weights), plan)
         pipe.components.open_all(N.REQUIRED_COMPONENTS)
         log.info("loaded %s (%s, %s) from %s; %s", manifest.source.name, manifest.family,
                  manifest.variant, path, plan.describe())
@@ -110,13 +115,12 @@ class Pipeline:
         return self.components.session(component)
 
     # -- stages --------------------------------------------------------------------------
-    def encode_prompt(self, prompt: str, negative_prompt: str | None = None,
+    def encode_prompt(self, prompt: str | Sequence[str], negative_prompt: str | None = None,
                       num_images: int = 1, guidance_scale: float | None = None) -> PromptEmbeds:
-        """Text embeddings for `prompt` (and the negative prompt when guidance is on)."""
-        if not isinstance(prompt, str):
-            raise InvalidInputError(f"prompt must be a string, got {type(prompt).__name__}")
+        """Text embeddings for `prompt` (a list: each, in turn) and the negative prompt when
+        guidance is on, repeated for `num_images` per prompt."""
         g = self.manifest.defaults.guidance_scale if guidance_scale is None else guidance_scale
-        return encode_prompts(self.session(N.TEXT_ENCODER), self.tokenizer, prompt,
+        return encode_prompts(self.session(N.TEXT_ENCODER), self.tokenizer, _prompts(prompt),
                               negative_prompt, num_images, guidance=uses_guidance(g))
 
     def scheduler(self, cfg: GenerationConfig) -> Scheduler:
@@ -153,39 +157,51 @@ class Pipeline:
         return _decode_whole(self.session(N.VAE_DECODER), latents, self.manifest.vae)
 
     # -- the whole thing -----------------------------------------------------------------
-    def __call__(self, prompt: str, negative_prompt: str | None = None, steps: int | None = None,
+    def __call__(self, prompt: str | Sequence[str], negative_prompt: str | None = None,
+                 steps: int | None = None,
                  guidance_scale: float | None = None, seed: int | None = None,
                  width: int | None = None, height: int | None = None,
                  scheduler: str | None = None, num_images: int = 1, *,
                  latents: np.ndarray | None = None, callback: StepCallback | None = None,
                  **aliases: Any) -> Image.Image | list[Image.Image]:
-        """Generate an image (a list when `num_images > 1`). `None` = the model's default.
+        """Generate an image (a list when there are several: `num_images > 1`, or a list of
+        prompts). `None` = the model's default.
         The parameters are edge_sdk.config.GenerationConfig's; its diffusers aliases
         (`num_inference_steps`, `num_images_per_prompt`) are accepted too."""
         params = dict(negative_prompt=negative_prompt, steps=steps,
                       guidance_scale=guidance_scale, seed=seed, width=width, height=height,
                       scheduler=scheduler, num_images=num_images)
-        given = {k: v for k, v in params.items() if v is not None}
-        if num_images == 1:  # the default: an alias may set it
-            del given["num_images"]
+        given = {k: v for k, v in params.items() if v is not None or k == "num_images"}
+        if num_images == 1 and not isinstance(num_images, bool):  # the default: an alias may
+            del given["num_images"]                                # set it instead
         config = GenerationConfig.from_kwargs({**given, **aliases})
         result = self.generate(prompt, config, latents=latents, callback=callback)
         return result.images if len(result.images) > 1 else result.images[0]
 
-    def generate(self, prompt: str, config: GenerationConfig | None = None, *,
+    def generate(self, prompt: str | Sequence[str], config: GenerationConfig | None = None, *,
                  latents: np.ndarray | None = None,
                  callback: StepCallback | None = None) -> Generation:
-        """Like calling the pipeline, but returns latents, parameters and stage timings."""
+        """Like calling the pipeline, but returns latents, parameters, seeds and stage
+        timings. A list of prompts gives `num_images` images for each; image k has its own
+        seed, `seed + k`, and its own generator for everything random, so any one image can
+        be generated again alone."""
+        prompts = _prompts(prompt)
         cfg = _size_from_latents(config or GenerationConfig(), latents,
                                  self.manifest.vae.scale_factor).resolve(self.manifest)
-        check_fits(self.manifest, cfg)  # refuse now what the OOM killer would end later
-        rng = np.random.default_rng(cfg.seed)
+        total = len(prompts) * int(cfg.num_images)
+        if total > MAX_IMAGES:
+            raise InvalidInputError(f"{len(prompts)} prompts x {cfg.num_images} images is "
+                                    f"{total}; at most {MAX_IMAGES} images per call")
+        # refuse now what the OOM killer would end later
+        check_fits(self.manifest, replace(cfg, num_images=total))
+        seeds = [int(cfg.seed or 0) + k for k in range(total)]
+        rng = [np.random.default_rng(s) for s in seeds]
         timings: dict[str, float] = {}
         with _timed(timings, "text_encoder"):
-            embeds = self.encode_prompt(prompt, cfg.negative_prompt, cfg.num_images,
+            embeds = self.encode_prompt(prompts, cfg.negative_prompt, int(cfg.num_images),
                                         cfg.guidance_scale)
             self.components.done_with(N.TEXT_ENCODER)
-        noise = self._initial_noise(cfg, latents, rng)
+        noise = self._initial_noise(total, cfg, latents, rng)
         with _timed(timings, "denoise"):
             try:
                 final = self._denoise(Conditioning.from_prompt(embeds), noise, cfg, rng,
@@ -195,26 +211,28 @@ class Pipeline:
         with _timed(timings, "vae_decoder"):
             images = to_pil(self.decode_latents(final))
             self.components.done_with(N.VAE_DECODER)
-        return Generation(images, final, cfg, prompt, timings)
+        return Generation(images, final, cfg, prompt if isinstance(prompt, str) else prompts,
+                          timings, seeds)
 
-    def _initial_noise(self, cfg: GenerationConfig, latents: np.ndarray | None,
-                       rng: np.random.Generator) -> np.ndarray:
+    def _initial_noise(self, total: int, cfg: GenerationConfig, latents: np.ndarray | None,
+                       rng: list[np.random.Generator]) -> np.ndarray:
         f, c = self.manifest.vae.scale_factor, self.manifest.vae.latent_channels
-        shape = (int(cfg.num_images), c, int(cfg.height or 0) // f, int(cfg.width or 0) // f)
+        shape = (total, c, int(cfg.height or 0) // f, int(cfg.width or 0) // f)
         if latents is None:
-            return rng.standard_normal(shape, dtype=np.float32)
+            return batch_noise(rng, shape)
         arr = np.asarray(latents)
         if arr.ndim == 3:
             arr = arr[None]
         if arr.shape != shape:
-            raise InvalidInputError(f"latents must have shape {shape} for {cfg.num_images} "
+            raise InvalidInputError(f"latents must have shape {shape} for {total} "
                                     f"image(s) of {cfg.width}x{cfg.height}, got {arr.shape}")
         if not np.issubdtype(arr.dtype, np.floating) or not np.isfinite(arr).all():
             raise InvalidInputError("latents must be finite floating-point values")
         return arr.astype(np.float32)
 
     def _denoise(self, conditioning: Conditioning, noise: np.ndarray, cfg: GenerationConfig,
-                 rng: np.random.Generator, callback: StepCallback | None) -> np.ndarray:
+                 rng: np.random.Generator | list[np.random.Generator],
+                 callback: StepCallback | None) -> np.ndarray:
         sched = self.scheduler(cfg)
         latents = (noise * np.float32(sched.init_noise_sigma)).astype(np.float32)
         if conditioning.batch != latents.shape[0]:
@@ -246,8 +264,16 @@ def _size_from_latents(config: GenerationConfig, latents: np.ndarray | None,
     arr = np.asarray(latents)
     if arr.ndim != 4:
         return config
-    from dataclasses import replace
     return replace(config, width=arr.shape[3] * factor, height=arr.shape[2] * factor)
+
+
+def _prompts(prompt: str | Sequence[str]) -> list[str]:
+    """One prompt or a non-empty list of them, each checked."""
+    if isinstance(prompt, (list, tuple)):
+        if not prompt:
+            raise InvalidInputError("the list of prompts is empty")
+        return [check_prompt(p, f"prompt {k}") for k, p in enumerate(prompt)]
+    return [check_prompt(prompt)]
 
 
 def _check_accelerator_options(manifest: Manifest, providers: Sequence[str] | None,

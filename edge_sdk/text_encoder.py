@@ -32,13 +32,15 @@ def encode_text(session: Session, tokenizer: PromptTokenizer,
     return out.astype(np.float32, copy=False)
 
 
-def encode_prompts(session: Session, tokenizer: PromptTokenizer, prompt: str,
+def encode_prompts(session: Session, tokenizer: PromptTokenizer, prompts: Sequence[str],
                    negative_prompt: str | None, num_images: int,
                    guidance: bool) -> PromptEmbeds:
-    """Encode the prompt (and the negative prompt, "" when None, if guidance is on) once and
-    repeat it for `num_images`."""
-    texts = [prompt] + ([negative_prompt or ""] if guidance else [])
+    """Encode each prompt (and the negative prompt, "" when None, if guidance is on) once
+    and repeat it for `num_images`: the batch is the images of the first prompt, then those
+    of the next (as diffusers orders them)."""
+    n = len(prompts)
+    texts = list(prompts) + ([negative_prompt or ""] * n if guidance else [])
     hidden = encode_text(session, tokenizer, texts)
-    cond = np.repeat(hidden[:1], num_images, axis=0)
-    uncond = np.repeat(hidden[1:2], num_images, axis=0) if guidance else None
+    cond = np.repeat(hidden[:n], num_images, axis=0)
+    uncond = np.repeat(hidden[n:], num_images, axis=0) if guidance else None
     return PromptEmbeds(cond, uncond)

@@ -245,7 +245,9 @@ ROWS: list[Row] = [
         lambda c: L(c, c.manifest(_del(["components", "unet"]))), ManifestError, "unet"),
     # parameters
     Row("parameter", "width not a multiple of 8 (100)", lambda c: c.gen(width=100),
-        InvalidInputError, "multiple of 8"),
+        InvalidInputError, "multiples of 16 pixels; try 96"),
+    Row("parameter", "width 0 (the suggestion is a size the model takes)",
+        lambda c: c.gen(width=0), InvalidInputError, "multiples of 16 pixels; try 16"),
     Row("parameter", "height zero", lambda c: c.gen(height=0), InvalidInputError,
         "positive multiple"),
     Row("parameter", "width the UNet cannot halve evenly (72 on a 2-level UNet)",
