@@ -89,11 +89,13 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def _remove_stale(target: Path) -> None:
-    """Remove staging/old folders that killed conversions of `target` left behind (their
-    process is gone); a running conversion's folder is left alone."""
-    for p in target.parent.glob(f".{target.name}.*-*"):
-        kind, _, pid = p.name[len(target.name) + 2:].rpartition("-")
-        if kind in ("partial", "old") and pid.isdigit() and not _alive(int(pid)):
+    """Remove the staging/old folders that killed conversions left in `target`'s folder,
+    whatever their target (their process is gone); a running conversion's is left alone."""
+    for p in target.parent.glob(".*.*-*"):
+        kind, _, pid = p.name.rpartition(".")[2].rpartition("-")
+        if p.is_dir() and kind in ("partial", "old") and pid.isdigit() \
+                and not _alive(int(pid)):
+            log.info("removing %s, left by an interrupted conversion", p)
             shutil.rmtree(p, ignore_errors=True)
 
 

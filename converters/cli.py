@@ -7,11 +7,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import signal
 import sys
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 from edge_sdk.cli import run_cli
+from edge_sdk.errors import ConversionError
 
 from . import __version__
 from .options import DEFAULT_OPSET
@@ -98,8 +101,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = {"synth": _synth_parser, "verify": _verify_parser}.get(sub or "", _convert_parser)()
     args = parser.parse_args(argv[1:] if sub else argv)
     action = {"synth": _synth, "verify": _verify}.get(sub or "", _convert)
-    return run_cli(lambda: action(args), args.debug,
-                   interrupted="interrupted; no partial bundle was left")
+    # SIGTERM (a service stopping, `kill`) unwinds like Ctrl-C: the staging folder is removed
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return run_cli(lambda: action(_require_convert_extra(args)), args.debug,
+                       interrupted="interrupted; no partial bundle was left")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _require_convert_extra(args: argparse.Namespace) -> argparse.Namespace:
+    """The converter's packages are an extra: say which, not ModuleNotFoundError: torch."""
+    missing = [m for m in ("torch", "diffusers", "transformers", "onnx")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConversionError(f"edge-convert needs the [convert] extra ({', '.join(missing)} "
+                              "missing): `pip install torch==2.13.0 && pip install "
+                              "'.[convert]'` in a clone of edge-sdk")
+    return args
 
 
 def _verify(args: argparse.Namespace) -> int:

@@ -78,7 +78,13 @@ class ConvertOptions:
             raise ConversionError(f"--opset {self.opset} is too old; use {MIN_OPSET} or newer "
                                   f"(default {DEFAULT_OPSET})")
         _check_defaults(self.default_steps, self.default_guidance)
-        self.precisions  # noqa: B018 - parsing is the check
+        unet = self.precisions[N.UNET]
+        if self.int8_method == "static" and unet != "int8":
+            raise ConversionError(f"--int8-method static quantizes an int8 UNet, but the UNet "
+                                  f"is {unet} here; add --precision int8 or drop the option")
+        if self.calibration is not None and not self.static_int8:
+            raise ConversionError("--calibration is for static int8 (--precision int8 "
+                                  "--int8-method static); without it the file would be ignored")
         name = self.name.strip() if self.name is not None else None
         if name == "":
             raise ConversionError("--name must not be empty (leave it out to use the "

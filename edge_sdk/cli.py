@@ -57,9 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--debug", action="store_true")
     _bench_parser(sub.add_parser("bench", help="time one generation per stage and per UNet "
                                  "step, with peak RSS and peak private memory"))
+    s = sub.add_parser("schedulers", help="list the accepted --scheduler names")
+    s.add_argument("--debug", action="store_true")
     t = sub.add_parser("selftest", help="generate with the shipped model and check the image "
                        "(the smoke test of an install, a board or a container)")
     t.add_argument("--model", "-m", help="bundle folder (default: the shipped model)")
+    _add_memory_arg(t)
     _add_backend_args(t)
     t.add_argument("-o", "--output", default=None, help="also save the image here")
     t.add_argument("--debug", action="store_true")
@@ -69,13 +72,17 @@ def _parser() -> argparse.ArgumentParser:
 def _generate_parser(g: argparse.ArgumentParser) -> None:
     g.add_argument("prompt")
     g.add_argument("--model", "-m", help="bundle folder (default: the shipped model)")
-    g.add_argument("-o", "--output", default="out.png", help="PNG path (default: out.png)")
+    g.add_argument("-o", "--output", default="out.png",
+                   help="image path, .png (parameters in text chunks) or .jpg (default: "
+                   "out.png); with --num-images N: NAME-0.png ... NAME-<N-1>.png, image k "
+                   "made with seed + k (generate it alone with that seed to get it again)")
     add_arguments(g)  # every generation parameter (edge_sdk.config.GenerationConfig)
     _add_backend_args(g)
     g.add_argument("--no-verify", action="store_true", help="skip sha256 checks at load")
-    g.add_argument("--memory", default="fast", help="fast | balanced | low | a budget such "
-                   "as 300MB (see the README's memory section)")
+    _add_memory_arg(g)
     g.add_argument("-q", "--quiet", action="store_true")
+    g.add_argument("--json", action="store_true", help="print the result (paths, seeds, "
+                   "parameters, seconds per stage) as JSON on stdout")
     g.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
 
 
@@ -91,6 +98,7 @@ def _evaluate_parser(e: argparse.ArgumentParser) -> None:
     e.add_argument("--sheet", default=None,
                    help="also write a contact sheet of the results to this PNG path")
     e.add_argument("--json", default=None, help="also write the report as JSON here")
+    _add_memory_arg(e)
     _add_backend_args(e)
     e.add_argument("--debug", action="store_true")
 
@@ -98,13 +106,19 @@ def _evaluate_parser(e: argparse.ArgumentParser) -> None:
 def _bench_parser(b: argparse.ArgumentParser) -> None:
     b.add_argument("prompt", nargs="?", default="a red circle on a blue background")
     b.add_argument("--model", "-m", help="bundle folder (default: the shipped model)")
-    b.add_argument("--memory", default="fast", help="fast | balanced | low | e.g. 300MB")
-    add_arguments(b, only=("steps", "guidance_scale", "width", "height", "seed"))
+    add_arguments(b, only=("negative_prompt", "steps", "guidance_scale", "width", "height",
+                           "seed", "scheduler"))
     b.set_defaults(seed=0)  # a benchmark is repeatable by default
+    _add_memory_arg(b)
     _add_backend_args(b)
     b.add_argument("--output", "-o", default=None, help="also save the image here (PNG)")
     b.add_argument("--json", action="store_true", help="print the report as JSON")
     b.add_argument("--debug", action="store_true")
+
+
+def _add_memory_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--memory", default="fast", help="fast | balanced | low | a budget such "
+                   "as 300MB or 1GiB (see the README's memory section)")
 
 
 def _add_backend_args(p: argparse.ArgumentParser) -> None:
@@ -140,25 +154,32 @@ def _output_paths(output: str, n: int) -> list[Path]:
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    from .image import save_png
+    from .image import check_output_path, save_png
     from .pipeline import Pipeline
 
+    n = a.num_images if isinstance(a.num_images, int) and a.num_images > 0 else 1
+    paths = [check_output_path(p) for p in _output_paths(a.output, n)]  # before any work
     t0 = time.perf_counter()
     pipe = Pipeline.load(a.model, verify=not a.no_verify, memory=a.memory, **_backend_kwargs(a))
     load_s = time.perf_counter() - t0
-    config = config_from_arguments(a)
-    result = pipe.generate(a.prompt, config, callback=ProgressBar("denoising", not a.quiet))
-    params = {**result.parameters, "model": pipe.manifest.source.name,
-              "edge_sdk": __version__}
-    paths = _output_paths(a.output, len(result.images))
-    for image, path in zip(result.images, paths):
+    result = pipe.generate(a.prompt, config_from_arguments(a),
+                           callback=ProgressBar("denoising", not (a.quiet or a.json)))
+    images = []
+    for k, (image, path) in enumerate(zip(result.images, paths)):
+        params = {**result.image_parameters(k), "model": pipe.manifest.source.name,
+                  "edge_sdk": __version__}
         save_png(image, path, params)
-    if not a.quiet:
-        t = result.timings
-        print(f"wrote {', '.join(map(str, paths))} ({result.config.width}x{result.config.height}"
-              f", seed {result.config.seed}, {result.config.steps} steps, "
-              f"{result.config.scheduler}) load {load_s:.2f} s, text {t['text_encoder']:.2f} s, "
-              f"denoise {t['denoise']:.2f} s, decode {t['vae_decoder']:.2f} s")
+        images.append({"path": str(path), "seed": params["seed"]})
+    t = {"load": load_s, **result.timings}
+    if a.json:
+        print(json.dumps({"images": images, "parameters": result.config.as_dict(),
+                          "model": pipe.manifest.source.name, "seconds": t}, indent=1))
+    elif not a.quiet:
+        c = result.config
+        print(f"wrote {', '.join(map(str, paths))} ({c.width}x{c.height}, seed "
+              f"{', '.join(str(i['seed']) for i in images)}, {c.steps} steps, {c.scheduler}) "
+              f"load {load_s:.2f} s, text {t['text_encoder']:.2f} s, denoise "
+              f"{t['denoise']:.2f} s, decode {t['vae_decoder']:.2f} s")
     return 0
 
 
@@ -169,8 +190,12 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     if a.prompts < 1 or (a.limit is not None and a.limit < 1):
         raise InvalidInputError(f"--prompts {a.prompts} / --limit {a.limit}: both must be at "
                                 "least 1")
-
-    pipe = Pipeline.load(a.model, **_backend_kwargs(a))
+    from .image import check_output_path
+    if a.sheet is not None:  # checked before the run, not after it
+        check_output_path(a.sheet, {".png": "PNG"})
+    if a.json is not None:
+        check_output_path(a.json, {".json": "JSON"})
+    pipe = Pipeline.load(a.model, memory=a.memory, **_backend_kwargs(a))
 
     def generate(prompt: str, seed: int) -> Any:
         return pipe.generate(prompt, config_from_arguments(a, seed=seed)).images[0]
@@ -191,12 +216,14 @@ def cmd_bench(a: argparse.Namespace) -> int:
     from .bench import run_bench
     from .pipeline import Pipeline
 
+    from .image import check_output_path, save_png
+    if a.output:
+        check_output_path(a.output)
     config = config_from_arguments(a)
     kwargs = _backend_kwargs(a)
     report, result = run_bench(a.prompt, config, lambda: Pipeline.load(
         a.model, memory=a.memory, **kwargs))
     if a.output:
-        from .image import save_png
         save_png(result.images[0], a.output, result.parameters)
     print(json.dumps(report.as_dict(), indent=1) if a.json else report.table())
     return 0
@@ -217,7 +244,10 @@ def cmd_selftest(a: argparse.Namespace) -> int:
     from .shapes.evaluator import analyse
 
     t0 = time.perf_counter()
-    pipe = Pipeline.load(a.model, **_backend_kwargs(a))
+    if a.output:
+        from .image import check_output_path
+        check_output_path(a.output)
+    pipe = Pipeline.load(a.model, memory=a.memory, **_backend_kwargs(a))
     load_s = time.perf_counter() - t0
     result = pipe.generate(SELFTEST_PROMPT, GenerationConfig(seed=SELFTEST_SEED))
     seen = analyse(np.asarray(result.images[0]))
@@ -295,9 +325,18 @@ def describe(m: Any, path: Path) -> list[str]:
     return lines
 
 
+def cmd_schedulers(a: argparse.Namespace) -> int:
+    """Each accepted name with the diffusers class it runs."""
+    from .schedulers import resolve_scheduler, scheduler_names
+    for name in scheduler_names():
+        cls, _ = resolve_scheduler(name, {})
+        print(f"{name:<34} {cls.class_name}")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "generate": cmd_generate, "evaluate": cmd_evaluate, "info": cmd_info,
-    "selftest": cmd_selftest, "bench": cmd_bench}
+    "selftest": cmd_selftest, "bench": cmd_bench, "schedulers": cmd_schedulers}
 
 
 def run_cli(action: Callable[[], int], debug: bool,

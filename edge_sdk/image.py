@@ -30,12 +30,12 @@ def check_output_path(path: str | Path, suffixes: Mapping[str, str] = FORMATS) -
     path = Path(path)
     if not path.name:
         raise InvalidInputError("the output path is empty; give a file name such as out.png")
-    if path.suffix.lower() not in suffixes:
-        raise InvalidInputError(f"{str(path)!r}: unknown image type {path.suffix!r}; use one "
-                                f"of {sorted(suffixes)}")
     if path.is_dir():
         raise InvalidInputError(f"{str(path)!r} is a folder; give a file path inside it, such "
-                                f"as {str(path / ('out' + path.suffix))!r}")
+                                f"as {str(path / ('out' + min(suffixes)))!r}")
+    if path.suffix.lower() not in suffixes:
+        raise InvalidInputError(f"{str(path)!r}: unknown file type {path.suffix!r}; use one "
+                                f"of {sorted(suffixes)}")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise InvalidInputError(f"output folder {str(parent)!r} does not exist; create it first")

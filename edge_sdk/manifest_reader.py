@@ -42,8 +42,7 @@ def read_manifest(data: Any, where: str) -> Manifest:
         if role in components and components[role].kind != role:
             raise ManifestError(f"{where}: component {role!r} is of kind "
                                 f"{components[role].kind!r}, not {role!r}; re-convert the bundle")
-    sched = r.get(d, "scheduler", dict)
-    r.get(sched, "_class_name", str, "scheduler.")
+    sched = _scheduler(r, r.get(d, "scheduler", dict))
     return Manifest(
         family=r.get(d, "family", str), variant=r.get(d, "variant", str),
         source=_source(r, r.get(d, "source", dict)),
@@ -58,6 +57,54 @@ def read_manifest(data: Any, where: str) -> Manifest:
         extra=d["extra"] if isinstance(d.get("extra"), dict) else {})
 
 
+MAX_TRAIN_TIMESTEPS = 100_000  # SD uses 1,000; the tables are allocated at this length
+# scheduler options any of the runtime's schedulers reads, by type: a scheduler swapped in
+# at generation time reads them too, so they are checked whatever the bundle's own class
+_SCHEDULER_KEYS: dict[str, Any] = {
+    "steps_offset": int, "original_inference_steps": int, "solver_order": int,
+    "clip_sample": bool, "set_alpha_to_one": bool, "skip_prk_steps": bool,
+    "thresholding": bool, "rescale_betas_zero_snr": bool, "use_karras_sigmas": bool,
+    "lower_order_final": bool, "clip_sample_range": (int, float),
+    "sample_max_value": (int, float), "dynamic_thresholding_ratio": (int, float),
+    "timestep_scaling": (int, float), "beta_schedule": str, "prediction_type": str,
+    "timestep_spacing": str, "algorithm_type": str, "solver_type": str}
+
+
+def _scheduler(r: "_Reader", s: dict[str, Any]) -> dict[str, Any]:
+    """The diffusers scheduler config: the numbers the schedules are built from, in range,
+    and the bundle's own scheduler constructible from it (whatever is wrong in it is a
+    ManifestError here, not an IndexError or a huge allocation mid-generation)."""
+    from .errors import EdgeSDKError
+    from .schedulers import create_scheduler
+    pre = "scheduler."
+    r.get(s, "_class_name", str, pre)
+    n = s.get("num_train_timesteps", 1000)
+    if isinstance(n, bool) or not isinstance(n, int) or not 2 <= n <= MAX_TRAIN_TIMESTEPS:
+        raise ManifestError(f"{r.where}: field '{pre}num_train_timesteps' must be a whole "
+                            f"number in [2, {MAX_TRAIN_TIMESTEPS}], got {n!r}")
+    for key, typ in _SCHEDULER_KEYS.items():
+        if s.get(key) is not None:
+            r.get(s, key, typ, pre)
+            if typ is int and not 0 <= s[key] <= MAX_TRAIN_TIMESTEPS:
+                raise ManifestError(f"{r.where}: field '{pre}{key}' is out of range: {s[key]}")
+    for key in ("beta_start", "beta_end"):
+        if key in s and not 0 < r.num(s, key, pre) < 1:
+            raise ManifestError(f"{r.where}: field '{pre}{key}' must be in (0, 1), got {s[key]}")
+    trained = s.get("trained_betas")
+    if trained is not None and not (isinstance(trained, list) and len(trained) == n and all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) and 0 < b < 1
+            for b in trained)):
+        raise ManifestError(f"{r.where}: field '{pre}trained_betas' must be null or {n} "
+                            "numbers in (0, 1)")
+    try:
+        create_scheduler(None, s, 1)
+    except (EdgeSDKError, TypeError, ValueError, KeyError, IndexError, ZeroDivisionError,
+            OverflowError) as exc:
+        raise ManifestError(f"{r.where}: the scheduler config does not make a scheduler "
+                            f"({type(exc).__name__}: {exc}); re-convert the bundle") from exc
+    return s
+
+
 def _source(r: "_Reader", s: dict[str, Any]) -> SourceInfo:
     return SourceInfo(r.get(s, "name", str, "source."), r.get(s, "fingerprint", str, "source."),
                       r.get(s, "pipeline_class", str, "source."),
@@ -66,6 +113,9 @@ def _source(r: "_Reader", s: dict[str, Any]) -> SourceInfo:
 
 def _vae(r: "_Reader", v: dict[str, Any], components: Mapping[str, ComponentSpec]) -> VaeSpec:
     stages = r.get({"decoder_stages": [], **v}, "decoder_stages", list, "vae.")
+    if r.num(v, "scaling_factor", "vae.") == 0:
+        raise ManifestError(f"{r.where}: field 'vae.scaling_factor' must be > 0, got 0; "
+                            "re-convert the bundle")
     return VaeSpec(r.num(v, "scaling_factor", "vae."),
                    r.get(v, "shift_factor", (int, float, type(None)), "vae."),
                    r.pos(v, "latent_channels", "vae."), r.pos(v, "scale_factor", "vae."),

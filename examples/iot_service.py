@@ -9,7 +9,9 @@
 Standard library only, besides edge_sdk. The model is loaded once; jobs run one at a time in
 a worker thread (a small board has the memory for one generation), each PNG is written
 atomically, and progress is reported per step. Bad requests get HTTP 400 with the SDK's
-error message; the service keeps running.
+error message before anything is queued; a job that fails anyway (any exception) is marked
+failed with its error, and the worker goes on to the next one. /health tells whether the
+worker is alive.
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ from typing import Any
 from edge_sdk import GenerationConfig, Pipeline
 from edge_sdk.errors import EdgeSDKError
 from edge_sdk.image import save_png
+from edge_sdk.tokenizer import check_prompt
 
 log = logging.getLogger("iot_service")
 ALLOWED = {"prompt", "negative_prompt", "steps", "guidance_scale", "seed", "width", "height",
            "scheduler"}
+MAX_BODY = 64 * 1024  # bytes: a request is a prompt and a few numbers
 
 
 class Service:
@@ -45,10 +49,16 @@ class Service:
         self._worker = threading.Thread(target=self._work, name="generator", daemon=True)
         self._worker.start()
 
-    def submit(self, request: dict[str, Any]) -> int:
+    def submit(self, request: Any) -> int:
+        """Queue a request after checking it whole: ValueError / EdgeSDKError say why not."""
+        if not isinstance(request, dict):
+            raise ValueError("the body must be a JSON object such as {\"prompt\": \"...\"}")
         unknown = set(request) - ALLOWED
         if unknown or not isinstance(request.get("prompt"), str):
             raise ValueError(f"need a 'prompt' string; unknown fields: {sorted(unknown)}")
+        check_prompt(request["prompt"])
+        params = {k: v for k, v in request.items() if k != "prompt"}
+        GenerationConfig(**params).resolve(self.pipe.manifest)  # refused now, not later
         with self._lock:
             job_id = next(self._ids)
             self.jobs[job_id] = {"state": "queued", "request": request, "step": 0}
@@ -59,6 +69,10 @@ class Service:
         with self._lock:
             job = self.jobs.get(job_id)
             return None if job is None else {k: v for k, v in job.items() if k != "request"}
+
+    @property
+    def alive(self) -> bool:
+        return self._worker.is_alive()
 
     def stop(self) -> None:
         self._queue.put(None)
@@ -84,10 +98,11 @@ class Service:
                 with self._lock:
                     job.update(state="done", path=str(path))
                 log.info("job %d done: %s", job_id, path)
-            except EdgeSDKError as exc:  # bad parameters: report, keep serving
+            except Exception as exc:  # noqa: BLE001 - whatever it was, report it, keep serving
                 with self._lock:
-                    job.update(state="failed", error=str(exc))
-                log.warning("job %d failed: %s", job_id, exc)
+                    job.update(state="failed", error=f"{type(exc).__name__}: {exc}")
+                log.warning("job %d failed: %s", job_id, exc,
+                            exc_info=not isinstance(exc, EdgeSDKError))
 
 
 def make_handler(service: Service) -> type[BaseHTTPRequestHandler]:
@@ -105,14 +120,18 @@ def make_handler(service: Service) -> type[BaseHTTPRequestHandler]:
                 return self._reply(404, {"error": "POST /generate"})
             try:
                 size = int(self.headers.get("Content-Length", 0))
+                if not 0 <= size <= MAX_BODY:
+                    return self._reply(413, {"error": f"the body is limited to {MAX_BODY} bytes"})
                 job_id = service.submit(json.loads(self.rfile.read(size) or b"{}"))
-            except (ValueError, json.JSONDecodeError) as exc:
+            except (ValueError, EdgeSDKError) as exc:  # JSONDecodeError is a ValueError
                 return self._reply(400, {"error": str(exc)})
             self._reply(202, {"job": job_id})
 
         def do_GET(self) -> None:  # noqa: N802
             if self.path == "/health":
-                return self._reply(200, {"ok": True, "model": service.pipe.manifest.source.name})
+                alive = service.alive
+                return self._reply(200 if alive else 503, {
+                    "ok": alive, "model": service.pipe.manifest.source.name})
             if self.path.startswith("/jobs/") and self.path[6:].isdigit():
                 status = service.status(int(self.path[6:]))
                 return self._reply(200 if status else 404, status or {"error": "no such job"})

@@ -62,6 +62,10 @@ class Ctx:
     def gen(self, prompt: Any = "a red circle", **kw: Any) -> Any:
         return self.pipe(prompt, **{"steps": 2, "seed": 0, **kw})
 
+    def cli(self, *args: Any) -> Any:
+        from edge_sdk.cli import main
+        return main([*map(str, args), "--debug"])  # --debug: the error raised, not printed
+
     def convert(self, *args: Any) -> Any:
         from converters.cli import main
         return main([*map(str, args), "--debug"])  # --debug: the error raised, not printed
@@ -146,6 +150,24 @@ def _longer_tokenizer(ctx: Ctx) -> Any:
     path = ck / "tokenizer" / "tokenizer_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "model_max_length": 100}))
     return ctx.convert(ck, "-o", ctx.tmp / "out")
+
+
+def _warned(logger: str, words: str, act: Callable[[Ctx], Any]) -> Callable[[Ctx], None]:
+    def check(ctx: Ctx) -> None:
+        with _capture(logger) as records:
+            act(ctx)
+        assert any(words in r.getMessage() for r in records), [r.getMessage() for r in records]
+    return check
+
+
+def _one_per_prompt(ctx: Ctx) -> None:
+    images = ctx.gen(["a red circle", "a blue square"])
+    assert isinstance(images, list) and len(images) == 2
+
+
+def _same_as_python_ints(ctx: Ctx) -> None:
+    a = np.asarray(ctx.gen(steps=np.int64(2), seed=np.int64(3), guidance_scale=np.float32(3)))
+    assert np.array_equal(a, np.asarray(ctx.gen(steps=2, seed=3, guidance_scale=3.0)))
 
 
 def _long_prompt(ctx: Ctx) -> None:
@@ -243,6 +265,25 @@ ROWS: list[Row] = [
         ManifestError, "decoder_stages.*malformed"),
     Row("manifest", "a required component missing (no unet)",
         lambda c: L(c, c.manifest(_del(["components", "unet"]))), ManifestError, "unet"),
+    Row("manifest", "scheduler num_train_timesteps 0",
+        lambda c: L(c, c.manifest(_set(["scheduler", "num_train_timesteps"], 0))),
+        ManifestError, "num_train_timesteps' must be a whole number"),
+    Row("manifest", "scheduler num_train_timesteps 10**12 (a 7 TiB table)",
+        lambda c: L(c, c.manifest(_set(["scheduler", "num_train_timesteps"], 10**12))),
+        ManifestError, "num_train_timesteps"),
+    Row("manifest", "scheduler beta_end a string",
+        lambda c: L(c, c.manifest(_set(["scheduler", "beta_end"], "x"))), ManifestError,
+        "beta_end' has the wrong type"),
+    Row("manifest", "vae.scaling_factor 0",
+        lambda c: L(c, c.manifest(_set(["vae", "scaling_factor"], 0))), ManifestError,
+        "scaling_factor' must be > 0"),
+    Row("manifest", "the UNet's role given another kind",
+        lambda c: L(c, c.manifest(_set(["components", "unet", "kind"], "text_encoder"))),
+        ManifestError, "'unet' is of kind 'text_encoder'"),
+    Row("file", "another bundle's tokenizer.json dropped in",
+        lambda c: L(c, c.damage("tokenizer.json", lambda b: b.replace(b"<|endoftext|>",
+                                                                        b"<|endoftxet|>"))),
+        IntegrityError, "tokenizer.json"),
     # parameters
     Row("parameter", "width not a multiple of 8 (100)", lambda c: c.gen(width=100),
         InvalidInputError, "multiples of 16 pixels; try 96"),
@@ -292,6 +333,32 @@ ROWS: list[Row] = [
     Row("parameter", "the TFLite backend asked of an ONNX bundle",
         lambda c: L(c, c.bundle, backend="tflite"),
         BundleError, "stored as 'onnx'"),
+    # parameters of a diffusers user's making
+    Row("parameter", "scheduler not a string (5)", lambda c: c.gen(scheduler=5),
+        InvalidInputError, "scheduler must be a name"),
+    Row("parameter", "numpy integers and floats (np.int64 steps and seed, np.float32 guidance)",
+        _same_as_python_ints, None, "works: the same image as with Python numbers"),
+    Row("parameter", "an unknown keyword (stepz=3)", lambda c: c.gen(stepz=3),
+        InvalidInputError, "unknown generation parameter 'stepz'"),
+    Row("parameter", "diffusers' names (num_inference_steps, num_images_per_prompt)",
+        _works(lambda c: len(c.pipe("x", num_inference_steps=2, num_images_per_prompt=2,
+                                    seed=0)) == 2), None, "works: the same parameters"),
+    Row("parameter", "num_images None", lambda c: c.gen(num_images=None), InvalidInputError,
+        "num_images must be an integer"),
+    Row("parameter", "providers as one string ('cpu')",
+        _works(lambda c: L(c, c.bundle, providers="cpu").options.providers == ("cpu",)), None,
+        "works: one provider, not a sequence of letters"),
+    Row("parameter", "delegate_options not a mapping",
+        lambda c: L(c, c.bundle, delegate_options=["a=b"]), InvalidInputError,
+        "delegate_options must be a mapping"),
+    Row("parameter", "threads 1000 (more than the cores)",
+        _warned("edge_sdk", "usable cores", lambda c: L(c, c.bundle, threads=1000)), None,
+        "works: capped at the usable cores, with a warning"),
+    Row("prompt", "a list of prompts", _one_per_prompt, None, "works: one image per prompt"),
+    Row("prompt", "an empty list of prompts", lambda c: c.gen([]), InvalidInputError,
+        "list of prompts is empty"),
+    Row("prompt", "a prompt of 10,001 characters", lambda c: c.gen("x" * 10_001),
+        InvalidInputError, "10001 characters; at most 10000"),
     # prompts
     Row("prompt", "prompt None", lambda c: c.gen(None), InvalidInputError,
         "prompt must be a string"),
@@ -308,7 +375,38 @@ ROWS: list[Row] = [
         "works: tokenized like any text"),
     Row("prompt", "the model turns out NaN (broken weights)", _nan_from_model, InferenceError,
         "NaN"),
+    # the command line's outputs, checked before any work
+    Row("cli", "-o an existing folder", lambda c: c.cli("generate", "x", "--model", c.bundle,
+                                                       "-o", c.tmp), InvalidInputError,
+        "is a folder"),
+    Row("cli", "-o in a folder that does not exist",
+        lambda c: c.cli("generate", "x", "--model", c.bundle, "-o", c.tmp / "no" / "a.png"),
+        InvalidInputError, "does not exist"),
+    Row("cli", "-o with an unknown image type (.gif)",
+        lambda c: c.cli("generate", "x", "--model", c.bundle, "-o", c.tmp / "a.gif"),
+        InvalidInputError, "unknown file type '.gif'"),
+    Row("cli", "evaluate --sheet '' (empty)", lambda c: c.cli("evaluate", "--sheet", ""),
+        InvalidInputError, "output path is empty"),
+    Row("cli", "evaluate --json in a folder that does not exist",
+        lambda c: c.cli("evaluate", "--json", c.tmp / "no" / "r.json"), InvalidInputError,
+        "does not exist"),
     # conversion
+    Row("conversion", "--calibration without static int8",
+        lambda c: (c.tmp / "p.txt").write_text("a cat\n") and c.convert(
+            c.ckpt, "-o", c.tmp / "out", "--calibration", c.tmp / "p.txt"), ConversionError,
+        "--calibration is for static int8"),
+    Row("conversion", "--int8-method static with --precision fp16",
+        lambda c: c.convert(c.ckpt, "-o", c.tmp / "out", "--precision", "fp16",
+                            "--int8-method", "static"), ConversionError,
+        "quantizes an int8 UNet, but the UNet is fp16"),
+    Row("conversion", "--default-steps -3", lambda c: c.convert(
+        c.ckpt, "-o", c.tmp / "out", "--default-steps", "-3"), ConversionError,
+        "--default-steps must be a whole number"),
+    Row("conversion", "--default-guidance nan", lambda c: c.convert(
+        c.ckpt, "-o", c.tmp / "out", "--default-guidance", "nan"), ConversionError,
+        "--default-guidance must be a finite number"),
+    Row("conversion", "--opset 5", lambda c: c.convert(c.ckpt, "-o", c.tmp / "out", "--opset",
+                                                       "5"), ConversionError, "--opset 5"),
     Row("conversion", "checkpoint folder does not exist",
         lambda c: c.convert(c.tmp / "nope", "-o", c.tmp / "out"), ConversionError,
         "nope"),

@@ -10,6 +10,7 @@ import math
 import re
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -121,3 +122,33 @@ def test_generation_arguments_resolve_or_raise_invalid_input(steps, guidance, se
     assert 1 <= r.steps <= 1000 and math.isfinite(r.guidance_scale)
     assert r.width % 8 == 0 and r.height % 8 == 0 and r.width > 0 and r.height > 0
     assert isinstance(r.seed, int) and r.seed >= 0 and r.num_images >= 1
+
+
+SCHEDULER_KEYS = sorted(VALID["scheduler"]) + ["steps_offset", "clip_sample", "trained_betas",
+                                               "solver_order", "set_alpha_to_one"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(SCHEDULER_KEYS), anything | json_values, min_size=1,
+                       max_size=3),
+       st.sampled_from(["ddim", "pndm", "euler", "euler_a", "dpmpp_2m", "lcm", None]))
+def test_a_scheduler_section_that_loads_makes_a_working_scheduler(changes, name):
+    """Edited scheduler configs: refused at load with a ManifestError, or every scheduler
+    built from them runs (or refuses the combination, or the step count, with a typed
+    InvalidInputError) — never an IndexError, a TypeError or a huge allocation
+    mid-generation."""
+    from edge_sdk.schedulers import create_scheduler
+    data = copy.deepcopy(VALID)
+    data["scheduler"].update(changes)
+    try:
+        m = Manifest.from_dict(data)
+    except ManifestError:
+        return
+    try:
+        sched = create_scheduler(name, {**m.scheduler, "prediction_type": m.prediction_type}, 3)
+    except InvalidInputError:
+        return
+    x = np.ones((1, 4, 2, 2), np.float32)
+    for i in range(len(sched.timesteps)):
+        x = sched.step(i, sched.scale_model_input(x, i), np.zeros_like(x),
+                       noise=np.zeros_like(x))

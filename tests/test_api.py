@@ -1,0 +1,86 @@
+"""What a user of the Python API and the command line relies on: every image of a batch can be
+made again alone, files are written as the user's other files are, the CLI reports what it
+did, and interrupted conversions leave nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from PIL import Image
+
+from edge_sdk import Pipeline
+from edge_sdk.cli import main as sdk_main
+
+PROMPT = "a red circle on a blue background"
+
+
+def test_each_image_of_a_batch_is_its_own_seeds_image():
+    """Image k of `num_images=3, seed=4` is the image of seed 4 + k made alone, with the
+    default model's ancestral sampler (fresh noise every step) too."""
+    pipe = Pipeline.load()
+    result = pipe.generate(PROMPT, __import__("edge_sdk").GenerationConfig(
+        seed=4, num_images=3, steps=6))
+    assert result.seeds == [4, 5, 6]
+    for k, image in enumerate(result.images):
+        alone = pipe(PROMPT, seed=4 + k, steps=6)
+        assert np.array_equal(np.asarray(image), np.asarray(alone)), k
+        assert result.image_parameters(k)["seed"] == 4 + k
+
+
+def test_a_list_of_prompts_gives_each_prompts_images_in_order():
+    pipe = Pipeline.load()
+    prompts = [PROMPT, "two small green squares at the top"]
+    images = pipe(prompts, seed=1, steps=4, num_images=2)
+    assert len(images) == 4
+    third = pipe(prompts[1], seed=3, steps=4)  # prompt 1's first image is image 2: seed 1 + 2
+    assert np.array_equal(np.asarray(images[2]), np.asarray(third))
+
+
+def test_cli_writes_numbered_files_tagged_with_their_seeds_and_honours_the_umask(
+        tmp_path, capsys):
+    old = os.umask(0o027)
+    try:
+        assert sdk_main(["generate", PROMPT, "-o", str(tmp_path / "img.png"), "--steps", "3",
+                         "--seed", "4", "--num-images", "2", "--json"]) == 0
+    finally:
+        os.umask(old)
+    report = json.loads(capsys.readouterr().out)
+    assert [i["seed"] for i in report["images"]] == [4, 5]
+    for k, item in enumerate(report["images"]):
+        path = tmp_path / f"img-{k}.png"
+        assert item["path"] == str(path)
+        assert Image.open(path).info["seed"] == str(4 + k)
+        assert os.stat(path).st_mode & 0o777 == 0o640  # 0666 less the umask, not 0600
+    assert set(report["seconds"]) >= {"load", "text_encoder", "denoise", "vae_decoder"}
+
+
+def test_cli_writes_jpeg_for_a_jpg_path(tmp_path):
+    out = tmp_path / "a.jpg"
+    assert sdk_main(["generate", PROMPT, "-o", str(out), "--steps", "2", "-q"]) == 0
+    assert Image.open(out).format == "JPEG"
+
+
+def test_the_schedulers_are_listed(capsys):
+    from edge_sdk.schedulers import scheduler_names
+    assert sdk_main(["schedulers"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in scheduler_names())
+    assert "euler_a" in out and "EulerAncestralDiscreteScheduler" in out
+
+
+def test_a_conversion_sweeps_what_killed_ones_left_for_any_target(tmp_path):
+    """A staging folder of a conversion whose process is gone (SIGKILL, power loss) is
+    removed by the next conversion in that folder, whatever bundle it was writing; a live
+    process's is left alone."""
+    from converters.bundle import AtomicBundle
+    dead = tmp_path / f".other-model.partial-{2**22 + 12345}"  # above Linux's pid_max default
+    live = tmp_path / f".busy.partial-{os.getpid()}"
+    for folder in (dead, live):
+        folder.mkdir()
+        (folder / "unet.onnx").write_bytes(b"half")
+    with AtomicBundle(tmp_path / "bundle") as stage:
+        (stage / "manifest.json").write_text("{}")
+    assert not dead.exists() and live.exists()
+    assert (tmp_path / "bundle" / "manifest.json").is_file()
