@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0"
 
 from .config import GenerationConfig
-from .errors import (BackendUnavailableError, BundleError, CancelledError, EdgeSDKError,
-                     InferenceError, IntegrityError, InvalidInputError, ManifestError,
-                     SchedulerError)
+from .errors import (BackendUnavailableError, BundleError, CallbackError, CancelledError,
+                     EdgeSDKError, InferenceError, IntegrityError, InvalidInputError,
+                     ManifestError, SchedulerError)
 from .manifest import Manifest
 
 if TYPE_CHECKING:  # type checkers and IDEs see the real classes
@@ -34,4 +34,5 @@ def __getattr__(name: str) -> object:
 __all__ = ["Pipeline", "Generation", "GenerationConfig", "Manifest", "EdgeSDKError",
            "BundleError", "ManifestError", "IntegrityError", "InvalidInputError",
            "SchedulerError", "BackendUnavailableError", "InferenceError", "CancelledError",
+           "CallbackError",
            "__version__"]

@@ -24,8 +24,8 @@ from .errors import EdgeSDKError, InvalidInputError
 class ProgressBar:
     """A one-line progress bar on stderr (a line per step when stderr is not a terminal)."""
 
-    def __init__(self, label: str, enabled: bool = True) -> None:
-        self.label, self.enabled = label, enabled
+    def __init__(self, label: str, enabled: bool = True, unit: str = "step") -> None:
+        self.label, self.enabled, self.unit = label, enabled, unit
         self.tty = sys.stderr.isatty()
         self.t0 = time.perf_counter()
 
@@ -35,7 +35,8 @@ class ProgressBar:
         done = i + 1
         rate = (time.perf_counter() - self.t0) / done
         bar = "#" * int(30 * done / n)
-        speed = f"{rate:.2f} s/step" if rate >= 1 else f"{rate * 1000:.0f} ms/step"
+        speed = f"{rate:.2f} s/{self.unit}" if rate >= 1 else \
+            f"{rate * 1000:.0f} ms/{self.unit}"
         line = f"{self.label} [{bar:<30}] {done}/{n} {speed}"
         if self.tty:
             sys.stderr.write("\r" + line + ("\n" if done == n else ""))
@@ -200,7 +201,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     def generate(prompt: str, seed: int) -> Any:
         return pipe.generate(prompt, config_from_arguments(a, seed=seed)).images[0]
 
-    bar = ProgressBar("evaluating")
+    bar = ProgressBar("evaluating", unit="prompt")
     report, images = benchmark.run(generate, a.limit, progress=lambda k, n: bar(k, n),
                                    validation=a.validation, prompts=a.prompts)
     print(report.table())

@@ -17,7 +17,7 @@ import numpy as np
 
 from .backends import Session
 from .contracts import UnetIO
-from .errors import CancelledError, InferenceError
+from .errors import CallbackError, CancelledError, InferenceError
 from .schedulers import Scheduler
 from .text_encoder import PromptEmbeds
 
@@ -88,6 +88,14 @@ def batch_noise(rngs: Sequence[np.random.Generator], shape: tuple[int, ...]) -> 
     return np.stack([r.standard_normal(shape[1:], dtype=np.float32) for r in rngs])
 
 
+def _call(callback: StepCallback, step: int, total: int, latents: np.ndarray) -> object:
+    try:
+        return callback(step, total, latents)
+    except Exception as exc:  # the caller's code: say whose failure it was
+        raise CallbackError(f"the step callback raised {type(exc).__name__}: {exc} (at step "
+                            f"{step + 1}/{total}); the generation was stopped") from exc
+
+
 def run_denoising(predict: Predict, scheduler: Scheduler, latents: np.ndarray,
                   rng: np.random.Generator | Sequence[np.random.Generator] | None = None,
                   callback: StepCallback | None = None) -> np.ndarray:
@@ -102,7 +110,7 @@ def run_denoising(predict: Predict, scheduler: Scheduler, latents: np.ndarray,
         out = predict(model_in, float(scheduler.timesteps[i]), i)
         noise = batch_noise(rngs, latents.shape) if scheduler.stochastic and rngs else None
         latents = scheduler.step(i, latents, out, noise=noise)
-        if callback is not None and callback(i - first, end - first, latents) is False:
+        if callback is not None and _call(callback, i - first, end - first, latents) is False:
             raise CancelledError(f"generation cancelled by the callback at step "
                                  f"{i - first + 1}/{end - first}")
     if not np.isfinite(latents).all():

@@ -17,6 +17,7 @@ __all__ = [
     "InferenceError",
     "ConversionError",
     "CancelledError",
+    "CallbackError",
 ]
 
 
@@ -58,3 +59,7 @@ class ConversionError(EdgeSDKError):
 
 class CancelledError(EdgeSDKError):
     """The caller's progress callback asked to stop the generation."""
+
+
+class CallbackError(EdgeSDKError):
+    """The caller's step callback raised; the original exception is the `__cause__`."""

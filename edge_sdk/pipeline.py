@@ -138,6 +138,11 @@ class Pipeline:
         scheduler's init_noise_sigma) into final latents."""
         cfg = GenerationConfig(steps=steps, guidance_scale=guidance_scale, scheduler=scheduler,
                                seed=seed).resolve(self.manifest)
+        if cfg.guidance and embeds.uncond is None:
+            raise InvalidInputError(f"guidance_scale={cfg.guidance_scale} needs unconditional "
+                                    "embeddings, but these were encoded with guidance off; "
+                                    "encode_prompt(..., guidance_scale=...) with the same "
+                                    "value")
         return self._denoise(Conditioning.from_prompt(embeds), latents, cfg,
                              np.random.default_rng(cfg.seed), callback)
 
@@ -163,11 +168,17 @@ class Pipeline:
                  width: int | None = None, height: int | None = None,
                  scheduler: str | None = None, num_images: int = 1, *,
                  latents: np.ndarray | None = None, callback: StepCallback | None = None,
-                 **aliases: Any) -> Image.Image | list[Image.Image]:
+                 output_type: str = "pil", return_dict: bool = False,
+                 **aliases: Any) -> Any:
         """Generate an image (a list when there are several: `num_images > 1`, or a list of
-        prompts). `None` = the model's default.
+        prompts): the short form. `return_dict=True` returns the whole result instead (a
+        Generation, whose `.images` is always a list, as diffusers' output is), as
+        `generate` does. `None` = the model's default.
+
         The parameters are edge_sdk.config.GenerationConfig's; its diffusers aliases
-        (`num_inference_steps`, `num_images_per_prompt`) are accepted too."""
+        (`num_inference_steps`, `num_images_per_prompt`) are accepted too. `output_type`, as
+        in diffusers: "pil", "np" (float arrays [H, W, 3] in [0, 1]) or "latent" (the final
+        latents, not decoded)."""
         params = dict(negative_prompt=negative_prompt, steps=steps,
                       guidance_scale=guidance_scale, seed=seed, width=width, height=height,
                       scheduler=scheduler, num_images=num_images)
@@ -175,17 +186,22 @@ class Pipeline:
         if num_images == 1 and not isinstance(num_images, bool):  # the default: an alias may
             del given["num_images"]                                # set it instead
         config = GenerationConfig.from_kwargs({**given, **aliases})
-        result = self.generate(prompt, config, latents=latents, callback=callback)
+        result = self.generate(prompt, config, latents=latents, callback=callback,
+                               output_type=output_type)
+        if return_dict:
+            return result
         return result.images if len(result.images) > 1 else result.images[0]
 
     def generate(self, prompt: str | Sequence[str], config: GenerationConfig | None = None, *,
-                 latents: np.ndarray | None = None,
-                 callback: StepCallback | None = None) -> Generation:
+                 latents: np.ndarray | None = None, callback: StepCallback | None = None,
+                 output_type: str = "pil") -> Generation:
         """Like calling the pipeline, but returns latents, parameters, seeds and stage
         timings. A list of prompts gives `num_images` images for each; image k has its own
         seed, `seed + k`, and its own generator for everything random, so any one image can
         be generated again alone."""
         prompts = _prompts(prompt)
+        if output_type not in OUTPUT_TYPES:
+            raise InvalidInputError(f"output_type {output_type!r} is not one of {OUTPUT_TYPES}")
         cfg = _size_from_latents(config or GenerationConfig(), latents,
                                  self.manifest.vae.scale_factor).resolve(self.manifest)
         total = len(prompts) * int(cfg.num_images)
@@ -209,7 +225,8 @@ class Pipeline:
             finally:
                 self.components.done_with(N.UNET)
         with _timed(timings, "vae_decoder"):
-            images = to_pil(self.decode_latents(final))
+            images: list[Any] = list(final) if output_type == "latent" else \
+                _as(output_type, self.decode_latents(final))
             self.components.done_with(N.VAE_DECODER)
         return Generation(images, final, cfg, prompt if isinstance(prompt, str) else prompts,
                           timings, seeds)
@@ -265,6 +282,14 @@ def _size_from_latents(config: GenerationConfig, latents: np.ndarray | None,
     if arr.ndim != 4:
         return config
     return replace(config, width=arr.shape[3] * factor, height=arr.shape[2] * factor)
+
+
+OUTPUT_TYPES = ("pil", "np", "latent")
+
+
+def _as(output_type: str, pixels: np.ndarray) -> list[Any]:
+    """Decoded float images [B, H, W, 3] as PIL images or as arrays."""
+    return to_pil(pixels) if output_type == "pil" else list(pixels)
 
 
 def _prompts(prompt: str | Sequence[str]) -> list[str]:

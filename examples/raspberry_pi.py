@@ -36,9 +36,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="default: all cores")
     ap.add_argument("-o", "--output", default="pi.png")
     args = ap.parse_args()
-    # the plan and the tiling are logged by edge_sdk at INFO
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("edge_sdk.backends").setLevel(logging.WARNING)
+    # warnings only: the memory plan is in the report's table, printed once below
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
     config = GenerationConfig(steps=args.steps, seed=args.seed, width=args.size,
                               height=args.size)
@@ -48,7 +47,6 @@ def main() -> int:
     except EdgeSDKError as exc:  # a typed error names the problem and the fix
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"memory plan: {report.memory_plan}")
     print(report.table())
     save_png(result.images[0], args.output, result.parameters)
     print(f"wrote {args.output}")

@@ -84,3 +84,45 @@ def test_a_conversion_sweeps_what_killed_ones_left_for_any_target(tmp_path):
         (stage / "manifest.json").write_text("{}")
     assert not dead.exists() and live.exists()
     assert (tmp_path / "bundle" / "manifest.json").is_file()
+
+
+def test_diffusers_output_options_and_the_whole_result():
+    pipe = Pipeline.load()
+    image = pipe(PROMPT, seed=2, steps=3)
+    arrays = pipe(PROMPT, seed=2, steps=3, output_type="np", num_images=1)
+    assert arrays.shape == (128, 128, 3) and 0 <= arrays.min() and arrays.max() <= 1
+    assert np.array_equal((arrays * 255).round().astype(np.uint8), np.asarray(image))
+    result = pipe(PROMPT, seed=2, steps=3, output_type="latent", return_dict=True)
+    assert isinstance(result.images, list) and result.images[0].shape == (4, 16, 16)
+    assert np.array_equal(result.images[0], result.latents[0])
+    import pytest
+
+    from edge_sdk.errors import InvalidInputError
+    with pytest.raises(InvalidInputError, match="output_type 'jpeg'"):
+        pipe(PROMPT, output_type="jpeg")
+
+
+def test_a_failing_callback_is_a_typed_error_naming_it():
+    import pytest
+
+    from edge_sdk.errors import CallbackError
+    pipe = Pipeline.load()
+
+    def callback(step, total, latents):
+        if step == 1:
+            raise KeyError("mine")
+    with pytest.raises(CallbackError, match="step callback raised KeyError") as info:
+        pipe(PROMPT, steps=3, callback=callback)
+    assert isinstance(info.value.__cause__, KeyError)
+    assert pipe(PROMPT, steps=2, seed=0).size == (128, 128)  # the pipeline still works
+
+
+def test_embeddings_without_guidance_are_refused_for_a_guided_denoise():
+    import pytest
+
+    from edge_sdk.errors import InvalidInputError
+    pipe = Pipeline.load()
+    embeds = pipe.encode_prompt(PROMPT, guidance_scale=1.0)
+    noise = np.zeros((1, 4, 16, 16), np.float32)
+    with pytest.raises(InvalidInputError, match="encoded with guidance off"):
+        pipe.denoise(embeds, noise, steps=2, guidance_scale=7.5)

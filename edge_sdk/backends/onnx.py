@@ -27,6 +27,9 @@ class OnnxSession:
                                           "onnxruntime`") from exc
         self.spec = spec
         self.inputs, self.outputs = spec.inputs, spec.outputs
+        # the process-wide logger too: some warnings come before the session's own level
+        # applies, as coloured lines beside the typed error that follows
+        ort.set_default_logger_severity(3)
         so = ort.SessionOptions()
         so.log_severity_level = 3  # errors only; ORT warnings are not the user's business
         if options.threads:
