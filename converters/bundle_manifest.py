@@ -58,6 +58,19 @@ def attention_chunks(value: int | str, sample_size: int) -> int:
     return chunks
 
 
+def attention_levels(unet_cfg: Mapping[str, Any]) -> tuple[tuple[int, int], ...]:
+    """(downscale, heads) of each UNet level with attention, the mid block included (its
+    heads: diffusers' num_attention_heads, or attention_head_dim, which SD 1.x/2.x configs
+    use for the head count)."""
+    blocks = list(unet_cfg.get("down_block_types", ()))
+    heads = unet_cfg.get("num_attention_heads") or unet_cfg.get("attention_head_dim") or 8
+    per_level = list(heads) if isinstance(heads, (list, tuple)) else [heads] * len(blocks)
+    out = [(2 ** i, int(per_level[i])) for i, b in enumerate(blocks) if "Attn" in b]
+    if "Attn" in str(unet_cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn")) and blocks:
+        out.append((2 ** (len(blocks) - 1), int(per_level[-1])))
+    return tuple(out)
+
+
 def cross_dim(unet_cfg: Mapping[str, Any]) -> int:
     d = unet_cfg["cross_attention_dim"]
     return int(d[0] if isinstance(d, (list, tuple)) else d)
@@ -77,9 +90,11 @@ def build_manifest(ckpt: Checkpoint, opts: ConvertOptions, layout: Layout, sourc
         scheduler=sched, prediction_type=sched.get("prediction_type", "epsilon"),
         vae=VaeSpec(float(vae_cfg.get("scaling_factor", AUTOENCODER_KL_DEFAULT_SCALING)),
                     vae_cfg.get("shift_factor"), int(vae_cfg["latent_channels"]),
-                    layout.shapes.vae_factor, layout.vae_chunks, stages),
+                    layout.shapes.vae_factor, layout.vae_chunks, stages,
+                    int(vae_cfg["block_out_channels"][0])),
         unet=UnetSpec(int(unet_cfg["in_channels"]), int(unet_cfg["sample_size"]),
-                      cross_dim(unet_cfg), layout.unet_chunks, layout.size_multiple),
+                      cross_dim(unet_cfg), layout.unet_chunks, layout.size_multiple,
+                      attention_levels(unet_cfg), int(unet_cfg["block_out_channels"][0])),
         defaults=_defaults(sched, layout.native, opts.default_steps, opts.default_guidance),
         static_sizes=static_sizes)
 

@@ -106,6 +106,7 @@ class VaeSpec:
     # size) computed in this many query slices (1 = whole)
     attention_chunks: int = 1
     decoder_stages: tuple[DecoderStage, ...] = ()  # empty: the decoder only decodes whole
+    decoder_channels: int = 0  # channels of its full-resolution blocks (0: not recorded)
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,10 @@ class UnetSpec:
     # attention score peak is the full tokens x tokens matrix divided by this
     attention_chunks: int = 1
     size_multiple: int = 8  # image sides must be multiples of this many pixels
+    # (downscale, heads) of each level with self-attention: tokens there are the latent
+    # pixels / downscale^2 (empty: not recorded; the memory estimate then assumes the worst)
+    attention_levels: tuple[tuple[int, int], ...] = ()
+    base_channels: int = 0  # channels of its first level (0: not recorded)
 
 
 @dataclass(frozen=True)

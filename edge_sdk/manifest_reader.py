@@ -120,7 +120,8 @@ def _vae(r: "_Reader", v: dict[str, Any], components: Mapping[str, ComponentSpec
                    r.get(v, "shift_factor", (int, float, type(None)), "vae."),
                    r.pos(v, "latent_channels", "vae."), r.pos(v, "scale_factor", "vae."),
                    r.pos({"attention_chunks": 1, **v}, "attention_chunks", "vae."),
-                   tuple(_stage(r, k, st, components) for k, st in enumerate(stages)))
+                   tuple(_stage(r, k, st, components) for k, st in enumerate(stages)),
+                   _count(r, v, "decoder_channels", "vae."))
 
 
 def _stage(r: "_Reader", k: int, st: Any, components: Mapping[str, ComponentSpec]
@@ -146,9 +147,24 @@ def _stage(r: "_Reader", k: int, st: Any, components: Mapping[str, ComponentSpec
 
 def _unet(r: "_Reader", u: dict[str, Any]) -> UnetSpec:
     u = {"attention_chunks": 1, **u}
+    levels = r.get({"attention_levels": [], **u}, "attention_levels", list, "unet.")
+    if not all(isinstance(x, list) and len(x) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 4096 for v in x)
+            for x in levels):
+        raise ManifestError(f"{r.where}: field 'unet.attention_levels' must be a list of "
+                            f"[downscale, heads] pairs, got {levels!r}; re-convert the bundle")
     return UnetSpec(r.pos(u, "in_channels", "unet."), r.pos(u, "sample_size", "unet."),
                     r.pos(u, "cross_attention_dim", "unet."),
-                    r.pos(u, "attention_chunks", "unet."), r.pos(u, "size_multiple", "unet."))
+                    r.pos(u, "attention_chunks", "unet."), r.pos(u, "size_multiple", "unet."),
+                    tuple((d, h) for d, h in levels), _count(r, u, "base_channels", "unet."))
+
+
+def _count(r: "_Reader", d: Mapping[str, Any], key: str, pre: str) -> int:
+    """An optional whole number >= 0 (0: not recorded)."""
+    value = r.get({key: 0, **d}, key, int, pre)
+    if value < 0:
+        raise ManifestError(f"{r.where}: field '{pre}{key}' must be >= 0, got {value}")
+    return value
 
 
 def _defaults(r: "_Reader", df: dict[str, Any]) -> Defaults:

@@ -1,67 +1,20 @@
-"""How much memory a generation needs, and whether this machine has it.
+"""The one memory knob: the memory modes, and the plan a mode name or a budget chooses.
 
-The estimate is of the activation peak, which at large sizes dwarfs the weights: the UNet's
-self-attention at full latent resolution materialises one score matrix per head of
-tokens x tokens floats (tokens = latent height x width), and the VAE decoder holds a few
-full-resolution feature maps. Deliberately rough (within ~2x): it exists to refuse a request
-that cannot fit *before* an hour of work ends in the kernel's OOM killer, not to plan tiles.
+A budget ("300MB", "1GiB") is planned for the generation asked: the fastest mode whose
+estimated peak (edge_sdk.estimate) fits it, or a refusal saying what the lowest mode needs.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 from .config import GenerationConfig
 from .errors import InvalidInputError
+from .estimate import estimate_peak_bytes
 from .manifest import Manifest
-
-log = logging.getLogger(__name__)
-
-# Typical of the SD family (SD 1.x: 8 heads at the first level; SD 2.x: 5 of 64 channels)
-ASSUMED_HEADS = 8
-# The VAE decoder's widest full-resolution stage: 128 channels, ~3 live maps (resnet in/out,
-# skip), fp32
-VAE_FULL_RES_BYTES_PER_PIXEL = 128 * 3 * 4
-
-
-def estimate_peak_bytes(manifest: Manifest, cfg: GenerationConfig) -> int:
-    """Activation peak of one generation of `cfg` (bytes, fp32), the larger of the two
-    stages that never run at the same time."""
-    f = manifest.vae.scale_factor
-    tokens = (cfg.height // f) * (cfg.width // f)
-    batch = cfg.num_images * (2 if cfg.guidance else 1)
-    attention = batch * ASSUMED_HEADS * tokens * tokens * 4 // manifest.unet.attention_chunks
-    vae = cfg.num_images * cfg.height * cfg.width * VAE_FULL_RES_BYTES_PER_PIXEL
-    return max(attention, vae)
-
-
-def available_bytes() -> int | None:
-    """MemAvailable (Linux), or None where it cannot be read."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def check_fits(manifest: Manifest, cfg: GenerationConfig) -> None:
-    """Raise InvalidInputError when the estimate exceeds the memory available now."""
-    have = available_bytes()
-    if have is None:
-        return
-    need = estimate_peak_bytes(manifest, cfg)
-    if need > have:
-        raise InvalidInputError(
-            f"{cfg.width}x{cfg.height} x {cfg.num_images} image(s) needs about "
-            f"{need / 2**30:.1f} GiB of working memory, {have / 2**30:.1f} GiB is available; "
-            "choose a smaller size or fewer images per call")
 
 
 # -- the one memory knob ---------------------------------------------------------------------
@@ -134,32 +87,37 @@ _PLANS = {"fast": (False, False, True, None, False, False, False),
           "low": (True, True, False, LOW_VAE_TILE, True, True, False)}
 
 
+# SI units are powers of 10 (MB = 10^6 bytes), IEC units powers of 2 (MiB = 2^20); a bare
+# K/M/G/T is binary, as in `docker run -m 300m`
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
 def parse_bytes(text: str) -> int:
-    """'300MB', '1.5GB', '512MiB', '2G' -> bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B?)\s*", text, re.IGNORECASE)
-    if not m:
+    """'300MB' (10^6), '512MiB' (2^20), '1.5GB', '2G' (binary) -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-z]*)\s*", text, re.IGNORECASE)
+    if not m or m.group(2).lower() not in _UNITS:
         raise InvalidInputError(f"memory={text!r} is neither a mode {MODES} nor a size such as "
-                                "'300MB' or '2GB'")
-    unit = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(2).upper()]
-    return int(float(m.group(1)) * unit)
+                                "'300MB' (10^6 bytes) or '512MiB' (2^20)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def plan_memory(memory: str, manifest: Manifest, default_peak: int) -> MemoryPlan:
-    """The plan for `memory`: a mode name, or a budget ('300MB') for which the fastest mode
-    whose estimate fits is chosen (`low` when none does, with a warning)."""
+def plan_memory(memory: str, manifest: Manifest, cfg: GenerationConfig) -> MemoryPlan:
+    """The plan for `memory`: a mode name, or a budget for which the fastest mode whose
+    estimated peak for the resolved `cfg` fits is chosen; a budget no mode fits is an
+    InvalidInputError naming what the lowest needs."""
     if not isinstance(memory, str):
         raise InvalidInputError(f"memory must be one of {MODES} or a size such as '300MB', "
                                 f"got {memory!r}")
     if memory in MODES:
         return MemoryPlan(memory, *_PLANS[memory])
     budget = parse_bytes(memory)
-    sizes = [c.bytes for c in manifest.components.values()]
-    total, largest = sum(sizes), max(sizes)
-    need = {"fast": 2 * total + default_peak, "balanced": total + default_peak,
-            "low": largest + default_peak // 2}
     for mode in MODES:
-        if need[mode] <= budget:
+        need = estimate_peak_bytes(manifest, cfg, mode)
+        if need <= budget:
             return MemoryPlan(mode, *_PLANS[mode], budget_bytes=budget)
-    log.warning("memory budget %s is below the low mode's estimate (%.0f MiB); using low",
-                memory, need["low"] / 2**20)
-    return MemoryPlan("low", *_PLANS["low"], budget_bytes=budget)
+    raise InvalidInputError(
+        f"memory budget {memory} ({budget / 2**20:.0f} MiB) is below what the lowest mode "
+        f"needs for {cfg.width}x{cfg.height} x {cfg.num_images} image(s): about "
+        f"{need / 2**20:.0f} MiB; choose a smaller size or a larger budget")

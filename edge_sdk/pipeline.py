@@ -23,7 +23,8 @@ from .denoise import Conditioning, StepCallback, batch_noise, run_denoising, une
 from .errors import InvalidInputError
 from .image import to_pil
 from .manifest import Manifest
-from .memory import MemoryPlan, check_fits, estimate_peak_bytes, plan_memory
+from .estimate import check_fits
+from .memory import MODES, MemoryPlan, plan_memory
 from .models import default_bundle
 from .osmem import return_freed_memory
 from .schedulers import Scheduler, create_scheduler
@@ -69,10 +70,11 @@ class Pipeline:
     """A loaded text-to-image bundle."""
 
     def __init__(self, bundle: Path, manifest: Manifest, options: BackendOptions,
-                 plan: MemoryPlan | None = None) -> None:
+                 plan: MemoryPlan | None = None, memory: str = "fast") -> None:
         self.bundle = bundle
         self.manifest = manifest
         self.options = options
+        self.memory = memory  # a mode, or a budget planned for each generation's size
         self.plan = plan or MemoryPlan("fast", False, False, True)
         self.components = Components(bundle, manifest, options, self.plan)
         self._warned_untiled = False
@@ -99,12 +101,12 @@ class Pipeline:
         options = BackendOptions.checked(backend, threads, providers, False, delegate,
                                          delegate_options)
         _check_accelerator_options(manifest, options.providers, options.delegate)
-        # planned for the model's own default generation (its size, steps and guidance)
-        plan = plan_memory(memory, manifest, estimate_peak_bytes(
-            manifest, GenerationConfig(seed=0).resolve(manifest)))
+        # a budget is planned for the model's own default generation now, and again for
+        # each generation's size (a larger one may need a lower mode)
+        plan = plan_memory(memory, manifest, GenerationConfig(seed=0).resolve(manifest))
         if plan.return_freed and not return_freed_memory():
             log.info("could not set the C heap to return freed memory (not glibc)")
-        pipe = cls(path, manifest, replace(options, low_memory=plan.map_weights), plan)
+        pipe = cls(path, manifest, replace(options, low_memory=plan.map_weights), plan, memory)
         pipe.components.open_all(N.REQUIRED_COMPONENTS)
         log.info("loaded %s (%s, %s) from %s; %s", manifest.source.name, manifest.family,
                  manifest.variant, path, plan.describe())
@@ -208,8 +210,10 @@ class Pipeline:
         if total > MAX_IMAGES:
             raise InvalidInputError(f"{len(prompts)} prompts x {cfg.num_images} images is "
                                     f"{total}; at most {MAX_IMAGES} images per call")
-        # refuse now what the OOM killer would end later
-        check_fits(self.manifest, replace(cfg, num_images=total))
+        whole = replace(cfg, num_images=total)
+        if self.memory not in MODES:
+            self._use(plan_memory(self.memory, self.manifest, whole))
+        check_fits(self.manifest, whole, self.plan.mode)  # refuse now, not the OOM killer later
         seeds = [int(cfg.seed or 0) + k for k in range(total)]
         rng = [np.random.default_rng(s) for s in seeds]
         timings: dict[str, float] = {}
@@ -230,6 +234,16 @@ class Pipeline:
             self.components.done_with(N.VAE_DECODER)
         return Generation(images, final, cfg, prompt if isinstance(prompt, str) else prompts,
                           timings, seeds)
+
+    def _use(self, plan: MemoryPlan) -> None:
+        """Switch to another memory plan (its sessions are opened anew when needed)."""
+        if plan.mode == self.plan.mode:
+            return
+        log.info("memory budget %s: %s for this generation", self.memory, plan.describe())
+        if plan.return_freed:
+            return_freed_memory()
+        self.plan, self.options = plan, replace(self.options, low_memory=plan.map_weights)
+        self.components = Components(self.bundle, self.manifest, self.options, plan)
 
     def _initial_noise(self, total: int, cfg: GenerationConfig, latents: np.ndarray | None,
                        rng: list[np.random.Generator]) -> np.ndarray:

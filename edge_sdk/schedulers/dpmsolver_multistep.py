@@ -3,7 +3,6 @@ Karras sigmas ("DPM++ 2M Karras")."""
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
 
 import numpy as np

@@ -1,0 +1,92 @@
+"""How much memory a generation needs in each memory mode, and whether this machine has it.
+
+The peak resident set of a generation is modelled as
+    baseline + weights held + a session overhead + the activation peak,
+and the activation peak as the larger of the UNet's (self-attention scores: batch x heads x
+tokens^2 floats at the level with the most tokens, held in a few copies by onnxruntime)
+and the VAE decoder's (its full-resolution maps, untiled; next to nothing when decoded in
+tiles with the maps kept in files) -- their sum in fast mode, whose memory arena keeps the
+UNet's peak reserved. The constants were fitted to peak RSS measured on the
+default model (tests/bench/memory_plan.py prints the comparison; `tests/test_memory.py`
+checks it at three sizes) and are stated per mode below. The estimate exists to choose a
+mode for a budget and to refuse, before any work, a request that cannot fit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import GenerationConfig
+from .errors import InvalidInputError
+from .manifest import Manifest
+
+MIB = 2**20
+# The interpreter with numpy, onnxruntime, tokenizers and Pillow imported (measured: 43 MiB
+# RSS after loading the default model in low mode, which opens no session at load).
+BASELINE_BYTES = 43 * MIB
+# Measured on the default model (4 heads; 256, 512 and 1024 px; guidance on):
+# score-sized buffers onnxruntime holds at the attention peak (fast: every optimization and
+# the memory arena; balanced and low: basic optimizations, no arena) ...
+ATTENTION_COPIES = {"fast": 4.24, "balanced": 2.07, "low": 2.05}
+# ... bytes per output pixel and per full-resolution decoder channel of an untiled decode
+# (688 B/px over 16 channels), and of a tiled one whose maps are kept in files ...
+VAE_UNTILED_BYTES = 43.0
+VAE_TILED_BYTES = 0.4
+# ... and the rest: sessions opened and their scratch (low opens one per stage).
+MODE_OVERHEAD = {"fast": 69 * MIB, "balanced": 78 * MIB, "low": 66 * MIB}
+# Bundles that did not record their attention levels: SD's worst, 8 heads at full latent
+# resolution.
+UNKNOWN_LEVELS = ((1, 8),)
+UNKNOWN_DECODER_CHANNELS = 128
+
+
+def attention_bytes(manifest: Manifest, cfg: GenerationConfig, batch: int) -> int:
+    """One set of self-attention scores at the level with the most: batch x heads x
+    tokens^2 float32, over the graph's query slices."""
+    f = manifest.vae.scale_factor
+    h, w = int(cfg.height or 0) // f, int(cfg.width or 0) // f
+    levels = manifest.unet.attention_levels or UNKNOWN_LEVELS
+    worst = max(heads * ((h // d) * (w // d)) ** 2 for d, heads in levels)
+    return batch * worst * 4 // manifest.unet.attention_chunks
+
+
+def estimate_peak_bytes(manifest: Manifest, cfg: GenerationConfig, mode: str = "fast") -> int:
+    """Peak RSS of one generation of the resolved `cfg` in memory mode `mode` (bytes)."""
+    images = int(cfg.num_images)
+    batched = mode != "low"  # low runs the guidance halves as two batch-1 passes
+    batch = images * (2 if cfg.guidance and batched else 1)
+    unet = ATTENTION_COPIES[mode] * attention_bytes(manifest, cfg, batch)
+    tiled = mode != "fast" and bool(manifest.vae.decoder_stages)
+    channels = manifest.vae.decoder_channels or UNKNOWN_DECODER_CHANNELS
+    per_pixel = (VAE_TILED_BYTES if tiled else VAE_UNTILED_BYTES) * channels
+    vae = per_pixel * int(cfg.height or 0) * int(cfg.width or 0)  # decoded one at a time
+    sizes = [c.bytes for c in manifest.components.values()]
+    weights = sum(sizes) if mode == "fast" else max(sizes)
+    # fast's memory arena keeps the UNet's peak reserved while the decoder runs
+    act = unet + vae if mode == "fast" else max(unet, vae)
+    return int(BASELINE_BYTES + weights + MODE_OVERHEAD[mode] + act)
+
+
+def available_bytes() -> int | None:
+    """MemAvailable (Linux), or None where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_fits(manifest: Manifest, cfg: GenerationConfig, mode: str = "fast") -> None:
+    """Raise InvalidInputError when the estimate exceeds the memory available now."""
+    have = available_bytes()
+    if have is None:
+        return
+    need = estimate_peak_bytes(manifest, cfg, mode)
+    if need > have:
+        raise InvalidInputError(
+            f"{cfg.width}x{cfg.height} x {cfg.num_images} image(s) needs about "
+            f"{need / 2**30:.1f} GiB of working memory in memory mode {mode!r}, "
+            f"{have / 2**30:.1f} GiB is available; choose a smaller size, fewer images per "
+            "call or a lower memory mode")
