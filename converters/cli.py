@@ -40,9 +40,14 @@ def _convert_parser() -> argparse.ArgumentParser:
                    "unet=int4,text_encoder=int8,vae=fp16")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
-    p.add_argument("--vae-stages", action="store_true",
-                   help="also export the VAE decoder as stages for exact tiled decoding "
-                   "(memory='low' uses them; adds the decoder's size again)")
+    stages = p.add_mutually_exclusive_group()
+    stages.add_argument("--vae-stages", dest="vae_stages", action="store_true", default=None,
+                        help="also export the VAE decoder as stages for exact tiled decoding "
+                        "(the low-memory modes use them; adds the decoder's size again). "
+                        "The default for ONNX; for TFLite it makes a mixed bundle")
+    stages.add_argument("--no-vae-stages", dest="vae_stages", action="store_false",
+                        help="no decoder stages: a smaller bundle that decodes whole (more "
+                        "memory at large sizes)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="also load .bin/.ckpt weights (pickle: only for sources you trust)")
     p.add_argument("--name", default=None,

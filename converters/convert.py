@@ -101,7 +101,7 @@ def write_bundle(ckpt: Checkpoint, output: str | Path, opts: ConvertOptions, lay
             say(f"[{i}/{len(plan)}] {role}: done in {time.perf_counter() - t0:.1f} s, "
                 f"{components[role].bytes / 1e6:.1f} MB")
         stages = _export_vae_stages(ckpt, stage, opts, layout, components, say) \
-            if opts.vae_stages else ()
+            if opts.with_vae_stages else ()
         tok = export_tokenizer(ckpt, stage, layout.shapes.text_len)
         say("tokenizer: tokenizer.json written and checked")
         manifest = build_manifest(ckpt, opts, layout, name, components, tok, stages,

@@ -37,7 +37,9 @@ class ConvertOptions:
     vae_encoder: bool = True
     int8_method: str = "dynamic"  # "dynamic" | "static" (QDQ, calibrated)
     calibration: str | Path | None = None  # prompts file for static int8
-    vae_stages: bool = False  # also export the decoder as stages for exact tiled decoding
+    # also export the decoder as stages for exact tiled decoding, which the low-memory modes
+    # need at 512 px and above; None: yes for ONNX, no for TFLite (a pure TFLite bundle)
+    vae_stages: bool | None = None
     attention_chunks: int | str = "auto"
     sizes: str | None = None  # TFLite: "512x512,512x768"
     name: str | None = None  # the model's name in the manifest
@@ -55,6 +57,10 @@ class ConvertOptions:
     @property
     def precisions(self) -> dict[str, str]:
         return parse_precision(self.precision)
+
+    @property
+    def with_vae_stages(self) -> bool:
+        return self.fmt == "onnx" if self.vae_stages is None else self.vae_stages
 
     @property
     def static_int8(self) -> bool:
