@@ -126,3 +126,18 @@ def test_embeddings_without_guidance_are_refused_for_a_guided_denoise():
     noise = np.zeros((1, 4, 16, 16), np.float32)
     with pytest.raises(InvalidInputError, match="encoded with guidance off"):
         pipe.denoise(embeds, noise, steps=2, guidance_scale=7.5)
+
+
+def test_edge_convert_without_the_convert_extra_names_it(monkeypatch, capsys, tmp_path):
+    """Not ModuleNotFoundError: torch, but one line naming the extra (the packages are
+    hidden here as if not installed)."""
+    import importlib.util
+
+    from converters import cli
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("torch", "diffusers") else
+                        real(name, *a))
+    assert cli.main([str(tmp_path), "-o", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "[convert] extra" in err and "torch, diffusers missing" in err
