@@ -141,7 +141,7 @@ def _stage(r: "_Reader", k: int, st: Any, components: Mapping[str, ComponentSpec
     if not ok:
         raise ManifestError(f"{r.where}: vae.decoder_stages[{k}] is malformed ({st!r}); "
                             "re-convert the bundle")
-    return DecoderStage(st["component"], st["groups"], st["halo"], st["scale"],
+    return DecoderStage(st["component"], st.get("groups"), st["halo"], st["scale"],
                         tuple(st["skips"]), st["tiled"], float(st["eps"]))
 
 
