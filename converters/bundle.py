@@ -18,6 +18,9 @@ from edge_sdk import names as N
 
 log = logging.getLogger(__name__)
 
+# written into every staging folder: a folder without it is never swept as ours
+STAGING_MARK = ".edge-convert-staging"
+
 _ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32", 11: "float64", 9: "bool",
                 2: "uint8", 3: "int8"}
 
@@ -40,6 +43,7 @@ class AtomicBundle:
             if self.staging.exists():
                 shutil.rmtree(self.staging)
             self.staging.mkdir()
+            (self.staging / STAGING_MARK).write_text(f"{os.getpid()}\n")
         except OSError as exc:
             raise ConversionError(f"cannot write next to {self.target}: {exc.strerror}") from exc
         return self.staging
@@ -50,6 +54,7 @@ class AtomicBundle:
             return
         try:
             self.staging.chmod(0o755)
+            (self.staging / STAGING_MARK).unlink()  # the bundle itself carries no mark
             _fsync_tree(self.staging)
             if self.target.exists() and _exchange(self.staging, self.target):
                 # one atomic step: at no instant is there no bundle at `target`
@@ -89,14 +94,24 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def _remove_stale(target: Path) -> None:
-    """Remove the staging/old folders that killed conversions left in `target`'s folder,
-    whatever their target (their process is gone); a running conversion's is left alone."""
-    for p in target.parent.glob(".*.*-*"):
-        kind, _, pid = p.name.rpartition(".")[2].rpartition("-")
-        if p.is_dir() and kind in ("partial", "old") and pid.isdigit() \
-                and not _alive(int(pid)):
-            log.info("removing %s, left by an interrupted conversion", p)
-            shutil.rmtree(p, ignore_errors=True)
+    """Remove what killed conversions left in `target`'s folder: staging folders of any
+    target that carry our mark, and `target`'s own moved-aside old bundle; only when the
+    process that made them is gone, and never anything that is not ours."""
+    for p in target.parent.glob(".*.partial-*"):
+        if (p / STAGING_MARK).is_file() and _dead(p.name.rpartition("-")[2]):
+            _remove(p)
+    for p in target.parent.glob(f".{target.name}.old-*"):
+        if (p / N.MANIFEST_FILE).is_file() and _dead(p.name.rpartition("-")[2]):
+            _remove(p)
+
+
+def _dead(pid: str) -> bool:
+    return pid.isdigit() and len(pid) <= 10 and not _alive(int(pid))
+
+
+def _remove(p: Path) -> None:
+    log.warning("removing %s, left by an interrupted conversion", p)
+    shutil.rmtree(p, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:

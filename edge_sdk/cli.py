@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 from . import __version__
 from . import names as N
-from .config import add_arguments, config_from_arguments
+from .config import MAX_IMAGES, add_arguments, config_from_arguments
 from .errors import EdgeSDKError, InvalidInputError
 
 
@@ -158,7 +158,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from .image import check_output_path, save_png
     from .pipeline import Pipeline
 
-    n = a.num_images if isinstance(a.num_images, int) and a.num_images > 0 else 1
+    n = a.num_images if isinstance(a.num_images, int) and 0 < a.num_images <= MAX_IMAGES \
+        else 1  # out of range: generate refuses it, after these paths are checked
     paths = [check_output_path(p) for p in _output_paths(a.output, n)]  # before any work
     t0 = time.perf_counter()
     pipe = Pipeline.load(a.model, verify=not a.no_verify, memory=a.memory, **_backend_kwargs(a))

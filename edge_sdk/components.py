@@ -31,6 +31,12 @@ class Components:
         self._wrappers: dict[str, Wrapper] = {}
         self._lock = threading.Lock()
 
+    def replan(self, options: BackendOptions, plan: MemoryPlan) -> "Components":
+        """The same bundle under another plan: no session open, the wrappers kept."""
+        other = Components(self.bundle, self.manifest, options, plan)
+        other._wrappers = dict(self._wrappers)
+        return other
+
     @property
     def loaded(self) -> list[str]:
         """The roles whose sessions are open now."""

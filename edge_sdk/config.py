@@ -79,7 +79,7 @@ class GenerationConfig:
         d = manifest.defaults
         steps = _int("steps", d.steps if self.steps is None else self.steps, 1, MAX_STEPS)
         g = d.guidance_scale if self.guidance_scale is None else self.guidance_scale
-        if isinstance(g, bool) or not isinstance(g, numbers.Real) or not math.isfinite(g) \
+        if isinstance(g, bool) or not isinstance(g, numbers.Real) or not _finite(g) \
                 or not 0 <= g <= MAX_GUIDANCE:
             raise InvalidInputError(f"guidance_scale must be a finite number in [0, "
                                     f"{MAX_GUIDANCE}], got {g!r}; values <= 1 turn "
@@ -131,6 +131,13 @@ def config_from_arguments(args: Any, **overrides: Any) -> GenerationConfig:
     given = {f.name: getattr(args, f.name) for f in fields(GenerationConfig)
              if hasattr(args, f.name)}
     return GenerationConfig(**{**given, **overrides})
+
+
+def _finite(x: numbers.Real) -> bool:
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int beyond any float
+        return False
 
 
 def _int(name: str, value: Any, lo: int, hi: int) -> int:

@@ -1,7 +1,8 @@
 """How much memory a generation needs in each memory mode, and whether this machine has it.
 
 The peak resident set of a generation is modelled as
-    baseline + weights held + a session overhead + the activation peak,
+    baseline + weights copied into private memory (fast mode) + a session overhead + the
+    activation peak,
 and the activation peak as the larger of the UNet's (self-attention scores: batch x heads x
 tokens^2 floats at the level with the most tokens, held in a few copies by onnxruntime)
 and the VAE decoder's (its full-resolution maps, untiled; next to nothing when decoded in
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import names
 from .config import GenerationConfig
 from .errors import InvalidInputError
 from .manifest import Manifest
@@ -33,7 +35,13 @@ ATTENTION_COPIES = {"fast": 4.24, "balanced": 2.07, "low": 2.05}
 VAE_UNTILED_BYTES = 43.0
 VAE_TILED_BYTES = 0.4
 # ... and the rest: sessions opened and their scratch (low opens one per stage).
-MODE_OVERHEAD = {"fast": 69 * MIB, "balanced": 78 * MIB, "low": 66 * MIB}
+MODE_OVERHEAD = {"fast": 70 * MIB, "balanced": 91 * MIB, "low": 79 * MIB}
+# ... feature maps of the UNet's first level alive at once (batch x channels x latent
+# pixels floats each): small on the default model (64 channels), what dominates a wide UNet
+# between its attention peaks (SD 1.5: 320 channels, low mode's peak private memory
+# measured 238 MiB at 512 px, estimated 238)
+UNET_LIVE_MAPS = 10
+UNKNOWN_BASE_CHANNELS = 320
 # Bundles that did not record their attention levels: SD's worst, 8 heads at full latent
 # resolution.
 UNKNOWN_LEVELS = ((1, 8),)
@@ -55,13 +63,20 @@ def estimate_peak_bytes(manifest: Manifest, cfg: GenerationConfig, mode: str = "
     images = int(cfg.num_images)
     batched = mode != "low"  # low runs the guidance halves as two batch-1 passes
     batch = images * (2 if cfg.guidance and batched else 1)
-    unet = ATTENTION_COPIES[mode] * attention_bytes(manifest, cfg, batch)
+    f = manifest.vae.scale_factor
+    maps = batch * (manifest.unet.base_channels or UNKNOWN_BASE_CHANNELS) \
+        * (int(cfg.height or 0) // f) * (int(cfg.width or 0) // f) * 4
+    unet = ATTENTION_COPIES[mode] * attention_bytes(manifest, cfg, batch) \
+        + UNET_LIVE_MAPS * maps
     tiled = mode != "fast" and bool(manifest.vae.decoder_stages)
     channels = manifest.vae.decoder_channels or UNKNOWN_DECODER_CHANNELS
     per_pixel = (VAE_TILED_BYTES if tiled else VAE_UNTILED_BYTES) * channels
     vae = per_pixel * int(cfg.height or 0) * int(cfg.width or 0)  # decoded one at a time
-    sizes = [c.bytes for c in manifest.components.values()]
-    weights = sum(sizes) if mode == "fast" else max(sizes)
+    # fast copies the weights it runs into private memory; the other modes map them, and
+    # mapped pages are page cache the kernel evicts under pressure (an SD 1.5 int8 bundle
+    # with 784 MB of UNet weights ran under a 300 MiB cap), so they are not counted
+    weights = sum(manifest.components[r].bytes for r in names.REQUIRED_COMPONENTS) \
+        if mode == "fast" else 0
     # fast's memory arena keeps the UNet's peak reserved while the decoder runs
     act = unet + vae if mode == "fast" else max(unet, vae)
     return int(BASELINE_BYTES + weights + MODE_OVERHEAD[mode] + act)

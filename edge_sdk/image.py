@@ -61,7 +61,9 @@ def save_png(image: Image.Image, path: str | Path, parameters: Mapping[str, Any]
                 info.add_text(key, str(parameters[key]))
         options["pnginfo"] = info
     else:
-        options.update(quality=JPEG_QUALITY, comment=text.encode("utf-8"))
+        comment = text.encode("utf-8")  # a JPEG comment segment holds at most 65,533 bytes
+        options.update(quality=JPEG_QUALITY, comment=comment if len(comment) < 65_000 else
+                       json.dumps({"seed": parameters.get("seed")}).encode())
     parent = path.parent if str(path.parent) else Path(".")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)

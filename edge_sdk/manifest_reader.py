@@ -274,7 +274,10 @@ class _Reader:
         return value
 
     def num(self, d: Mapping[str, Any], key: str, prefix: str = "") -> float:
-        value = float(self.get(d, key, (int, float), prefix))
+        try:
+            value = float(self.get(d, key, (int, float), prefix))
+        except OverflowError:  # an integer beyond any float
+            value = math.inf
         if not math.isfinite(value) or value < 0:
             raise ManifestError(f"{self.where}: field '{prefix}{key}' must be a finite number "
                                 f">= 0, got {value}")

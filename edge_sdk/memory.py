@@ -100,7 +100,10 @@ def parse_bytes(text: str) -> int:
     if not m or m.group(2).lower() not in _UNITS:
         raise InvalidInputError(f"memory={text!r} is neither a mode {MODES} nor a size such as "
                                 "'300MB' (10^6 bytes) or '512MiB' (2^20)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if not value < 2**63:
+        raise InvalidInputError(f"memory={text!r} is larger than any machine")
+    return int(value)
 
 
 def plan_memory(memory: str, manifest: Manifest, cfg: GenerationConfig) -> MemoryPlan:

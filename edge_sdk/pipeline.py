@@ -202,7 +202,11 @@ class Pipeline:
         seed, `seed + k`, and its own generator for everything random, so any one image can
         be generated again alone."""
         prompts = _prompts(prompt)
-        if output_type not in OUTPUT_TYPES:
+        if config is not None and not isinstance(config, GenerationConfig):
+            raise InvalidInputError(f"config must be a GenerationConfig, got "
+                                    f"{type(config).__name__}; or call the pipeline with "
+                                    "keyword arguments")
+        if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
             raise InvalidInputError(f"output_type {output_type!r} is not one of {OUTPUT_TYPES}")
         cfg = _size_from_latents(config or GenerationConfig(), latents,
                                  self.manifest.vae.scale_factor).resolve(self.manifest)
@@ -243,7 +247,7 @@ class Pipeline:
         if plan.return_freed:
             return_freed_memory()
         self.plan, self.options = plan, replace(self.options, low_memory=plan.map_weights)
-        self.components = Components(self.bundle, self.manifest, self.options, plan)
+        self.components = self.components.replan(self.options, plan)
 
     def _initial_noise(self, total: int, cfg: GenerationConfig, latents: np.ndarray | None,
                        rng: list[np.random.Generator]) -> np.ndarray:

@@ -123,7 +123,8 @@ def make_handler(service: Service) -> type[BaseHTTPRequestHandler]:
                 if not 0 <= size <= MAX_BODY:
                     return self._reply(413, {"error": f"the body is limited to {MAX_BODY} bytes"})
                 job_id = service.submit(json.loads(self.rfile.read(size) or b"{}"))
-            except (ValueError, EdgeSDKError) as exc:  # JSONDecodeError is a ValueError
+            except (ValueError, ArithmeticError, RecursionError, EdgeSDKError) as exc:
+                # (JSONDecodeError is a ValueError; a deeply nested body a RecursionError)
                 return self._reply(400, {"error": str(exc)})
             self._reply(202, {"job": job_id})
 

@@ -74,16 +74,20 @@ def test_a_conversion_sweeps_what_killed_ones_left_for_any_target(tmp_path):
     """A staging folder of a conversion whose process is gone (SIGKILL, power loss) is
     removed by the next conversion in that folder, whatever bundle it was writing; a live
     process's is left alone."""
-    from converters.bundle import AtomicBundle
+    from converters.bundle import STAGING_MARK, AtomicBundle
     dead = tmp_path / f".other-model.partial-{2**22 + 12345}"  # above Linux's pid_max default
     live = tmp_path / f".busy.partial-{os.getpid()}"
-    for folder in (dead, live):
+    unmarked = tmp_path / f".notes.partial-{2**22 + 1}"  # not made by edge-convert
+    not_ours = tmp_path / ".ssh.old-2020"  # a user's backup, whatever its name says
+    for folder in (dead, live, unmarked, not_ours):
         folder.mkdir()
         (folder / "unet.onnx").write_bytes(b"half")
+    for folder in (dead, live):
+        (folder / STAGING_MARK).write_text("1\n")
     with AtomicBundle(tmp_path / "bundle") as stage:
         (stage / "manifest.json").write_text("{}")
-    assert not dead.exists() and live.exists()
-    assert (tmp_path / "bundle" / "manifest.json").is_file()
+    assert not dead.exists() and live.exists() and unmarked.exists() and not_ours.exists()
+    assert sorted(p.name for p in (tmp_path / "bundle").iterdir()) == ["manifest.json"]
 
 
 def test_diffusers_output_options_and_the_whole_result():
