@@ -48,11 +48,15 @@ UNKNOWN_LEVELS = ((1, 8),)
 UNKNOWN_DECODER_CHANNELS = 128
 
 
+def _latent_size(manifest: Manifest, cfg: GenerationConfig) -> tuple[int, int]:
+    f = manifest.vae.scale_factor
+    return int(cfg.height or 0) // f, int(cfg.width or 0) // f
+
+
 def attention_bytes(manifest: Manifest, cfg: GenerationConfig, batch: int) -> int:
     """One set of self-attention scores at the level with the most: batch x heads x
     tokens^2 float32, over the graph's query slices."""
-    f = manifest.vae.scale_factor
-    h, w = int(cfg.height or 0) // f, int(cfg.width or 0) // f
+    h, w = _latent_size(manifest, cfg)
     levels = manifest.unet.attention_levels or UNKNOWN_LEVELS
     worst = max(heads * ((h // d) * (w // d)) ** 2 for d, heads in levels)
     return batch * worst * 4 // manifest.unet.attention_chunks
@@ -63,9 +67,8 @@ def estimate_peak_bytes(manifest: Manifest, cfg: GenerationConfig, mode: str = "
     images = int(cfg.num_images)
     batched = mode != "low"  # low runs the guidance halves as two batch-1 passes
     batch = images * (2 if cfg.guidance and batched else 1)
-    f = manifest.vae.scale_factor
-    maps = batch * (manifest.unet.base_channels or UNKNOWN_BASE_CHANNELS) \
-        * (int(cfg.height or 0) // f) * (int(cfg.width or 0) // f) * 4
+    h, w = _latent_size(manifest, cfg)
+    maps = batch * (manifest.unet.base_channels or UNKNOWN_BASE_CHANNELS) * h * w * 4
     unet = ATTENTION_COPIES[mode] * attention_bytes(manifest, cfg, batch) \
         + UNET_LIVE_MAPS * maps
     tiled = mode != "fast" and bool(manifest.vae.decoder_stages)

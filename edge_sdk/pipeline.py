@@ -59,10 +59,8 @@ class Generation:
         """What produced image k: generating its prompt with its seed and num_images 1 makes
         it again."""
         prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
-        per_prompt = max(1, len(self.images) // max(1, len(prompts)))
         seed = self.seeds[k] if self.seeds else self.config.seed
-        return {**self.config.as_dict(), "prompt": prompts[min(k // per_prompt,
-                                                               len(prompts) - 1)],
+        return {**self.config.as_dict(), "prompt": prompts[k // int(self.config.num_images)],
                 "seed": seed, "num_images": 1}
 
 

@@ -55,10 +55,11 @@ class BackendOptions:
                     or threads < 1:
                 raise InvalidInputError(f"threads must be a positive integer, got {threads!r}")
             threads = int(threads)
-            if threads > usable_cores():
-                log.warning("threads=%d exceeds the %d usable cores; using %d", threads,
-                            usable_cores(), usable_cores())
-                threads = usable_cores()
+            cores = usable_cores()
+            if threads > cores:
+                log.warning("threads=%d exceeds the %d usable cores; using %d", threads, cores,
+                            cores)
+                threads = cores
         if isinstance(providers, str):  # one name, not a sequence of letters
             providers = [p for p in providers.split(",") if p.strip()]
         if providers is not None and (not isinstance(providers, (list, tuple))
@@ -97,7 +98,7 @@ def open_session(bundle: Path, spec: ComponentSpec, options: BackendOptions) -> 
     if options.backend not in BACKENDS:
         raise InvalidInputError(f"backend {options.backend!r} is unknown; choose one of "
                                 f"{list(BACKENDS)}")
-    check_backend(spec, options)
+    _check_format(spec, options)  # providers and delegate: checked by the session itself
     if options.delegate and spec.format != "tflite":
         log.debug("%s is %s: the TFLite delegate does not apply", spec.name, spec.format)
     if spec.format == "tflite":
@@ -107,14 +108,18 @@ def open_session(bundle: Path, spec: ComponentSpec, options: BackendOptions) -> 
     return OnnxSession(bundle / spec.path, spec, options)
 
 
-def check_backend(spec: ComponentSpec, options: BackendOptions) -> None:
-    """What opening `spec` would refuse about the backend options, checked without loading
-    it: the execution providers asked for, the delegate library's presence."""
+def _check_format(spec: ComponentSpec, options: BackendOptions) -> None:
     if options.backend != "auto" and spec.format != options.backend \
             and spec.kind in _MAIN_KINDS:
         raise BundleError(f"component {spec.name!r} is stored as {spec.format!r} but backend "
                           f"{options.backend!r} was requested; use backend='auto' or convert "
                           f"with `edge-convert --format {options.backend}`")
+
+
+def check_backend(spec: ComponentSpec, options: BackendOptions) -> None:
+    """What opening `spec` would refuse about the backend options, checked without loading
+    it: the format, the execution providers asked for, the delegate library's presence."""
+    _check_format(spec, options)
     if spec.format == "onnx" and options.providers:
         import onnxruntime as ort
         select_providers(options.providers, ort.get_available_providers())
