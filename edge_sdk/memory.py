@@ -41,10 +41,10 @@ class MemoryPlan:
     low:      as balanced, and each component loaded for its stage and released after (text
               encoder, then UNet, then VAE: never two large ones resident), classifier-free
               guidance as two batch-1 UNet passes (half the activation peak, same result), and
-              the VAE decoded exactly in tiles when the bundle has decoder stages
-              (edge-convert --vae-stages), the full-resolution maps kept between its stages
-              in unlinked files under $EDGE_SDK_SPILL_DIR (default: the temp folder), i.e.
-              evictable page cache rather than private memory.
+              the VAE decoded exactly in smaller tiles when the bundle has decoder stages
+              (edge-convert exports them by default), the full-resolution maps kept between
+              its stages in unlinked files under $EDGE_SDK_SPILL_DIR (default: the temp
+              folder, edge_sdk.spill) rather than in private memory.
     """
 
     mode: str

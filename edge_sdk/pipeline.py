@@ -29,7 +29,7 @@ from .models import default_bundle
 from .osmem import return_freed_memory
 from .schedulers import Scheduler, create_scheduler
 from .text_encoder import PromptEmbeds, encode_prompts
-from .tiling import FileBackedMaps
+from .spill import SpillMaps
 from .tokenizer import PromptTokenizer, check_prompt
 from .vae import decode_latents as _decode_whole
 from .vae import decode_latents_tiled
@@ -152,7 +152,7 @@ class Pipeline:
         in tiles (edge_sdk.tiling): the same image in a fraction of the memory."""
         tile = self.plan.vae_tile if tile is None else tile
         if tile and self.manifest.vae.decoder_stages:
-            alloc = FileBackedMaps(self.plan.spill_dir) if self.plan.spill_maps else np.empty
+            alloc = SpillMaps(self.plan.spill_dir) if self.plan.spill_maps else np.empty
             return decode_latents_tiled(self.components, latents, self.manifest.vae, tile,
                                         alloc)
         if tile and not self._warned_untiled:

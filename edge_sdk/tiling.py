@@ -8,9 +8,11 @@ no amount of overlap blending makes the result equal to the untiled one.
 The exact scheme: the decoder is a chain of stages, each starting at a GroupNorm (or at the
 input). Between stages the full-resolution activation is kept (the memory this costs is one
 or two feature maps, not the decoder's whole working set); each stage's GroupNorm statistics
-are computed over that whole activation, then the stage runs tile by tile, each tile read
-with a halo of context wide enough for the stage's convolutions, and only the tile's core is
-kept. The result equals the untiled decoder's up to float rounding.
+are computed over that whole activation (gathered while the stage before writes it), then
+the stage runs tile by tile, each tile read with a halo of context wide enough for the
+stage's convolutions, and only the tile's core is kept. The result equals the untiled
+decoder's up to float rounding. The tiles are full-width strips of rows, so that a map kept
+in a file is read and written in whole pages, each once per stage.
 
 Stages are callables (an onnxruntime session per stage in the runtime; numpy fakes in the
 tests), so this module knows nothing about the backend.
@@ -18,19 +20,39 @@ tests), so this module knows nothing about the backend.
 
 from __future__ import annotations
 
-import mmap
-import os
-import tempfile
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Protocol, Sequence, Union
 
 import numpy as np
 
 from .errors import InvalidInputError
 
-# alloc(shape, dtype) -> a writable array for a stage's full output map (np.empty, or one
-# backed by a file so that the maps kept between stages are not private memory)
-Alloc = Callable[[tuple[int, ...], np.dtype], np.ndarray]
+
+
+class RowStore(Protocol):
+    """A [B, C, H, W] map kept elsewhere than in an array (edge_sdk.spill.SpillFile: in a
+    file), read and written a strip of rows at a time."""
+
+    shape: tuple[int, ...]
+
+    def rows(self, y0: int, y1: int) -> np.ndarray: ...
+
+    def put(self, y0: int, block: np.ndarray) -> None: ...
+
+
+Map = Union[np.ndarray, RowStore]
+# alloc(shape, dtype) -> where a stage's full output map goes (np.empty, or a RowStore so
+# that the maps kept between stages are not private memory)
+Alloc = Callable[[tuple[int, ...], np.dtype], Map]
+
+
+def read_rows(m: Map, y0: int, y1: int) -> np.ndarray:
+    """Rows y0:y1 of a map, [B, C, rows, W]."""
+    return m[:, :, y0:y1] if isinstance(m, np.ndarray) else m.rows(y0, y1)
+
+
+def whole(m: Map) -> np.ndarray:
+    return m if isinstance(m, np.ndarray) else m.rows(0, m.shape[2])
 
 # run(tiles, mean, inv_std) -> output tile. `tiles` holds the main input's crop first, then
 # each skip input's crop (same region); mean / inv_std are [batch, groups] or None.
@@ -50,70 +72,114 @@ class Stage:
     eps: float = 1e-6
 
 
-def group_stats(x: np.ndarray, groups: int, eps: float) -> tuple[np.ndarray, np.ndarray]:
-    """GroupNorm's mean and 1/sqrt(var + eps) per (batch, group) over the whole map [B,C,H,W],
-    accumulated in float64 so the order of summation does not show. One group at a time: a
-    float64 copy of the whole map would be twice the map, at the stage whose memory tiling
-    exists to bound."""
-    b, c = x.shape[:2]
-    if c % groups:
-        raise InvalidInputError(f"{c} channels do not split into {groups} groups")
-    g = x.reshape(b, groups, -1)
-    mean = np.empty((b, groups), np.float64)
-    var = np.empty((b, groups), np.float64)
-    for i in range(b):
-        for j in range(groups):
-            d = g[i, j].astype(np.float64)
-            mean[i, j] = m = d.mean()
-            d -= m
-            var[i, j] = np.dot(d, d) / d.size
-    return mean.astype(np.float32), (1.0 / np.sqrt(var + eps)).astype(np.float32)
+# the fewest core rows a strip has (where tile**2 / width would give fewer): a halo row each
+# side costs 2 / MIN_STRIP_ROWS of the stage's work at most
+MIN_STRIP_ROWS = 8
+Stats = tuple[np.ndarray, np.ndarray]  # GroupNorm's mean and 1/sqrt(var + eps), [B, groups]
 
 
-def tile_grid(height: int, width: int, tile: int) -> Iterator[tuple[int, int, int, int]]:
-    """Core regions (y0, y1, x0, x1) of `tile`-sized tiles covering the map, last ones short."""
+class GroupStats:
+    """GroupNorm's statistics of a map [B, C, H, W] fed block by block (rows of it),
+    accumulated in float64 across blocks. Sums are taken about the first block's mean, so a
+    large mean does not cancel the variance away; within a block the squares are a float32
+    dot product (BLAS: the same rounding as onnxruntime's own GroupNorm, and no float64 copy
+    of each block)."""
+
+    def __init__(self, groups: int, eps: float) -> None:
+        self.groups, self.eps = groups, eps
+        self.shift: np.ndarray | None = None
+        self.total = self.squares = None  # type: np.ndarray | None
+        self.count = 0
+
+    def add(self, block: np.ndarray) -> None:
+        b, c = block.shape[:2]
+        if c % self.groups:
+            raise InvalidInputError(f"{c} channels do not split into {self.groups} groups")
+        v = block.reshape(b, self.groups, -1, *block.shape[2:])  # a view: channels split
+        if self.shift is None:
+            self.shift = v.mean(axis=(2, 3, 4), dtype=np.float64,
+                                keepdims=True).astype(np.float32)
+            self.total = np.zeros((b, self.groups))
+            self.squares = np.zeros((b, self.groups))
+        d = (v - self.shift).reshape(b, self.groups, -1)
+        self.total += d.sum(axis=-1, dtype=np.float64)
+        self.squares += [[np.dot(g, g) for g in batch] for batch in d]
+        self.count += d.shape[-1]
+
+    def result(self) -> Stats:
+        assert self.shift is not None and self.total is not None and self.squares is not None
+        m = self.total / self.count
+        var = np.maximum(self.squares / self.count - m * m, 0.0)
+        mean = m + self.shift.reshape(m.shape)
+        return mean.astype(np.float32), (1.0 / np.sqrt(var + self.eps)).astype(np.float32)
+
+
+def group_stats(x: Map, groups: int, eps: float) -> Stats:
+    """GroupNorm's mean and 1/sqrt(var + eps) per (batch, group) over the whole map
+    [B, C, H, W], read a few rows at a time: a float64 copy of the whole map would be twice
+    the map, at the stage whose memory tiling exists to bound."""
+    acc = GroupStats(groups, eps)
+    for y0 in range(0, max(x.shape[2], 1), MIN_STRIP_ROWS):
+        acc.add(read_rows(x, y0, y0 + MIN_STRIP_ROWS))
+    return acc.result()
+
+
+def strip_rows(height: int, width: int, tile: int) -> Iterator[tuple[int, int]]:
+    """Row ranges (y0, y1) of full-width strips covering a height x width map, each about
+    `tile` x `tile` pixels in area (at least MIN_STRIP_ROWS rows), the last one short.
+    Full-width strips because a map kept in a file is read and written in whole pages: a
+    square tile of a row-major map would touch every page of its rows for a part of each."""
     if tile < 1:
         raise InvalidInputError(f"tile must be at least 1 pixel, got {tile}")
-    for y0 in range(0, height, tile):
-        for x0 in range(0, width, tile):
-            yield y0, min(y0 + tile, height), x0, min(x0 + tile, width)
+    rows = max(-(-tile * tile // max(width, 1)), MIN_STRIP_ROWS)
+    for y0 in range(0, height, rows):
+        yield y0, min(y0 + rows, height)
 
 
-def run_stage_tiled(inputs: Sequence[np.ndarray], stage: Stage, tile: int,
-                    alloc: Alloc = np.empty) -> np.ndarray:
-    """One stage over full maps `inputs` (main first, then skips), tile by tile, into a map
-    from `alloc`."""
+def run_stage_tiled(inputs: Sequence[Map], stage: Stage, tile: int,
+                    alloc: Alloc = np.empty, stats: Stats | None = None,
+                    out_norm: tuple[int, float] | None = None) -> tuple[Map, Stats | None]:
+    """One stage over full maps `inputs` (main first, then skips), strip by strip, into a
+    map from `alloc`. `stats` are the GroupNorm statistics of the main input when the stage
+    has groups (computed here when not given); `out_norm` = (groups, eps) asks for the
+    output's statistics too, accumulated as the strips are written (for the next stage:
+    the map is not read again for them). Returns the output map and its statistics."""
     main = inputs[0]
-    mean = inv = None
-    if stage.groups:
-        mean, inv = group_stats(main, stage.groups, stage.eps)
-        unmap_pages(main)
+    if stage.groups and stats is None:
+        stats = group_stats(main, stage.groups, stage.eps)
+    mean, inv = stats if stage.groups and stats is not None else (None, None)
     if not stage.tiled:
-        return stage.run(list(inputs), mean, inv)
-    h, w, s, halo = main.shape[2], main.shape[3], stage.scale, stage.halo
-    out: np.ndarray | None = None
-    for y0, y1, x0, x1 in tile_grid(h, w, tile):
-        ya, yb, xa, xb = max(0, y0 - halo), min(h, y1 + halo), max(0, x0 - halo), min(w, x1 + halo)
-        res = stage.run([a[:, :, ya:yb, xa:xb] for a in inputs], mean, inv)
-        if res.shape[2:] != ((yb - ya) * s, (xb - xa) * s):
-            raise InvalidInputError(f"a stage returned a {res.shape[2:]} tile for a "
-                                    f"{(yb - ya, xb - xa)} input at scale {s}")
+        out = stage.run([whole(a) for a in inputs], mean, inv)
+        return out, group_stats(out, *out_norm) if out_norm else None
+    acc = GroupStats(*out_norm) if out_norm else None
+    h, s, halo = main.shape[2], stage.scale, stage.halo
+    out: Map | None = None
+    for y0, y1 in strip_rows(h, main.shape[3], tile):
+        ya, yb = max(0, y0 - halo), min(h, y1 + halo)
+        res = stage.run([read_rows(a, ya, yb) for a in inputs], mean, inv)
+        if res.shape[2:] != ((yb - ya) * s, main.shape[3] * s):
+            raise InvalidInputError(f"a stage returned a {res.shape[2:]} strip for a "
+                                    f"{(yb - ya, main.shape[3])} input at scale {s}")
         if out is None:
-            out = alloc((main.shape[0], res.shape[1], h * s, w * s), res.dtype)
-        oy, ox = (y0 - ya) * s, (x0 - xa) * s
-        out[:, :, y0 * s:y1 * s, x0 * s:x1 * s] = \
-            res[:, :, oy:oy + (y1 - y0) * s, ox:ox + (x1 - x0) * s]
-        unmap_pages(out, *inputs)
+            out = alloc((main.shape[0], res.shape[1], h * s, main.shape[3] * s), res.dtype)
+        core = res[:, :, (y0 - ya) * s:(y1 - ya) * s]
+        if isinstance(out, np.ndarray):
+            out[:, :, y0 * s:y1 * s] = core
+        else:
+            out.put(y0 * s, core)
+        if acc is not None:
+            acc.add(core)
     assert out is not None
-    return out
+    return out, acc.result() if acc is not None else None
 
 
 def run_stages(x: np.ndarray, stages: Sequence[Stage], tile: int,
                after_stage: Callable[[int], None] | None = None,
                alloc: Alloc = np.empty) -> np.ndarray:
-    """Run the chain of `stages` on `x` [B, C, H, W], each stage tiled with cores of `tile`
-    pixels of `x` (so `tile * 2**k` pixels after k upsampling stages: the same tile grid
-    throughout). Activations are kept only while a later stage needs them as a skip."""
+    """Run the chain of `stages` on `x` [B, C, H, W], each stage in strips of about `tile`
+    x `tile` pixels of `x` (so `tile * 2**k` after k upsampling stages). Activations are
+    kept only while a later stage needs them as a skip; each GroupNorm's statistics are
+    gathered while the stage before it writes its output."""
     last_use = {-1: 0}
     for k, st in enumerate(stages):
         for j in st.skips:
@@ -121,44 +187,17 @@ def run_stages(x: np.ndarray, stages: Sequence[Stage], tile: int,
                 raise InvalidInputError(f"stage {k} takes stage {j}'s output as a skip input; "
                                         "a skip must come from an earlier stage")
             last_use[j] = k
-    kept: dict[int, np.ndarray] = {-1: x}
-    current, scale = x, 1
+    kept: dict[int, Map] = {-1: x}
+    current, scale, stats = x, 1, None
     for k, st in enumerate(stages):
-        current = run_stage_tiled([current] + [kept[j] for j in st.skips], st, tile * scale,
-                                  alloc)
+        nxt = stages[k + 1] if k + 1 < len(stages) else None
+        out_norm = (nxt.groups, nxt.eps) if nxt is not None and nxt.groups else None
+        current, stats = run_stage_tiled([current] + [kept[j] for j in st.skips], st,
+                                         tile * scale, alloc, stats, out_norm)
         scale *= st.scale
         if after_stage is not None:
             after_stage(k)
         kept = {j: a for j, a in kept.items() if last_use.get(j, -1) > k}
         if last_use.get(k, -1) > k:
             kept[k] = current
-    return current
-
-
-class FileBackedMaps:
-    """An `Alloc` whose arrays live in unlinked files under `folder`: the full-resolution
-    maps kept between stages (an SD VAE's last stages hold 128 channels x 512 x 512 fp32 =
-    128 MB each, two or three at a time) become page cache the kernel can write back and
-    evict under memory pressure, instead of private memory it cannot. The files are
-    unlinked as soon as they are mapped, so nothing is left behind, even after a crash."""
-
-    def __init__(self, folder: str | os.PathLike[str]) -> None:
-        self.folder = folder
-
-    def __call__(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        with tempfile.NamedTemporaryFile(dir=self.folder, prefix=".edge-sdk-map-") as f:
-            size = int(np.prod(shape)) * np.dtype(dtype).itemsize
-            f.truncate(max(size, 1))
-            return np.memmap(f.name, dtype=dtype, mode="r+", shape=shape)
-
-
-def unmap_pages(*arrays: np.ndarray) -> None:
-    """Drop file-backed maps' pages from this process (MADV_DONTNEED on a shared file
-    mapping: the data stays in the file and the page cache, a later access faults it back
-    in), so a spilled map counts in neither private memory nor RSS between tile accesses.
-    Plain arrays are left alone."""
-    advice = getattr(mmap, "MADV_DONTNEED", None)  # not on every platform
-    for a in arrays:
-        mm = getattr(a, "_mmap", None)
-        if advice is not None and mm is not None and hasattr(mm, "madvise"):
-            mm.madvise(advice)
+    return whole(current)

@@ -70,7 +70,7 @@ def decode_latents_tiled(sessions: StageSessions, latents: np.ndarray, vae: VaeS
     """Like decode_latents, through the decoder's stages (`vae.decoder_stages`), tile by
     tile (`tile` latent pixels a side): the same image, with the full-resolution working set
     of one stage at a time. `sessions.done_with(role)` is called after each stage (low-memory
-    plans unload it); `alloc` makes the full maps kept between stages (FileBackedMaps: out of
+    plans unload it); `alloc` makes the full maps kept between stages (SpillMaps: out of
     private memory)."""
     stages = vae.decoder_stages
     chain = [_stage(st, sessions) for st in stages]

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from edge_sdk.errors import InvalidInputError
-from edge_sdk.tiling import Stage, group_stats, run_stages, tile_grid
+from edge_sdk.tiling import (MIN_STRIP_ROWS, GroupStats, Stage, group_stats, run_stages,
+                             strip_rows)
 
 RNG = np.random.default_rng(0)
 GROUPS = 4
@@ -78,8 +79,8 @@ def decode(x: np.ndarray) -> np.ndarray:
     return run_stages(x, STAGES, tile=10**6)
 
 
-@pytest.mark.parametrize("shape", [(1, 4, 12, 10), (2, 4, 9, 13)])
-@pytest.mark.parametrize("tile", [1, 3, 4, 7])
+@pytest.mark.parametrize("shape", [(1, 4, 21, 10), (2, 4, 9, 13)])
+@pytest.mark.parametrize("tile", [1, 7, 12])  # strips of 8 rows (the least), 8 and 15
 def test_tiled_equals_untiled(shape, tile):
     x = RNG.standard_normal(shape).astype(np.float32)
     full = decode(x)
@@ -102,36 +103,64 @@ def test_too_small_a_halo_is_not_exact():
     assert np.abs(run_stages(x, blind, tile=4) - decode(x)).max() > 1e-3
 
 
-def test_group_stats_and_grid():
+def test_group_stats_and_strips():
     x = RNG.standard_normal((2, 8, 5, 7)).astype(np.float32)
     mean, inv = group_stats(x, 4, 1e-6)
     g = x.reshape(2, 4, -1)
     assert np.allclose(mean, g.mean(-1), atol=1e-6)
     assert np.allclose(inv, 1 / np.sqrt(g.var(-1) + 1e-6), rtol=1e-5)
-    cells = list(tile_grid(5, 7, 3))
-    covered = np.zeros((5, 7), int)
-    for y0, y1, x0, x1 in cells:
-        covered[y0:y1, x0:x1] += 1
-    assert (covered == 1).all() and len(cells) == 6
+    for height, width, tile in ((5, 7, 3), (21, 4, 9), (40, 100, 30)):
+        strips = list(strip_rows(height, width, tile))
+        covered = np.zeros(height, int)
+        for y0, y1 in strips:
+            covered[y0:y1] += 1
+        assert (covered == 1).all()
+        rows = max(-(-tile * tile // width), MIN_STRIP_ROWS)
+        assert all(y1 - y0 == rows for y0, y1 in strips[:-1])
     with pytest.raises(InvalidInputError):
-        list(tile_grid(5, 7, 0))
+        list(strip_rows(5, 7, 0))
     with pytest.raises(InvalidInputError, match="groups"):
         group_stats(x, 3, 1e-6)
     with pytest.raises(InvalidInputError, match="earlier stage"):
         run_stages(x, [Stage(lambda t, m, i: t[0], skips=(0,))], tile=2)
 
 
-def test_file_backed_maps_give_the_same_result_and_leave_no_files(tmp_path):
-    from edge_sdk.tiling import FileBackedMaps
-    x = RNG.standard_normal((1, 4, 12, 10)).astype(np.float32)
+def test_statistics_gathered_block_by_block_equal_the_whole_maps():
+    x = (1000.0 + 0.01 * RNG.standard_normal((2, 8, 30, 6))).astype(np.float32)  # mean >> std
+    acc = GroupStats(4, 1e-12)
+    for y0 in (0, 7, 8, 29):  # uneven blocks
+        acc.add(x[:, :, y0:{0: 7, 7: 8, 8: 29, 29: 30}[y0]])
+    mean, inv = acc.result()
+    g = x.reshape(2, 4, -1).astype(np.float64)
+    assert np.allclose(mean, g.mean(-1), rtol=1e-7)
+    assert np.allclose(inv, 1 / np.sqrt(g.var(-1) + 1e-12), rtol=1e-4)
+
+
+def test_maps_spilled_to_files_give_the_same_result_and_leave_no_files(tmp_path):
+    from edge_sdk.spill import SpillFile, SpillMaps
+    x = RNG.standard_normal((2, 4, 21, 10)).astype(np.float32)
     made = []
-    alloc = FileBackedMaps(tmp_path)
+    alloc = SpillMaps(tmp_path)
 
     def counting(shape, dtype):
         made.append(alloc(shape, dtype))
         return made[-1]
     tiled = run_stages(x, STAGES, tile=3, alloc=counting)
+    assert isinstance(tiled, np.ndarray)
     assert np.abs(tiled - decode(x)).max() < 1e-4 * np.abs(tiled).max()
     assert len(made) == len(STAGES) - 1  # every tiled stage's map (not the whole-map one)
-    assert all(isinstance(m, np.memmap) for m in made)
-    assert list(tmp_path.iterdir()) == []  # unlinked as soon as mapped
+    assert all(isinstance(m, SpillFile) for m in made)
+    assert list(tmp_path.iterdir()) == []  # unlinked from the start
+    small = SpillMaps(tmp_path, min_bytes=4 * 21 * 10 * 4 + 1)((1, 4, 21, 10), np.float32)
+    assert isinstance(small, np.ndarray)  # below min_bytes: a file would save nothing
+
+
+def test_a_spill_file_reads_back_what_was_written_in_any_strips(tmp_path):
+    from edge_sdk.spill import SpillFile
+    x = RNG.standard_normal((2, 3, 11, 5)).astype(np.float32)
+    f = SpillFile(tmp_path, x.shape, np.float32)
+    for y0, y1 in ((0, 4), (4, 9), (9, 11)):
+        f.put(y0, x[:, :, y0:y1])
+    assert np.array_equal(f.rows(0, 11), x)
+    assert np.array_equal(f.rows(3, 7), x[:, :, 3:7])
+    assert np.array_equal(f.rows(8, 20), x[:, :, 8:])  # clipped at the map's end

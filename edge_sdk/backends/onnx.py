@@ -39,9 +39,8 @@ class OnnxSession:
         so.log_severity_level = 3  # errors only; ORT warnings are not the user's business
         if options.threads:
             so.intra_op_num_threads = options.threads
-        if options.low_memory:
-            so.enable_cpu_mem_arena = False
         if options.low_memory and spec.kind not in COMPUTE_BOUND_KINDS:
+            so.enable_cpu_mem_arena = False
             # Weights stay in the page cache (mapped external data) instead of being copied:
             # prepacking and the layout-rewriting optimizations (EXTENDED and above) copy them
             # into private memory (measured on 570 MB of weights: ~600 MB private after load
