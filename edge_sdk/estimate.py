@@ -21,6 +21,7 @@ from . import names
 from .config import GenerationConfig
 from .errors import InvalidInputError
 from .manifest import Manifest
+from .osmem import cgroup_headroom
 
 MIB = 2**20
 # The interpreter with numpy, onnxruntime, tokenizers and Pillow imported (measured: 43 MiB
@@ -86,14 +87,19 @@ def estimate_peak_bytes(manifest: Manifest, cfg: GenerationConfig, mode: str = "
 
 
 def available_bytes() -> int | None:
-    """MemAvailable (Linux), or None where it cannot be read."""
+    """The memory this process can still use: MemAvailable (Linux), or less where its
+    memory cgroup's limit is nearer (a container's `-m`); None where neither can be read."""
+    have = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+                have = int(line.split()[1]) * 1024
     except OSError:
-        return None
-    return None
+        pass
+    room = cgroup_headroom()
+    if room is not None:
+        have = room if have is None else min(have, room)
+    return have
 
 
 def check_fits(manifest: Manifest, cfg: GenerationConfig, mode: str = "fast") -> None:
@@ -105,6 +111,6 @@ def check_fits(manifest: Manifest, cfg: GenerationConfig, mode: str = "fast") ->
     if need > have:
         raise InvalidInputError(
             f"{cfg.width}x{cfg.height} x {cfg.num_images} image(s) needs about "
-            f"{need / 2**30:.1f} GiB of working memory in memory mode {mode!r}, "
-            f"{have / 2**30:.1f} GiB is available; choose a smaller size, fewer images per "
-            "call or a lower memory mode")
+            f"{need / 2**20:,.0f} MiB of working memory in memory mode {mode!r}, "
+            f"{have / 2**20:,.0f} MiB is available (a container's memory limit included); "
+            "choose a smaller size, fewer images per call or a lower memory mode")

@@ -89,3 +89,63 @@ def _file_mappings(smaps: str, paths: set[str]) -> Iterator[tuple[int, int, int,
             current[2 if line.startswith("Rss:") else 3] = int(line.split()[1]) * 1024
     if current:
         yield tuple(current)  # type: ignore[misc]
+
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def cgroup_headroom(proc_cgroup: Path = Path("/proc/self/cgroup"),
+                    root: Path = CGROUP_ROOT) -> int | None:
+    """Bytes this process's memory cgroup (a container's `docker run -m`, a systemd
+    MemoryMax) lets it add before the limit, or None where no limit applies: the limit
+    (the smallest on the way up) less the anonymous and shared memory charged to it (page
+    cache is left out: the kernel drops it to stay under). cgroup v1 and v2."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    entries = [ln.split(":", 2) for ln in lines if ln.count(":") >= 2]
+    v1 = [path for _, ctrls, path in entries if "memory" in ctrls.split(",")]
+    if v1:
+        stat = _read_stat(_cgroup_dir(root / "memory", v1[0]) / "memory.stat")
+        limit = stat.get("hierarchical_memory_limit")
+        used = stat.get("total_rss", 0) + stat.get("total_shmem", 0)
+    else:
+        v2 = [path for hid, ctrls, path in entries if hid == "0" and not ctrls]
+        if not v2:
+            return None
+        leaf = _cgroup_dir(root, v2[0])
+        limit = _v2_limit(leaf, root)
+        stat = _read_stat(leaf / "memory.stat")
+        used = stat.get("anon", 0) + stat.get("shmem", 0)
+    if limit is None or limit >= 2**62:  # v1 writes "no limit" as a huge number
+        return None
+    return max(limit - used, 0)
+
+
+def _cgroup_dir(mount: Path, path: str) -> Path:
+    """The cgroup's folder; inside a container (cgroup namespace) the mount is its own."""
+    leaf = mount / path.lstrip("/")
+    return leaf if leaf.is_dir() else mount
+
+
+def _v2_limit(leaf: Path, root: Path) -> int | None:
+    limits = []
+    for folder in [leaf, *leaf.parents]:
+        try:
+            text = (folder / "memory.max").read_text().strip()
+        except OSError:
+            text = "max"
+        if text != "max":
+            limits.append(int(text))
+        if folder == root:
+            break
+    return min(limits) if limits else None
+
+
+def _read_stat(path: Path) -> dict[str, int]:
+    try:
+        pairs = (ln.split() for ln in path.read_text().splitlines())
+        return {p[0]: int(p[1]) for p in pairs if len(p) == 2 and p[1].isdigit()}
+    except OSError:
+        return {}

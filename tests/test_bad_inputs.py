@@ -299,7 +299,7 @@ ROWS: list[Row] = [
         InvalidInputError, "width"),
     Row("parameter", "a size that cannot fit in the memory available",
         lambda c: _with_memory(1 << 20, lambda: c.gen(width=64, height=64)), InvalidInputError,
-        "needs about .* GiB of working memory in memory mode 'fast', 0.0 GiB is available"),
+        "needs about .* MiB of working memory in memory mode 'fast', 1 MiB is available"),
     Row("parameter", "steps 0", lambda c: c.gen(steps=0), InvalidInputError,
         r"steps must be in \[1"),
     Row("parameter", "steps 2.5", lambda c: c.gen(steps=2.5), InvalidInputError,

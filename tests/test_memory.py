@@ -184,3 +184,67 @@ def test_balanced_mode_drops_a_components_mapped_weights_after_its_stage():
     assert mapped_resident_bytes(unet) == 0
     again = np.asarray(pipe("a red circle on a blue background", seed=1, steps=4))
     assert np.array_equal(first, again)
+
+
+def _fake_cgroup(tmp_path, proc_line: str, files: dict[str, str]):
+    tmp_path.mkdir()
+    proc = tmp_path / "cgroup"
+    proc.write_text(proc_line)
+    for rel, text in files.items():
+        (tmp_path / "fs" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "fs" / rel).write_text(text)
+    return proc, tmp_path / "fs"
+
+
+def test_a_containers_memory_limit_is_read_in_cgroup_v1_and_v2(tmp_path):
+    from edge_sdk.osmem import cgroup_headroom
+    mib = 2**20
+    proc, root = _fake_cgroup(tmp_path / "v1", "4:memory:/docker/abc\n0::/\n", {
+        "memory/docker/abc/memory.stat": f"rss 1\ntotal_rss {100 * mib}\ntotal_shmem "
+        f"{10 * mib}\ntotal_cache {900 * mib}\nhierarchical_memory_limit {300 * mib}\n"})
+    assert cgroup_headroom(proc, root) == 190 * mib  # page cache is not counted as used
+    proc, root = _fake_cgroup(tmp_path / "v1none", "4:memory:/\n", {
+        "memory/memory.stat": "total_rss 5\nhierarchical_memory_limit 9223372036854771712\n"})
+    assert cgroup_headroom(proc, root) is None  # v1's "no limit"
+    proc, root = _fake_cgroup(tmp_path / "v2", "0::/user/app\n", {
+        "user/memory.max": f"{200 * mib}\n", "user/app/memory.max": "max\n",
+        "user/app/memory.stat": f"anon {50 * mib}\nfile {500 * mib}\nshmem 0\n"})
+    assert cgroup_headroom(proc, root) == 150 * mib  # the parent's limit applies
+    proc, root = _fake_cgroup(tmp_path / "ns", "0::/\n", {  # a container's own namespace
+        "memory.max": f"{64 * mib}\n", "memory.stat": "anon 0\n"})
+    assert cgroup_headroom(proc, root) == 64 * mib
+    assert cgroup_headroom(tmp_path / "missing", root) is None
+
+
+def test_a_generation_that_cannot_fit_a_real_memory_cgroup_is_refused_not_killed(tmp_path):
+    """In a 250 MiB cgroup-v1 cap (what `docker run -m 250m` sets), fast mode at 1024 px
+    (measured peak 2,986 MiB) is refused up front with the typed one-liner."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+    root = Path("/sys/fs/cgroup/memory")
+    if os.geteuid() != 0 or not (root / "memory.limit_in_bytes").exists():
+        pytest.skip("needs root and a cgroup-v1 memory hierarchy")
+    cg = root / f"edge-sdk-test-{os.getpid()}"
+    cg.mkdir()
+    try:
+        (cg / "memory.limit_in_bytes").write_text(str(250 * 2**20))
+        proc = subprocess.run(
+            [sys.executable, "-m", "edge_sdk.cli", "generate", "a red circle", "--width",
+             "1024", "--height", "1024", "--steps", "1", "-o", str(tmp_path / "x.png")],
+            capture_output=True, text=True,
+            preexec_fn=lambda: (cg / "cgroup.procs").write_text(str(os.getpid())))
+    finally:
+        for _ in range(50):
+            try:
+                cg.rmdir()
+                break
+            except OSError:
+                import time
+                time.sleep(0.1)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "MiB is available (a container's memory limit included)" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "x.png").exists()
