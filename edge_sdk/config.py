@@ -17,6 +17,7 @@ from typing import Any, Mapping
 from .errors import InvalidInputError
 from .manifest import Manifest
 from .schedulers import resolve_scheduler
+from .tokenizer import check_prompt
 
 MAX_SIDE = 8192
 MAX_IMAGES = 64
@@ -97,8 +98,8 @@ class GenerationConfig:
                 f"{width}x{height}: this bundle's TFLite models have static shapes, exported "
                 f"for {', '.join(f'{w}x{h}' for h, w in static)}; choose one of those sizes, "
                 "or re-convert with `edge-convert --format tflite --sizes WxH,...`")
-        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
-            raise InvalidInputError("negative_prompt must be a string or None")
+        if self.negative_prompt is not None:
+            check_prompt(self.negative_prompt, "negative_prompt")
         if self.scheduler is not None and not isinstance(self.scheduler, str):
             raise InvalidInputError(f"scheduler must be a name (a string) or None, got "
                                     f"{self.scheduler!r}; `edge-sdk schedulers` lists them")

@@ -199,23 +199,11 @@ class Pipeline:
         timings. A list of prompts gives `num_images` images for each; image k has its own
         seed, `seed + k`, and its own generator for everything random, so any one image can
         be generated again alone."""
-        prompts = _prompts(prompt)
-        if config is not None and not isinstance(config, GenerationConfig):
-            raise InvalidInputError(f"config must be a GenerationConfig, got "
-                                    f"{type(config).__name__}; or call the pipeline with "
-                                    "keyword arguments")
+        prompts, cfg, whole, plan = self._prepare(prompt, config, latents)
         if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
             raise InvalidInputError(f"output_type {output_type!r} is not one of {OUTPUT_TYPES}")
-        cfg = _size_from_latents(config or GenerationConfig(), latents,
-                                 self.manifest.vae.scale_factor).resolve(self.manifest)
-        total = len(prompts) * int(cfg.num_images)
-        if total > MAX_IMAGES:
-            raise InvalidInputError(f"{len(prompts)} prompts x {cfg.num_images} images is "
-                                    f"{total}; at most {MAX_IMAGES} images per call")
-        whole = replace(cfg, num_images=total)
-        if self.memory not in MODES:
-            self._use(plan_memory(self.memory, self.manifest, whole))
-        check_fits(self.manifest, whole, self.plan.mode)  # refuse now, not the OOM killer later
+        self._use(plan)
+        total = int(whole.num_images)
         seeds = [int(cfg.seed or 0) + k for k in range(total)]
         rng = [np.random.default_rng(s) for s in seeds]
         timings: dict[str, float] = {}
@@ -236,6 +224,37 @@ class Pipeline:
             self.components.done_with(N.VAE_DECODER)
         return Generation(images, final, cfg, prompt if isinstance(prompt, str) else prompts,
                           timings, seeds)
+
+    def check(self, prompt: str | Sequence[str], config: GenerationConfig | None = None, *,
+              latents: np.ndarray | None = None) -> GenerationConfig:
+        """Everything `generate` checks before it starts, without starting: the prompts, the
+        parameters, the number of images, and that the generation fits the memory budget and
+        the memory available (a container's limit included). Returns the resolved config
+        (the seed drawn, if none was given); raises the InvalidInputError `generate` would.
+        A service calls it before queueing a request."""
+        return self._prepare(prompt, config, latents)[1]
+
+    def _prepare(self, prompt: str | Sequence[str], config: GenerationConfig | None,
+                 latents: np.ndarray | None
+                 ) -> tuple[list[str], GenerationConfig, GenerationConfig, MemoryPlan]:
+        """The checked prompts, the resolved config, the config of the whole call (all its
+        images) and the memory plan for it."""
+        prompts = _prompts(prompt)
+        if config is not None and not isinstance(config, GenerationConfig):
+            raise InvalidInputError(f"config must be a GenerationConfig, got "
+                                    f"{type(config).__name__}; or call the pipeline with "
+                                    "keyword arguments")
+        cfg = _size_from_latents(config or GenerationConfig(), latents,
+                                 self.manifest.vae.scale_factor).resolve(self.manifest)
+        total = len(prompts) * int(cfg.num_images)
+        if total > MAX_IMAGES:
+            raise InvalidInputError(f"{len(prompts)} prompts x {cfg.num_images} images is "
+                                    f"{total}; at most {MAX_IMAGES} images per call")
+        whole = replace(cfg, num_images=total)
+        plan = self.plan if self.memory in MODES else \
+            plan_memory(self.memory, self.manifest, whole)
+        check_fits(self.manifest, whole, plan.mode)  # refuse now, not the OOM killer later
+        return prompts, cfg, whole, plan
 
     def _use(self, plan: MemoryPlan) -> None:
         """Switch to another memory plan (its sessions are opened anew when needed)."""

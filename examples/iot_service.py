@@ -29,7 +29,6 @@ from typing import Any
 from edge_sdk import GenerationConfig, Pipeline
 from edge_sdk.errors import EdgeSDKError
 from edge_sdk.image import save_png
-from edge_sdk.tokenizer import check_prompt
 
 log = logging.getLogger("iot_service")
 ALLOWED = {"prompt", "negative_prompt", "steps", "guidance_scale", "seed", "width", "height",
@@ -56,9 +55,10 @@ class Service:
         unknown = set(request) - ALLOWED
         if unknown or not isinstance(request.get("prompt"), str):
             raise ValueError(f"need a 'prompt' string; unknown fields: {sorted(unknown)}")
-        check_prompt(request["prompt"])
         params = {k: v for k, v in request.items() if k != "prompt"}
-        GenerationConfig(**params).resolve(self.pipe.manifest)  # refused now, not later
+        # everything generate() would refuse, refused now (prompt lengths, parameters, and
+        # whether it fits the memory available), not after the job was accepted
+        self.pipe.check(request["prompt"], GenerationConfig(**params))
         with self._lock:
             job_id = next(self._ids)
             self.jobs[job_id] = {"state": "queued", "request": request, "step": 0}

@@ -145,3 +145,23 @@ def test_edge_convert_without_the_convert_extra_names_it(monkeypatch, capsys, tm
     assert cli.main([str(tmp_path), "-o", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err
     assert "[convert] extra" in err and "torch, diffusers missing" in err
+
+
+def test_check_refuses_what_generate_would_before_any_work():
+    from unittest import mock
+
+    import pytest
+
+    from edge_sdk import GenerationConfig
+    from edge_sdk.errors import InvalidInputError
+    pipe = Pipeline.load(memory="low")  # low opens no session at load
+    cfg = pipe.check("a red circle", GenerationConfig(steps=3))
+    assert cfg.steps == 3 and cfg.seed is not None and cfg.width == pipe.manifest.defaults.width
+    for bad, match in (({"negative_prompt": "x" * 20_000}, "negative_prompt has 20000"),
+                       ({"steps": 0}, "steps"), ({"num_images": 40}, None)):
+        with pytest.raises(InvalidInputError, match=match):
+            pipe.check(["a", "b"] if "num_images" in bad else "a", GenerationConfig(**bad))
+    with mock.patch("edge_sdk.estimate.available_bytes", return_value=2**20):
+        with pytest.raises(InvalidInputError, match="MiB is available"):
+            pipe.check("a red circle")
+    assert not pipe.components.loaded  # nothing was run or opened

@@ -38,14 +38,16 @@ def _call(url: str, body: dict | None = None) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read())
 
 
-# 20 malformed requests: (body, Content-Length header or None for the body's length)
+# 22 malformed requests: (body, Content-Length header or None for the body's length)
 MALFORMED = [(b, None) for b in (
     b"42", b"null", b'"abc"', b"[]", b"{", b"\xff\xfe", b'{"prompt": 5}', b'{"prompt": null}',
     b'{"prompt": "x", "steps": "many"}', b'{"prompt": "x", "steps": 1e9}',
     b'{"prompt": "x", "width": -64}', b'{"prompt": "x", "width": 100}',
     b'{"prompt": "x", "scheduler": 5}', b'{"prompt": "x", "scheduler": "nope"}',
     b'{"prompt": "x", "guidance_scale": "high"}', b'{"prompt": "x", "seed": true}',
-    b'{"prompt": "' + b"x" * 20000 + b'"}', b'{"prompt": "x", "negative_prompt": 3}')] + [
+    b'{"prompt": "' + b"x" * 20000 + b'"}', b'{"prompt": "x", "negative_prompt": 3}',
+    b'{"prompt": "x", "negative_prompt": "' + b"x" * 20000 + b'"}',
+    b'{"prompt": "x", "width": 8192, "height": 8192}')] + [  # the last: beyond any memory
     (b'{"prompt": "x"}', "abc"), (b'{"prompt": "x"}', str(10**6))]
 
 
