@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from .backends import Session
 from .contracts import UnetIO
-from .errors import CallbackError, CancelledError, InferenceError
+from .errors import CallbackError, CancelledError, InferenceError, InvalidInputError
 from .schedulers import Scheduler
 from .text_encoder import PromptEmbeds
 
@@ -25,8 +25,13 @@ log = logging.getLogger(__name__)
 
 # predict(model_input, timestep, step_index) -> the model output (guided)
 Predict = Callable[[np.ndarray, float, int], np.ndarray]
-# callback(step, total_steps, latents) -> False to cancel (step counts from 0 per run)
-StepCallback = Callable[[int, int, np.ndarray], "bool | None"]
+# callback(step, total_steps, latents) -> False to cancel, an array of the latents' shape to
+# replace them, None/True to go on (step counts from 0 per run)
+StepCallback = Callable[[int, int, np.ndarray], "bool | np.ndarray | None"]
+# diffusers' callback_on_step_end(pipe, step, timestep, {"latents": ...}) -> a dict whose
+# "latents", if there, replace the latents
+StepEndCallback = Callable[[Any, int, float, dict], "Mapping[str, np.ndarray] | None"]
+STEP_END_TENSORS = ("latents",)  # what callback_on_step_end_tensor_inputs may name
 Feeds = Mapping[str, np.ndarray]
 
 
@@ -96,6 +101,41 @@ def _call(callback: StepCallback, step: int, total: int, latents: np.ndarray) ->
                             f"{step + 1}/{total}); the generation was stopped") from exc
 
 
+def _replacement(new: np.ndarray, latents: np.ndarray) -> np.ndarray:
+    if new.shape != latents.shape or not np.issubdtype(new.dtype, np.floating):
+        raise CallbackError(f"the step callback returned latents of shape {new.shape} "
+                            f"({new.dtype}); they must be floats of shape {latents.shape}")
+    return new.astype(np.float32, copy=False)
+
+
+def check_step_end(fn: object, tensor_inputs: object) -> None:
+    """A callback_on_step_end and its tensor inputs, checked before any work."""
+    if not callable(fn):
+        raise InvalidInputError(f"callback_on_step_end must be callable, got {fn!r}")
+    if isinstance(tensor_inputs, str) or not isinstance(tensor_inputs, (list, tuple)) \
+            or set(tensor_inputs) - set(STEP_END_TENSORS):
+        raise InvalidInputError(f"callback_on_step_end_tensor_inputs={tensor_inputs!r}: "
+                                f"give a list of {list(STEP_END_TENSORS)}")
+
+
+def step_end_callback(fn: StepEndCallback, pipe: Any, scheduler: Scheduler,
+                      tensor_inputs: Sequence[str] = STEP_END_TENSORS) -> StepCallback:
+    """diffusers' `callback_on_step_end` as a StepCallback: called with the pipeline, the
+    step, its timestep and {"latents": ...}; the "latents" of the dict it returns replace
+    the latents; setting `pipe._interrupt = True` stops the generation (CancelledError:
+    diffusers would decode the half-denoised latents instead)."""
+    check_step_end(fn, tensor_inputs)
+
+    def callback(step: int, total: int, latents: np.ndarray) -> "bool | np.ndarray | None":
+        i = scheduler.begin_index + step
+        out = fn(pipe, step, float(scheduler.timesteps[i]), {"latents": latents})
+        if getattr(pipe, "_interrupt", False):
+            return False
+        new = out.get("latents") if isinstance(out, Mapping) else None
+        return np.asarray(new) if new is not None else None
+    return callback
+
+
 def run_denoising(predict: Predict, scheduler: Scheduler, latents: np.ndarray,
                   rng: np.random.Generator | Sequence[np.random.Generator] | None = None,
                   callback: StepCallback | None = None) -> np.ndarray:
@@ -110,9 +150,12 @@ def run_denoising(predict: Predict, scheduler: Scheduler, latents: np.ndarray,
         out = predict(model_in, float(scheduler.timesteps[i]), i)
         noise = batch_noise(rngs, latents.shape) if scheduler.stochastic and rngs else None
         latents = scheduler.step(i, latents, out, noise=noise)
-        if callback is not None and _call(callback, i - first, end - first, latents) is False:
+        said = None if callback is None else _call(callback, i - first, end - first, latents)
+        if said is False:
             raise CancelledError(f"generation cancelled by the callback at step "
                                  f"{i - first + 1}/{end - first}")
+        if isinstance(said, np.ndarray):
+            latents = _replacement(said, latents)
     if not np.isfinite(latents).all():
         raise InferenceError("the denoised latents contain NaN/inf (the image would be black); "
                              "try an fp32 UNet, fewer guidance or another scheduler")

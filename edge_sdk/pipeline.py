@@ -19,7 +19,8 @@ from . import names as N
 from .backends import BackendOptions, Session
 from .components import Components
 from .config import MAX_IMAGES, GenerationConfig, uses_guidance
-from .denoise import Conditioning, StepCallback, batch_noise, run_denoising, unet_predictor
+from .denoise import (STEP_END_TENSORS, Conditioning, StepCallback, StepEndCallback, batch_noise,
+                      check_step_end, run_denoising, step_end_callback, unet_predictor)
 from .errors import InvalidInputError
 from .image import to_pil
 from .manifest import Manifest
@@ -76,6 +77,7 @@ class Pipeline:
         self.plan = plan or MemoryPlan("fast", False, False, True)
         self.components = Components(bundle, manifest, options, self.plan)
         self._warned_untiled = False
+        self._interrupt = False  # diffusers' flag: a step-end callback sets it to stop
         self.tokenizer = PromptTokenizer(bundle / manifest.tokenizer.file, manifest.tokenizer)
 
     @classmethod
@@ -169,6 +171,8 @@ class Pipeline:
                  scheduler: str | None = None, num_images: int = 1, *,
                  latents: np.ndarray | None = None, callback: StepCallback | None = None,
                  output_type: str = "pil", return_dict: bool = False,
+                 callback_on_step_end: StepEndCallback | None = None,
+                 callback_on_step_end_tensor_inputs: Sequence[str] = STEP_END_TENSORS,
                  **aliases: Any) -> Any:
         """Generate an image (a list when there are several: `num_images > 1`, or a list of
         prompts): the short form. `return_dict=True` returns the whole result instead (a
@@ -178,7 +182,10 @@ class Pipeline:
         The parameters are edge_sdk.config.GenerationConfig's; its diffusers aliases
         (`num_inference_steps`, `num_images_per_prompt`) are accepted too. `output_type`, as
         in diffusers: "pil", "np" (float arrays [H, W, 3] in [0, 1]) or "latent" (the final
-        latents, not decoded)."""
+        latents, not decoded). `callback_on_step_end(pipe, step, timestep, {"latents": ...})`
+        as in diffusers: the "latents" of the dict it returns replace the latents, and
+        `pipe._interrupt = True` stops the generation (a CancelledError, where diffusers
+        would decode the half-denoised latents)."""
         params = dict(negative_prompt=negative_prompt, steps=steps,
                       guidance_scale=guidance_scale, seed=seed, width=width, height=height,
                       scheduler=scheduler, num_images=num_images)
@@ -187,14 +194,17 @@ class Pipeline:
             del given["num_images"]                                # set it instead
         config = GenerationConfig.from_kwargs({**given, **aliases})
         result = self.generate(prompt, config, latents=latents, callback=callback,
-                               output_type=output_type)
+                               output_type=output_type, callback_on_step_end=callback_on_step_end,
+                               callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
         if return_dict:
             return result
         return result.images if len(result.images) > 1 else result.images[0]
 
     def generate(self, prompt: str | Sequence[str], config: GenerationConfig | None = None, *,
                  latents: np.ndarray | None = None, callback: StepCallback | None = None,
-                 output_type: str = "pil") -> Generation:
+                 output_type: str = "pil", callback_on_step_end: StepEndCallback | None = None,
+                 callback_on_step_end_tensor_inputs: Sequence[str] = STEP_END_TENSORS
+                 ) -> Generation:
         """Like calling the pipeline, but returns latents, parameters, seeds and stage
         timings. A list of prompts gives `num_images` images for each; image k has its own
         seed, `seed + k`, and its own generator for everything random, so any one image can
@@ -202,6 +212,15 @@ class Pipeline:
         prompts, cfg, whole, plan = self._prepare(prompt, config, latents)
         if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
             raise InvalidInputError(f"output_type {output_type!r} is not one of {OUTPUT_TYPES}")
+        step_end = None
+        if callback_on_step_end is not None:
+            check_step_end(callback_on_step_end, callback_on_step_end_tensor_inputs)
+            if callback is not None:
+                raise InvalidInputError("give callback or callback_on_step_end, not both")
+            step_end = (callback_on_step_end, callback_on_step_end_tensor_inputs)
+        if callback is not None and not callable(callback):
+            raise InvalidInputError(f"callback must be callable, got {callback!r}")
+        self._interrupt = False
         self._use(plan)
         total = int(whole.num_images)
         seeds = [int(cfg.seed or 0) + k for k in range(total)]
@@ -215,7 +234,7 @@ class Pipeline:
         with _timed(timings, "denoise"):
             try:
                 final = self._denoise(Conditioning.from_prompt(embeds), noise, cfg, rng,
-                                      callback)
+                                      callback, step_end)
             finally:
                 self.components.done_with(N.UNET)
         with _timed(timings, "vae_decoder"):
@@ -224,6 +243,11 @@ class Pipeline:
             self.components.done_with(N.VAE_DECODER)
         return Generation(images, final, cfg, prompt if isinstance(prompt, str) else prompts,
                           timings, seeds)
+
+    @property
+    def interrupt(self) -> bool:
+        """Whether a callback_on_step_end asked the running generation to stop."""
+        return self._interrupt
 
     def check(self, prompt: str | Sequence[str], config: GenerationConfig | None = None, *,
               latents: np.ndarray | None = None) -> GenerationConfig:
@@ -284,8 +308,11 @@ class Pipeline:
 
     def _denoise(self, conditioning: Conditioning, noise: np.ndarray, cfg: GenerationConfig,
                  rng: np.random.Generator | list[np.random.Generator],
-                 callback: StepCallback | None) -> np.ndarray:
+                 callback: StepCallback | None,
+                 step_end: tuple[StepEndCallback, Sequence[str]] | None = None) -> np.ndarray:
         sched = self.scheduler(cfg)
+        if step_end is not None:
+            callback = step_end_callback(step_end[0], self, sched, step_end[1])
         latents = (noise * np.float32(sched.init_noise_sigma)).astype(np.float32)
         if conditioning.batch != latents.shape[0]:
             raise InvalidInputError(f"{conditioning.batch} prompt embeddings for "

@@ -165,3 +165,34 @@ def test_check_refuses_what_generate_would_before_any_work():
         with pytest.raises(InvalidInputError, match="MiB is available"):
             pipe.check("a red circle")
     assert not pipe.components.loaded  # nothing was run or opened
+
+
+def test_callback_on_step_end_sees_each_step_replaces_latents_and_interrupts():
+    import pytest
+
+    from edge_sdk import GenerationConfig
+    from edge_sdk.errors import CancelledError, InvalidInputError
+    pipe = Pipeline.load()
+    seen = []
+
+    def record(p, step, t, kw):
+        seen.append((p is pipe, step, t, kw["latents"].shape))
+        return kw
+    base = pipe("a red circle", seed=1, steps=4, output_type="np", callback_on_step_end=record)
+    sched = pipe.scheduler(GenerationConfig(steps=4).resolve(pipe.manifest))
+    assert [s[:3] for s in seen] == [(True, i, float(t)) for i, t in enumerate(sched.timesteps)]
+    zeroed = pipe("a red circle", seed=1, steps=4, output_type="np",
+                  callback_on_step_end=lambda p, i, t, kw: {"latents": kw["latents"] * 0})
+    assert np.abs(zeroed - base).max() > 0.1  # the returned latents were used
+
+    def stop(p, i, t, kw):
+        p._interrupt = i == 1
+        return kw
+    with pytest.raises(CancelledError, match="step 2/4"):
+        pipe("a red circle", seed=1, steps=4, callback_on_step_end=stop)
+    assert pipe.interrupt and pipe("x", steps=1) is not None and not pipe.interrupt
+    for bad in ({"callback_on_step_end": 5},
+                {"callback_on_step_end": record, "callback_on_step_end_tensor_inputs": ["noise"]},
+                {"callback_on_step_end": record, "callback": lambda *a: None}):
+        with pytest.raises(InvalidInputError):
+            pipe("x", steps=1, **bad)

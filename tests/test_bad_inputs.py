@@ -21,7 +21,7 @@ import pytest
 
 from edge_sdk import (BackendUnavailableError, BundleError, InferenceError, IntegrityError,
                       InvalidInputError, ManifestError, Pipeline, SchedulerError)
-from edge_sdk.errors import ConversionError
+from edge_sdk.errors import CallbackError, ConversionError
 
 from .conftest import needs_convert
 
@@ -306,6 +306,15 @@ ROWS: list[Row] = [
         "steps must be an integer"),
     Row("parameter", "steps a string (\"20\")", lambda c: c.gen(steps="20"),
         InvalidInputError, "steps must be an integer"),
+    Row("parameter", "callback not callable", lambda c: c.gen(callback=5), InvalidInputError,
+        "callback must be callable"),
+    Row("parameter", "callback_on_step_end asking for a tensor there is not",
+        lambda c: c.gen(callback_on_step_end=lambda p, i, t, kw: kw,
+                        callback_on_step_end_tensor_inputs=["prompt_embeds"]),
+        InvalidInputError, "give a list of \\['latents'\\]"),
+    Row("parameter", "callback_on_step_end returning latents of another shape",
+        lambda c: c.gen(callback_on_step_end=lambda p, i, t, kw: {"latents": kw["latents"][0]}),
+        CallbackError, "must be floats of shape"),
     Row("parameter", "guidance NaN", lambda c: c.gen(guidance_scale=float("nan")),
         InvalidInputError, "finite"),
     Row("parameter", "guidance infinite", lambda c: c.gen(guidance_scale=float("inf")),
