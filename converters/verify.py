@@ -136,6 +136,9 @@ def verify(bundle: str | Path, reference: str | Path, prompts: list[str] | None 
         else:
             ref_bundle = reference
         test, ref = Pipeline.load(bundle), Pipeline.load(ref_bundle)
+        if evaluate:  # before the comparison's minutes, not after
+            from edge_sdk.shapes import require_shapes_model
+            require_shapes_model(test.manifest, "edge-convert verify --evaluate")
         report = {"reference": str(reference),
                   "reference_fingerprint": ref.manifest.source.fingerprint,
                   "components": compare_components(test, ref),

@@ -22,11 +22,19 @@ def default_bundle() -> Path:
     env = os.environ.get(ENV_VAR)
     if env:
         return Path(env)
+    shipped = shipped_bundle()
+    if shipped is not None:
+        return shipped
+    raise BundleError("no model given and the default model is not installed; pass a bundle "
+                      f"(`--model BUNDLE` / Pipeline.load(BUNDLE)) or set ${ENV_VAR}")
+
+
+def shipped_bundle() -> Path | None:
+    """The shipped shapes model's bundle (not $EDGE_SDK_MODEL), or None if not installed."""
     for candidate in _shipped_candidates():
         if (candidate / N.MANIFEST_FILE).is_file():
             return candidate
-    raise BundleError("no model given and the default model is not installed; pass a bundle "
-                      f"(`--model BUNDLE` / Pipeline.load(BUNDLE)) or set ${ENV_VAR}")
+    return None
 
 
 def _shipped_candidates() -> list[Path]:

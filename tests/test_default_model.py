@@ -88,3 +88,16 @@ def test_evaluate_extends_the_prompt_set_keeping_the_standard_set_first(capsys):
     assert len({p for _, p, _ in evaluation_prompts(320, VALIDATION_SEED)}) > 200
     assert main(["evaluate", "--prompts", "0"]) != 0
     assert "at least 1" in capsys.readouterr().err
+
+
+def test_the_evaluator_judges_the_shapes_model_in_any_conversion_and_no_other(models, capsys):
+    from edge_sdk import Manifest, cli
+    from edge_sdk.shapes import is_shapes_model
+    converted = Manifest.load(models.bundle("shapes", vae_encoder=False, default_steps=20,
+                                            default_guidance=2.0))  # test_tflite's, shared
+    assert converted.source.name != "shapes" and is_shapes_model(converted)  # by fingerprint
+    tiny = models.bundle("tiny-sd1")
+    assert not is_shapes_model(Manifest.load(tiny))
+    assert cli.main(["selftest", "--model", str(tiny)]) == 0
+    out = capsys.readouterr().out
+    assert "selftest PASS (generation only" in out and "evaluator sees" not in out

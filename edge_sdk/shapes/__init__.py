@@ -4,3 +4,42 @@ captions, and an OpenCV evaluator that reads back what a generated image shows.
 It is the one model whose output quality we can measure, so quantization, tiling and every
 backend are judged on it (`edge-sdk evaluate`).
 """
+
+from __future__ import annotations
+
+import json
+
+from .. import names as N
+from ..errors import InvalidInputError
+from ..manifest import Manifest
+
+SHAPES_NAME = "shapes"
+
+
+def is_shapes_model(manifest: Manifest) -> bool:
+    """Whether a bundle holds the shapes model, the one whose images the evaluator can
+    judge: converted from the shipped checkpoint (the same source fingerprint as the
+    shipped bundle, whatever the precision or format), or named "shapes" at conversion
+    (`edge-convert --name shapes`, for one retrained with models/shapes/train.py)."""
+    if manifest.source.name == SHAPES_NAME:
+        return True
+    from ..models import shipped_bundle
+    shipped = shipped_bundle()
+    if shipped is None:
+        return False
+    try:
+        data = json.loads((shipped / N.MANIFEST_FILE).read_text())
+        return bool(data["source"]["fingerprint"] == manifest.source.fingerprint)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def require_shapes_model(manifest: Manifest, command: str) -> None:
+    """Refuse to score another model with the shapes evaluator: its numbers would mean
+    nothing (0 % colour on a model that draws cats)."""
+    if not is_shapes_model(manifest):
+        raise InvalidInputError(
+            f"{command} scores images with the shapes model's evaluator (coloured shapes on "
+            f"plain backgrounds); model {manifest.source.name!r} is not the shapes model, so "
+            "its scores would say nothing about it. For a model retrained with "
+            "models/shapes/train.py, convert it with `edge-convert --name shapes`")

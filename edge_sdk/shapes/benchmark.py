@@ -36,20 +36,29 @@ class Report:
     def summary(self) -> dict[str, Any]:
         return {
             "prompts": len(self.rows),
-            "accuracy": {a: round(self.accuracy(a), 1) for a in ATTRIBUTES},
-            "seen_pairs_whole": round(self.accuracy("whole", held_out=False), 1),
-            "unseen_pairs_whole": round(self.accuracy("whole", held_out=True), 1),
+            "accuracy": {a: _rounded(self.accuracy(a)) for a in ATTRIBUTES},
+            "seen_pairs_whole": _rounded(self.accuracy("whole", held_out=False)),
+            "unseen_pairs_whole": _rounded(self.accuracy("whole", held_out=True)),
             "seconds": round(self.seconds, 1),
         }
 
     def table(self) -> str:
         s = self.summary()
         lines = [f"{'attribute':<22}{'accuracy':>9}"]
-        lines += [f"{a:<22}{s['accuracy'][a]:>8.1f}%" for a in ATTRIBUTES]
-        lines += [f"{'whole (seen pairs)':<22}{s['seen_pairs_whole']:>8.1f}%",
-                  f"{'whole (unseen pairs)':<22}{s['unseen_pairs_whole']:>8.1f}%",
+        lines += [f"{a:<22}{_pct(s['accuracy'][a])}" for a in ATTRIBUTES]
+        lines += [f"{'whole (seen pairs)':<22}{_pct(s['seen_pairs_whole'])}",
+                  f"{'whole (unseen pairs)':<22}{_pct(s['unseen_pairs_whole'])}",
                   f"{s['prompts']} prompts in {s['seconds']:.1f} s"]
         return "\n".join(lines)
+
+
+def _rounded(value: float) -> float | None:
+    """A percentage for the JSON summary; None where no prompt was scored (not NaN)."""
+    return None if value != value else round(value, 1)
+
+
+def _pct(value: float | None) -> str:
+    return f"{'no prompts':>9}" if value is None else f"{value:>8.1f}%"
 
 
 def run(generate: Callable[[str, int], Image.Image], limit: int | None = None,
