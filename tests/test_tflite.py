@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -143,6 +144,15 @@ def test_missing_delegate_backend_and_runtime_are_typed_errors(models, monkeypat
     bundle = models.bundle("tiny-sd1", fmt="tflite")
     with pytest.raises(BackendUnavailableError, match="delegate library .*does not exist"):
         Pipeline.load(bundle, delegate="/nonexistent/libvendor_delegate.so")
+    import _ctypes
+    with pytest.raises(BackendUnavailableError, match="not a TFLite external delegate"):
+        Pipeline.load(bundle, delegate=_ctypes.__file__)  # a shared library, not a delegate
+    not_so = Path(bundle) / "manifest.json"
+    cli = subprocess.run([sys.executable, "-m", "edge_sdk.cli", "generate", "x", "--model",
+                          str(bundle), "--delegate", str(not_so), "-o", "/tmp/never.png"],
+                         capture_output=True, text=True)
+    assert cli.returncode == 2 and "failed to load" in cli.stderr
+    assert "Traceback" not in cli.stderr and "Exception ignored" not in cli.stderr
     with pytest.raises(InvalidInputError, match="bundle is TFLite; use a delegate"):
         Pipeline.load(bundle, providers=["xnnpack"])
     with pytest.raises(BundleError, match="stored as 'tflite'.*--format onnx"):

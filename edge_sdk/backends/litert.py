@@ -260,12 +260,35 @@ def load_delegate(module: Any, library: str, options: dict[str, str]) -> Any:
     if not os.path.isfile(library):
         raise BackendUnavailableError(f"delegate library {library!r} does not exist; install "
                                       "the vendor's TFLite delegate and give the path to its .so")
+    _check_delegate_library(library)
     try:
         return module.load_delegate(library, options or None)
-    except (ValueError, RuntimeError, OSError) as exc:
+    except (ValueError, RuntimeError, OSError, AttributeError) as exc:
         raise BackendUnavailableError(f"delegate {library!r} failed to load ({exc}); check "
                                       "that it matches this machine and the delegate options "
                                       f"{options}") from exc
+
+
+# what a TFLite external delegate library exports (external_delegate_interface.h)
+DELEGATE_SYMBOLS = ("tflite_plugin_create_delegate", "tflite_plugin_destroy_delegate")
+
+
+def _check_delegate_library(library: str) -> None:
+    """Load the library and look for the delegate entry points before LiteRT does: its
+    Delegate object, when the library does not load, fails half-built and then prints a
+    traceback from its finalizer beside our typed error."""
+    import ctypes
+    try:
+        lib = ctypes.CDLL(library)
+    except OSError as exc:
+        raise BackendUnavailableError(f"delegate {library!r} failed to load ({exc}); check "
+                                      "that it is a shared library built for this machine"
+                                      ) from exc
+    missing = [name for name in DELEGATE_SYMBOLS if not hasattr(lib, name)]
+    if missing:
+        raise BackendUnavailableError(f"{library!r} is not a TFLite external delegate: it "
+                                      f"does not export {', '.join(missing)}; give the path to "
+                                      "the vendor's TFLite delegate .so")
 
 
 @contextlib.contextmanager
