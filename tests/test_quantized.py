@@ -34,6 +34,12 @@ def test_int8_runs_shrinks_and_stays_close(models):
     assert m8.components["vae_decoder"].precision == "fp32"  # the VAE stays fp32 by default
     size = lambda m, c: sum(f.size for f in m.components[c].files)  # noqa: E731
     assert size(m8, "unet") < 0.45 * size(m32, "unet")
+    # its token embedding too (a Gather, not a MatMul: once left fp32, the whole of it)
+    assert size(m8, "text_encoder") < 0.35 * size(m32, "text_encoder")
+    ids = {"input_ids": np.arange(77, dtype=np.int64)[None] % 1000}
+    e32, e8 = (Pipeline.load(b).session("text_encoder").run(ids)["last_hidden_state"]
+               for b in (fp32, int8))
+    assert np.abs(e8 - e32).max() < 0.05 * np.abs(e32).max()
     assert psnr_vs(fp32, int8) > 30, "int8 image PSNR vs fp32 below 30 dB"
 
 
