@@ -4,10 +4,10 @@ the memory plan printed, per-stage times and peak memory reported.
     python examples/raspberry_pi.py "a lighthouse at dusk" --model sd15-int8 -o out.png
     python examples/raspberry_pi.py --memory 300MB          # plan for a budget instead
 
-Convert the bundle on a workstation with the decoder's stages, so the VAE can be decoded in
-tiles (examples/convert_and_deploy.sh shows the whole trip):
+Convert the bundle on a workstation (the decoder's stages, which let the VAE be decoded in
+tiles, are exported by default; examples/convert_and_deploy.sh shows the whole trip):
 
-    edge-convert stable-diffusion-v1-5 -o sd15-int8 --precision int8 --vae-stages
+    edge-convert stable-diffusion-v1-5 -o sd15-int8 --precision int8
 
 Without --model it uses the shipped default model, which was trained at 128x128: at 512x512
 it draws repeated shapes, but the memory behaviour is the real thing.

@@ -20,6 +20,13 @@ needs_tflite = pytest.mark.skipif(not HAVE_TFLITE_CONVERT,
                                   reason="needs the [tflite-convert] extra")
 
 
+# one conversion of the shapes model per format, shared by every test here (and one ONNX
+# test elsewhere): a TFLite conversion costs about a minute
+SHAPES = dict(vae_encoder=False, default_steps=20, default_guidance=2.0)
+# the tiny model with static sizes and ONNX decoder stages: both tests of those share it
+STATIC_STAGED = dict(sizes="64x64,96x64", vae_stages=True, vae_encoder=False)
+
+
 def _images(pipe: Pipeline, latents: np.ndarray, **kw: object) -> np.ndarray:
     return np.asarray(pipe("a red circle on a blue background", latents=latents, **kw)
                       ).astype(int)
@@ -45,9 +52,8 @@ def test_tflite_fp32_bundle_matches_the_onnx_one(models, arch):
 
 @needs_tflite
 def test_the_default_model_as_tflite_gives_the_onnx_image(models):
-    kw = dict(vae_encoder=False, default_steps=20, default_guidance=2.0)
-    tfl = Pipeline.load(models.bundle("shapes", fmt="tflite", **kw))
-    onnx = Pipeline.load(models.bundle("shapes", **kw))
+    tfl = Pipeline.load(models.bundle("shapes", fmt="tflite", **SHAPES))
+    onnx = Pipeline.load(models.bundle("shapes", **SHAPES))
     rng = np.random.default_rng(0)
     for prompt in ("a red circle on a blue background", "two small green squares at the top"):
         lat = rng.standard_normal((1, 4, 16, 16)).astype(np.float32)
@@ -59,7 +65,7 @@ def test_the_default_model_as_tflite_gives_the_onnx_image(models):
 
 @needs_tflite
 def test_several_sizes_one_file_and_a_clear_error_for_others(models):
-    bundle = models.bundle("tiny-sd1", fmt="tflite", sizes="64x64,96x64", vae_encoder=False)
+    bundle = models.bundle("tiny-sd1", fmt="tflite", **STATIC_STAGED)
     tfl, onnx = Pipeline.load(bundle), Pipeline.load(models.bundle("tiny-sd1"))
     assert [f.path for f in tfl.manifest.components["unet"].files] == ["unet.tflite"]
     assert tfl.manifest.static_sizes == ((64, 64), (64, 96))
@@ -109,7 +115,7 @@ def test_int8_fp16_int4_bundles_are_smaller_and_close(models):
 @needs_tflite
 def test_mixed_bundle_decodes_in_tiles_with_onnx_stages(models):
     """--format tflite --vae-stages: the decoder's stages are ONNX (any size, exact tiles)."""
-    bundle = models.bundle("tiny-sd1", fmt="tflite", vae_stages=True, vae_encoder=False)
+    bundle = models.bundle("tiny-sd1", fmt="tflite", **STATIC_STAGED)
     formats = {c.name: c.format for c in Pipeline.load(bundle).manifest.components.values()}
     assert formats["unet"] == "tflite" and formats["vae_decoder_s00"] == "onnx"
     lat = np.random.default_rng(7).standard_normal((1, 4, 8, 8)).astype(np.float32)
@@ -198,7 +204,7 @@ def test_a_loaded_tflite_unet_stays_mapped(models, tmp_path):
     file, mapped, instead of private memory (the default model: +6 MiB private against +31
     MiB without a cache, for a 26 MiB UNet)."""
     import os
-    bundle = models.bundle("shapes", fmt="tflite", vae_encoder=False)
+    bundle = models.bundle("shapes", fmt="tflite", **SHAPES)
     size = Pipeline.load(bundle).manifest.components["unet"].files[0].size
 
     def private_after_load(cache_dir: str) -> int:
