@@ -1,0 +1,41 @@
+"""The native (x86) side of the emulated-aarch64 stage: the generations tests/arm64/smoke.py
+makes on arm64, made here, saved for it to compare with.
+
+    python tests/arm64/reference.py TFLITE_BUNDLE OUT.npz
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+# one small generation: the default model's size and guidance, two steps
+PROMPT, SEED, STEPS = "a red circle on a blue background", 0, 2
+
+
+def generate(bundle: str | None = None, **load: object) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 image [H, W, 3], final latents) of the one generation, with `bundle`."""
+    from edge_sdk import GenerationConfig, Pipeline
+    pipe = Pipeline.load(bundle, **load)
+    result = pipe.generate(PROMPT, GenerationConfig(seed=SEED, steps=STEPS))
+    return np.asarray(result.images[0]), result.latents
+
+
+def seen(image: np.ndarray) -> str:
+    """What the shapes evaluator (OpenCV) reads in an image, as text to compare."""
+    from edge_sdk.shapes.evaluator import analyse
+    return repr(sorted(analyse(image).__dict__.items()))
+
+
+def main() -> int:
+    tflite, out = sys.argv[1], sys.argv[2]
+    onnx_image, latents = generate()
+    tflite_image, _ = generate(tflite, backend="tflite")
+    np.savez(out, onnx=onnx_image, latents=latents, tflite=tflite_image,
+             seen=np.array(seen(onnx_image)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

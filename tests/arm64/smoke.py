@@ -1,0 +1,103 @@
+"""The emulated-aarch64 check, in one process (each start of Python with numpy and
+onnxruntime costs ~10 s under emulation): one small generation per feature, each compared
+with the same generation made natively (tests/arm64/reference.py), so the check is that
+aarch64 computes what x86 does, not only that it runs.
+
+    python tests/arm64/smoke.py REFERENCE.npz TFLITE_BUNDLE
+
+Features: the default model on onnxruntime; the shapes evaluator (OpenCV); low memory (the VAE decoded in tiles, decoder
+sessions opened per stage); the LiteRT backend; the IoT example's service, over HTTP; and the
+runtime's boundary (no torch, diffusers, transformers or converters imported by any of it).
+Prints one line per feature with its time and its difference from x86; exits 1 on any miss.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from reference import PROMPT, SEED, STEPS, generate, seen  # noqa: E402
+
+# onnxruntime's aarch64 kernels (NEON) round differently from x86's (AVX2): a few /255
+TOLERANCE = 3
+FORBIDDEN = ("torch", "diffusers", "transformers", "converters")
+failures: list[str] = []
+
+
+def check(feature: str, got: np.ndarray, want: np.ndarray, started: float) -> None:
+    diff = int(np.abs(got.astype(int) - want.astype(int)).max())
+    ok = got.shape == want.shape and diff <= TOLERANCE
+    print(f"{feature:<34}{time.perf_counter() - started:7.1f} s   max diff vs x86 "
+          f"{diff}/255   {'ok' if ok else 'FAIL'}", flush=True)
+    if not ok:
+        failures.append(feature)
+
+
+def low_memory(latents: np.ndarray, want: np.ndarray) -> None:
+    from edge_sdk import Pipeline
+    from edge_sdk.image import to_pil
+    t = time.perf_counter()
+    low = Pipeline.load(memory="low")
+    pixels = np.asarray(to_pil(low.decode_latents(latents))[0])
+    check("low memory: VAE decoded in tiles", pixels, want, t)
+
+
+def iot_service(want: np.ndarray) -> None:
+    from http.server import ThreadingHTTPServer
+
+    from edge_sdk import Pipeline
+    from PIL import Image
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+    import iot_service as svc
+    t = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        service = svc.Service(Pipeline.load(), Path(out))
+        server = ThreadingHTTPServer(("127.0.0.1", 0), svc.make_handler(service))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        body = json.dumps({"prompt": PROMPT, "seed": SEED, "steps": STEPS}).encode()
+        job = json.loads(urllib.request.urlopen(base + "/generate", body).read())["job"]
+        while (status := json.loads(urllib.request.urlopen(f"{base}/jobs/{job}").read())
+               )["state"] in ("queued", "running"):
+            time.sleep(0.2)
+        server.shutdown()
+        service.stop()
+        got = np.asarray(Image.open(status["path"]).convert("RGB")) if "path" in status \
+            else np.zeros(0, np.uint8)
+    check("IoT example: a job over HTTP", got, want, t)
+
+
+def main() -> int:
+    ref = np.load(sys.argv[1])
+    t = time.perf_counter()
+    image, latents = generate()
+    check("onnxruntime: the default model", image, ref["onnx"], t)
+    t = time.perf_counter()
+    same = seen(ref["onnx"]) == str(ref["seen"])  # OpenCV on aarch64 reads what it did on x86
+    print(f"{'shapes evaluator (OpenCV)':<34}{time.perf_counter() - t:7.1f} s   "
+          f"{'ok' if same else 'FAIL'}: {ref['seen']}", flush=True)
+    if not same:
+        failures.append("evaluator")
+    low_memory(latents, ref["onnx"])
+    t = time.perf_counter()
+    check("LiteRT: the default model", generate(sys.argv[2], backend="tflite")[0],
+          ref["tflite"], t)
+    iot_service(ref["onnx"])
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in FORBIDDEN)
+    print(f"{'modules outside the runtime':<34}{', '.join(loaded) or 'none'}")
+    if loaded:
+        failures.append("boundary")
+    print("arm64 smoke " + (f"FAILED: {', '.join(failures)}" if failures else "passed"))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
