@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from .backends import BackendOptions, Session, check_backend, open_session
+from .contracts import COMPUTE_BOUND_KINDS
 from .errors import BundleError
 from .manifest import Manifest
 from .memory import MemoryPlan
@@ -64,12 +65,15 @@ class Components:
                 self._sessions[role] = wrapper(self._sessions[role])
 
     def done_with(self, role: str) -> None:
-        """A stage is over: release its session or drop its mapped pages, per the plan."""
-        if self.plan.release_between_stages:
+        """A stage is over: release its session or drop its mapped pages, per the plan (a
+        compute-bound kind's session, with its arena, is released in any plan that maps
+        weights)."""
+        spec = self.manifest.components.get(role)
+        if self.plan.release_between_stages or (
+                self.plan.map_weights and spec is not None and spec.kind in COMPUTE_BOUND_KINDS):
             with self._lock:
                 self._sessions.pop(role, None)
-        elif self.plan.drop_pages and role in self.manifest.components:
-            spec = self.manifest.components[role]
+        elif self.plan.drop_pages and spec is not None:
             dropped = drop_mapped_pages(self.bundle / f.path for f in spec.files)
             log.debug("%s: %.1f MiB of mapped weights dropped", role, dropped / 2**20)
 

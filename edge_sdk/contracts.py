@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 __all__ = ["TensorContract", "ComponentContract", "CONTRACTS", "contract_of",
            "TEXT_ENCODER", "UNET", "VAE_DECODER", "VAE_ENCODER", "VAE_DECODER_STAGE",
+           "COMPUTE_BOUND_KINDS",
            "DIM_BATCH", "DIM_HEIGHT", "DIM_WIDTH", "DIM_SEQUENCE"]
 
 # Symbolic (dynamic) dimension names, as recorded in the manifest's tensor shapes.
@@ -131,6 +132,13 @@ VAE_DECODER_STAGE = ComponentContract(
      TensorContract(StageIO.MEAN, optional=True), TensorContract(StageIO.INV_STD,
                                                                   optional=True)),
     (_spatial(StageIO.Y),))
+
+# Kinds run fully optimized, with onnxruntime's arena, even when memory is low: a decoder
+# stage holds a few MB of weights (their repacked copy costs that much again) and runs
+# convolutions at full resolution, where unpacked weights made SD 1.5's tiled decode 3.5x
+# slower and no arena 1.3x. Plans that map weights release such a session after its stage,
+# so one stage's arena and repacked weights are held at a time.
+COMPUTE_BOUND_KINDS = (VAE_DECODER_STAGE.kind,)
 
 CONTRACTS: dict[str, ComponentContract] = {c.kind: c for c in (
     TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, VAE_DECODER_STAGE)}

@@ -113,7 +113,7 @@ def check_step_end(fn: object, tensor_inputs: object) -> None:
     if not callable(fn):
         raise InvalidInputError(f"callback_on_step_end must be callable, got {fn!r}")
     if isinstance(tensor_inputs, str) or not isinstance(tensor_inputs, (list, tuple)) \
-            or set(tensor_inputs) - set(STEP_END_TENSORS):
+            or not all(isinstance(t, str) and t in STEP_END_TENSORS for t in tensor_inputs):
         raise InvalidInputError(f"callback_on_step_end_tensor_inputs={tensor_inputs!r}: "
                                 f"give a list of {list(STEP_END_TENSORS)}")
 
@@ -131,7 +131,10 @@ def step_end_callback(fn: StepEndCallback, pipe: Any, scheduler: Scheduler,
         out = fn(pipe, step, float(scheduler.timesteps[i]), {"latents": latents})
         if getattr(pipe, "_interrupt", False):
             return False
-        new = out.get("latents") if isinstance(out, Mapping) else None
+        if out is not None and not isinstance(out, Mapping):
+            raise TypeError(f"it returned a {type(out).__name__}, not the dict of tensors "
+                            "it was given (diffusers' callback_kwargs) or None")
+        new = out.get("latents") if out is not None else None
         return np.asarray(new) if new is not None else None
     return callback
 

@@ -21,7 +21,7 @@ from . import names
 from .config import GenerationConfig
 from .errors import InvalidInputError
 from .manifest import Manifest
-from .osmem import cgroup_headroom
+from .osmem import cgroup_headroom, own_private_bytes
 
 MIB = 2**20
 # The interpreter with numpy, onnxruntime, tokenizers and Pillow imported (measured: 43 MiB
@@ -87,8 +87,11 @@ def estimate_peak_bytes(manifest: Manifest, cfg: GenerationConfig, mode: str = "
 
 
 def available_bytes() -> int | None:
-    """The memory this process can still use: MemAvailable (Linux), or less where its
-    memory cgroup's limit is nearer (a container's `-m`); None where neither can be read."""
+    """The memory a generation of this process can use: MemAvailable (Linux), or less where
+    its memory cgroup's limit is nearer (a container's `-m`), plus the private memory this
+    process holds already (both count it as used, and the estimate is of the whole process:
+    a generation queued behind a running one runs after it); None where neither can be
+    read."""
     have = None
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -99,7 +102,7 @@ def available_bytes() -> int | None:
     room = cgroup_headroom()
     if room is not None:
         have = room if have is None else min(have, room)
-    return have
+    return None if have is None else have + own_private_bytes()
 
 
 def check_fits(manifest: Manifest, cfg: GenerationConfig, mode: str = "fast") -> None:

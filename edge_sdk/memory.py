@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from .config import GenerationConfig
 from .errors import InvalidInputError
 from .estimate import estimate_peak_bytes
+from .spill import SPILL_ENV
 from .manifest import Manifest
 
 
@@ -59,7 +60,7 @@ class MemoryPlan:
 
     @property
     def spill_dir(self) -> str:
-        return os.environ.get("EDGE_SDK_SPILL_DIR") or tempfile.gettempdir()
+        return os.environ.get(SPILL_ENV) or tempfile.gettempdir()
 
     def describe(self) -> str:
         parts = [f"memory mode {self.mode!r}"]

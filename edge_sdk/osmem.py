@@ -97,30 +97,45 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 def cgroup_headroom(proc_cgroup: Path = Path("/proc/self/cgroup"),
                     root: Path = CGROUP_ROOT) -> int | None:
     """Bytes this process's memory cgroup (a container's `docker run -m`, a systemd
-    MemoryMax) lets it add before the limit, or None where no limit applies: the limit
-    (the smallest on the way up) less the anonymous and shared memory charged to it (page
-    cache is left out: the kernel drops it to stay under). cgroup v1 and v2."""
+    MemoryMax) lets it add before a limit, or None where no limit applies: at each level from
+    its cgroup up to the root that has a limit, the limit less the anonymous and shared
+    memory charged there (siblings included; page cache is left out, the kernel drops it to
+    stay under); the least of those. cgroup v1 and v2."""
     try:
         lines = proc_cgroup.read_text().splitlines()
     except OSError:
         return None
     entries = [ln.split(":", 2) for ln in lines if ln.count(":") >= 2]
     v1 = [path for _, ctrls, path in entries if "memory" in ctrls.split(",")]
+    v2 = [path for hid, ctrls, path in entries if hid == "0" and not ctrls]
     if v1:
-        stat = _read_stat(_cgroup_dir(root / "memory", v1[0]) / "memory.stat")
-        limit = stat.get("hierarchical_memory_limit")
-        used = stat.get("total_rss", 0) + stat.get("total_shmem", 0)
+        mount, limit_file, used_keys = root / "memory", "memory.limit_in_bytes", \
+            ("total_rss", "total_shmem")
+    elif v2:
+        mount, limit_file, used_keys = root, "memory.max", ("anon", "shmem")
     else:
-        v2 = [path for hid, ctrls, path in entries if hid == "0" and not ctrls]
-        if not v2:
-            return None
-        leaf = _cgroup_dir(root, v2[0])
-        limit = _v2_limit(leaf, root)
-        stat = _read_stat(leaf / "memory.stat")
-        used = stat.get("anon", 0) + stat.get("shmem", 0)
-    if limit is None or limit >= 2**62:  # v1 writes "no limit" as a huge number
         return None
-    return max(limit - used, 0)
+    leaf = _cgroup_dir(mount, (v1 or v2)[0])
+    rooms = []
+    for folder in [leaf, *leaf.parents]:
+        limit = _read_int(folder / limit_file)
+        if limit is not None and limit < 2**62:  # v1 writes "no limit" as a huge number
+            stat = _read_stat(folder / "memory.stat")
+            rooms.append(max(limit - sum(stat.get(k, 0) for k in used_keys), 0))
+        if folder == mount:
+            break
+    return min(rooms) if rooms else None
+
+
+def own_private_bytes() -> int:
+    """This process's anonymous (private) resident memory, 0 where /proc cannot say."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def _cgroup_dir(mount: Path, path: str) -> Path:
@@ -129,18 +144,12 @@ def _cgroup_dir(mount: Path, path: str) -> Path:
     return leaf if leaf.is_dir() else mount
 
 
-def _v2_limit(leaf: Path, root: Path) -> int | None:
-    limits = []
-    for folder in [leaf, *leaf.parents]:
-        try:
-            text = (folder / "memory.max").read_text().strip()
-        except OSError:
-            text = "max"
-        if text != "max":
-            limits.append(int(text))
-        if folder == root:
-            break
-    return min(limits) if limits else None
+def _read_int(path: Path) -> int | None:
+    """A cgroup file's number; None for "max", a missing file or anything unreadable."""
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def _read_stat(path: Path) -> dict[str, int]:

@@ -30,7 +30,7 @@ from .models import default_bundle
 from .osmem import return_freed_memory
 from .schedulers import Scheduler, create_scheduler
 from .text_encoder import PromptEmbeds, encode_prompts
-from .spill import SpillMaps
+from .spill import SpillMaps, check_spill_folder
 from .tokenizer import PromptTokenizer, check_prompt
 from .vae import decode_latents as _decode_whole
 from .vae import decode_latents_tiled
@@ -152,7 +152,8 @@ class Pipeline:
         """Final latents -> float images [B, H, W, 3] in [0, 1]. With `tile` (latent pixels;
         default: the memory plan's) and a bundle holding the decoder's stages, decoded exactly
         in tiles (edge_sdk.tiling): the same image in a fraction of the memory."""
-        tile = self.plan.vae_tile if tile is None else tile
+        tile = (self.plan.vae_tile or 0) if tile is None else tile
+        _check_decodable(latents, tile, self.manifest.vae.latent_channels)
         if tile and self.manifest.vae.decoder_stages:
             alloc = SpillMaps(self.plan.spill_dir) if self.plan.spill_maps else np.empty
             return decode_latents_tiled(self.components, latents, self.manifest.vae, tile,
@@ -160,7 +161,7 @@ class Pipeline:
         if tile and not self._warned_untiled:
             self._warned_untiled = True
             log.warning("this bundle has no VAE decoder stages: decoding untiled (re-convert "
-                        "with `edge-convert --vae-stages` for tiled decoding)")
+                        "without --no-vae-stages for tiled decoding)")
         return _decode_whole(self.session(N.VAE_DECODER), latents, self.manifest.vae)
 
     # -- the whole thing -----------------------------------------------------------------
@@ -278,6 +279,8 @@ class Pipeline:
         plan = self.plan if self.memory in MODES else \
             plan_memory(self.memory, self.manifest, whole)
         check_fits(self.manifest, whole, plan.mode)  # refuse now, not the OOM killer later
+        if plan.spill_maps and plan.vae_tile and self.manifest.vae.decoder_stages:
+            check_spill_folder(plan.spill_dir)
         return prompts, cfg, whole, plan
 
     def _use(self, plan: MemoryPlan) -> None:
@@ -352,6 +355,16 @@ OUTPUT_TYPES = ("pil", "np", "latent")
 def _as(output_type: str, pixels: np.ndarray) -> list[Any]:
     """Decoded float images [B, H, W, 3] as PIL images or as arrays."""
     return to_pil(pixels) if output_type == "pil" else list(pixels)
+
+
+def _check_decodable(latents: Any, tile: Any, channels: int) -> None:
+    if isinstance(tile, bool) or not isinstance(tile, (int, np.integer)) or tile < 0:
+        raise InvalidInputError(f"tile must be a whole number of latent pixels (0: untiled), "
+                                f"got {tile!r}")
+    shape = getattr(latents, "shape", None)
+    if shape is None or len(shape) != 4 or shape[1] != channels or min(shape) < 1:
+        raise InvalidInputError(f"latents to decode must be an array [batch, {channels}, "
+                                f"height, width] with every side >= 1, got shape {shape}")
 
 
 def _prompts(prompt: str | Sequence[str]) -> list[str]:

@@ -11,10 +11,19 @@ process on writeback far longer than the I/O itself takes.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
+from pathlib import Path
 
 import numpy as np
+
+from .errors import InferenceError, InvalidInputError
+
+log = logging.getLogger(__name__)
+SPILL_ENV = "EDGE_SDK_SPILL_DIR"
+MEMORY_FILESYSTEMS = ("tmpfs", "ramfs")  # their files are memory: spilling there saves none
+_warned: set[str] = set()  # spill folders already warned about (once per process)
 
 
 class SpillFile:
@@ -23,20 +32,31 @@ class SpillFile:
 
     def __init__(self, folder: str | os.PathLike[str], shape: tuple[int, ...],
                  dtype: np.dtype) -> None:
-        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        if len(shape) != 4 or min(shape) < 1:
+            raise InvalidInputError(f"a spilled map is [batch, channels, height, width] with "
+                                    f"every side >= 1, not {tuple(shape)}")
+        self.shape, self.dtype = tuple(int(d) for d in shape), np.dtype(dtype)
         b, c, h, w = self.shape
         self._row_bytes = b * c * w * self.dtype.itemsize
-        self._file = tempfile.TemporaryFile(dir=folder, prefix=".edge-sdk-map-")
-        self._fd = self._file.fileno()
-        os.ftruncate(self._fd, max(self._row_bytes * h, 1))
+        self.folder = folder
+        with _io_errors(self, "create"):
+            self._file = tempfile.TemporaryFile(dir=folder, prefix=".edge-sdk-map-")
+            self._fd = self._file.fileno()
+            os.ftruncate(self._fd, max(self._row_bytes * h, 1))
 
     def put(self, y0: int, block: np.ndarray) -> None:
         """Write rows y0.. of the map from `block` [B, C, rows, W]."""
+        b, c, h, w = self.shape
+        if block.ndim != 4 or (block.shape[0], block.shape[1], block.shape[3]) != (b, c, w) \
+                or y0 < 0 or y0 + block.shape[2] > h:
+            raise InvalidInputError(f"rows {y0}.. of shape {block.shape} do not fit a map of "
+                                    f"shape {self.shape}")
         data = np.ascontiguousarray(block.transpose(2, 0, 1, 3), dtype=self.dtype)
         view, offset = memoryview(data).cast("B"), y0 * self._row_bytes
-        while view:
-            n = os.pwrite(self._fd, view, offset)
-            view, offset = view[n:], offset + n
+        with _io_errors(self, "write"):
+            while view:
+                n = os.pwrite(self._fd, view, offset)
+                view, offset = view[n:], offset + n
         if hasattr(os, "posix_fadvise"):  # not on macOS
             # start writing the rows out now: by the time a cap needs the memory they are
             # clean page cache, dropped at no cost
@@ -49,12 +69,66 @@ class SpillFile:
         y1 = min(y1, h)
         buf = np.empty((max(y1 - y0, 0), b, c, w), self.dtype)
         view, offset = memoryview(buf).cast("B"), y0 * self._row_bytes
-        while view:
-            n = os.preadv(self._fd, [view], offset)
-            if n == 0:
-                raise OSError(f"the spill file of a {self.shape} map ended early")
-            view, offset = view[n:], offset + n
+        with _io_errors(self, "read"):
+            while view:
+                n = os.preadv(self._fd, [view], offset)
+                if n == 0:
+                    raise OSError(f"the file of a {self.shape} map ended early")
+                view, offset = view[n:], offset + n
         return np.ascontiguousarray(buf.transpose(1, 2, 0, 3))
+
+
+class _io_errors:
+    """OSError in a spill file's I/O -> InferenceError naming the folder and the fix."""
+
+    def __init__(self, spill: SpillFile, what: str) -> None:
+        self.spill, self.what = spill, what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, exc: BaseException | None, tb: object) -> None:
+        if isinstance(exc, OSError):
+            mib = self.spill._row_bytes * self.spill.shape[2] / 2**20
+            raise InferenceError(
+                f"could not {self.what} a decoder map in {self.spill.folder} ({exc}); the "
+                f"tiled decoder keeps its maps there (this one {mib:.0f} MiB): free space "
+                f"or set ${SPILL_ENV} to a folder on a disk with room") from exc
+
+
+def check_spill_folder(folder: str | os.PathLike[str]) -> None:
+    """Before any work: the folder must be a writable directory (InvalidInputError); one in
+    memory (tmpfs) is warned about, since maps kept there are memory all the same."""
+    path = Path(folder)
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        raise InvalidInputError(f"the spill folder {str(path)!r} (${SPILL_ENV}, default the "
+                                "temp folder) is not a writable directory; set "
+                                f"${SPILL_ENV} to one on a disk")
+    kind = filesystem_type(path)
+    if kind in MEMORY_FILESYSTEMS and str(path) not in _warned:
+        _warned.add(str(path))
+        log.warning("the spill folder %s is on %s (memory): the tiled decoder's maps kept "
+                    "there count as memory; set $%s to a folder on a disk", path, kind,
+                    SPILL_ENV)
+
+
+def filesystem_type(path: Path) -> str | None:
+    """The type of the filesystem holding `path` (Linux /proc/self/mountinfo), or None."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    target, best, kind = os.path.realpath(path), "", None
+    for line in lines:
+        fields, _, rest = line.partition(" - ")
+        parts = fields.split()
+        if len(parts) < 5 or not rest:
+            continue
+        mount = parts[4].replace("\\040", " ")
+        if (target == mount or target.startswith(mount.rstrip("/") + "/")) \
+                and len(mount) >= len(best):
+            best, kind = mount, rest.split()[0]
+    return kind
 
 
 class SpillMaps:

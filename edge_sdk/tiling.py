@@ -107,7 +107,8 @@ class GroupStats:
         self.count += d.shape[-1]
 
     def result(self) -> Stats:
-        assert self.shift is not None and self.total is not None and self.squares is not None
+        if self.shift is None or self.total is None or self.squares is None or not self.count:
+            raise InvalidInputError("GroupNorm statistics of an empty map")
         m = self.total / self.count
         var = np.maximum(self.squares / self.count - m * m, 0.0)
         mean = m + self.shift.reshape(m.shape)

@@ -207,6 +207,12 @@ def _with_memory(available: int, fn: Callable[[], Any]) -> Any:
         return fn()
 
 
+def _with_env(name: str, value: str, fn: Callable[[], Any]) -> Any:
+    from unittest import mock
+    with mock.patch.dict(os.environ, {name: value}):
+        return fn()
+
+
 def _works(check: Callable[[Ctx], bool]) -> Callable[[Ctx], None]:
     def act(ctx: Ctx) -> None:
         assert check(ctx)
@@ -315,6 +321,23 @@ ROWS: list[Row] = [
     Row("parameter", "callback_on_step_end returning latents of another shape",
         lambda c: c.gen(callback_on_step_end=lambda p, i, t, kw: {"latents": kw["latents"][0]}),
         CallbackError, "must be floats of shape"),
+    Row("parameter", "callback_on_step_end returning the latents array, not the dict",
+        lambda c: c.gen(callback_on_step_end=lambda p, i, t, kw: kw["latents"]),
+        CallbackError, "not the dict of tensors"),
+    Row("parameter", "callback_on_step_end_tensor_inputs a nested list",
+        lambda c: c.gen(callback_on_step_end=lambda p, i, t, kw: kw,
+                        callback_on_step_end_tensor_inputs=[["latents"]]),
+        InvalidInputError, "give a list of"),
+    Row("parameter", "decode_latents with a tile that is not a number (\"8\")",
+        lambda c: c.pipe.decode_latents(np.zeros((1, 4, 8, 8), np.float32), tile="8"),
+        InvalidInputError, "tile must be a whole number"),
+    Row("parameter", "decode_latents with latents 0 rows high",
+        lambda c: c.pipe.decode_latents(np.zeros((1, 4, 0, 8), np.float32), tile=4),
+        InvalidInputError, "every side >= 1"),
+    Row("parameter", "a spill folder ($EDGE_SDK_SPILL_DIR) that does not exist, memory low",
+        lambda c: _with_env("EDGE_SDK_SPILL_DIR", str(c.tmp / "nowhere"), lambda: Pipeline.load(
+            c.bundle, memory="low")("x", steps=1)), InvalidInputError,
+        "is not a writable directory"),
     Row("parameter", "guidance NaN", lambda c: c.gen(guidance_scale=float("nan")),
         InvalidInputError, "finite"),
     Row("parameter", "guidance infinite", lambda c: c.gen(guidance_scale=float("inf")),

@@ -164,3 +164,21 @@ def test_a_spill_file_reads_back_what_was_written_in_any_strips(tmp_path):
     assert np.array_equal(f.rows(0, 11), x)
     assert np.array_equal(f.rows(3, 7), x[:, :, 3:7])
     assert np.array_equal(f.rows(8, 20), x[:, :, 8:])  # clipped at the map's end
+
+
+def test_spill_file_failures_are_typed_and_name_the_folder(tmp_path):
+    from edge_sdk.errors import InferenceError
+    from edge_sdk.spill import SpillFile, check_spill_folder, filesystem_type
+    f = SpillFile(tmp_path, (1, 2, 4, 3), np.float32)
+    with pytest.raises(InvalidInputError, match="do not fit"):
+        f.put(2, np.zeros((1, 2, 3, 3), np.float32))  # rows 2..5 of a 4-row map
+    f._file.close()  # what a vanished disk looks like to the next write
+    with pytest.raises(InferenceError, match=f"could not write a decoder map in {tmp_path}"):
+        f.put(0, np.zeros((1, 2, 1, 3), np.float32))
+    with pytest.raises(InvalidInputError, match="every side"):
+        SpillFile(tmp_path, (1, 2, 0, 3), np.float32)
+    with pytest.raises(InvalidInputError, match="not a writable directory"):
+        check_spill_folder(tmp_path / "missing")
+    assert filesystem_type(tmp_path / "x") not in (None, "proc")
+    from pathlib import Path
+    assert filesystem_type(Path("/proc/self")) == "proc"

@@ -65,3 +65,8 @@ def test_bundle_with_vae_stages_decodes_tiled_exactly_and_low_mode_uses_them(mod
     img_low = np.asarray(low("a red circle", seed=0, steps=3, width=96, height=64), np.int16)
     img_fast = np.asarray(pipe("a red circle", seed=0, steps=3, width=96, height=64), np.int16)
     assert np.abs(img_low - img_fast).max() <= 1 and not low.components.loaded
+    # balanced keeps its components, but not the stages (each holds an arena while it runs)
+    balanced = Pipeline.load(out, memory="balanced")
+    balanced("a red circle", seed=0, steps=3, width=96, height=64)
+    kept = set(balanced.components.loaded)
+    assert "unet" in kept and not {s.component for s in stages} & kept

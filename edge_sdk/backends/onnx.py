@@ -8,6 +8,7 @@ from typing import Mapping
 
 import numpy as np
 
+from ..contracts import COMPUTE_BOUND_KINDS
 from ..errors import BackendUnavailableError, BundleError, InferenceError
 from ..manifest import ComponentSpec
 from . import BackendOptions, check_io, prepare_feeds, select_providers
@@ -15,10 +16,6 @@ from .onnx_files import check_external_data
 
 log = logging.getLogger(__name__)
 
-# Kinds optimized fully even when memory is low: a VAE decoder stage holds a few MB of weights
-# (their repacked copy costs that much again, for one stage at a time) and runs convolutions
-# at full resolution, where unpacked weights made SD 1.5's tiled decode 3.5x slower.
-COMPUTE_BOUND_KINDS = ("vae_decoder_stage",)
 
 
 class OnnxSession:

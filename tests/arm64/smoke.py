@@ -5,10 +5,11 @@ aarch64 computes what x86 does, not only that it runs.
 
     python tests/arm64/smoke.py REFERENCE.npz TFLITE_BUNDLE
 
-Features: the default model on onnxruntime; the shapes evaluator (OpenCV); low memory (the VAE decoded in tiles, decoder
-sessions opened per stage); the LiteRT backend; the IoT example's service, over HTTP; and the
-runtime's boundary (no torch, diffusers, transformers or converters imported by any of it).
-Prints one line per feature with its time and its difference from x86; exits 1 on any miss.
+Features: the default model on onnxruntime; the shapes evaluator (OpenCV); low memory (the
+VAE decoded in strips, decoder sessions opened per stage); the LiteRT backend; the IoT
+example's service, over HTTP. (The runtime's import boundary is tested natively: this root
+filesystem has no torch to import.) Prints one line per feature with its time and its
+difference from x86; exits 1 on any miss.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from reference import PROMPT, SEED, STEPS, generate, seen  # noqa: E402
 
 # onnxruntime's aarch64 kernels (NEON) round differently from x86's (AVX2): a few /255
 TOLERANCE = 3
-FORBIDDEN = ("torch", "diffusers", "transformers", "converters")
+SMALL_TILE = 4
 failures: list[str] = []
 
 
@@ -46,8 +47,9 @@ def low_memory(latents: np.ndarray, want: np.ndarray) -> None:
     from edge_sdk.image import to_pil
     t = time.perf_counter()
     low = Pipeline.load(memory="low")
-    pixels = np.asarray(to_pil(low.decode_latents(latents))[0])
-    check("low memory: VAE decoded in tiles", pixels, want, t)
+    # 4-latent tiles: strips of 8 rows at 16 latent rows, so boundaries and halos are crossed
+    pixels = np.asarray(to_pil(low.decode_latents(latents, tile=SMALL_TILE))[0])
+    check("low memory: VAE decoded in strips", pixels, want, t)
 
 
 def iot_service(want: np.ndarray) -> None:
@@ -91,10 +93,6 @@ def main() -> int:
     check("LiteRT: the default model", generate(sys.argv[2], backend="tflite")[0],
           ref["tflite"], t)
     iot_service(ref["onnx"])
-    loaded = sorted(m for m in sys.modules if m.split(".")[0] in FORBIDDEN)
-    print(f"{'modules outside the runtime':<34}{', '.join(loaded) or 'none'}")
-    if loaded:
-        failures.append("boundary")
     print("arm64 smoke " + (f"FAILED: {', '.join(failures)}" if failures else "passed"))
     return 1 if failures else 0
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -116,11 +117,13 @@ def main() -> int:
             int(cg.read("memory.failcnt")), cg.oom_kills()
     ok = proc.returncode == 0 and out.exists() and kills == 0
     bench = json.loads(proc.stdout) if proc.returncode == 0 else None
-    steps = sorted(bench["unet_step_s"]) if bench else []
+    steps = bench["unet_step_s"] if bench else []
+    median = statistics.median(steps) if steps else None
     result = {"bundle": args.bundle, "cap_bytes": cap, "cgroup_peak_bytes": peak,
               "limit_hits": failcnt, "oom_kills": kills, "returncode": proc.returncode,
               "wall_s": round(wall, 1), "completed": ok,
-              "unet_step_s_median": steps[len(steps) // 2] if steps else None,
+              "unet_step_s_median": median,
+              "decode_over_unet_step": bench["vae_decoder_s"] / median if median else None,
               "image": str(out) if out.exists() else None, "bench": bench}
     if args.json:
         print(json.dumps(result, indent=1))
@@ -132,7 +135,8 @@ def main() -> int:
               f"{failcnt} times (pages evicted), OOM kills {kills}, exit {proc.returncode}")
         if bench:
             print(f"UNet step median {result['unet_step_s_median']:.2f} s, text encoder "
-                  f"{bench['text_encoder_s']:.1f} s, VAE {bench['vae_decoder_s']:.1f} s, "
+                  f"{bench['text_encoder_s']:.1f} s, VAE {bench['vae_decoder_s']:.1f} s "
+                  f"({result['decode_over_unet_step']:.2f}x a UNet step), "
                   f"process peak RSS {bench['peak_rss_bytes'] / mib:.0f} MiB, peak private "
                   f"{bench['peak_private_bytes'] / mib:.0f} MiB, wall {wall:.0f} s")
         print(f"image: {result['image']}" if ok else
