@@ -111,7 +111,8 @@ def test_call_and_cli_take_exactly_the_declared_generation_parameters():
     declared = {f.name for f in dataclasses.fields(GenerationConfig)}
     params = inspect.signature(Pipeline.__call__).parameters
     named = {n for n, p in params.items() if p.kind is not p.VAR_KEYWORD}
-    assert named - {"self", "prompt", "latents", "callback", "output_type", "return_dict"} \
+    assert named - {"self", "prompt", "latents", "callback", "output_type", "return_dict",
+                    "callback_on_step_end", "callback_on_step_end_tensor_inputs"} \
         == declared
     gen = next(a for a in _parser()._subparsers._group_actions[0].choices.items()
                if a[0] == "generate")[1]
