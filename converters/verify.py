@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edge_sdk import GenerationConfig, Pipeline
+from edge_sdk import GenerationConfig, Manifest, Pipeline
 from edge_sdk import names as N
 from edge_sdk.contracts import TextEncoderIO, UnetIO, VaeIO
 from edge_sdk.vae import unscale_latents
@@ -128,6 +128,9 @@ def verify(bundle: str | Path, reference: str | Path, prompts: list[str] | None 
     `evaluate=True` adds both bundles' held-out scores from the shapes evaluator (meaningful
     for the shipped shapes model and models trained like it)."""
     bundle, reference = Path(bundle), Path(reference)
+    if evaluate:  # before converting the reference and comparing (minutes), not after
+        from edge_sdk.shapes import require_shapes_model
+        require_shapes_model(Manifest.load(bundle), "edge-convert verify --evaluate")
     with tempfile.TemporaryDirectory(prefix="edge-verify-") as tmp:
         if not (reference / N.MANIFEST_FILE).is_file():  # a checkpoint: convert it to fp32
             from .convert import convert
@@ -136,9 +139,6 @@ def verify(bundle: str | Path, reference: str | Path, prompts: list[str] | None 
         else:
             ref_bundle = reference
         test, ref = Pipeline.load(bundle), Pipeline.load(ref_bundle)
-        if evaluate:  # before the comparison's minutes, not after
-            from edge_sdk.shapes import require_shapes_model
-            require_shapes_model(test.manifest, "edge-convert verify --evaluate")
         report = {"reference": str(reference),
                   "reference_fingerprint": ref.manifest.source.fingerprint,
                   "components": compare_components(test, ref),

@@ -11,23 +11,10 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .config import GenerationConfig
-
-
-def process_memory() -> dict[str, int]:
-    """VmRSS, VmHWM, RssAnon, RssFile of this process, in bytes (Linux)."""
-    out = {}
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-                out[key] = int(value.split()[0]) * 1024
-    except OSError:
-        pass
-    return out
+from .osmem import process_memory
 
 
 class _PeakSampler:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from .config import GenerationConfig
 from .errors import InvalidInputError
 from .estimate import estimate_peak_bytes
-from .spill import SPILL_ENV
 from .manifest import Manifest
+from .spill import SPILL_ENV
 
 
 # -- the one memory knob ---------------------------------------------------------------------

@@ -127,15 +127,22 @@ def cgroup_headroom(proc_cgroup: Path = Path("/proc/self/cgroup"),
     return min(rooms) if rooms else None
 
 
-def own_private_bytes() -> int:
-    """This process's anonymous (private) resident memory, 0 where /proc cannot say."""
+def process_memory() -> dict[str, int]:
+    """VmRSS, VmHWM, RssAnon, RssFile of this process, in bytes (Linux)."""
+    out = {}
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+                out[key] = int(value.split()[0]) * 1024
+    except OSError:
         pass
-    return 0
+    return out
+
+
+def own_private_bytes() -> int:
+    """This process's anonymous (private) resident memory, 0 where /proc cannot say."""
+    return process_memory().get("RssAnon", 0)
 
 
 def _cgroup_dir(mount: Path, path: str) -> Path:

@@ -11,10 +11,12 @@ process on writeback far longer than the I/O itself takes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -23,7 +25,7 @@ from .errors import InferenceError, InvalidInputError
 log = logging.getLogger(__name__)
 SPILL_ENV = "EDGE_SDK_SPILL_DIR"
 MEMORY_FILESYSTEMS = ("tmpfs", "ramfs")  # their files are memory: spilling there saves none
-_warned: set[str] = set()  # spill folders already warned about (once per process)
+_typed: set[str] = set()  # spill folders whose filesystem was looked up (once per process)
 
 
 class SpillFile:
@@ -78,22 +80,17 @@ class SpillFile:
         return np.ascontiguousarray(buf.transpose(1, 2, 0, 3))
 
 
-class _io_errors:
+@contextlib.contextmanager
+def _io_errors(spill: SpillFile, what: str) -> Iterator[None]:
     """OSError in a spill file's I/O -> InferenceError naming the folder and the fix."""
-
-    def __init__(self, spill: SpillFile, what: str) -> None:
-        self.spill, self.what = spill, what
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type | None, exc: BaseException | None, tb: object) -> None:
-        if isinstance(exc, OSError):
-            mib = self.spill._row_bytes * self.spill.shape[2] / 2**20
-            raise InferenceError(
-                f"could not {self.what} a decoder map in {self.spill.folder} ({exc}); the "
-                f"tiled decoder keeps its maps there (this one {mib:.0f} MiB): free space "
-                f"or set ${SPILL_ENV} to a folder on a disk with room") from exc
+    try:
+        yield
+    except OSError as exc:
+        mib = spill._row_bytes * spill.shape[2] / 2**20
+        raise InferenceError(
+            f"could not {what} a decoder map in {spill.folder} ({exc}); the tiled decoder "
+            f"keeps its maps there (this one {mib:.0f} MiB): free space or set "
+            f"${SPILL_ENV} to a folder on a disk with room") from exc
 
 
 def check_spill_folder(folder: str | os.PathLike[str]) -> None:
@@ -104,9 +101,11 @@ def check_spill_folder(folder: str | os.PathLike[str]) -> None:
         raise InvalidInputError(f"the spill folder {str(path)!r} (${SPILL_ENV}, default the "
                                 "temp folder) is not a writable directory; set "
                                 f"${SPILL_ENV} to one on a disk")
+    if str(path) in _typed:  # a folder's filesystem is looked up (and warned about) once
+        return
+    _typed.add(str(path))
     kind = filesystem_type(path)
-    if kind in MEMORY_FILESYSTEMS and str(path) not in _warned:
-        _warned.add(str(path))
+    if kind in MEMORY_FILESYSTEMS:
         log.warning("the spill folder %s is on %s (memory): the tiled decoder's maps kept "
                     "there count as memory; set $%s to a folder on a disk", path, kind,
                     SPILL_ENV)

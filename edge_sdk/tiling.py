@@ -28,7 +28,6 @@ import numpy as np
 from .errors import InvalidInputError
 
 
-
 class RowStore(Protocol):
     """A [B, C, H, W] map kept elsewhere than in an array (edge_sdk.spill.SpillFile: in a
     file), read and written a strip of rows at a time."""
@@ -49,6 +48,14 @@ Alloc = Callable[[tuple[int, ...], np.dtype], Map]
 def read_rows(m: Map, y0: int, y1: int) -> np.ndarray:
     """Rows y0:y1 of a map, [B, C, rows, W]."""
     return m[:, :, y0:y1] if isinstance(m, np.ndarray) else m.rows(y0, y1)
+
+
+def write_rows(m: Map, y0: int, block: np.ndarray) -> None:
+    """Rows y0.. of a map from `block` [B, C, rows, W]."""
+    if isinstance(m, np.ndarray):
+        m[:, :, y0:y0 + block.shape[2]] = block
+    else:
+        m.put(y0, block)
 
 
 def whole(m: Map) -> np.ndarray:
@@ -164,10 +171,7 @@ def run_stage_tiled(inputs: Sequence[Map], stage: Stage, tile: int,
         if out is None:
             out = alloc((main.shape[0], res.shape[1], h * s, main.shape[3] * s), res.dtype)
         core = res[:, :, (y0 - ya) * s:(y1 - ya) * s]
-        if isinstance(out, np.ndarray):
-            out[:, :, y0 * s:y1 * s] = core
-        else:
-            out.put(y0 * s, core)
+        write_rows(out, y0 * s, core)
         if acc is not None:
             acc.add(core)
     assert out is not None
