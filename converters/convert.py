@@ -120,8 +120,12 @@ def _export_role(role: str, ckpt: Checkpoint, stage: Path, opts: ConvertOptions,
         files = source(stage)
     elif sizes is not None:
         from .export_tflite import export_tflite, tflite_io
-        files = export_tflite(role, exp, _load(role, ckpt, layout), stage, precision, sizes,
-                              layout.shapes)
+        model = _load(role, ckpt, layout)
+        cache = None
+        if opts.export_cache is not None:
+            from .export_cache import export_key
+            cache = (Path(opts.export_cache), export_key(role, model, sizes, layout))
+        files = export_tflite(role, exp, model, stage, precision, sizes, layout.shapes, cache)
         return ComponentSpec(role, exp.contract.kind, "tflite", files[0], precision,
                              file_entries(stage, files), *tflite_io(stage / files[0],
                                                                     exp.contract))

@@ -17,6 +17,7 @@ default model's UNet 12 dB PSNR: relative error 0.18 against 0.04 this way).
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -82,9 +83,35 @@ def _named(exp: Exporter, model: Any) -> Any:
 
 
 def export_tflite(role: str, exp: Exporter, model: Any, out_dir: Path, precision: str,
-                  sizes: Sequence[tuple[int, int]], shapes: Shapes) -> list[str]:
+                  sizes: Sequence[tuple[int, int]], shapes: Shapes,
+                  cache: tuple[Path, str] | None = None) -> list[str]:
     """Convert `model` to `<out_dir>/<role>.tflite` at `precision`; return [file name].
-    `sizes`: (height, width) in pixels, one signature each for the sized components."""
+    `sizes`: (height, width) in pixels, one signature each for the sized components.
+    `cache`: (folder, key) of the fp32 export to reuse or keep (converters.export_cache)."""
+    name = f"{role}.tflite"
+    dst = out_dir / name
+    if cache is not None:
+        from .export_cache import cached_export
+        src = cached_export(cache[0], role, cache[1],
+                            lambda path: _trace(exp, model, sizes, shapes, path))
+        if precision == "fp32":
+            shutil.copyfile(src, dst)
+        else:
+            quantize_tflite(src, dst, precision)
+        return [name]
+    if precision == "fp32":
+        _trace(exp, model, sizes, shapes, dst)
+        return [name]
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".{role}-") as tmp:
+        src = Path(tmp) / "fp32.tflite"
+        _trace(exp, model, sizes, shapes, src)
+        quantize_tflite(src, dst, precision)
+    return [name]
+
+
+def _trace(exp: Exporter, model: Any, sizes: Sequence[tuple[int, int]], shapes: Shapes,
+           path: Path) -> None:
+    """litert-torch's fp32 conversion of `model`, one signature per size, written to `path`."""
     litert_torch = require_litert_torch()
     import torch
     wrapper = _named(exp, model)
@@ -94,18 +121,9 @@ def export_tflite(role: str, exp: Exporter, model: Any, out_dir: Path, precision
         kw = exp.example(model, 1, size, shapes)
         converter = (litert_torch.signature(key, wrapper, sample_kwargs=kw) if converter is None
                      else converter.signature(key, wrapper, sample_kwargs=kw))
-    name = f"{role}.tflite"
     with torch.no_grad():
         converted = converter.convert()  # type: ignore[union-attr]
-    if precision == "fp32":
-        converted.export(str(out_dir / name))
-        return [name]
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=f".{role}-") as tmp:
-        src = Path(tmp) / "fp32.tflite"
-        converted.export(str(src))
-        del converted
-        quantize_tflite(src, out_dir / name, precision)
-    return [name]
+    converted.export(str(path))
 
 
 def quantize_tflite(src: Path, dst: Path, precision: str) -> None:

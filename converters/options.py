@@ -43,6 +43,8 @@ class ConvertOptions:
     attention_chunks: int | str = "auto"
     sizes: str | None = None  # TFLite: "512x512,512x768"
     name: str | None = None  # the model's name in the manifest
+    # TFLite: a folder of fp32 exports reused across conversions (converters.export_cache)
+    export_cache: str | Path | None = None
 
     @classmethod
     def of(cls, options: "ConvertOptions | None", overrides: Mapping[str, Any]
@@ -80,6 +82,9 @@ class ConvertOptions:
                                   "(drop --int8-method static)")
         if self.fmt == "onnx" and self.sizes:
             raise ConversionError("--sizes is for --format tflite (ONNX graphs take any size)")
+        if self.fmt == "onnx" and self.export_cache is not None:
+            raise ConversionError("--export-cache is for --format tflite (it keeps litert-torch's "
+                                  "fp32 exports); drop it for ONNX")
         if not isinstance(self.opset, int) or self.opset < MIN_OPSET:
             raise ConversionError(f"--opset {self.opset} is too old; use {MIN_OPSET} or newer "
                                   f"(default {DEFAULT_OPSET})")

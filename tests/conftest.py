@@ -32,6 +32,7 @@ class Models:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self.exports = root / "tflite-exports"
         self._cache: dict[tuple[str, ...], Path] = {}
 
     def checkpoint(self, arch: str) -> Path:
@@ -53,7 +54,11 @@ class Models:
             from converters.convert import convert
             out = self.root / "-".join(["bundle", arch, precision, fmt,
                                         *(f"{k}{v}".replace(",", "_") for k, v in extra)])
-            convert(self.checkpoint(arch), out, precision=precision, fmt=fmt, **options)
+            # TFLite: the fp32 exports are shared across this session's conversions
+            # (edge-convert --export-cache): another precision costs only its quantization
+            cache = {"export_cache": self.exports} if fmt == "tflite" else {}
+            convert(self.checkpoint(arch), out, precision=precision, fmt=fmt, **cache,
+                    **options)
             self._cache[key] = out
         return self._cache[key]
 

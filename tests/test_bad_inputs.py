@@ -440,6 +440,9 @@ ROWS: list[Row] = [
     Row("conversion", "--default-guidance nan", lambda c: c.convert(
         c.ckpt, "-o", c.tmp / "out", "--default-guidance", "nan"), ConversionError,
         "--default-guidance must be a finite number"),
+    Row("conversion", "--export-cache for an ONNX bundle",
+        lambda c: c.convert(c.ckpt, "-o", c.tmp / "out", "--export-cache", c.tmp / "x"),
+        ConversionError, "--export-cache is for --format tflite"),
     Row("conversion", "--opset 5", lambda c: c.convert(c.ckpt, "-o", c.tmp / "out", "--opset",
                                                        "5"), ConversionError, "--opset 5"),
     Row("conversion", "checkpoint folder does not exist",

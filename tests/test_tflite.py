@@ -234,3 +234,43 @@ def test_tflite_generation_with_torch_blocked(models, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["size"] == [64, 64] and out["std"] > 1.0 and out["loaded"] == []
+
+
+@needs_tflite
+def test_export_cache_reuses_identical_exports_and_only_those(models, tmp_path, monkeypatch):
+    """--export-cache: a second conversion of the same weights traces nothing and writes the
+    same files; other weights or sizes get a new key; a failed trace leaves no entry."""
+    import torch
+
+    from converters import export_tflite
+    from converters.convert import convert
+    from converters.export_cache import cached_export, export_key
+    first = models.bundle("tiny-sd1", fmt="tflite")  # fp32, its exports in models.exports
+    assert {p.name.split("-")[0] for p in models.exports.glob("*.tflite")} >= {
+        "text_encoder", "unet", "vae_decoder", "vae_encoder"}
+
+    def no_trace(*a: object) -> None:
+        raise AssertionError("traced although the export was in the cache")
+    monkeypatch.setattr(export_tflite, "_trace", no_trace)
+    again = convert(models.checkpoint("tiny-sd1"), tmp_path / "again", fmt="tflite",
+                    export_cache=models.exports)
+    assert again.components["unet"].files[0].sha256 == \
+        Pipeline.load(first).manifest.components["unet"].files[0].sha256
+    with pytest.raises(AssertionError, match="traced"):  # other sizes: not in the cache
+        convert(models.checkpoint("tiny-sd1"), tmp_path / "sized", fmt="tflite",
+                export_cache=models.exports, sizes="32x32", vae_encoder=False)
+    assert not (tmp_path / "sized").exists()
+
+    module = torch.nn.Linear(3, 2)
+    key = export_key("unet", module, [(64, 64)])
+    assert export_key("unet", module, [(64, 96)]) != key
+    with torch.no_grad():
+        module.weight[0, 0] += 1e-6
+    assert export_key("unet", module, [(64, 64)]) != key
+
+    def fails(path: Path) -> None:
+        path.write_bytes(b"half")
+        raise RuntimeError("killed")
+    with pytest.raises(RuntimeError):
+        cached_export(tmp_path / "c", "unet", key, fails)
+    assert list((tmp_path / "c").iterdir()) == []
