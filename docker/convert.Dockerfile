@@ -1,12 +1,16 @@
 # edge-convert for workstations (x86-64 or arm64): torch CPU, diffusers, onnx.
 #   docker build -f docker/convert.Dockerfile -t edge-convert .
 #   docker run --rm -v "$PWD:/work" edge-convert /work/my-checkpoint -o /work/bundle --precision int8
+#   (as yourself: add --user "$(id -u):$(id -g)", so the bundle is yours on the host)
 # torch comes from its CPU index, pinned, before anything that depends on it, so pip never
-# pulls a multi-GB CUDA build.
+# pulls a multi-GB CUDA build. Offline or behind a mirror: pip's settings as build arguments,
+# as for runtime.Dockerfile (with PIP_NO_INDEX=1, torch comes from PIP_FIND_LINKS too).
+# tests/bench/docker_convert.sh builds this file offline and converts a tiny checkpoint in it.
 
 FROM python:3.11-slim-bookworm
+ARG PIP_INDEX_URL PIP_NO_INDEX PIP_FIND_LINKS
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    HF_HUB_OFFLINE=1
+    HF_HUB_OFFLINE=1 HOME=/tmp
 WORKDIR /src
 RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 COPY docker/requirements-runtime.txt docker/requirements-convert.txt /tmp/

@@ -2,9 +2,16 @@
 # Multi-arch (linux/arm64 for Raspberry Pi OS 64-bit and other ARM boards, linux/amd64):
 #   docker buildx build --platform linux/arm64,linux/amd64 -f docker/runtime.Dockerfile -t edge-sdk .
 # The wheels are those CI installs in its emulated aarch64 stage (docker/requirements-runtime.txt)
-# and the image's check is the command CI runs there: `edge-sdk selftest`.
+# and the image's check is the command CI runs there: `edge-sdk selftest`. CI builds this file
+# unchanged for both platforms and runs selftest inside each image (tests/docker/stage.sh).
+#
+# Offline, or behind a mirror: pip's own settings go in as build arguments, e.g.
+#   --build-arg PIP_INDEX_URL=https://mirror.example/simple
+#   --build-arg PIP_NO_INDEX=1 --build-arg PIP_FIND_LINKS=/wheels   (a folder of wheels mounted
+#   into the build: `podman build -v DIR:/wheels:ro`, as CI does). Unset, pip uses PyPI.
 
 FROM python:3.11-slim-bookworm AS build
+ARG PIP_INDEX_URL PIP_NO_INDEX PIP_FIND_LINKS
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY edge_sdk ./edge_sdk
@@ -13,19 +20,26 @@ COPY models/shapes/bundle ./models/shapes/bundle
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 FROM python:3.11-slim-bookworm
+ARG PIP_INDEX_URL PIP_NO_INDEX PIP_FIND_LINKS
 LABEL org.opencontainers.image.title="edge-sdk runtime" \
       org.opencontainers.image.description="Torch-free text-to-image runtime with the shipped shapes model"
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-COPY docker/requirements-runtime.txt docker/requirements-tflite.txt /tmp/
-COPY --from=build /wheels /wheels
+# The dependencies first, in a layer of their own that a change to edge-sdk's code keeps.
 # --only-binary: a dependency without a wheel for this platform fails the build instead of
 # compiling for an hour on a board. LiteRT comes too (TFLite bundles, --backend tflite).
+COPY docker/requirements-runtime.txt docker/requirements-tflite.txt /tmp/
 RUN pip install --no-cache-dir --only-binary=:all: -r /tmp/requirements-runtime.txt \
     -r /tmp/requirements-tflite.txt \
- && pip install --no-cache-dir --no-deps /wheels/*.whl \
- && rm -rf /wheels /tmp/requirements-runtime.txt /tmp/requirements-tflite.txt \
- && useradd --create-home --uid 1000 edge
-USER 1000
+ && rm /tmp/requirements-runtime.txt /tmp/requirements-tflite.txt
+COPY --from=build /wheels /tmp/wheels
+COPY docker/entrypoint.sh /usr/local/bin/edge-sdk-entrypoint
+# The image starts as root only so that its entry point can hand an empty, root-owned /out
+# (what `docker run -v "$PWD/out:/out"` makes of a missing folder) to the user `edge`
+# (uid 1000); edge-sdk itself always runs as `edge` (docker/entrypoint.sh).
+RUN pip install --no-cache-dir --no-deps /tmp/wheels/*.whl \
+ && rm -rf /tmp/wheels \
+ && useradd --create-home --uid 1000 edge \
+ && mkdir -p /out && chown edge:edge /out
 WORKDIR /out
-ENTRYPOINT ["edge-sdk"]
+ENTRYPOINT ["edge-sdk-entrypoint"]
 CMD ["generate", "a red circle on a blue background", "-o", "/out/out.png"]

@@ -14,8 +14,8 @@ export QEMU_CPU=${QEMU_CPU:-cortex-a72}   # Pi 4 (cortex-a76 = Pi 5); "max" give
 if ! command -v qemu-aarch64-static >/dev/null || ! command -v mmdebstrap >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user-static binfmt-support mmdebstrap >/dev/null
 fi
-mountpoint -q /proc/sys/fs/binfmt_misc || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
-[ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] || update-binfmts --enable qemu-aarch64 || update-binfmts --import qemu-aarch64
+# shellcheck source=tests/arm64/binfmt.sh
+. "$HERE/binfmt.sh"
 if [ ! -x "$R/opt/venv/bin/python" ]; then      # rootfs: unpack only, no emulated maintainer scripts
   rm -rf "$R"; mkdir -p "$CACHE"
   mmdebstrap --quiet --architectures=arm64 --variant=extract \
@@ -30,8 +30,7 @@ STAMP="$R/opt/venv/.reqs"; if [ "$(cat "$STAMP" 2>/dev/null)" != "$REQS" ]; then
   python3 -m pip install -q --only-binary=:all: $PLAT --python-version 3.11 --implementation cp --abi cp311 --target "$SP" $REQS
   echo "$REQS" > "$STAMP"
 fi
-export CPUINFO=$CACHE/cpuinfo; : > "$CPUINFO"  # qemu shows the host's x86 cpuinfo -> onnxruntime segfaults
-for i in $(seq 0 $(($(nproc)-1))); do printf 'processor\t: %s\nFeatures\t: fp asimd evtstrm crc32 cpuid\nCPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x0\nCPU part\t: 0xd08\nCPU revision\t: 3\n\n' $i >> "$CPUINFO"; done
+export CPUINFO=$CACHE/cpuinfo; write_cpuinfo "$CPUINFO"
 mkdir -p "$R/src"
 cd "$ROOT"
 exec unshare --mount --propagation private /bin/bash -c '

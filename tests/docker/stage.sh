@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The container CI stage: builds docker/runtime.Dockerfile, unchanged, for linux/amd64 and
+# linux/arm64 (emulated through qemu's binfmt handler) with podman, runs `edge-sdk selftest`
+# inside each image, prints each image's size, and runs docker/README.md's quick start (an
+# empty root-owned out/, as docker makes a missing bind-mount source, on /out) on amd64.
+# No registry is reachable from CI, so:
+#  - the Dockerfile's base image (FROM) is made here, per platform, from Debian bookworm
+#    packages (tests/docker/base.sh) and given the FROM name;
+#  - the wheels are fetched by the host's pip for the target platform and mounted into the
+#    build, which installs them with pip's own settings as build arguments
+#    (PIP_NO_INDEX/PIP_FIND_LINKS); users' builds leave them unset and use PyPI.
+# Both are cached under $DOCKER_CACHE (default /var/cache/edge-sdk-docker), keyed by what they
+# are made from, and so is podman's storage, one per platform (see below). The two platforms
+# build and run side by side: arm64's emulated steps are the long pole.
+# Budget: 3 min with the cache warm, 10 min cold. Exit non-zero on failure.
+set -euo pipefail
+# shellcheck source=tests/docker/lib.sh
+. "$(dirname "$0")/lib.sh"
+start=$SECONDS
+DOCKERFILE=$ROOT/docker/runtime.Dockerfile; FROM=$(from "$DOCKERFILE")
+REQS=(-r "$ROOT/docker/requirements-runtime.txt" -r "$ROOT/docker/requirements-tflite.txt")
+NOTHING_HEAVY='import importlib.util as u, shutil, sys
+bad = [m for m in ("torch", "diffusers", "transformers", "onnx", "litert_torch") if u.find_spec(m)]
+bad += [c for c in ("gcc", "cc", "g++", "clang", "make") if shutil.which(c)]
+print("in the image: no torch, converter stack or compiler" if not bad else f"in the image: {bad}")
+sys.exit(bool(bad))'
+
+check() {  # check ARCH: build the runtime image for linux/ARCH and run selftest in it
+  local arch=$1 t=$SECONDS w run out
+  # layers no build has used for a week (the cache of an old dependency list)
+  pod "$arch" image prune -f --filter until=168h >/dev/null
+  base "$arch" "$DOCKERFILE"; w=$(wheels "$arch" runtime "${REQS[@]}" "${BUILD_REQS[@]}")
+  pod "$arch" build -q --pull=never --platform "linux/$arch" -f "$DOCKERFILE" \
+    -v "$w:/host-wheels:ro" --build-arg PIP_NO_INDEX=1 --build-arg PIP_FIND_LINKS=/host-wheels \
+    -t "edge-sdk:$arch" "$ROOT" >/dev/null 2>"$CACHE/build-$arch.log" || {
+      tail -30 "$CACHE/build-$arch.log"; return 1; }
+  echo "edge-sdk:$arch built in $((SECONDS - t)) s, image size $(pod "$arch" image inspect \
+    --format '{{.Size}}' "edge-sdk:$arch" | awk '{printf "%.0f MB", $1 / 1e6}') (uncompressed)"
+  # onnxruntime under qemu needs an ARM /proc/cpuinfo and a real CPU model (shared/ARM64.md)
+  run=(pod "$arch" run --rm --network none --platform "linux/$arch")
+  [ "$arch" = arm64 ] && run+=(-e "QEMU_CPU=${QEMU_CPU:-cortex-a72}" -v "$CPUINFO:/proc/cpuinfo:ro")
+  "${run[@]}" "edge-sdk:$arch" selftest
+  if [ "$arch" = amd64 ]; then  # small: no torch (or other converter stack), no compiler
+    "${run[@]}" --entrypoint python3 "edge-sdk:$arch" -c "$NOTHING_HEAVY"
+    # the quick start: `docker run --rm -v "$PWD/out:/out" IMAGE`
+    out=$(mktemp -d); chmod 755 "$out"
+    "${run[@]}" -v "$out:/out" "edge-sdk:$arch" >"$CACHE/quickstart.log" 2>&1 || {
+      tail -20 "$CACHE/quickstart.log"; return 1; }
+    [ -s "$out/out.png" ] || { echo "quick start: no out/out.png"; return 1; }
+    echo "quick start into an empty root-owned out/: out.png written by uid $(stat -c %u "$out/out.png")"
+    rm -rf "$out"
+  fi
+  # the layers stay, as the next run's cache (no prune)
+  pod "$arch" rmi --no-prune "edge-sdk:$arch" >/dev/null; pod "$arch" untag "$FROM" "$FROM"
+  echo "linux/$arch: selftest passed in the image, $((SECONDS - t)) s"
+}
+
+echo "== container stage: runtime image for linux/arm64 and linux/amd64, side by side"
+check arm64 > "$CACHE/arm64.log" 2>&1 & arm=$!   # subshells: set -e holds inside each
+check amd64 > "$CACHE/amd64.log" 2>&1 & amd=$!
+wait $amd && amd=0 || amd=$?
+wait $arm && arm=0 || arm=$?
+for a in amd64 arm64; do sed "s/^/[$a] /" "$CACHE/$a.log"; done
+[ $amd = 0 ] && [ $arm = 0 ] || { echo "== container stage FAILED"; exit 1; }
+echo "== container stage passed in $((SECONDS - start)) s"
