@@ -72,6 +72,9 @@ def convert(checkpoint: str | Path, output: str | Path, options: ConvertOptions 
     if opts.fmt == "tflite":
         from .export_tflite import require_litert_torch
         require_litert_torch()
+    if opts.export_cache is not None:
+        from .export_cache import open_cache
+        open_cache(opts.export_cache)
     ckpt = Checkpoint.open(checkpoint, allow_pickle=opts.allow_pickle)
     ckpt.check_supported()
     layout = Layout.of(ckpt, opts)
@@ -122,9 +125,10 @@ def _export_role(role: str, ckpt: Checkpoint, stage: Path, opts: ConvertOptions,
         from .export_tflite import export_tflite, tflite_io
         model = _load(role, ckpt, layout)
         cache = None
-        if opts.export_cache is not None:
+        if opts.export_cache is not None:  # sizes: for the components traced per size
             from .export_cache import export_key
-            cache = (Path(opts.export_cache), export_key(role, model, sizes, layout))
+            cache = (Path(opts.export_cache),
+                     export_key(role, model, sizes if exp.sized else None, layout))
         files = export_tflite(role, exp, model, stage, precision, sizes, layout.shapes, cache)
         return ComponentSpec(role, exp.contract.kind, "tflite", files[0], precision,
                              file_entries(stage, files), *tflite_io(stage / files[0],

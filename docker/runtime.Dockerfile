@@ -31,13 +31,13 @@ COPY docker/requirements-runtime.txt docker/requirements-tflite.txt /tmp/
 RUN pip install --no-cache-dir --only-binary=:all: -r /tmp/requirements-runtime.txt \
     -r /tmp/requirements-tflite.txt \
  && rm /tmp/requirements-runtime.txt /tmp/requirements-tflite.txt
-COPY --from=build /wheels /tmp/wheels
 COPY docker/entrypoint.sh /usr/local/bin/edge-sdk-entrypoint
 # The image starts as root only so that its entry point can hand an empty, root-owned /out
 # (what `docker run -v "$PWD/out:/out"` makes of a missing folder) to the user `edge`
-# (uid 1000); edge-sdk itself always runs as `edge` (docker/entrypoint.sh).
-RUN pip install --no-cache-dir --no-deps /tmp/wheels/*.whl \
- && rm -rf /tmp/wheels \
+# (uid 1000) and run edge-sdk as `edge`; with --user, edge-sdk runs as that user
+# (docker/entrypoint.sh). The wheel is mounted, not copied: no layer keeps a second copy.
+RUN --mount=type=bind,from=build,source=/wheels,target=/tmp/wheels \
+    pip install --no-cache-dir --no-deps /tmp/wheels/*.whl \
  && useradd --create-home --uid 1000 edge \
  && mkdir -p /out && chown edge:edge /out
 WORKDIR /out

@@ -54,9 +54,11 @@ class Models:
             from converters.convert import convert
             out = self.root / "-".join(["bundle", arch, precision, fmt,
                                         *(f"{k}{v}".replace(",", "_") for k, v in extra)])
-            # TFLite: the fp32 exports are shared across this session's conversions
-            # (edge-convert --export-cache): another precision costs only its quantization
-            cache = {"export_cache": self.exports} if fmt == "tflite" else {}
+            # TFLite: the tiny models' fp32 exports are shared across this session's
+            # conversions (edge-convert --export-cache): another precision costs only its
+            # quantization. The shapes model's (converted once) take the default path.
+            cache = {"export_cache": self.exports} if fmt == "tflite" and arch != "shapes" \
+                else {}
             convert(self.checkpoint(arch), out, precision=precision, fmt=fmt, **cache,
                     **options)
             self._cache[key] = out

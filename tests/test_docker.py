@@ -126,4 +126,3 @@ def test_entrypoint_hands_only_an_empty_root_owned_out_to_uid_1000(tmp_path):
     assert run(1234, 0) == ["edge-sdk selftest"]       # --user: runs as given, changes nothing
     (out / "keep.png").write_text("x")
     assert run(0, 0)[0].startswith("setpriv")           # a folder with files is never chowned
-

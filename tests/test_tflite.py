@@ -244,7 +244,7 @@ def test_export_cache_reuses_identical_exports_and_only_those(models, tmp_path, 
 
     from converters import export_tflite
     from converters.convert import convert
-    from converters.export_cache import cached_export, export_key
+    from converters.export_cache import cached_export, export_key, open_cache
     first = models.bundle("tiny-sd1", fmt="tflite")  # fp32, its exports in models.exports
     assert {p.name.split("-")[0] for p in models.exports.glob("*.tflite")} >= {
         "text_encoder", "unet", "vae_decoder", "vae_encoder"}
@@ -256,11 +256,18 @@ def test_export_cache_reuses_identical_exports_and_only_those(models, tmp_path, 
                     export_cache=models.exports)
     assert again.components["unet"].files[0].sha256 == \
         Pipeline.load(first).manifest.components["unet"].files[0].sha256
-    with pytest.raises(AssertionError, match="traced"):  # other sizes: not in the cache
+    traced: list[str] = []
+    monkeypatch.setattr(export_tflite, "_trace", lambda exp, *a: traced.append(
+        exp.contract.kind) or (_ for _ in ()).throw(RuntimeError("stop")))
+    with pytest.raises(RuntimeError, match="stop"):  # other sizes: the UNet is not cached
         convert(models.checkpoint("tiny-sd1"), tmp_path / "sized", fmt="tflite",
                 export_cache=models.exports, sizes="32x32", vae_encoder=False)
+    assert traced == ["unet"]  # the text encoder, traced without sizes, was reused
     assert not (tmp_path / "sized").exists()
 
+    from converters.export_cache import _config_text  # a path or a set's order: not the key
+    assert _config_text({"a": 1, "_name_or_path": "./x", "_use_default_values": ["p", "q"]}) \
+        == _config_text({"_use_default_values": ["q", "p"], "a": 1, "_name_or_path": "/y/x"})
     module = torch.nn.Linear(3, 2)
     key = export_key("unet", module, [(64, 64)])
     assert export_key("unet", module, [(64, 96)]) != key
@@ -272,5 +279,5 @@ def test_export_cache_reuses_identical_exports_and_only_those(models, tmp_path, 
         path.write_bytes(b"half")
         raise RuntimeError("killed")
     with pytest.raises(RuntimeError):
-        cached_export(tmp_path / "c", "unet", key, fails)
+        cached_export(open_cache(tmp_path / "c"), "unet", key, fails)
     assert list((tmp_path / "c").iterdir()) == []

@@ -12,7 +12,7 @@ CACHE=${ARM_CACHE:-/var/cache/edge-sdk-arm64}
 start=$SECONDS
 # The default model as a TFLite bundle for the LiteRT check, converted here (the converter is
 # x86-only) and cached by what it is made from: the checkpoint, the converter, the runtime
-# and the package versions (the files as they are now). A conversion takes ~1.5 min, ~10 s
+# and the package versions (the files as they are now). A conversion takes ~1.5 min, ~16 s
 # when only the runtime changed: its fp32 exports are kept (--export-cache, keyed by the
 # weights, the converter's code and the package versions; unused for a week: removed).
 KEY=$(cd "$ROOT" && { git ls-files -z models/shapes/checkpoint converters edge_sdk pyproject.toml |

@@ -5,6 +5,8 @@
 # tiny SD 1.x checkpoint (`edge-convert synth --arch tiny-sd1`), converts it to int8 as a
 # user that is not the image's own (--user, as docker/README.md runs it) and generates with
 # it, printing the time of each step and the image size.
+# torch must come as its CPU wheel: this machine's pip finds it on disk; elsewhere set
+# PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu (PyPI's torch is a CUDA build).
 # A benchmark, not a CI step: the cold build alone takes minutes (torch and the converter's
 # ~1 GB of wheels). Needs root (podman); caches as the container stage does.
 #   bash tests/bench/docker_convert.sh

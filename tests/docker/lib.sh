@@ -35,10 +35,11 @@ fi
 # what `pip wheel .` installs to build the project (its build-system requirements)
 # shellcheck disable=SC2034
 read -ra BUILD_REQS <<< "$(python3 -c "import tomllib;print(' '.join(tomllib.load(open('$ROOT/pyproject.toml','rb'))['build-system']['requires']))")"
+[ ${#BUILD_REQS[@]} -gt 0 ] || { echo "no build-system requirements read from pyproject.toml" >&2; exit 1; }
 
-pod() {  # pod ARCH ARGS...: podman on ARCH's own storage, so both platforms can have FROM
-  local arch=$1; shift
-  podman --storage-driver "$DRIVER" --runtime runc --root "$STORES/$arch" \
+pod() {  # pod ARCH ARGS...: podman on ARCH's own storage, so both platforms can have FROM;
+  local arch=$1; shift  # each command limited to $POD_TIMEOUT seconds (0: none)
+  timeout "${POD_TIMEOUT:-0}" podman --storage-driver "$DRIVER" --runtime runc --root "$STORES/$arch" \
     --runroot "/run/edge-sdk-podman-$DRIVER-$arch" "$@"
 }
 
