@@ -4,7 +4,8 @@
 #   (as yourself: add --user "$(id -u):$(id -g)", so the bundle is yours on the host)
 # torch comes from its CPU index, pinned, before anything that depends on it, so pip never
 # pulls a multi-GB CUDA build. Offline or behind a mirror: pip's settings as build arguments,
-# as for runtime.Dockerfile (with PIP_NO_INDEX=1, torch comes from PIP_FIND_LINKS too).
+# as for runtime.Dockerfile. A PIP_INDEX_URL mirror serves everything but torch, which comes
+# from the index its line names; with PIP_NO_INDEX=1, torch comes from PIP_FIND_LINKS too.
 # tests/bench/docker_convert.sh builds this file offline and converts a tiny checkpoint in it.
 
 FROM python:3.11-slim-bookworm
