@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import signal
 import sys
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
 from edge_sdk.cli import run_cli
 from edge_sdk.errors import ConversionError
@@ -112,16 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv[1:] if sub else argv)
     action = {"synth": _synth, "verify": _verify}.get(sub or "", _convert)
     # SIGTERM (a service stopping, `kill`) unwinds like Ctrl-C: the staging folder is removed
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        return run_cli(lambda: action(_require_convert_extra(args)), args.debug,
-                       interrupted="interrupted; no partial bundle was left")
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+    return run_cli(lambda: action(_require_convert_extra(args)), args.debug,
+                   interrupted="interrupted; no partial bundle was left")
 
 
 def _require_convert_extra(args: argparse.Namespace) -> argparse.Namespace:

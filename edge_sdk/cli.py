@@ -10,7 +10,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -348,12 +350,24 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "selftest": cmd_selftest, "bench": cmd_bench, "schedulers": cmd_schedulers}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`docker stop`, a service manager, `kill`), unwound like Ctrl-C."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
 def run_cli(action: Callable[[], int], debug: bool,
             interrupted: str = "interrupted") -> int:
     """Run a CLI action: logging set up, edge_sdk errors as one line on stderr and exit 2
-    (the traceback with --debug), Ctrl-C as exit 130. Shared by edge-convert."""
+    (the traceback with --debug), Ctrl-C as exit 130 and SIGTERM as 143 (128 + the signal),
+    both unwinding so that nothing half-written is left. Shared by edge-convert."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    # as PID 1 in a container, a process that leaves SIGTERM at its default ignores it
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return action()
     except EdgeSDKError as exc:
@@ -361,12 +375,15 @@ def run_cli(action: Callable[[], int], debug: bool,
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print(interrupted, file=sys.stderr)
-        return 130
+        return 128 + signal.SIGTERM if isinstance(exc, Terminated) else 130
     except BrokenPipeError:  # `edge-sdk bench --json | head`: the reader left, not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
         return 0
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -88,3 +88,21 @@ def test_num_images_are_written_as_numbered_files(models, tmp_path):
     assert sdk_main(["generate", "x", "--model", str(models.bundle("tiny-sd1")), "-o", str(out),
                      "--steps", "2", "--num-images", "2", "-q"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["img-0.png", "img-1.png"]
+
+
+def test_sigterm_stops_a_generation_cleanly(tmp_path):
+    """`docker stop` and service managers send SIGTERM: edge-sdk unwinds as for Ctrl-C (exit
+    143, one line, no traceback, no image) instead of ignoring it as a container's PID 1."""
+    import signal
+    out = tmp_path / "out.png"
+    proc = subprocess.Popen([sys.executable, "-m", "edge_sdk.cli", "generate", "a red circle",
+                             "--steps", "1000", "-o", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    line = proc.stderr.readline()  # the first progress line: it is denoising now
+    assert "denoising" in line, line
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert not out.exists()
