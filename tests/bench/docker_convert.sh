@@ -13,29 +13,26 @@
 set -euo pipefail
 # shellcheck source=tests/docker/lib.sh
 . "$(dirname "$0")/../docker/lib.sh"
-DOCKERFILE=$ROOT/docker/convert.Dockerfile; FROM=$(from "$DOCKERFILE"); A=amd64
+DOCKERFILE=$ROOT/docker/convert.Dockerfile; A=amd64
 t=$SECONDS
 base $A "$DOCKERFILE"
 w=$(wheels $A convert torch==2.13.0 -r "$ROOT/docker/requirements-convert.txt" \
     -r "$ROOT/docker/requirements-runtime.txt" "${BUILD_REQS[@]}")
 echo "base image and wheels ready in $((SECONDS - t)) s"; t=$SECONDS
-pod $A build -q --pull=never --platform linux/$A -f "$DOCKERFILE" -v "$w:/host-wheels:ro" \
-  --build-arg PIP_NO_INDEX=1 --build-arg PIP_FIND_LINKS=/host-wheels -t edge-convert:$A "$ROOT" \
-  >/dev/null 2>"$CACHE/build-convert.log" || { tail -30 "$CACHE/build-convert.log"; exit 1; }
-echo "edge-convert:$A built in $((SECONDS - t)) s, image size $(pod $A image inspect \
-  --format '{{.Size}}' edge-convert:$A | awk '{printf "%.0f MB", $1 / 1e6}') (uncompressed)"
+build_image $A "$DOCKERFILE" edge-convert:$A "$w"
+echo "edge-convert:$A built in $((SECONDS - t)) s, image size $(image_size $A edge-convert:$A)"
 # as docker/README.md says to run it: --user, the owner of the folder (not the image's uid 1000)
 work=$(mktemp -d); chown 1234:1234 "$work"
-run=(pod "$A" run --rm --network none --user 1234:1234 -v "$work:/work" "edge-convert:$A")
-t=$SECONDS; "${run[@]}" synth --arch tiny-sd1 -o /work/ckpt >/dev/null
+run=(pod "$A" run --rm --network none --user 1234:1234 -v "$work:/work")
+t=$SECONDS; "${run[@]}" edge-convert:$A synth --arch tiny-sd1 -o /work/ckpt >/dev/null
 echo "tiny-sd1 checkpoint made in the container in $((SECONDS - t)) s"
-t=$SECONDS; "${run[@]}" /work/ckpt -o /work/bundle --precision int8 >"$CACHE/convert.log" 2>&1 ||
+t=$SECONDS; "${run[@]}" edge-convert:$A /work/ckpt -o /work/bundle --precision int8 >"$CACHE/convert.log" 2>&1 ||
   { tail -20 "$CACHE/convert.log"; exit 1; }
 echo "converted to int8 in the container in $((SECONDS - t)) s: $(du -sh "$work/bundle" | cut -f1)"
 t=$SECONDS
-"${run[@]:0:$((${#run[@]} - 1))}" --entrypoint edge-sdk "edge-convert:$A" \
+"${run[@]}" --entrypoint edge-sdk edge-convert:$A \
   generate "a red circle on a blue background" --model /work/bundle --steps 4 -o /work/out.png >/dev/null 2>&1
 [ -s "$work/out.png" ] || { echo "no image from the converted bundle"; exit 1; }
 echo "generated with it in $((SECONDS - t)) s: $(stat -c %s "$work/out.png") bytes"
-rm -rf "$work"; pod $A rmi --no-prune edge-convert:$A >/dev/null; pod $A untag "$FROM" "$FROM"
+rm -rf "$work"; release_image $A edge-convert:$A "$DOCKERFILE"
 echo "convert image: PASS"

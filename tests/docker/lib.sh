@@ -4,6 +4,8 @@
 #   pod ARCH ARGS...     podman on ARCH's own storage (so each platform has its FROM image)
 #   base ARCH DOCKERFILE the stand-in for DOCKERFILE's base image on linux/ARCH, named as its FROM
 #   wheels ARCH NAME ARGS...  a folder of linux/ARCH wheels for `pip download ARGS`, by the host's pip
+#   build_image ARCH DOCKERFILE TAG WHEELS   the image built offline; image_size ARCH TAG;
+#   release_image ARCH TAG DOCKERFILE        untagged, its layers kept as the next build's cache
 # Cached under $DOCKER_CACHE (default /var/cache/edge-sdk-docker), keyed by what each is made of.
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
@@ -67,4 +69,18 @@ wheels() {  # wheels ARCH NAME PIP-DOWNLOAD-ARGS... -> folder of linux/ARCH cp31
     touch "$dir/.done"
   fi
   echo "$dir"
+}
+
+build_image() {  # build_image ARCH DOCKERFILE TAG WHEELS: pip takes WHEELS, through its own
+  local arch=$1 log=$CACHE/build-${3%%:*}-$1.log  # settings as build arguments, not an index
+  pod "$arch" build -q --pull=never --platform "linux/$arch" -f "$2" \
+    -v "$4:/host-wheels:ro" --build-arg PIP_NO_INDEX=1 --build-arg PIP_FIND_LINKS=/host-wheels \
+    -t "$3" "$ROOT" >/dev/null 2>"$log" || { tail -30 "$log"; return 1; }
+}
+
+image_size() { pod "$1" image inspect --format '{{.Size}}' "$2" | awk '{printf "%.0f MB (uncompressed)", $1 / 1e6}'; }
+
+release_image() {  # release_image ARCH TAG DOCKERFILE: no prune, the layers stay as a cache
+  local from; from=$(from "$3")
+  pod "$1" rmi -f --no-prune "$2" >/dev/null; pod "$1" untag "$from" "$from"
 }

@@ -17,7 +17,7 @@ set -euo pipefail
 # shellcheck source=tests/docker/lib.sh
 . "$(dirname "$0")/lib.sh"
 start=$SECONDS
-DOCKERFILE=$ROOT/docker/runtime.Dockerfile; FROM=$(from "$DOCKERFILE")
+DOCKERFILE=$ROOT/docker/runtime.Dockerfile
 export POD_TIMEOUT=${POD_TIMEOUT:-900}  # s for one podman command: a hung emulation fails
 REQS=(-r "$ROOT/docker/requirements-runtime.txt" -r "$ROOT/docker/requirements-tflite.txt")
 NOTHING_HEAVY='import importlib.util as u, shutil, sys
@@ -32,12 +32,8 @@ check() {  # check ARCH: build the runtime image for linux/ARCH and run selftest
   # week (a cold rebuild then: ~145 s for arm64)
   pod "$arch" image prune -f --filter until=168h >/dev/null
   base "$arch" "$DOCKERFILE"; w=$(wheels "$arch" runtime "${REQS[@]}" "${BUILD_REQS[@]}")
-  pod "$arch" build -q --pull=never --platform "linux/$arch" -f "$DOCKERFILE" \
-    -v "$w:/host-wheels:ro" --build-arg PIP_NO_INDEX=1 --build-arg PIP_FIND_LINKS=/host-wheels \
-    -t "edge-sdk:$arch" "$ROOT" >/dev/null 2>"$CACHE/build-$arch.log" || {
-      tail -30 "$CACHE/build-$arch.log"; return 1; }
-  echo "edge-sdk:$arch built in $((SECONDS - t)) s, image size $(pod "$arch" image inspect \
-    --format '{{.Size}}' "edge-sdk:$arch" | awk '{printf "%.0f MB", $1 / 1e6}') (uncompressed)"
+  build_image "$arch" "$DOCKERFILE" "edge-sdk:$arch" "$w"
+  echo "edge-sdk:$arch built in $((SECONDS - t)) s, image size $(image_size "$arch" "edge-sdk:$arch")"
   # onnxruntime under qemu needs an ARM /proc/cpuinfo and a real CPU model (shared/ARM64.md)
   run=(pod "$arch" run --rm --network none --platform "linux/$arch")
   [ "$arch" = arm64 ] && run+=(-e "QEMU_CPU=${QEMU_CPU:-cortex-a72}" -v "$CPUINFO:/proc/cpuinfo:ro")
@@ -52,8 +48,7 @@ check() {  # check ARCH: build the runtime image for linux/ARCH and run selftest
     [ "$owner" = 1000 ] || { echo "quick start: out/out.png owner $owner, not uid 1000"; return 1; }
     echo "quick start into an empty root-owned out/: out.png written by uid $owner"
   fi
-  # the layers stay, as the next run's cache (no prune)
-  pod "$arch" rmi -f --no-prune "edge-sdk:$arch" >/dev/null; pod "$arch" untag "$FROM" "$FROM"
+  release_image "$arch" "edge-sdk:$arch" "$DOCKERFILE"
   echo "linux/$arch: selftest passed in the image, $((SECONDS - t)) s"
 }
 
