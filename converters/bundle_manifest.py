@@ -28,7 +28,8 @@ class Layout:
 
     shapes: Shapes
     native: int  # native image side, pixels
-    size_multiple: int  # image sides must be multiples of this (the UNet's levels)
+    size_multiple: int  # image sides must be multiples of this (the VAE's factor: the UNet
+    # graph takes any latent size, see registry._unet_example)
     unet_chunks: int  # self-attention query slices in the UNet graph
     vae_chunks: int  # the same for the VAE's mid-block attention
 
@@ -40,7 +41,7 @@ class Layout:
         return cls(Shapes(int(ckpt.config("text_encoder").get("max_position_embeddings", 77)),
                           cross_dim(unet), factor),
                    int(unet["sample_size"]) * factor,
-                   factor * 2 ** (len(unet["block_out_channels"]) - 1), chunks,
+                   factor, chunks,
                    VAE_AUTO_CHUNKS if opts.attention_chunks == "auto" else chunks)
 
 

@@ -116,13 +116,15 @@ class Checkpoint:
         if not isinstance(latent, int) or isinstance(latent, bool) or latent < 1:
             raise ConversionError(f"{self.path / 'vae'}: latent_channels is {latent!r}, not a "
                                   "positive whole number")
-        if unet.get("in_channels") == 2 * latent + 1:
-            raise ConversionError(f"{self.path}: an inpainting UNet ({unet['in_channels']} input "
-                                  f"channels = latents + mask + masked-image latents); "
-                                  "edge-convert does not support inpainting models yet")
-        for key in ("in_channels", "out_channels"):
-            _same("the VAE's latent channels (vae latent_channels)", latent,
-                  f"the UNet's {key.replace('_', ' ')} (unet {key})", unet.get(key, 4))
+        # an inpainting UNet takes latents + mask + masked-image latents
+        if unet.get("in_channels") not in (latent, 2 * latent + 1):
+            raise ConversionError(
+                f"{self.path}: the UNet takes {unet.get('in_channels')!r} input channels; "
+                f"with the VAE's {latent} latent channels it must take {latent} (text-to-"
+                f"image) or {2 * latent + 1} (inpainting: latents + mask + masked-image "
+                "latents); the components do not belong together")
+        _same("the VAE's latent channels (vae latent_channels)", latent,
+              "the UNet's out channels (unet out_channels)", unet.get("out_channels", 4))
         positions = text.get("max_position_embeddings", 77)
         length = self.tokenizer_config().get("model_max_length")
         if isinstance(length, int) and isinstance(positions, int) \

@@ -88,8 +88,12 @@ def _unet_example(model: Any, batch: int, size: tuple[int, int] | None,
                   s: Shapes) -> dict[str, Any]:
     import torch
     cfg = model.config
-    if size is None:  # even latent sizes down to the last level; any context length
-        side = 2 ** (len(cfg.block_out_channels) - 1) * 2
+    if size is None:
+        # Odd latent sides: diffusers' UNet then hands each upsampler its skip connection's
+        # size (`forward_upsample_size`), a path the trace keeps, so the graph serves every
+        # latent size (104x72 px on a 3-level UNet: 13x9 latents), not only multiples of
+        # the UNet's whole downsampling. Any context length.
+        side = 2 ** (len(cfg.block_out_channels) - 1) * 2 + 1
         hw, ctx_len, t = (side, side + side // 2), 7, torch.tensor([999.0, 500.0][:batch])
     else:
         hw, ctx_len, t = (size[0] // s.vae_factor, size[1] // s.vae_factor), s.text_len, \
