@@ -18,15 +18,22 @@ from .osmem import process_memory
 
 
 class _PeakSampler:
-    """Samples RssAnon in a background thread; `peak` is the highest seen."""
+    """Samples RssAnon in a background thread; `peak` is the highest seen, `peak_between`
+    the highest within a time window (a stage's)."""
 
     def __init__(self, interval: float = 0.005) -> None:
         self.interval, self.peak = interval, 0
+        self.samples: list[tuple[float, int]] = []  # (perf_counter, RssAnon)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def sample(self) -> None:
-        self.peak = max(self.peak, process_memory().get("RssAnon", 0))
+        value = process_memory().get("RssAnon", 0)
+        self.samples.append((time.perf_counter(), value))
+        self.peak = max(self.peak, value)
+
+    def peak_between(self, t0: float, t1: float) -> int:
+        return max((v for t, v in self.samples if t0 <= t <= t1), default=0)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -59,6 +66,10 @@ class BenchReport:
     peak_private_bytes: int
     rss_after_load_bytes: int
     private_after_load_bytes: int
+    # peak private memory within each stage (text_encoder, vae_encoder, denoise,
+    # vae_decoder), from the sampler's timestamped samples
+    stage_peak_private_bytes: dict[str, int] = field(default_factory=dict)
+    vae_encoder_s: float | None = None  # img2img / inpainting only
     extra: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -74,6 +85,8 @@ class BenchReport:
                                  f"{self.config['guidance_scale']}"),
                 ("load", f"{self.load_s:.3f} s"),
                 ("text encoder", f"{self.text_encoder_s:.3f} s"),
+                *([("VAE encoder", f"{self.vae_encoder_s:.3f} s")]
+                  if self.vae_encoder_s is not None else []),
                 ("UNet step", f"median {median:.3f} s, first {steps[0]:.3f} s, "
                               f"all {sum(steps):.3f} s" if steps else "-"),
                 ("VAE decoder", f"{self.vae_decoder_s:.3f} s"),
@@ -81,14 +94,17 @@ class BenchReport:
                 ("RSS after load", f"{self.rss_after_load_bytes / mib:.0f} MiB (private "
                                    f"{self.private_after_load_bytes / mib:.0f} MiB)"),
                 ("peak RSS", f"{self.peak_rss_bytes / mib:.0f} MiB"),
-                ("peak private", f"{self.peak_private_bytes / mib:.0f} MiB")]
+                ("peak private", f"{self.peak_private_bytes / mib:.0f} MiB"),
+                ("peak private by stage", ", ".join(
+                    f"{k} {v / mib:.0f} MiB" for k, v in self.stage_peak_private_bytes.items()))]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
-def run_bench(prompt: str, config: GenerationConfig, load: Any) -> tuple[BenchReport, Any]:
-    """Load with `load()` (a callable returning a Pipeline) and generate once, measuring;
-    return the report and the Generation."""
+def run_bench(prompt: str, config: GenerationConfig, load: Any, image: Any = None,
+              mask_image: Any = None) -> tuple[BenchReport, Any]:
+    """Load with `load()` (a callable returning a Pipeline) and generate once (from `image`
+    and `mask_image` when given), measuring; return the report and the Generation."""
     with _PeakSampler() as sampler:
         t0 = time.perf_counter()
         pipe = load()
@@ -101,10 +117,17 @@ def run_bench(prompt: str, config: GenerationConfig, load: Any) -> tuple[BenchRe
             sampler.sample()
 
         t0 = time.perf_counter()
-        result = pipe.generate(prompt, config, callback=on_step)
+        result = pipe.generate(prompt, config, callback=on_step, image=image,
+                               mask_image=mask_image)
         total = time.perf_counter() - t0
-    # denoising starts right after the text encoder (the initial noise takes microseconds)
-    starts = [t0 + result.timings["text_encoder"]] + stamps[:-1]
+    # the stages run one after the other (the initial noise between them takes
+    # milliseconds): their windows follow from the timings
+    windows, at = {}, t0
+    for stage in STAGES:
+        if stage in result.timings:
+            windows[stage] = (at, at + result.timings[stage])
+            at = windows[stage][1]
+    starts = [windows["denoise"][0]] + stamps[:-1]
     steps = [b - a for a, b in zip(starts, stamps)]
     report = BenchReport(
         model=str(pipe.manifest.source.name), memory_plan=pipe.plan.describe(),
@@ -113,5 +136,10 @@ def run_bench(prompt: str, config: GenerationConfig, load: Any) -> tuple[BenchRe
         vae_decoder_s=result.timings["vae_decoder"], total_s=total,
         peak_rss_bytes=process_memory().get("VmHWM", 0), peak_private_bytes=sampler.peak,
         rss_after_load_bytes=after_load.get("VmRSS", 0),
-        private_after_load_bytes=after_load.get("RssAnon", 0))
+        private_after_load_bytes=after_load.get("RssAnon", 0),
+        stage_peak_private_bytes={k: sampler.peak_between(*w) for k, w in windows.items()},
+        vae_encoder_s=result.timings.get("vae_encoder"))
     return report, result
+
+
+STAGES = ("prepare", "text_encoder", "vae_encoder", "denoise", "vae_decoder")  # in the order they run

@@ -21,30 +21,7 @@ from . import __version__
 from . import names as N
 from .config import MAX_IMAGES, add_arguments, config_from_arguments
 from .errors import EdgeSDKError, InvalidInputError
-
-
-class ProgressBar:
-    """A one-line progress bar on stderr (a line per step when stderr is not a terminal)."""
-
-    def __init__(self, label: str, enabled: bool = True, unit: str = "step") -> None:
-        self.label, self.enabled, self.unit = label, enabled, unit
-        self.tty = sys.stderr.isatty()
-        self.t0 = time.perf_counter()
-
-    def __call__(self, i: int, n: int, _latents: Any = None) -> None:
-        if not self.enabled:
-            return
-        done = i + 1
-        rate = (time.perf_counter() - self.t0) / done
-        bar = "#" * int(30 * done / n)
-        speed = f"{rate:.2f} s/{self.unit}" if rate >= 1 else \
-            f"{rate * 1000:.0f} ms/{self.unit}"
-        line = f"{self.label} [{bar:<30}] {done}/{n} {speed}"
-        if self.tty:
-            sys.stderr.write("\r" + line + ("\n" if done == n else ""))
-        elif done == n or done == 1:
-            sys.stderr.write(line + "\n")
-        sys.stderr.flush()
+from .progress import ProgressBar
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,6 +56,7 @@ def _generate_parser(g: argparse.ArgumentParser) -> None:
                    help="image path, .png (parameters in text chunks) or .jpg (default: "
                    "out.png); with --num-images N: NAME-0.png ... NAME-<N-1>.png, image k "
                    "made with seed + k (generate it alone with that seed to get it again)")
+    _add_image_args(g)
     add_arguments(g)  # every generation parameter (edge_sdk.config.GenerationConfig)
     _add_backend_args(g)
     g.add_argument("--no-verify", action="store_true", help="skip sha256 checks at load")
@@ -110,13 +88,22 @@ def _bench_parser(b: argparse.ArgumentParser) -> None:
     b.add_argument("prompt", nargs="?", default="a red circle on a blue background")
     b.add_argument("--model", "-m", help="bundle folder (default: the shipped model)")
     add_arguments(b, only=("negative_prompt", "steps", "guidance_scale", "width", "height",
-                           "seed", "scheduler"))
+                           "seed", "scheduler", "strength"))
+    _add_image_args(b)
     b.set_defaults(seed=0)  # a benchmark is repeatable by default
     _add_memory_arg(b)
     _add_backend_args(b)
     b.add_argument("--output", "-o", default=None, help="also save the image here (PNG)")
     b.add_argument("--json", action="store_true", help="print the report as JSON")
     b.add_argument("--debug", action="store_true")
+
+
+def _add_image_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image", default=None, metavar="PATH", help="img2img: start from this "
+                   "image (PNG/JPEG; the output takes its size, rounded down to a multiple "
+                   "of 8, unless --width/--height are given)")
+    p.add_argument("--mask", default=None, metavar="PATH", help="inpainting: repaint where "
+                   "this mask (the image's size) is white")
 
 
 def _add_memory_arg(p: argparse.ArgumentParser) -> None:
@@ -166,7 +153,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     pipe = Pipeline.load(a.model, verify=not a.no_verify, memory=a.memory, **_backend_kwargs(a))
     load_s = time.perf_counter() - t0
-    result = pipe.generate(a.prompt, config_from_arguments(a),
+    result = pipe.generate(a.prompt, config_from_arguments(a), image=a.image,
+                           mask_image=a.mask,
                            callback=ProgressBar("denoising", not (a.quiet or a.json)))
     images = []
     for k, (image, path) in enumerate(zip(result.images, paths)):
@@ -180,9 +168,11 @@ def cmd_generate(a: argparse.Namespace) -> int:
                           "model": pipe.manifest.source.name, "seconds": t}, indent=1))
     elif not a.quiet:
         c = result.config
+        edit = f", strength {c.strength}" if c.strength is not None else ""
+        encode = f", encode {t['vae_encoder']:.2f} s" if "vae_encoder" in t else ""
         print(f"wrote {', '.join(map(str, paths))} ({c.width}x{c.height}, seed "
-              f"{', '.join(str(i['seed']) for i in images)}, {c.steps} steps, {c.scheduler}) "
-              f"load {load_s:.2f} s, text {t['text_encoder']:.2f} s, denoise "
+              f"{', '.join(str(i['seed']) for i in images)}, {c.steps} steps, {c.scheduler}"
+              f"{edit}) load {load_s:.2f} s, text {t['text_encoder']:.2f} s{encode}, denoise "
               f"{t['denoise']:.2f} s, decode {t['vae_decoder']:.2f} s")
     return 0
 
@@ -227,7 +217,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     config = config_from_arguments(a)
     kwargs = _backend_kwargs(a)
     report, result = run_bench(a.prompt, config, lambda: Pipeline.load(
-        a.model, memory=a.memory, **kwargs))
+        a.model, memory=a.memory, **kwargs), image=a.image, mask_image=a.mask)
     if a.output:
         save_png(result.images[0], a.output, result.parameters)
     print(json.dumps(report.as_dict(), indent=1) if a.json else report.table())

@@ -23,6 +23,8 @@ MAX_SIDE = 8192
 MAX_IMAGES = 64
 MAX_STEPS = 1000
 MAX_GUIDANCE = 100
+# the fields that only apply with a source image (img2img, inpainting)
+EDIT_FIELDS = ("strength", "padding_mask_crop", "paste_back", "encode_mode")
 
 
 def _param(default: Any, help: str, *, flag: str | None = None, type: Any = None,
@@ -58,6 +60,18 @@ class GenerationConfig:
                                    "(default: the model's)", type=str)
     num_images: int = _param(1, "images generated from the prompt", type=int,
                              aliases=("num_images_per_prompt",))
+    # img2img and inpainting (given an image; refused without one)
+    strength: float | None = _param(None, "with --image: how much of it is repainted, 0-1 "
+                                    "(default 0.8; with --mask 1.0)", type=float)
+    padding_mask_crop: int | None = _param(None, "with --mask: repaint only the box around "
+                                           "the mask grown by this many pixels, at the "
+                                           "model's size, and paste it back", type=int)
+    paste_back: bool | None = _param(None, "with --mask: keep the source's pixels outside "
+                                     "the mask (default: only with --padding-mask-crop)",
+                                     type=lambda v: _flag("paste_back", v))
+    encode_mode: str | None = _param(None, "with --image: 'sample' the image's latents "
+                                     "from the VAE's distribution with the seed (default) "
+                                     "or take its 'mean'", type=str)
 
     @classmethod
     def from_kwargs(cls, params: Mapping[str, Any]) -> "GenerationConfig":
@@ -75,8 +89,10 @@ class GenerationConfig:
             values[names[key]] = value
         return cls(**values)
 
-    def resolve(self, manifest: Manifest) -> "GenerationConfig":
-        """Every field concrete and checked: the model's defaults filled in, a seed drawn."""
+    def resolve(self, manifest: Manifest, edit: str | None = None) -> "GenerationConfig":
+        """Every field concrete and checked: the model's defaults filled in, a seed drawn.
+        `edit` is "img2img" or "inpaint" when there is a source image (its fields are
+        resolved), None for text-to-image (they must be None)."""
         d = manifest.defaults
         steps = _int("steps", d.steps if self.steps is None else self.steps, 1, MAX_STEPS)
         g = d.guidance_scale if self.guidance_scale is None else self.guidance_scale
@@ -105,7 +121,42 @@ class GenerationConfig:
                                     f"{self.scheduler!r}; `edge-sdk schedulers` lists them")
         cls, _ = resolve_scheduler(self.scheduler, manifest.scheduler)
         return replace(self, steps=steps, guidance_scale=float(g), width=width, height=height,
-                       seed=seed, scheduler=self.scheduler or cls.class_name, num_images=n)
+                       seed=seed, scheduler=self.scheduler or cls.class_name, num_images=n,
+                       **self._edit_fields(edit))
+
+    def _edit_fields(self, edit: str | None) -> dict[str, Any]:
+        """The img2img / inpainting fields resolved (or refused without an image)."""
+        given = [k for k in EDIT_FIELDS if getattr(self, k) is not None]
+        if edit is None:
+            if given:
+                verb = "needs" if len(given) == 1 else "need"
+                raise InvalidInputError(f"{', '.join(given)} {verb} a source image: give "
+                                        "image= (--image), or leave them out")
+            return {}
+        inpaint = edit == "inpaint"
+        if not inpaint and (self.padding_mask_crop is not None or self.paste_back):
+            raise InvalidInputError("padding_mask_crop and paste_back are for inpainting: "
+                                    "give mask_image= (--mask)")
+        if self.strength is None:
+            strength = 1.0 if inpaint else 0.8  # diffusers' defaults
+        elif isinstance(self.strength, bool) or not isinstance(self.strength, numbers.Real) \
+                or not _finite(self.strength) or not 0 <= self.strength <= 1:
+            raise InvalidInputError(f"strength must be a number in [0, 1] (how much of the "
+                                    f"image is repainted: 1 = all of it), got "
+                                    f"{self.strength!r}")
+        else:
+            strength = float(self.strength)
+        crop = None if self.padding_mask_crop is None else \
+            _int("padding_mask_crop", self.padding_mask_crop, 0, MAX_SIDE)
+        if self.paste_back is not None and not isinstance(self.paste_back, bool):
+            raise InvalidInputError(f"paste_back must be True or False, got {self.paste_back!r}")
+        mode = self.encode_mode or "sample"
+        if mode not in ("sample", "mean"):
+            raise InvalidInputError(f"encode_mode must be 'sample' or 'mean', got {mode!r}")
+        paste = None if not inpaint else \
+            crop is not None if self.paste_back is None else self.paste_back
+        return dict(strength=strength, padding_mask_crop=crop, encode_mode=mode,
+                    paste_back=paste)
 
     @property
     def guidance(self) -> bool:
@@ -139,6 +190,16 @@ def _finite(x: numbers.Real) -> bool:
         return math.isfinite(x)
     except OverflowError:  # an int beyond any float
         return False
+
+
+def _flag(name: str, value: str) -> bool:
+    """A yes/no command-line value."""
+    v = value.strip().lower()
+    if v in ("1", "yes", "true", "on"):
+        return True
+    if v in ("0", "no", "false", "off"):
+        return False
+    raise InvalidInputError(f"--{name.replace('_', '-')} takes yes or no, got {value!r}")
 
 
 def _int(name: str, value: Any, lo: int, hi: int) -> int:

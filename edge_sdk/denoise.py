@@ -39,10 +39,12 @@ Feeds = Mapping[str, np.ndarray]
 class Conditioning:
     """The UNet's inputs besides sample and timestep, by contract name, for the conditional
     branch and (when classifier-free guidance is on) the unconditional one; each array has
-    the latents' batch size."""
+    the latents' batch size. `channels` [B, k, h, w] are appended to the sample's channels
+    in both branches (an inpainting UNet's mask and masked-image latents)."""
 
     cond: Feeds
     uncond: Feeds | None = None
+    channels: np.ndarray | None = None
 
     @classmethod
     def from_prompt(cls, embeds: PromptEmbeds) -> "Conditioning":
@@ -74,9 +76,14 @@ def classifier_free_guidance(run: Callable[[np.ndarray, Feeds], np.ndarray], x: 
 def unet_predictor(unet: Session, conditioning: Conditioning, guidance_scale: float,
                    batched: bool = True) -> Predict:
     """The guided model output of a UNet session fed by the contract's names."""
+    extra = conditioning.channels
+
     def predict(x: np.ndarray, t: float, step: int) -> np.ndarray:
         def run(sample: np.ndarray, feeds: Feeds) -> np.ndarray:
             ts = np.full((sample.shape[0],), t, dtype=np.float32)
+            if extra is not None:  # the same channels for each guidance branch
+                reps = sample.shape[0] // extra.shape[0]
+                sample = np.concatenate([sample, np.concatenate([extra] * reps)], axis=1)
             return unet.run({UnetIO.SAMPLE: sample, UnetIO.TIMESTEP: ts, **feeds}
                             )[UnetIO.OUTPUT]
         return classifier_free_guidance(run, x, conditioning, guidance_scale, batched)
@@ -141,11 +148,14 @@ def step_end_callback(fn: StepEndCallback, pipe: Any, scheduler: Scheduler,
 
 def run_denoising(predict: Predict, scheduler: Scheduler, latents: np.ndarray,
                   rng: np.random.Generator | Sequence[np.random.Generator] | None = None,
-                  callback: StepCallback | None = None) -> np.ndarray:
+                  callback: StepCallback | None = None,
+                  after_step: Callable[[int, np.ndarray], np.ndarray] | None = None
+                  ) -> np.ndarray:
     """Run the scheduler's steps from its begin index on `latents` (already at that step's
     noise level: scaled by init_noise_sigma, or add_noise'd) and return the final latents.
     A stochastic scheduler's noise comes from `rng`: one generator, or one per batch item
-    (so any image of a batch can be made again alone)."""
+    (so any image of a batch can be made again alone). `after_step(i, latents)` rewrites
+    the latents after each step, before the callback sees them (inpainting's blend)."""
     rngs = [rng] if isinstance(rng, np.random.Generator) else list(rng or [])
     first, end = scheduler.begin_index, len(scheduler.timesteps)
     for i in range(first, end):
@@ -153,6 +163,8 @@ def run_denoising(predict: Predict, scheduler: Scheduler, latents: np.ndarray,
         out = predict(model_in, float(scheduler.timesteps[i]), i)
         noise = batch_noise(rngs, latents.shape) if scheduler.stochastic and rngs else None
         latents = scheduler.step(i, latents, out, noise=noise)
+        if after_step is not None:
+            latents = after_step(i, latents)
         said = None if callback is None else _call(callback, i - first, end - first, latents)
         if said is False:
             raise CancelledError(f"generation cancelled by the callback at step "

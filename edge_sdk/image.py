@@ -56,7 +56,8 @@ def save_png(image: Image.Image, path: str | Path, parameters: Mapping[str, Any]
     if fmt == "PNG":
         info = PngImagePlugin.PngInfo()
         info.add_text("parameters", text)
-        for key in ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "scheduler"):
+        for key in ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "scheduler",
+                    "strength", "image_sha256", "mask_sha256"):
             if parameters.get(key) is not None:
                 info.add_text(key, str(parameters[key]))
         options["pnginfo"] = info

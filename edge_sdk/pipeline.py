@@ -7,22 +7,27 @@ The stages stay public for callers who need them: `encode_prompt`, `denoise`,
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass, field, replace
+import math
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from PIL import Image
 
 from . import names as N
 from .backends import BackendOptions, Session
 from .components import Components
 from .config import MAX_IMAGES, GenerationConfig, uses_guidance
-from .denoise import (STEP_END_TENSORS, Conditioning, StepCallback, StepEndCallback, batch_noise,
-                      check_step_end, run_denoising, step_end_callback, unet_predictor)
-from .errors import InvalidInputError
-from .image import to_pil
+from .denoise import (STEP_END_TENSORS, Conditioning, StepCallback, StepEndCallback,
+                      check_step_end, run_denoising, step_end_callback,
+                      unet_predictor)
+from .contracts import VaeIO
+from .edit import (EditInputs, EditStart, edit_kind, finish_images, is_inpainting_unet,
+                   prepare_edit, source_size, start_edit)
+from .errors import InferenceError, InvalidInputError
+from .generation import (OUTPUT_TYPES, Generation, as_output, check_decodable, initial_noise,
+                         prompts_of, size_from_latents, timed)
+from .image_input import ImageSource
 from .manifest import Manifest
 from .estimate import check_fits
 from .memory import MODES, MemoryPlan, plan_memory
@@ -31,38 +36,13 @@ from .osmem import return_freed_memory
 from .schedulers import Scheduler, create_scheduler
 from .text_encoder import PromptEmbeds, encode_prompts
 from .spill import SpillMaps, check_spill_folder
-from .tokenizer import PromptTokenizer, check_prompt
+from .tokenizer import PromptTokenizer
 from .vae import decode_latents as _decode_whole
-from .vae import decode_latents_tiled
+from .vae import decode_latents_tiled, scale_latents
 
 log = logging.getLogger(__name__)
 
 __all__ = ["Pipeline", "Generation"]
-
-
-@dataclass
-class Generation:
-    """The full result of one generation."""
-
-    images: list[Image.Image]
-    latents: np.ndarray  # final latents, [images, C, h, w]
-    config: GenerationConfig  # resolved: every field concrete
-    prompt: str | list[str]
-    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
-    seeds: list[int] = field(default_factory=list)  # image k's own seed (config.seed + k)
-
-    @property
-    def parameters(self) -> dict[str, Any]:
-        """What produced the (first) image (written into its file's metadata)."""
-        return self.image_parameters(0)
-
-    def image_parameters(self, k: int) -> dict[str, Any]:
-        """What produced image k: generating its prompt with its seed and num_images 1 makes
-        it again."""
-        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
-        seed = self.seeds[k] if self.seeds else self.config.seed
-        return {**self.config.as_dict(), "prompt": prompts[k // int(self.config.num_images)],
-                "seed": seed, "num_images": 1}
 
 
 class Pipeline:
@@ -122,7 +102,7 @@ class Pipeline:
         """Text embeddings for `prompt` (a list: each, in turn) and the negative prompt when
         guidance is on, repeated for `num_images` per prompt."""
         g = self.manifest.defaults.guidance_scale if guidance_scale is None else guidance_scale
-        return encode_prompts(self.session(N.TEXT_ENCODER), self.tokenizer, _prompts(prompt),
+        return encode_prompts(self.session(N.TEXT_ENCODER), self.tokenizer, prompts_of(prompt),
                               negative_prompt, num_images, guidance=uses_guidance(g))
 
     def scheduler(self, cfg: GenerationConfig) -> Scheduler:
@@ -153,7 +133,7 @@ class Pipeline:
         default: the memory plan's) and a bundle holding the decoder's stages, decoded exactly
         in tiles (edge_sdk.tiling): the same image in a fraction of the memory."""
         tile = (self.plan.vae_tile or 0) if tile is None else tile
-        _check_decodable(latents, tile, self.manifest.vae.latent_channels)
+        check_decodable(latents, tile, self.manifest.vae.latent_channels)
         if tile and self.manifest.vae.decoder_stages:
             alloc = SpillMaps(self.plan.spill_dir) if self.plan.spill_maps else np.empty
             return decode_latents_tiled(self.components, latents, self.manifest.vae, tile,
@@ -170,6 +150,9 @@ class Pipeline:
                  guidance_scale: float | None = None, seed: int | None = None,
                  width: int | None = None, height: int | None = None,
                  scheduler: str | None = None, num_images: int = 1, *,
+                 image: ImageSource | None = None, mask_image: ImageSource | None = None,
+                 strength: float | None = None, padding_mask_crop: int | None = None,
+                 paste_back: bool | None = None, encode_mode: str | None = None,
                  latents: np.ndarray | None = None, callback: StepCallback | None = None,
                  output_type: str = "pil", return_dict: bool = False,
                  callback_on_step_end: StepEndCallback | None = None,
@@ -186,15 +169,27 @@ class Pipeline:
         latents, not decoded). `callback_on_step_end(pipe, step, timestep, {"latents": ...})`
         as in diffusers: the "latents" of the dict it returns replace the latents, and
         `pipe._interrupt = True` stops the generation (a CancelledError, where diffusers
-        would decode the half-denoised latents)."""
+        would decode the half-denoised latents).
+
+        `image` (a path, a PIL RGB image or an HxWx3 uint8 array) makes it img2img, as
+        diffusers' StableDiffusionImg2ImgPipeline: the image is encoded, noised to the step
+        `strength` selects (default 0.8) and denoised from there; `latents` are then that
+        noise. With `mask_image` (white = repaint) it is inpainting, as
+        StableDiffusionInpaintPipeline (strength default 1.0), with an inpainting UNet (9
+        input channels) or an ordinary one (the known region blended back after every
+        step). The output is the image's size rounded down to a multiple of 8, unless
+        width/height are given."""
         params = dict(negative_prompt=negative_prompt, steps=steps,
                       guidance_scale=guidance_scale, seed=seed, width=width, height=height,
-                      scheduler=scheduler, num_images=num_images)
+                      scheduler=scheduler, num_images=num_images, strength=strength,
+                      padding_mask_crop=padding_mask_crop, paste_back=paste_back,
+                      encode_mode=encode_mode)
         given = {k: v for k, v in params.items() if v is not None or k == "num_images"}
         if num_images == 1 and not isinstance(num_images, bool):  # the default: an alias may
             del given["num_images"]                                # set it instead
         config = GenerationConfig.from_kwargs({**given, **aliases})
-        result = self.generate(prompt, config, latents=latents, callback=callback,
+        result = self.generate(prompt, config, image=image, mask_image=mask_image,
+                               latents=latents, callback=callback,
                                output_type=output_type, callback_on_step_end=callback_on_step_end,
                                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
         if return_dict:
@@ -202,6 +197,7 @@ class Pipeline:
         return result.images if len(result.images) > 1 else result.images[0]
 
     def generate(self, prompt: str | Sequence[str], config: GenerationConfig | None = None, *,
+                 image: ImageSource | None = None, mask_image: ImageSource | None = None,
                  latents: np.ndarray | None = None, callback: StepCallback | None = None,
                  output_type: str = "pil", callback_on_step_end: StepEndCallback | None = None,
                  callback_on_step_end_tensor_inputs: Sequence[str] = STEP_END_TENSORS
@@ -210,40 +206,57 @@ class Pipeline:
         timings. A list of prompts gives `num_images` images for each; image k has its own
         seed, `seed + k`, and its own generator for everything random, so any one image can
         be generated again alone."""
-        prompts, cfg, whole, plan = self._prepare(prompt, config, latents)
+        timings: dict[str, float] = {}
+        with timed(timings, "prepare"):  # the inputs read and checked
+            req = self._prepare(prompt, config, latents, image, mask_image)
+        cfg = req.cfg
         if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
             raise InvalidInputError(f"output_type {output_type!r} is not one of {OUTPUT_TYPES}")
-        step_end = None
-        if callback_on_step_end is not None:
-            check_step_end(callback_on_step_end, callback_on_step_end_tensor_inputs)
-            if callback is not None:
-                raise InvalidInputError("give callback or callback_on_step_end, not both")
-            step_end = (callback_on_step_end, callback_on_step_end_tensor_inputs)
-        if callback is not None and not callable(callback):
-            raise InvalidInputError(f"callback must be callable, got {callback!r}")
+        callback = self._step_callback(callback, callback_on_step_end,
+                                       callback_on_step_end_tensor_inputs)
         self._interrupt = False
-        self._use(plan)
-        total = int(whole.num_images)
+        self._use(req.plan)
+        total = int(req.whole.num_images)
         seeds = [int(cfg.seed or 0) + k for k in range(total)]
         rng = [np.random.default_rng(s) for s in seeds]
-        timings: dict[str, float] = {}
-        with _timed(timings, "text_encoder"):
-            embeds = self.encode_prompt(prompts, cfg.negative_prompt, int(cfg.num_images),
+        with timed(timings, "text_encoder"):
+            embeds = self.encode_prompt(req.prompts, cfg.negative_prompt, int(cfg.num_images),
                                         cfg.guidance_scale)
             self.components.done_with(N.TEXT_ENCODER)
-        noise = self._initial_noise(total, cfg, latents, rng)
-        with _timed(timings, "denoise"):
+        f, c = self.manifest.vae.scale_factor, self.manifest.vae.latent_channels
+        noise = initial_noise((total, c, int(cfg.height or 0) // f, int(cfg.width or 0) // f),
+                              latents, rng)
+        sched, start = self.scheduler(cfg), None
+        if req.edit is not None:
+            with timed(timings, "vae_encoder"):
+                start = self._start_edit(req.edit, sched, noise, cfg, rng)
+        with timed(timings, "denoise"):
             try:
                 final = self._denoise(Conditioning.from_prompt(embeds), noise, cfg, rng,
-                                      callback, step_end)
+                                      callback, sched=sched, start=start)
             finally:
                 self.components.done_with(N.UNET)
-        with _timed(timings, "vae_decoder"):
+        with timed(timings, "vae_decoder"):
             images: list[Any] = list(final) if output_type == "latent" else \
-                _as(output_type, self.decode_latents(final))
+                finish_images(as_output(output_type, self.decode_latents(final)),
+                              req.edit, cfg.paste_back)
             self.components.done_with(N.VAE_DECODER)
-        return Generation(images, final, cfg, prompt if isinstance(prompt, str) else prompts,
-                          timings, seeds)
+        return Generation(images, final, cfg, prompt if isinstance(prompt, str) else
+                          req.prompts, timings, seeds,
+                          req.edit.parameters() if req.edit is not None else {})
+
+    def _step_callback(self, callback: StepCallback | None, step_end: StepEndCallback | None,
+                       tensor_inputs: Sequence[str]) -> Any:
+        """The per-step callback, checked: `callback`, or (pending the scheduler)
+        `callback_on_step_end` with its tensor inputs."""
+        if step_end is not None:
+            check_step_end(step_end, tensor_inputs)
+            if callback is not None:
+                raise InvalidInputError("give callback or callback_on_step_end, not both")
+            return (step_end, tensor_inputs)
+        if callback is not None and not callable(callback):
+            raise InvalidInputError(f"callback must be callable, got {callback!r}")
+        return callback
 
     @property
     def interrupt(self) -> bool:
@@ -251,26 +264,37 @@ class Pipeline:
         return self._interrupt
 
     def check(self, prompt: str | Sequence[str], config: GenerationConfig | None = None, *,
-              latents: np.ndarray | None = None) -> GenerationConfig:
+              latents: np.ndarray | None = None, image: ImageSource | None = None,
+              mask_image: ImageSource | None = None) -> GenerationConfig:
         """Everything `generate` checks before it starts, without starting: the prompts, the
-        parameters, the number of images, and that the generation fits the memory budget and
-        the memory available (a container's limit included). Returns the resolved config
-        (the seed drawn, if none was given); raises the InvalidInputError `generate` would.
-        A service calls it before queueing a request."""
-        return self._prepare(prompt, config, latents)[1]
+        parameters, the source image and mask, the number of images, and that the generation
+        fits the memory budget and the memory available (a container's limit included).
+        Returns the resolved config (the seed drawn, if none was given); raises the
+        InvalidInputError `generate` would. A service calls it before queueing a request."""
+        return self._prepare(prompt, config, latents, image, mask_image).cfg
 
     def _prepare(self, prompt: str | Sequence[str], config: GenerationConfig | None,
-                 latents: np.ndarray | None
-                 ) -> tuple[list[str], GenerationConfig, GenerationConfig, MemoryPlan]:
+                 latents: np.ndarray | None, image: ImageSource | None = None,
+                 mask_image: ImageSource | None = None) -> "_Request":
         """The checked prompts, the resolved config, the config of the whole call (all its
-        images) and the memory plan for it."""
-        prompts = _prompts(prompt)
+        images), the memory plan for it and the preprocessed source image and mask."""
+        prompts = prompts_of(prompt)
         if config is not None and not isinstance(config, GenerationConfig):
             raise InvalidInputError(f"config must be a GenerationConfig, got "
                                     f"{type(config).__name__}; or call the pipeline with "
                                     "keyword arguments")
-        cfg = _size_from_latents(config or GenerationConfig(), latents,
-                                 self.manifest.vae.scale_factor).resolve(self.manifest)
+        config = size_from_latents(config or GenerationConfig(), latents,
+                                   self.manifest.vae.scale_factor)
+        kind = edit_kind(self.manifest, image, mask_image)
+        if kind is not None:
+            src, msk, (w, h) = source_size(image, mask_image, config.padding_mask_crop,
+                                           self.manifest, self._size_multiple)
+            config = replace(config, width=w if config.width is None else config.width,
+                             height=h if config.height is None else config.height)
+        cfg = config.resolve(self.manifest, kind)
+        edit = None if kind is None else prepare_edit(src, msk, int(cfg.width or 0),
+                                                      int(cfg.height or 0),
+                                                      cfg.padding_mask_crop)
         total = len(prompts) * int(cfg.num_images)
         if total > MAX_IMAGES:
             raise InvalidInputError(f"{len(prompts)} prompts x {cfg.num_images} images is "
@@ -281,7 +305,11 @@ class Pipeline:
         check_fits(self.manifest, whole, plan.mode)  # refuse now, not the OOM killer later
         if plan.spill_maps and plan.vae_tile and self.manifest.vae.decoder_stages:
             check_spill_folder(plan.spill_dir)
-        return prompts, cfg, whole, plan
+        return _Request(prompts, cfg, whole, plan, edit)
+
+    @property
+    def _size_multiple(self) -> int:
+        return math.lcm(self.manifest.vae.scale_factor, self.manifest.unet.size_multiple)
 
     def _use(self, plan: MemoryPlan) -> None:
         """Switch to another memory plan (its sessions are opened anew when needed)."""
@@ -293,87 +321,60 @@ class Pipeline:
         self.plan, self.options = plan, replace(self.options, low_memory=plan.map_weights)
         self.components = self.components.replan(self.options, plan)
 
-    def _initial_noise(self, total: int, cfg: GenerationConfig, latents: np.ndarray | None,
-                       rng: list[np.random.Generator]) -> np.ndarray:
-        f, c = self.manifest.vae.scale_factor, self.manifest.vae.latent_channels
-        shape = (total, c, int(cfg.height or 0) // f, int(cfg.width or 0) // f)
-        if latents is None:
-            return batch_noise(rng, shape)
-        arr = np.asarray(latents)
-        if arr.ndim == 3:
-            arr = arr[None]
-        if arr.shape != shape:
-            raise InvalidInputError(f"latents must have shape {shape} for {total} "
-                                    f"image(s) of {cfg.width}x{cfg.height}, got {arr.shape}")
-        if not np.issubdtype(arr.dtype, np.floating) or not np.isfinite(arr).all():
-            raise InvalidInputError("latents must be finite floating-point values")
-        return arr.astype(np.float32)
-
     def _denoise(self, conditioning: Conditioning, noise: np.ndarray, cfg: GenerationConfig,
                  rng: np.random.Generator | list[np.random.Generator],
-                 callback: StepCallback | None,
-                 step_end: tuple[StepEndCallback, Sequence[str]] | None = None) -> np.ndarray:
-        sched = self.scheduler(cfg)
-        if step_end is not None:
-            callback = step_end_callback(step_end[0], self, sched, step_end[1])
-        latents = (noise * np.float32(sched.init_noise_sigma)).astype(np.float32)
+                 callback: Any, sched: Scheduler | None = None,
+                 start: EditStart | None = None) -> np.ndarray:
+        """Denoise from `noise` (or from an edit's start) with `callback`: a StepCallback,
+        or a (callback_on_step_end, tensor inputs) pair."""
+        sched = sched or self.scheduler(cfg)
+        if isinstance(callback, tuple):
+            callback = step_end_callback(callback[0], self, sched, callback[1])
+        if start is None:
+            latents = (noise * np.float32(sched.init_noise_sigma)).astype(np.float32)
+        else:
+            latents, conditioning = start.latents, replace(conditioning,
+                                                           channels=start.channels)
         if conditioning.batch != latents.shape[0]:
             raise InvalidInputError(f"{conditioning.batch} prompt embeddings for "
                                     f"{latents.shape[0]} latents")
         predict = unet_predictor(self.session(N.UNET), conditioning, float(cfg.guidance_scale),
                                  batched=self.plan.batch_cfg)
-        return run_denoising(predict, sched, latents, rng, callback)
+        return run_denoising(predict, sched, latents, rng, callback,
+                             start.after_step if start is not None else None)
+
+    # -- img2img and inpainting ----------------------------------------------------------
+    def encode_image(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Float images [1, H, W, 3] in [0, 1] -> the VAE encoder's latent distribution
+        (mean, logvar), in the VAE's own latent space."""
+        out = self.session(N.VAE_ENCODER).run({VaeIO.IMAGE: (images.transpose(0, 3, 1, 2)
+                                                             * 2 - 1).astype(np.float32)})
+        mean, logvar = out[VaeIO.LATENT_MEAN], out[VaeIO.LATENT_LOGVAR]
+        if not (np.isfinite(mean).all() and np.isfinite(logvar).all()):
+            raise InferenceError("the VAE encoder produced NaN/inf; use an fp32 VAE "
+                                 "(`--precision vae=fp32`)")
+        return mean, logvar
+
+    def _start_edit(self, edit: EditInputs, sched: Scheduler, noise: np.ndarray,
+                    cfg: GenerationConfig, rng: list[np.random.Generator]) -> EditStart:
+        try:
+            return start_edit(edit, sched, noise, float(cfg.strength or 0), self.encode_image,
+                              lambda z: scale_latents(z, self.manifest.vae), rng,
+                              cfg.encode_mode == "sample", is_inpainting_unet(self.manifest),
+                              self.manifest.vae.scale_factor)
+        finally:
+            self.components.done_with(N.VAE_ENCODER)
 
 
-class _timed:
-    """Context manager adding the block's wall time to timings[key]."""
+@dataclass(frozen=True)
+class _Request:
+    """A checked generation request."""
 
-    def __init__(self, timings: dict[str, float], key: str) -> None:
-        self.timings, self.key = timings, key
-
-    def __enter__(self) -> None:
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        self.timings[self.key] = time.perf_counter() - self.t0
-
-
-def _size_from_latents(config: GenerationConfig, latents: np.ndarray | None,
-                       factor: int) -> GenerationConfig:
-    """Given latents and no size, the image size is the latents' (times the VAE factor)."""
-    if latents is None or config.width is not None or config.height is not None:
-        return config
-    arr = np.asarray(latents)
-    if arr.ndim != 4:
-        return config
-    return replace(config, width=arr.shape[3] * factor, height=arr.shape[2] * factor)
-
-
-OUTPUT_TYPES = ("pil", "np", "latent")
-
-
-def _as(output_type: str, pixels: np.ndarray) -> list[Any]:
-    """Decoded float images [B, H, W, 3] as PIL images or as arrays."""
-    return to_pil(pixels) if output_type == "pil" else list(pixels)
-
-
-def _check_decodable(latents: Any, tile: Any, channels: int) -> None:
-    if isinstance(tile, bool) or not isinstance(tile, (int, np.integer)) or tile < 0:
-        raise InvalidInputError(f"tile must be a whole number of latent pixels (0: untiled), "
-                                f"got {tile!r}")
-    shape = getattr(latents, "shape", None)
-    if shape is None or len(shape) != 4 or shape[1] != channels or min(shape) < 1:
-        raise InvalidInputError(f"latents to decode must be an array [batch, {channels}, "
-                                f"height, width] with every side >= 1, got shape {shape}")
-
-
-def _prompts(prompt: str | Sequence[str]) -> list[str]:
-    """One prompt or a non-empty list of them, each checked."""
-    if isinstance(prompt, (list, tuple)):
-        if not prompt:
-            raise InvalidInputError("the list of prompts is empty")
-        return [check_prompt(p, f"prompt {k}") for k, p in enumerate(prompt)]
-    return [check_prompt(prompt)]
+    prompts: list[str]
+    cfg: GenerationConfig  # resolved, per prompt
+    whole: GenerationConfig  # num_images: the whole call's
+    plan: MemoryPlan
+    edit: EditInputs | None
 
 
 def _check_accelerator_options(manifest: Manifest, providers: Sequence[str] | None,

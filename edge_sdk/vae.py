@@ -1,4 +1,4 @@
-"""VAE stages: latents -> images (decode) and images -> latents (encode)."""
+"""VAE stages: latents -> images (decode), and the latent scaling both directions use."""
 
 from __future__ import annotations
 
@@ -79,16 +79,3 @@ def decode_latents_tiled(sessions: StageSessions, latents: np.ndarray, vae: VaeS
     images = [run_stages(z[i:i + 1], chain, tile, after_stage=release, alloc=alloc)
               for i in range(z.shape[0])]
     return _to_images(np.concatenate(images))
-
-
-def encode_images(encoder: Session, images: np.ndarray, vae: VaeSpec,
-                  rng: np.random.Generator | None = None) -> np.ndarray:
-    """Encode float images [B, H, W, 3] in [0, 1] to diffusion-space latents: the mean of the
-    latent distribution, or a sample from it when `rng` is given."""
-    x = (images.transpose(0, 3, 1, 2) * 2 - 1).astype(np.float32)
-    out = encoder.run({VaeIO.IMAGE: x})
-    z = out[VaeIO.LATENT_MEAN]
-    if rng is not None:
-        std = np.exp(0.5 * out[VaeIO.LATENT_LOGVAR])
-        z = z + std * rng.standard_normal(z.shape, dtype=np.float32)
-    return scale_latents(z, vae)

@@ -141,6 +141,61 @@ def _edited(ctx: Ctx, edits: dict[str, dict[str, Any]], **files: str) -> Path:
     return ck
 
 
+# -- img2img and inpainting inputs ------------------------------------------------------
+def _rgb(w: int = 64, h: int = 64) -> np.ndarray:
+    return (np.random.default_rng(0).random((h, w, 3)) * 255).astype(np.uint8)
+
+
+def _box_mask(w: int = 64, h: int = 64) -> np.ndarray:
+    m = np.zeros((h, w), np.uint8)
+    m[16:40, 20:48] = 255
+    return m
+
+
+def _saved(c: Ctx, name: str, image: Any) -> Path:
+    from PIL import Image
+    path = c.tmp / name
+    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(path)
+    return path
+
+
+def _pil(mode: str) -> Callable[[Ctx], Any]:
+    from PIL import Image
+    return lambda c: c.gen(image=Image.fromarray(_rgb()).convert(mode))
+
+
+def _converted_file(mode: str) -> Callable[[Ctx], bool]:
+    """A file in another 8-bit mode is read as load_image reads it (made RGB)."""
+    from PIL import Image
+
+    def act(c: Ctx) -> bool:
+        path = _saved(c, f"in-{mode}.png", Image.fromarray(_rgb()).convert(mode))
+        return c.gen(image=path, strength=0.5).size == (64, 64)
+    return act
+
+
+def _sixteen_bit(c: Ctx) -> Any:
+    from PIL import Image
+    path = c.tmp / "deep.png"
+    Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)).save(path)
+    return c.gen(image=path)
+
+
+def _inpaint_bundle(c: Ctx) -> Pipeline:
+    return Pipeline.load(c.models.bundle("tiny-inpaint"))
+
+
+def _no_encoder(c: Ctx) -> Any:
+    bundle = c.manifest(lambda m: m["components"].pop("vae_encoder"))
+    return Pipeline.load(bundle)("x", image=_rgb(), steps=2)
+
+
+def _blended(c: Ctx) -> bool:
+    """A mask on an ordinary UNet: the known region blended back (diffusers' way)."""
+    out = np.asarray(c.gen(image=_rgb(), mask_image=_box_mask(), paste_back=True))
+    return bool((out[:8] == _rgb()[:8]).all())
+
+
 def _convert_edited(edits: dict[str, dict[str, Any]], **files: str) -> Callable[[Ctx], Any]:
     return lambda c: c.convert(_edited(c, edits, **files), "-o", c.tmp / "out")
 
@@ -292,13 +347,17 @@ ROWS: list[Row] = [
         IntegrityError, "tokenizer.json"),
     # parameters
     Row("parameter", "width not a multiple of 8 (100)", lambda c: c.gen(width=100),
-        InvalidInputError, "multiples of 16 pixels; try 96"),
+        InvalidInputError, "multiples of 8 pixels; try 96"),
     Row("parameter", "width 0 (the suggestion is a size the model takes)",
-        lambda c: c.gen(width=0), InvalidInputError, "multiples of 16 pixels; try 16"),
+        lambda c: c.gen(width=0), InvalidInputError, "multiples of 8 pixels; try 8"),
     Row("parameter", "height zero", lambda c: c.gen(height=0), InvalidInputError,
         "positive multiple"),
     Row("parameter", "width the UNet cannot halve evenly (72 on a 2-level UNet)",
-        lambda c: c.gen(width=72), InvalidInputError, "multiples of 16"),
+        _works(lambda c: c.gen(width=72).size == (72, 64)), None,
+        "works: the UNet graph takes any multiple of 8 (skip sizes passed to its upsamplers)"),
+    Row("parameter", "width 72 on an older bundle whose UNet graph needs multiples of 16",
+        lambda c: Pipeline.load(c.manifest(lambda m: m["unet"].update(size_multiple=16)))(
+            "x", width=72, steps=2), InvalidInputError, "multiples of 16 pixels; try 64"),
     Row("parameter", "width a float (64.0)", lambda c: c.gen(width=64.0), InvalidInputError,
         "integer"),
     Row("parameter", "width beyond any memory (100000)", lambda c: c.gen(width=100000),
@@ -407,6 +466,68 @@ ROWS: list[Row] = [
         "works: tokenized like any text"),
     Row("prompt", "the model turns out NaN (broken weights)", _nan_from_model, InferenceError,
         "NaN"),
+    # img2img and inpainting: the source image, the mask and their parameters
+    Row("image", "image is an RGBA PIL image", _pil("RGBA"), InvalidInputError,
+        r"RGBA PIL image; give an RGB one \(image.convert\('RGB'\)\)"),
+    Row("image", "image is a grayscale (L) PIL image", _pil("L"), InvalidInputError,
+        "L PIL image; give an RGB one"),
+    Row("image", "image file with alpha (RGBA PNG)", _works(_converted_file("RGBA")), None,
+        "works: made RGB, as diffusers' load_image does (alpha dropped, logged)"),
+    Row("image", "image file with a palette (P PNG)", _works(_converted_file("P")), None,
+        "works: made RGB, as diffusers' load_image does"),
+    Row("image", "image file of 16-bit grayscale", _sixteen_bit, InvalidInputError,
+        "16-bit or float.*save it as 8-bit RGB"),
+    Row("image", "image array HxWx4", lambda c: c.gen(image=np.zeros((64, 64, 4), np.uint8)),
+        InvalidInputError, r"shape \(64, 64, 4\); give HxWx3"),
+    Row("image", "image array of uint16", lambda c: c.gen(
+        image=np.zeros((64, 64, 3), np.uint16)), InvalidInputError, "uint16; give uint8"),
+    Row("image", "image float array outside [0, 1]", lambda c: c.gen(
+        image=np.full((64, 64, 3), 2.0)), InvalidInputError, r"finite values in \[0, 1\]"),
+    Row("image", "image path that does not exist", lambda c: c.gen(image=c.tmp / "no.png"),
+        InvalidInputError, "image file .* does not exist"),
+    Row("image", "image file that is not an image", lambda c: (c.tmp / "x.png").write_text(
+        "text") and c.gen(image=c.tmp / "x.png"), InvalidInputError, "not a readable image"),
+    Row("image", "image smaller than 8 pixels a side", lambda c: c.gen(
+        image=np.zeros((4, 64, 3), np.uint8)), InvalidInputError, "smaller than 8 pixels"),
+    Row("image", "image and mask of different sizes", lambda c: c.gen(
+        image=_rgb(), mask_image=_box_mask(48, 64)), InvalidInputError,
+        "image is 64x64 but mask_image is 48x64"),
+    Row("image", "mask_image without image", lambda c: c.gen(mask_image=_box_mask()),
+        InvalidInputError, "mask_image was given without image"),
+    Row("image", "strength 1.5", lambda c: c.gen(image=_rgb(), strength=1.5),
+        InvalidInputError, r"strength must be a number in \[0, 1\]"),
+    Row("image", "strength -0.1", lambda c: c.gen(image=_rgb(), strength=-0.1),
+        InvalidInputError, r"strength must be a number in \[0, 1\]"),
+    Row("image", "strength so small that no step runs (0.05 of 10 steps)", lambda c: c.gen(
+        image=_rgb(), strength=0.05, steps=10), InvalidInputError,
+        r"strength 0.05 of 10 steps runs no step.*at least 0.1"),
+    Row("image", "strength without an image", lambda c: c.gen(strength=0.5),
+        InvalidInputError, "strength needs a source image"),
+    Row("image", "padding_mask_crop without a mask", lambda c: c.gen(
+        image=_rgb(), padding_mask_crop=8), InvalidInputError,
+        "padding_mask_crop and paste_back are for inpainting"),
+    Row("image", "padding_mask_crop with an all-black mask", lambda c: c.gen(
+        image=_rgb(), mask_image=np.zeros((64, 64), np.uint8), padding_mask_crop=8),
+        InvalidInputError, "black everywhere"),
+    Row("image", "encode_mode 'argmax'", lambda c: c.gen(image=_rgb(), encode_mode="argmax"),
+        InvalidInputError, "encode_mode must be 'sample' or 'mean'"),
+    Row("image", "a mask for a bundle whose UNet is not an inpainting one", _works(_blended),
+        None, "works: the known region is blended back after every step (diffusers' way)"),
+    Row("image", "an inpainting (9-channel) bundle given an image but no mask",
+        lambda c: _inpaint_bundle(c)("x", image=_rgb(), steps=2), InvalidInputError,
+        "inpainting one \\(9 input channels\\): it needs mask_image"),
+    Row("image", "an inpainting (9-channel) bundle asked for text-to-image",
+        lambda c: _inpaint_bundle(c)("x", steps=2), InvalidInputError,
+        "inpainting one .*give image= and mask_image="),
+    Row("image", "a bundle converted without a VAE encoder", _no_encoder, InvalidInputError,
+        "no VAE encoder .*--no-vae-encoder"),
+    Row("cli", "generate --image that does not exist", lambda c: c.cli(
+        "generate", "x", "--model", c.bundle, "--image", c.tmp / "none.png", "-o",
+        c.tmp / "o.png"), InvalidInputError, "image file .* does not exist"),
+    Row("cli", "generate --strength 2", lambda c: c.cli(
+        "generate", "x", "--model", c.bundle, "--image", _saved(c, "in.png", _rgb()),
+        "--strength", "2", "-o", c.tmp / "o.png"), InvalidInputError,
+        r"strength must be a number in \[0, 1\]"),
     # the command line's outputs, checked before any work
     Row("cli", "-o an existing folder", lambda c: c.cli("generate", "x", "--model", c.bundle,
                                                        "-o", c.tmp), InvalidInputError,
@@ -472,7 +593,8 @@ ROWS: list[Row] = [
         ".*is 768"),
     Row("conversion", "VAE latent channels (16) differ from the UNet's (4)",
         _convert_edited({"vae": {"latent_channels": 16}}), ConversionError,
-        "latent channels.*is 16 but the UNet's in channels.*is 4"),
+        "UNet takes 4 input channels; with the VAE's 16 latent channels it must take 16 .*"
+        "or 33"),
     Row("conversion", "tokenizer longer (100) than the text encoder's positions (77)",
         _longer_tokenizer, ConversionError,
         r"model_max_length \(100\) exceeds.*max_position_embeddings \(77\)"),
@@ -482,8 +604,9 @@ ROWS: list[Row] = [
     Row("conversion", "an LCM-distilled UNet (time_cond_proj_dim; not supported yet)",
         _convert_edited({"unet": {"time_cond_proj_dim": 256}}), ConversionError,
         "LCM-distilled UNet"),
-    Row("conversion", "a 9-channel inpainting UNet (not supported yet)",
-        _convert_edited({"unet": {"in_channels": 9}}), ConversionError, "inpainting UNet"),
+    Row("conversion", "a UNet with 5 input channels (neither 4 nor inpainting's 9)",
+        _convert_edited({"unet": {"in_channels": 5}}), ConversionError,
+        "UNet takes 5 input channels.*must take 4 .*or 9"),
     Row("conversion", "empty calibration file",
         lambda c: (c.tmp / "p.txt").write_text("# nothing\n") and c.convert(
             c.ckpt, "-o", c.tmp / "out", "--precision", "int8", "--int8-method", "static",

@@ -106,3 +106,34 @@ def test_sigterm_stops_a_generation_cleanly(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "interrupted" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_generate_from_an_image_and_a_mask(models, tmp_path, capsys):
+    """--image/--mask/--strength: the PNG records the source's sha256 and the strength, the
+    output takes the image's size rounded down to a multiple of 8; bench times the encoder."""
+    import hashlib
+
+    import numpy as np
+    src, mask = tmp_path / "in.png", tmp_path / "mask.png"
+    Image.fromarray((np.random.default_rng(1).random((70, 99, 3)) * 255).astype("uint8")
+                    ).save(src)
+    m = np.zeros((70, 99), "uint8")
+    m[10:40, 20:60] = 255
+    Image.fromarray(m).save(mask)
+    bundle, out = models.bundle("tiny-sd1"), tmp_path / "out.png"
+    assert sdk_main(["generate", "a red circle", "--model", str(bundle), "--image", str(src),
+                     "--mask", str(mask), "--strength", "0.6", "--steps", "5", "--seed", "3",
+                     "-o", str(out), "-q"]) == 0
+    with Image.open(out) as img:
+        assert img.size == (96, 64)
+        params = json.loads(img.text["parameters"])
+        assert img.text["image_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+    assert params["strength"] == 0.6 and params["steps"] == 5
+    assert params["mask_sha256"] == hashlib.sha256(mask.read_bytes()).hexdigest()
+    capsys.readouterr()
+    assert sdk_main(["bench", "x", "--model", str(bundle), "--image", str(src), "--steps", "5",
+                     "--scheduler", "euler",
+                     "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["vae_encoder_s"] > 0 and len(report["unet_step_s"]) == 4  # int(5 x 0.8)
+    assert report["stage_peak_private_bytes"]["vae_encoder"] > 0
