@@ -104,7 +104,7 @@ def write_bundle(ckpt: Checkpoint, output: str | Path, opts: ConvertOptions, lay
             say(f"[{i}/{len(plan)}] {role}: done in {time.perf_counter() - t0:.1f} s, "
                 f"{components[role].bytes / 1e6:.1f} MB")
         stages = _export_vae_stages(ckpt, stage, opts, layout, components, say) \
-            if opts.with_vae_stages else ()
+            if opts.with_vae_stages else ((), ())
         tok = export_tokenizer(ckpt, stage, layout.shapes.text_len)
         say("tokenizer: tokenizer.json written and checked")
         manifest = build_manifest(ckpt, opts, layout, name, components, tok, stages,
@@ -152,17 +152,27 @@ def _load(role: str, ckpt: Checkpoint, layout: Layout) -> Any:
 
 def _export_vae_stages(ckpt: Checkpoint, stage: Path, opts: ConvertOptions, layout: Layout,
                        components: dict[str, ComponentSpec], say: Progress
-                       ) -> tuple[DecoderStage, ...]:
-    """The VAE decoder again, as GroupNorm-delimited stages for exact tiled decoding."""
+                       ) -> tuple[tuple[DecoderStage, ...], tuple[DecoderStage, ...]]:
+    """The VAE decoder (and encoder, when the bundle has one) again, as GroupNorm-delimited
+    stages for exact tiled decoding (encoding)."""
     from .vae_stages import export_decoder_stages
-    t0 = time.perf_counter()
-    precision = opts.precisions[N.VAE_DECODER]
-    precision = precision if precision in ("fp32", "fp16") else "fp32"
-    exported = export_decoder_stages(_load(N.VAE_DECODER, ckpt, layout), stage, precision,
-                                     opts.opset)
-    kind = contract_of(N.VAE_DECODER_STAGE).kind
-    for role, files, _ in exported:
-        components[role] = ComponentSpec(role, kind, "onnx", files[0], precision,
-                                         file_entries(stage, files), *onnx_io(stage / files[0]))
-    say(f"vae decoder stages: {len(exported)} ({precision}) in {time.perf_counter() - t0:.1f} s")
-    return tuple(meta for _, _, meta in exported)
+    out = []
+    for half, role, kind, prefix in (
+            ("decoder", N.VAE_DECODER, N.VAE_DECODER_STAGE, "vae_decoder_s"),
+            ("encoder", N.VAE_ENCODER, N.VAE_ENCODER_STAGE, "vae_encoder_s")):
+        if role not in components:
+            out.append(())
+            continue
+        t0 = time.perf_counter()
+        precision = opts.precisions[role]
+        precision = precision if precision in ("fp32", "fp16") else "fp32"
+        exported = export_decoder_stages(_load(role, ckpt, layout), stage, precision,
+                                         opts.opset, prefix, encoder=half == "encoder")
+        for name, files, _ in exported:
+            components[name] = ComponentSpec(name, contract_of(kind).kind, "onnx", files[0],
+                                             precision, file_entries(stage, files),
+                                             *onnx_io(stage / files[0]))
+        say(f"vae {half} stages: {len(exported)} ({precision}) in "
+            f"{time.perf_counter() - t0:.1f} s")
+        out.append(tuple(meta for _, _, meta in exported))
+    return out[0], out[1]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 __all__ = ["TensorContract", "ComponentContract", "CONTRACTS", "contract_of",
            "TEXT_ENCODER", "UNET", "VAE_DECODER", "VAE_ENCODER", "VAE_DECODER_STAGE",
+           "VAE_ENCODER_STAGE",
            "COMPUTE_BOUND_KINDS",
            "DIM_BATCH", "DIM_HEIGHT", "DIM_WIDTH", "DIM_SEQUENCE"]
 
@@ -97,7 +98,7 @@ class VaeIO:
 
 
 class StageIO:
-    """One stage of the VAE decoder split at its GroupNorms (edge_sdk.tiling): the stage
+    """One stage of a VAE half split at its GroupNorms (edge_sdk.tiling): the stage
     input, an earlier stage's output (a resnet's shortcut), the GroupNorm statistics computed
     over the whole map, and the stage output."""
 
@@ -125,23 +126,30 @@ VAE_DECODER = ComponentContract("vae_decoder", (_spatial(VaeIO.LATENTS),),
 VAE_ENCODER = ComponentContract("vae_encoder", (_spatial(VaeIO.IMAGE),),
                                 (_spatial(VaeIO.LATENT_MEAN), _spatial(VaeIO.LATENT_LOGVAR)))
 
-VAE_DECODER_STAGE = ComponentContract(
-    "vae_decoder_stage",
-    (_spatial(StageIO.X), TensorContract(StageIO.SKIP, axes=tuple(_SPATIAL.items()),
-                                         optional=True),
-     TensorContract(StageIO.MEAN, optional=True), TensorContract(StageIO.INV_STD,
-                                                                  optional=True)),
-    (_spatial(StageIO.Y),))
+def _stage_contract(kind: str) -> ComponentContract:
+    return ComponentContract(
+        kind,
+        (_spatial(StageIO.X), TensorContract(StageIO.SKIP, axes=tuple(_SPATIAL.items()),
+                                             optional=True),
+         TensorContract(StageIO.MEAN, optional=True), TensorContract(StageIO.INV_STD,
+                                                                      optional=True)),
+        (_spatial(StageIO.Y),))
+
+
+VAE_DECODER_STAGE = _stage_contract("vae_decoder_stage")
+# the encoder's stages: the same I/O; the last one's `y` is the latent moments (mean and
+# logvar stacked on channels, as the encoder's quant_conv writes them)
+VAE_ENCODER_STAGE = _stage_contract("vae_encoder_stage")
 
 # Kinds run fully optimized, with onnxruntime's arena, even when memory is low: a decoder
 # stage holds a few MB of weights (their repacked copy costs that much again) and runs
 # convolutions at full resolution, where unpacked weights made SD 1.5's tiled decode 3.5x
 # slower and no arena 1.3x. Plans that map weights release such a session after its stage,
 # so one stage's arena and repacked weights are held at a time.
-COMPUTE_BOUND_KINDS = (VAE_DECODER_STAGE.kind,)
+COMPUTE_BOUND_KINDS = (VAE_DECODER_STAGE.kind, VAE_ENCODER_STAGE.kind)
 
 CONTRACTS: dict[str, ComponentContract] = {c.kind: c for c in (
-    TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, VAE_DECODER_STAGE)}
+    TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, VAE_DECODER_STAGE, VAE_ENCODER_STAGE)}
 
 
 def contract_of(kind: str) -> ComponentContract:

@@ -85,7 +85,8 @@ class TokenizerSpec:
 
 @dataclass(frozen=True)
 class DecoderStage:
-    """One stage of the VAE decoder for exact tiled decoding (see edge_sdk.tiling.Stage)."""
+    """One stage of the VAE decoder or encoder for exact tiled running (see
+    edge_sdk.tiling.Stage)."""
 
     component: str  # the stage's role in Manifest.components
     groups: int | None  # GroupNorm groups of its input; None: no GroupNorm
@@ -94,6 +95,7 @@ class DecoderStage:
     skips: tuple[int, ...]  # earlier stages whose outputs it also takes (-1: the input)
     tiled: bool  # False: run on the whole map (the mid-block attention)
     eps: float
+    down: int = 1  # 1, or 2 for a downsampling stage (the encoder's stride-2 convolutions)
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,8 @@ class VaeSpec:
     attention_chunks: int = 1
     decoder_stages: tuple[DecoderStage, ...] = ()  # empty: the decoder only decodes whole
     decoder_channels: int = 0  # channels of its full-resolution blocks (0: not recorded)
+    # the encoder's stages (image -> latent moments), for exact tiled encoding; empty: whole
+    encoder_stages: tuple[DecoderStage, ...] = ()
 
 
 @dataclass(frozen=True)

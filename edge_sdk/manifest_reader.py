@@ -113,6 +113,7 @@ def _source(r: "_Reader", s: dict[str, Any]) -> SourceInfo:
 
 def _vae(r: "_Reader", v: dict[str, Any], components: Mapping[str, ComponentSpec]) -> VaeSpec:
     stages = r.get({"decoder_stages": [], **v}, "decoder_stages", list, "vae.")
+    enc = r.get({"encoder_stages": [], **v}, "encoder_stages", list, "vae.")
     if r.num(v, "scaling_factor", "vae.") == 0:
         raise ManifestError(f"{r.where}: field 'vae.scaling_factor' must be > 0, got 0; "
                             "re-convert the bundle")
@@ -121,28 +122,33 @@ def _vae(r: "_Reader", v: dict[str, Any], components: Mapping[str, ComponentSpec
                    r.pos(v, "latent_channels", "vae."), r.pos(v, "scale_factor", "vae."),
                    r.pos({"attention_chunks": 1, **v}, "attention_chunks", "vae."),
                    tuple(_stage(r, k, st, components) for k, st in enumerate(stages)),
-                   _count(r, v, "decoder_channels", "vae."))
+                   _count(r, v, "decoder_channels", "vae."),
+                   tuple(_stage(r, k, st, components, "encoder") for k, st in enumerate(enc)))
 
 
-def _stage(r: "_Reader", k: int, st: Any, components: Mapping[str, ComponentSpec]
-           ) -> DecoderStage:
+def _stage(r: "_Reader", k: int, st: Any, components: Mapping[str, ComponentSpec],
+           half: str = "decoder") -> DecoderStage:
     def count(v: Any, lo: int) -> bool:
         return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+    kind = names.VAE_DECODER_STAGE if half == "decoder" else names.VAE_ENCODER_STAGE
+    down = st.get("down", 1) if isinstance(st, dict) else None
     ok = (isinstance(st, dict) and isinstance(st.get("component"), str)
           and st["component"] in components
-          and components[st["component"]].kind == names.VAE_DECODER_STAGE
+          and components[st["component"]].kind == kind
           and (st.get("groups") is None or count(st.get("groups"), 1))
           and count(st.get("halo"), 0) and st.get("scale") in (1, 2)
+          and down in (1, 2) and not (down == 2 and st.get("scale") == 2)
+          and st["halo"] % down == 0
           and isinstance(st.get("skips"), list)
           and all(count(j, -1) and j < k for j in st["skips"])
           and isinstance(st.get("tiled"), bool)
           and isinstance(st.get("eps"), (int, float)) and not isinstance(st["eps"], bool)
           and math.isfinite(st["eps"]) and st["eps"] > 0)
     if not ok:
-        raise ManifestError(f"{r.where}: vae.decoder_stages[{k}] is malformed ({st!r}); "
+        raise ManifestError(f"{r.where}: vae.{half}_stages[{k}] is malformed ({st!r}); "
                             "re-convert the bundle")
     return DecoderStage(st["component"], st.get("groups"), st["halo"], st["scale"],
-                        tuple(st["skips"]), st["tiled"], float(st["eps"]))
+                        tuple(st["skips"]), st["tiled"], float(st["eps"]), int(down))
 
 
 def _unet(r: "_Reader", u: dict[str, Any]) -> UnetSpec:

@@ -20,6 +20,7 @@ UNET = "unet"
 VAE_DECODER = "vae_decoder"
 VAE_ENCODER = "vae_encoder"
 VAE_DECODER_STAGE = "vae_decoder_stage"  # the kind of each `vae_decoder_sNN` role
+VAE_ENCODER_STAGE = "vae_encoder_stage"  # the kind of each `vae_encoder_sNN` role
 COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)
 REQUIRED_COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER)
 

@@ -21,10 +21,9 @@ from .config import MAX_IMAGES, GenerationConfig, uses_guidance
 from .denoise import (STEP_END_TENSORS, Conditioning, StepCallback, StepEndCallback,
                       check_step_end, run_denoising, step_end_callback,
                       unet_predictor)
-from .contracts import VaeIO
 from .edit import (EditInputs, EditStart, edit_kind, finish_images, is_inpainting_unet,
                    prepare_edit, source_size, start_edit)
-from .errors import InferenceError, InvalidInputError
+from .errors import InvalidInputError
 from .generation import (OUTPUT_TYPES, Generation, as_output, check_decodable, initial_noise,
                          prompts_of, size_from_latents, timed)
 from .image_input import ImageSource
@@ -38,7 +37,7 @@ from .text_encoder import PromptEmbeds, encode_prompts
 from .spill import SpillMaps, check_spill_folder
 from .tokenizer import PromptTokenizer
 from .vae import decode_latents as _decode_whole
-from .vae import decode_latents_tiled, scale_latents
+from .vae import decode_latents_tiled, encode_images, encode_images_tiled, scale_latents
 
 log = logging.getLogger(__name__)
 
@@ -344,16 +343,19 @@ class Pipeline:
                              start.after_step if start is not None else None)
 
     # -- img2img and inpainting ----------------------------------------------------------
-    def encode_image(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def encode_image(self, images: np.ndarray, tile: int | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
         """Float images [1, H, W, 3] in [0, 1] -> the VAE encoder's latent distribution
-        (mean, logvar), in the VAE's own latent space."""
-        out = self.session(N.VAE_ENCODER).run({VaeIO.IMAGE: (images.transpose(0, 3, 1, 2)
-                                                             * 2 - 1).astype(np.float32)})
-        mean, logvar = out[VaeIO.LATENT_MEAN], out[VaeIO.LATENT_LOGVAR]
-        if not (np.isfinite(mean).all() and np.isfinite(logvar).all()):
-            raise InferenceError("the VAE encoder produced NaN/inf; use an fp32 VAE "
-                                 "(`--precision vae=fp32`)")
-        return mean, logvar
+        (mean, logvar), in the VAE's own latent space. With `tile` (latent pixels; default:
+        the memory plan's) and a bundle holding the encoder's stages, encoded exactly in
+        tiles, as decode_latents decodes."""
+        tile = (self.plan.vae_tile or 0) if tile is None else tile
+        vae = self.manifest.vae
+        if tile and vae.encoder_stages:
+            alloc = SpillMaps(self.plan.spill_dir) if self.plan.spill_maps else np.empty
+            return encode_images_tiled(self.components, images, vae, tile * vae.scale_factor,
+                                       alloc)
+        return encode_images(self.session(N.VAE_ENCODER), images)
 
     def _start_edit(self, edit: EditInputs, sched: Scheduler, noise: np.ndarray,
                     cfg: GenerationConfig, rng: list[np.random.Generator]) -> EditStart:

@@ -77,6 +77,7 @@ class Stage:
     skips: tuple[int, ...] = ()  # earlier stage outputs fed as extra inputs (-1: the input)
     tiled: bool = True  # False: run on the whole map (global attention at latent resolution)
     eps: float = 1e-6
+    down: int = 1  # input pixels per output pixel (2 for a stride-2 stage; halo a multiple)
 
 
 # the fewest core rows a strip has (where tile**2 / width would give fewer): a halo row each
@@ -132,14 +133,17 @@ def group_stats(x: Map, groups: int, eps: float) -> Stats:
     return acc.result()
 
 
-def strip_rows(height: int, width: int, tile: int) -> Iterator[tuple[int, int]]:
+def strip_rows(height: int, width: int, tile: int, multiple: int = 1
+               ) -> Iterator[tuple[int, int]]:
     """Row ranges (y0, y1) of full-width strips covering a height x width map, each about
-    `tile` x `tile` pixels in area (at least MIN_STRIP_ROWS rows), the last one short.
-    Full-width strips because a map kept in a file is read and written in whole pages: a
-    square tile of a row-major map would touch every page of its rows for a part of each."""
+    `tile` x `tile` pixels in area (at least MIN_STRIP_ROWS rows, a multiple of `multiple`),
+    the last one short. Full-width strips because a map kept in a file is read and written
+    in whole pages: a square tile of a row-major map would touch every page of its rows for
+    a part of each."""
     if tile < 1:
         raise InvalidInputError(f"tile must be at least 1 pixel, got {tile}")
     rows = max(-(-tile * tile // max(width, 1)), MIN_STRIP_ROWS)
+    rows += -rows % multiple
     for y0 in range(0, height, rows):
         yield y0, min(y0 + rows, height)
 
@@ -160,18 +164,24 @@ def run_stage_tiled(inputs: Sequence[Map], stage: Stage, tile: int,
         out = stage.run([whole(a) for a in inputs], mean, inv)
         return out, group_stats(out, *out_norm) if out_norm else None
     acc = GroupStats(*out_norm) if out_norm else None
-    h, s, halo = main.shape[2], stage.scale, stage.halo
+    h, w, halo, d = main.shape[2], main.shape[3], stage.halo, stage.down
+    if d > 1 and (h % d or w % d or halo % d):
+        raise InvalidInputError(f"a stride-{d} stage needs map sides and a halo that are "
+                                f"multiples of {d}, got {h}x{w}, halo {halo}")
+
+    def at(y: int) -> int:  # input row -> output row
+        return y * stage.scale // d
     out: Map | None = None
-    for y0, y1 in strip_rows(h, main.shape[3], tile):
+    for y0, y1 in strip_rows(h, w, tile, d):
         ya, yb = max(0, y0 - halo), min(h, y1 + halo)
         res = stage.run([read_rows(a, ya, yb) for a in inputs], mean, inv)
-        if res.shape[2:] != ((yb - ya) * s, main.shape[3] * s):
+        if res.shape[2:] != (at(yb) - at(ya), at(w)):
             raise InvalidInputError(f"a stage returned a {res.shape[2:]} strip for a "
-                                    f"{(yb - ya, main.shape[3])} input at scale {s}")
+                                    f"{(yb - ya, w)} input at scale {stage.scale}/{d}")
         if out is None:
-            out = alloc((main.shape[0], res.shape[1], h * s, main.shape[3] * s), res.dtype)
-        core = res[:, :, (y0 - ya) * s:(y1 - ya) * s]
-        write_rows(out, y0 * s, core)
+            out = alloc((main.shape[0], res.shape[1], at(h), at(w)), res.dtype)
+        core = res[:, :, at(y0) - at(ya):at(y1) - at(ya)]
+        write_rows(out, at(y0), core)
         if acc is not None:
             acc.add(core)
     assert out is not None
@@ -182,7 +192,8 @@ def run_stages(x: np.ndarray, stages: Sequence[Stage], tile: int,
                after_stage: Callable[[int], None] | None = None,
                alloc: Alloc = np.empty) -> np.ndarray:
     """Run the chain of `stages` on `x` [B, C, H, W], each stage in strips of about `tile`
-    x `tile` pixels of `x` (so `tile * 2**k` after k upsampling stages). Activations are
+    x `tile` pixels of `x` (so `tile * 2**k` after k upsampling stages, `tile / 2**k` after
+    k downsampling ones, at least 1). Activations are
     kept only while a later stage needs them as a skip; each GroupNorm's statistics are
     gathered while the stage before it writes its output."""
     last_use = {-1: 0}
@@ -198,8 +209,8 @@ def run_stages(x: np.ndarray, stages: Sequence[Stage], tile: int,
         nxt = stages[k + 1] if k + 1 < len(stages) else None
         out_norm = (nxt.groups, nxt.eps) if nxt is not None and nxt.groups else None
         current, stats = run_stage_tiled([current] + [kept[j] for j in st.skips], st,
-                                         tile * scale, alloc, stats, out_norm)
-        scale *= st.scale
+                                         max(1, int(tile * scale)), alloc, stats, out_norm)
+        scale = scale * st.scale / st.down
         if after_stage is not None:
             after_stage(k)
         kept = {j: a for j, a in kept.items() if last_use.get(j, -1) > k}

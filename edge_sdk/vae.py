@@ -1,4 +1,5 @@
-"""VAE stages: latents -> images (decode), and the latent scaling both directions use."""
+"""VAE stages: latents -> images (decode), images -> latent moments (encode), whole or in
+exact tiles, and the latent scaling both directions use."""
 
 from __future__ import annotations
 
@@ -62,7 +63,8 @@ def _stage(spec: DecoderStage, sessions: StageSessions) -> Stage:
         if spec.groups:
             feeds[StageIO.MEAN], feeds[StageIO.INV_STD] = mean, inv
         return sessions.session(spec.component).run(feeds)[StageIO.Y]
-    return Stage(run, spec.groups, spec.halo, spec.scale, spec.skips, spec.tiled, spec.eps)
+    return Stage(run, spec.groups, spec.halo, spec.scale, spec.skips, spec.tiled, spec.eps,
+                 spec.down)
 
 
 def decode_latents_tiled(sessions: StageSessions, latents: np.ndarray, vae: VaeSpec,
@@ -79,3 +81,35 @@ def decode_latents_tiled(sessions: StageSessions, latents: np.ndarray, vae: VaeS
     images = [run_stages(z[i:i + 1], chain, tile, after_stage=release, alloc=alloc)
               for i in range(z.shape[0])]
     return _to_images(np.concatenate(images))
+
+
+def encode_images(encoder: Session, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Float images [1, H, W, 3] in [0, 1] -> the latent distribution (mean, logvar) in the
+    VAE's own latent space (the graph clamps logvar as diffusers does)."""
+    out = encoder.run({VaeIO.IMAGE: _to_input(images)})
+    return _checked(out[VaeIO.LATENT_MEAN], out[VaeIO.LATENT_LOGVAR])
+
+
+def encode_images_tiled(sessions: StageSessions, images: np.ndarray, vae: VaeSpec, tile: int,
+                        alloc: Alloc = np.empty) -> tuple[np.ndarray, np.ndarray]:
+    """Like encode_images, through the encoder's stages (`vae.encoder_stages`), in strips of
+    about `tile` x `tile` image pixels: the same moments with one stage's full-resolution
+    working set at a time (the largest maps are the encoder's first level, at full image
+    resolution)."""
+    stages = vae.encoder_stages
+    chain = [_stage(st, sessions) for st in stages]
+    release: Callable[[int], None] = lambda k: sessions.done_with(stages[k].component)  # noqa
+    moments = run_stages(_to_input(images), chain, tile, after_stage=release, alloc=alloc)
+    mean, logvar = np.split(moments, 2, axis=1)
+    return _checked(mean, np.clip(logvar, -30.0, 20.0))  # as DiagonalGaussianDistribution
+
+
+def _to_input(images: np.ndarray) -> np.ndarray:
+    return (images.transpose(0, 3, 1, 2) * 2 - 1).astype(np.float32)
+
+
+def _checked(mean: np.ndarray, logvar: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if not (np.isfinite(mean).all() and np.isfinite(logvar).all()):
+        raise InferenceError("the VAE encoder produced NaN/inf; use an fp32 VAE "
+                             "(`--precision vae=fp32`)")
+    return np.ascontiguousarray(mean), np.ascontiguousarray(logvar)

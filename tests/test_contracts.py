@@ -162,4 +162,4 @@ def test_guidance_batched_and_as_two_passes_agree_and_guidance_is_applied():
 
 def test_contract_kinds_are_what_manifests_may_name():
     assert set(CONTRACTS) == {"text_encoder", "unet", "vae_decoder", "vae_encoder",
-                              "vae_decoder_stage"}
+                              "vae_decoder_stage", "vae_encoder_stage"}
