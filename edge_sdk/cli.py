@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -69,7 +70,12 @@ def _generate_parser(g: argparse.ArgumentParser) -> None:
 
 def _evaluate_parser(e: argparse.ArgumentParser) -> None:
     e.add_argument("--model", "-m", help="bundle folder (default: the shipped model)")
-    add_arguments(e, only=("steps", "guidance_scale", "scheduler"))
+    add_arguments(e, only=("steps", "guidance_scale", "scheduler", "strength", "paste_back"))
+    e.add_argument("--task", default="generate", choices=("generate", "recolour", "inpaint"),
+                   help="generate: text-to-image on the held-out prompts (default); "
+                   "recolour: img2img, a rendered scene asked in another colour; inpaint: "
+                   "a scene with one object left out, repainted in a mask (README: editing "
+                   "protocols; 64 cases unless --prompts)")
     e.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     e.add_argument("--prompts", type=int, default=80, metavar="N",
                    help="size of the prompt set (default 80, the standard set, which stays "
@@ -191,6 +197,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         check_output_path(a.json, {".json": "JSON"})
     pipe = Pipeline.load(a.model, memory=a.memory, **_backend_kwargs(a))
     require_shapes_model(pipe.manifest, "edge-sdk evaluate")
+    if a.task != "generate":
+        return _evaluate_editing(a, pipe)
 
     def generate(prompt: str, seed: int) -> Any:
         return pipe.generate(prompt, config_from_arguments(a, seed=seed)).images[0]
@@ -201,6 +209,33 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     print(report.table())
     if a.sheet:
         print(f"contact sheet: {benchmark.contact_sheet(images, report, a.sheet)}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"summary": report.summary(), "rows": report.rows},
+                                           indent=1))
+    return 0
+
+
+def _evaluate_editing(a: argparse.Namespace, pipe: Any) -> int:
+    """`edge-sdk evaluate --task recolour|inpaint`: the editing protocols."""
+    from .shapes import editing
+
+    n = min(a.prompts if a.prompts != 80 else editing.DEFAULT_CASES, a.limit or 10**9)
+    config = config_from_arguments(a, strength=None, paste_back=None)
+
+    def generate(case: Any, strength: float) -> Any:
+        cfg = replace(config, seed=case.seed, strength=strength,
+                      paste_back=bool(a.paste_back) if case.mask is not None else None)
+        return pipe.generate(case.prompt, cfg, image=case.source,
+                             mask_image=case.mask).images[0]
+
+    bar = ProgressBar("evaluating", unit="case")
+    report, images = editing.run(a.task, generate, n, validation=a.validation,
+                                 strength=a.strength, progress=lambda k, m: bar(k, m))
+    print(json.dumps(report.summary(), indent=1))
+    if a.sheet:
+        cases = editing.cases(a.task, n, a.validation)
+        editing.contact_sheet(cases, images, report, a.sheet)
+        print(f"contact sheet: {a.sheet}")
     if a.json:
         Path(a.json).write_text(json.dumps({"summary": report.summary(), "rows": report.rows},
                                            indent=1))

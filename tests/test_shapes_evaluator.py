@@ -72,3 +72,32 @@ def test_captions_mention_their_attributes():
         text = caption(s, rng)
         assert s.colour in text and s.shape in text
         assert (s.background in text) == s.says_background or s.background == s.colour
+
+
+def test_editing_protocols_judge_drawn_answers_right_and_wrong():
+    """The recolour and inpainting judges on drawings (no model): the target scene drawn is
+    a success; the source returned unchanged is a failure; the cases are fixed by seed."""
+    from dataclasses import replace
+
+    from edge_sdk.shapes import editing
+    for task in editing.TASKS:
+        cases = editing.cases(task, 24)
+        assert [c.prompt for c in cases] == [c.prompt for c in editing.cases(task, 24)]
+        assert [c.prompt for c in cases] != [c.prompt for c in editing.cases(task, 24, True)]
+        for k, case in enumerate(cases):
+            seed = editing.EDIT_HELD_OUT_SEED * 1000 + k
+            answer = render(case.target, np.random.default_rng(seed))
+            if task == "recolour":
+                assert editing.judge(case, answer)["ok"], case.prompt
+                assert not editing.judge(case, case.source)["ok"]
+            else:
+                # the whole pair drawn: the new object read in the mask, the rest identical
+                got = editing.judge(case, answer)
+                outside = got["psnr_outside"]  # None: identical
+                assert got["new_object"] and (outside is None or outside >= 40), got
+                assert not editing.judge(case, case.source)["ok"]
+                other = replace(case.target, colour="red" if case.target.colour != "red"
+                                else "blue")
+                if other.colour != case.target.background:
+                    wrong = render(other, np.random.default_rng(seed))
+                    assert not editing.judge(case, wrong)["new_object"]

@@ -119,8 +119,10 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> np.nda
     return np.array(pts)
 
 
-def render(scene: Scene, rng: np.random.Generator | None = None, size: int = SIZE) -> np.ndarray:
-    """The scene as an RGB uint8 image [size, size, 3] (anti-aliased by 4x supersampling)."""
+def render(scene: Scene, rng: np.random.Generator | None = None, size: int = SIZE,
+           skip: int | None = None) -> np.ndarray:
+    """The scene as an RGB uint8 image [size, size, 3] (anti-aliased by 4x supersampling);
+    `skip`: leave object k out (its place empty, the others where the scene has them)."""
     ss = 4
     scale = size / SIZE * ss
     img = np.empty((size * ss, size * ss, 3), np.uint8)
@@ -128,7 +130,9 @@ def render(scene: Scene, rng: np.random.Generator | None = None, size: int = SIZ
     colour = PALETTE[scene.colour]
     r = _RADIUS[scene.size] * (rng.uniform(0.9, 1.1) if rng is not None else 1.0)
     angle = math.radians(rng.uniform(-8, 8)) if rng is not None else 0.0
-    for cx, cy in object_centres(scene, rng):
+    for k, (cx, cy) in enumerate(object_centres(scene, rng)):
+        if k == skip:
+            continue
         poly = _polygon(scene.shape, cx * scale, cy * scale, r * scale, angle)
         if poly is None:
             cv2.circle(img, (round(cx * scale), round(cy * scale)), round(r * scale), colour, -1,
