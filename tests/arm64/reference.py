@@ -22,6 +22,24 @@ def generate(bundle: str | None = None, **load: object) -> tuple[np.ndarray, np.
     return np.asarray(result.images[0]), result.latents
 
 
+def edit_inputs() -> tuple[np.ndarray, np.ndarray]:
+    """The source image and mask of the img2img and inpainting checks: the first inpainting
+    case of the editing protocol (a scene with one object of a pair left out)."""
+    from edge_sdk.shapes.editing import inpaint_cases
+    case = inpaint_cases(1)[0]
+    assert case.mask is not None
+    return case.source, case.mask
+
+
+def edit(source: np.ndarray, mask: np.ndarray | None, **load: object) -> np.ndarray:
+    """img2img (strength 0.5 of 4 steps: 2 run) or, with a mask, inpainting (2 steps)."""
+    from edge_sdk import Pipeline
+    pipe = Pipeline.load(**load)
+    if mask is None:
+        return np.asarray(pipe(PROMPT, image=source, strength=0.5, steps=4, seed=SEED))
+    return np.asarray(pipe(PROMPT, image=source, mask_image=mask, steps=STEPS, seed=SEED))
+
+
 def seen(image: np.ndarray) -> str:
     """What the shapes evaluator (OpenCV) reads in an image, as text to compare."""
     from edge_sdk.shapes.evaluator import analyse
@@ -32,8 +50,10 @@ def main() -> int:
     tflite, out = sys.argv[1], sys.argv[2]
     onnx_image, latents = generate()
     tflite_image, _ = generate(tflite, backend="tflite")
+    source, mask = edit_inputs()
     np.savez(out, onnx=onnx_image, latents=latents, tflite=tflite_image,
-             seen=np.array(seen(onnx_image)))
+             seen=np.array(seen(onnx_image)), source=source, mask=mask,
+             img2img=edit(source, None), inpaint=edit(source, mask))
     return 0
 
 
