@@ -33,7 +33,11 @@ class _PeakSampler:
         self.peak = max(self.peak, value)
 
     def peak_between(self, t0: float, t1: float) -> int:
-        return max((v for t, v in self.samples if t0 <= t <= t1), default=0)
+        """The highest sample within [t0, t1] (a window shorter than the sampling interval:
+        the last sample before its end)."""
+        inside = [v for t, v in self.samples if t0 <= t <= t1]
+        before = [v for t, v in self.samples if t <= t1]
+        return max(inside) if inside else (before[-1] if before else 0)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):

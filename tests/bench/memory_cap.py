@@ -1,7 +1,7 @@
 """One generation inside a hard memory cap (a cgroup-v1 memory limit; needs root, Linux).
 
     python -m tests.bench.memory_cap BUNDLE [--cap 300MB] [--memory low] [--steps 2]
-        [--size 512] [--output capped.png] [--json]
+        [--size 512] [--img2img STRENGTH] [--output capped.png] [--json]
 
 Runs `edge-sdk bench` in a child process that is inside a fresh memory cgroup from its
 first instruction (the limit covers everything it charges: private memory and the page
@@ -89,6 +89,17 @@ def evict_from_page_cache(folder: Path) -> int:
     return total
 
 
+def _source_image(out: Path, size: int) -> Path:
+    """A rendered shapes scene at size x size, next to the output."""
+    from PIL import Image
+
+    from edge_sdk.shapes.scenes import Scene, render
+    path = out.with_name(out.stem + "-source.png")
+    scene = Scene("star", "orange", 2, "small", "center", "blue")
+    Image.fromarray(render(scene, size=size)).save(path)
+    return path
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundle")
@@ -98,6 +109,10 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--img2img", type=float, default=None, metavar="STRENGTH",
+                    help="img2img from a rendered size x size scene at this strength (the "
+                    "bundle needs its VAE encoder); --steps are then the scheduler's, "
+                    "int(steps x strength) of them run")
     ap.add_argument("--output", default="capped.png")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -108,6 +123,8 @@ def main() -> int:
            "--memory", args.memory, "--steps", str(args.steps), "--width", str(args.size),
            "--height", str(args.size), "--guidance", str(args.guidance), "--json",
            "--output", str(out)] + (["--threads", str(args.threads)] if args.threads else [])
+    if args.img2img is not None:
+        cmd += ["--image", str(_source_image(out, args.size)), "--strength", str(args.img2img)]
     evict_from_page_cache(Path(args.bundle))
     with MemoryCgroup(cap) as cg:
         t0 = time.perf_counter()
@@ -124,13 +141,16 @@ def main() -> int:
               "wall_s": round(wall, 1), "completed": ok,
               "unet_step_s_median": median,
               "decode_over_unet_step": bench["vae_decoder_s"] / median if median else None,
+              "encode_over_unet_step": bench["vae_encoder_s"] / median
+              if median and bench and bench.get("vae_encoder_s") else None,
               "image": str(out) if out.exists() else None, "bench": bench}
     if args.json:
         print(json.dumps(result, indent=1))
     else:
         mib = 2**20
+        what = f"img2img strength {args.img2img}, " if args.img2img is not None else ""
         print(f"cap {cap / mib:.0f} MiB, memory={args.memory}, {args.size}x{args.size}, "
-              f"{args.steps} steps, guidance {args.guidance}")
+              f"{what}{args.steps} steps, guidance {args.guidance}")
         print(f"cgroup peak {peak / mib:.0f} MiB (page cache included), limit reached "
               f"{failcnt} times (pages evicted), OOM kills {kills}, exit {proc.returncode}")
         if bench:
@@ -139,6 +159,12 @@ def main() -> int:
                   f"({result['decode_over_unet_step']:.2f}x a UNet step), "
                   f"process peak RSS {bench['peak_rss_bytes'] / mib:.0f} MiB, peak private "
                   f"{bench['peak_private_bytes'] / mib:.0f} MiB, wall {wall:.0f} s")
+            stages = bench["stage_peak_private_bytes"]
+            if bench.get("vae_encoder_s") is not None:
+                print(f"VAE encoder {bench['vae_encoder_s']:.1f} s "
+                      f"({result['encode_over_unet_step']:.2f}x a UNet step)")
+            print("peak private by stage: " + ", ".join(f"{k} {v / mib:.0f} MiB"
+                                                        for k, v in stages.items()))
         print(f"image: {result['image']}" if ok else
               f"FAILED inside the cap:\n{proc.stderr[-2000:]}")
     return 0 if ok else 1
