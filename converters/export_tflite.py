@@ -114,6 +114,7 @@ def _trace(exp: Exporter, model: Any, sizes: Sequence[tuple[int, int]], shapes: 
     """litert-torch's fp32 conversion of `model`, one signature per size, written to `path`."""
     litert_torch = require_litert_torch()
     import torch
+    _exact_upsamplers(model)
     wrapper = _named(exp, model)
     converter = None
     for size in (sizes if exp.sized else [sizes[0]]):
@@ -124,6 +125,34 @@ def _trace(exp: Exporter, model: Any, sizes: Sequence[tuple[int, int]], shapes: 
     with torch.no_grad():
         converted = converter.convert()  # type: ignore[union-attr]
     converted.export(str(path))
+
+
+def _exact_upsamplers(model: Any) -> None:
+    """At latent sides the UNet cannot halve evenly (13x9 at 104x72 px), diffusers'
+    upsamplers resize to the skip connection's size (`output_size`) with nearest-neighbour
+    interpolation, which litert-torch lowers with half-pixel centres: another pixel pick
+    than torch's, and a UNet output off by up to 0.56. For a skip of m pixels the input has
+    ceil(m / 2), and torch's pick floor(i * ceil(m/2) / m) is floor(i / 2): doubling and
+    keeping the first m rows and columns is the same map, which every backend computes
+    alike. ONNX keeps torch's Resize (its 'asymmetric' 'floor' mode is torch's)."""
+    import types
+
+    import torch.nn.functional as F
+    from diffusers.models.upsampling import Upsample2D
+    for m in model.modules():
+        if not isinstance(m, Upsample2D) or not m.interpolate or m.use_conv_transpose \
+                or m.norm is not None or getattr(m, "name", "conv") != "conv":
+            continue
+        original = m.forward
+
+        def forward(self: Any, hidden_states: Any, output_size: Any = None, *args: Any,
+                    _original: Any = original, **kwargs: Any) -> Any:
+            if output_size is None:
+                return _original(hidden_states, *args, **kwargs)
+            x = F.interpolate(hidden_states, scale_factor=2.0, mode="nearest")
+            x = x[:, :, :output_size[0], :output_size[1]]
+            return self.conv(x) if self.use_conv else x
+        m.forward = types.MethodType(forward, m)
 
 
 def quantize_tflite(src: Path, dst: Path, precision: str) -> None:

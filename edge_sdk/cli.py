@@ -14,14 +14,15 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import __version__
 from . import names as N
 from .config import MAX_IMAGES, add_arguments, config_from_arguments
-from .errors import EdgeSDKError, InvalidInputError
+from .errors import EdgeSDKError
+from .cli_common import add_backend_args, add_memory_arg, backend_kwargs
+from .cli_evaluate import cmd_evaluate, evaluate_parser
 from .progress import ProgressBar
 
 
@@ -30,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"edge-sdk {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     _generate_parser(sub.add_parser("generate", help="generate an image from a text prompt"))
-    _evaluate_parser(sub.add_parser("evaluate", help="score a bundle on the shapes model's "
+    evaluate_parser(sub.add_parser("evaluate", help="score a bundle on the shapes model's "
                                     "held-out prompts"))
     i = sub.add_parser("info", help="describe a bundle")
     i.add_argument("bundle", nargs="?", help="bundle folder (default: the shipped model)")
@@ -43,8 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("selftest", help="generate with the shipped model and check the image "
                        "(the smoke test of an install, a board or a container)")
     t.add_argument("--model", "-m", help="bundle folder (default: the shipped model)")
-    _add_memory_arg(t)
-    _add_backend_args(t)
+    add_memory_arg(t)
+    add_backend_args(t)
     t.add_argument("-o", "--output", default=None, help="also save the image here")
     t.add_argument("--debug", action="store_true")
     return p
@@ -59,35 +60,13 @@ def _generate_parser(g: argparse.ArgumentParser) -> None:
                    "made with seed + k (generate it alone with that seed to get it again)")
     _add_image_args(g)
     add_arguments(g)  # every generation parameter (edge_sdk.config.GenerationConfig)
-    _add_backend_args(g)
+    add_backend_args(g)
     g.add_argument("--no-verify", action="store_true", help="skip sha256 checks at load")
-    _add_memory_arg(g)
+    add_memory_arg(g)
     g.add_argument("-q", "--quiet", action="store_true")
     g.add_argument("--json", action="store_true", help="print the result (paths, seeds, "
                    "parameters, seconds per stage) as JSON on stdout")
     g.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-
-
-def _evaluate_parser(e: argparse.ArgumentParser) -> None:
-    e.add_argument("--model", "-m", help="bundle folder (default: the shipped model)")
-    add_arguments(e, only=("steps", "guidance_scale", "scheduler", "strength", "paste_back"))
-    e.add_argument("--task", default="generate", choices=("generate", "recolour", "inpaint"),
-                   help="generate: text-to-image on the held-out prompts (default); "
-                   "recolour: img2img, a rendered scene asked in another colour; inpaint: "
-                   "a scene with one object left out, repainted in a mask (README: editing "
-                   "protocols; 64 cases unless --prompts)")
-    e.add_argument("--limit", type=int, default=None, help="only the first N prompts")
-    e.add_argument("--prompts", type=int, default=80, metavar="N",
-                   help="size of the prompt set (default 80, the standard set, which stays "
-                        "the first 80 of a larger one; tune on e.g. --validation --prompts 320)")
-    e.add_argument("--validation", action="store_true",
-                   help="use the validation prompt set (for tuning), not the held-out one")
-    e.add_argument("--sheet", default=None,
-                   help="also write a contact sheet of the results to this PNG path")
-    e.add_argument("--json", default=None, help="also write the report as JSON here")
-    _add_memory_arg(e)
-    _add_backend_args(e)
-    e.add_argument("--debug", action="store_true")
 
 
 def _bench_parser(b: argparse.ArgumentParser) -> None:
@@ -97,8 +76,8 @@ def _bench_parser(b: argparse.ArgumentParser) -> None:
                            "seed", "scheduler", "strength"))
     _add_image_args(b)
     b.set_defaults(seed=0)  # a benchmark is repeatable by default
-    _add_memory_arg(b)
-    _add_backend_args(b)
+    add_memory_arg(b)
+    add_backend_args(b)
     b.add_argument("--output", "-o", default=None, help="also save the image here (PNG)")
     b.add_argument("--json", action="store_true", help="print the report as JSON")
     b.add_argument("--debug", action="store_true")
@@ -110,36 +89,6 @@ def _add_image_args(p: argparse.ArgumentParser) -> None:
                    "of 8, unless --width/--height are given)")
     p.add_argument("--mask", default=None, metavar="PATH", help="inpainting: repaint where "
                    "this mask (the image's size) is white")
-
-
-def _add_memory_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--memory", default="fast", help="fast | balanced | low | a budget such "
-                   "as 300MB or 1GiB (see the README's memory section)")
-
-
-def _add_backend_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--backend", default="auto", choices=["auto", "onnx", "tflite"],
-                   help="auto: each component's own format (default)")
-    p.add_argument("--providers", default=None, help="comma-separated ONNX Runtime "
-                   "execution providers, e.g. xnnpack,cpu")
-    p.add_argument("--delegate", default=None, metavar="PATH.so",
-                   help="a TFLite external delegate library (e.g. a vendor NPU's)")
-    p.add_argument("--delegate-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="an option for --delegate (repeatable)")
-
-
-def _backend_kwargs(a: argparse.Namespace) -> dict[str, Any]:
-    """Pipeline.load's backend arguments from _add_backend_args's flags."""
-    options = []
-    for item in a.delegate_option:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise InvalidInputError(f"--delegate-option {item!r} is not KEY=VALUE")
-        options.append((key, value))
-    return {"threads": a.threads, "backend": a.backend,
-            "providers": [p for p in a.providers.split(",") if p] if a.providers else None,
-            "delegate": a.delegate, "delegate_options": dict(options) or None}
 
 
 def _output_paths(output: str, n: int) -> list[Path]:
@@ -157,7 +106,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         else 1  # out of range: generate refuses it, after these paths are checked
     paths = [check_output_path(p) for p in _output_paths(a.output, n)]  # before any work
     t0 = time.perf_counter()
-    pipe = Pipeline.load(a.model, verify=not a.no_verify, memory=a.memory, **_backend_kwargs(a))
+    pipe = Pipeline.load(a.model, verify=not a.no_verify, memory=a.memory, **backend_kwargs(a))
     load_s = time.perf_counter() - t0
     result = pipe.generate(a.prompt, config_from_arguments(a), image=a.image,
                            mask_image=a.mask,
@@ -183,65 +132,6 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_evaluate(a: argparse.Namespace) -> int:
-    from .pipeline import Pipeline
-    from .shapes import benchmark, require_shapes_model
-
-    if a.prompts < 1 or (a.limit is not None and a.limit < 1):
-        raise InvalidInputError(f"--prompts {a.prompts} / --limit {a.limit}: both must be at "
-                                "least 1")
-    from .image import check_output_path
-    if a.sheet is not None:  # checked before the run, not after it
-        check_output_path(a.sheet, {".png": "PNG"})
-    if a.json is not None:
-        check_output_path(a.json, {".json": "JSON"})
-    pipe = Pipeline.load(a.model, memory=a.memory, **_backend_kwargs(a))
-    require_shapes_model(pipe.manifest, "edge-sdk evaluate")
-    if a.task != "generate":
-        return _evaluate_editing(a, pipe)
-
-    def generate(prompt: str, seed: int) -> Any:
-        return pipe.generate(prompt, config_from_arguments(a, seed=seed)).images[0]
-
-    bar = ProgressBar("evaluating", unit="prompt")
-    report, images = benchmark.run(generate, a.limit, progress=lambda k, n: bar(k, n),
-                                   validation=a.validation, prompts=a.prompts)
-    print(report.table())
-    if a.sheet:
-        print(f"contact sheet: {benchmark.contact_sheet(images, report, a.sheet)}")
-    if a.json:
-        Path(a.json).write_text(json.dumps({"summary": report.summary(), "rows": report.rows},
-                                           indent=1))
-    return 0
-
-
-def _evaluate_editing(a: argparse.Namespace, pipe: Any) -> int:
-    """`edge-sdk evaluate --task recolour|inpaint`: the editing protocols."""
-    from .shapes import editing
-
-    n = min(a.prompts if a.prompts != 80 else editing.DEFAULT_CASES, a.limit or 10**9)
-    config = config_from_arguments(a, strength=None, paste_back=None)
-
-    def generate(case: Any, strength: float) -> Any:
-        cfg = replace(config, seed=case.seed, strength=strength,
-                      paste_back=bool(a.paste_back) if case.mask is not None else None)
-        return pipe.generate(case.prompt, cfg, image=case.source,
-                             mask_image=case.mask).images[0]
-
-    bar = ProgressBar("evaluating", unit="case")
-    report, images = editing.run(a.task, generate, n, validation=a.validation,
-                                 strength=a.strength, progress=lambda k, m: bar(k, m))
-    print(json.dumps(report.summary(), indent=1))
-    if a.sheet:
-        cases = editing.cases(a.task, n, a.validation)
-        editing.contact_sheet(cases, images, report, a.sheet)
-        print(f"contact sheet: {a.sheet}")
-    if a.json:
-        Path(a.json).write_text(json.dumps({"summary": report.summary(), "rows": report.rows},
-                                           indent=1))
-    return 0
-
-
 def cmd_bench(a: argparse.Namespace) -> int:
     from .bench import run_bench
     from .pipeline import Pipeline
@@ -250,7 +140,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     if a.output:
         check_output_path(a.output)
     config = config_from_arguments(a)
-    kwargs = _backend_kwargs(a)
+    kwargs = backend_kwargs(a)
     report, result = run_bench(a.prompt, config, lambda: Pipeline.load(
         a.model, memory=a.memory, **kwargs), image=a.image, mask_image=a.mask)
     if a.output:
@@ -278,7 +168,7 @@ def cmd_selftest(a: argparse.Namespace) -> int:
     if a.output:
         from .image import check_output_path
         check_output_path(a.output)
-    pipe = Pipeline.load(a.model, memory=a.memory, **_backend_kwargs(a))
+    pipe = Pipeline.load(a.model, memory=a.memory, **backend_kwargs(a))
     load_s = time.perf_counter() - t0
     result = pipe.generate(SELFTEST_PROMPT, GenerationConfig(seed=SELFTEST_SEED))
     if a.output:

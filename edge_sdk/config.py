@@ -8,6 +8,7 @@ the two agree) and the CLI's flags are made from it (`add_arguments`).
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import secrets
@@ -19,12 +20,15 @@ from .manifest import Manifest
 from .schedulers import resolve_scheduler
 from .tokenizer import check_prompt
 
+log = logging.getLogger(__name__)
+
 MAX_SIDE = 8192
 MAX_IMAGES = 64
 MAX_STEPS = 1000
 MAX_GUIDANCE = 100
 # the fields that only apply with a source image (img2img, inpainting)
 EDIT_FIELDS = ("strength", "padding_mask_crop", "paste_back", "encode_mode")
+ENCODE_MODES = ("sample", "mean")  # diffusers' retrieve_latents: "sample" / "argmax"
 
 
 def _param(default: Any, help: str, *, flag: str | None = None, type: Any = None,
@@ -150,11 +154,14 @@ class GenerationConfig:
             _int("padding_mask_crop", self.padding_mask_crop, 0, MAX_SIDE)
         if self.paste_back is not None and not isinstance(self.paste_back, bool):
             raise InvalidInputError(f"paste_back must be True or False, got {self.paste_back!r}")
-        mode = self.encode_mode or "sample"
-        if mode not in ("sample", "mean"):
+        mode = self.encode_mode or ENCODE_MODES[0]
+        if mode not in ENCODE_MODES:
             raise InvalidInputError(f"encode_mode must be 'sample' or 'mean', got {mode!r}")
         paste = None if not inpaint else \
             crop is not None if self.paste_back is None else self.paste_back
+        if crop is not None and self.paste_back is False:
+            log.info("padding_mask_crop with paste_back=False: the repainted box replaces "
+                     "the source's box whole, mask or not")
         return dict(strength=strength, padding_mask_crop=crop, encode_mode=mode,
                     paste_back=paste)
 
@@ -192,6 +199,12 @@ def _finite(x: numbers.Real) -> bool:
         return False
 
 
+def size_multiple(manifest: Manifest) -> int:
+    """What image sides must be multiples of: the VAE's factor, and what the UNet graph
+    needs (bundles converted before its graph took any size record their levels')."""
+    return math.lcm(manifest.vae.scale_factor, manifest.unet.size_multiple)
+
+
 def _flag(name: str, value: str) -> bool:
     """A yes/no command-line value."""
     v = value.strip().lower()
@@ -216,7 +229,7 @@ def _side(name: str, value: Any, manifest: Manifest, given: bool = True) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise InvalidInputError(f"{name} must be an integer number of pixels, got {value!r}")
     value = int(value)
-    multiple = math.lcm(manifest.vae.scale_factor, manifest.unet.size_multiple)
+    multiple = size_multiple(manifest)
     what = f"{name}={value}" if given else f"the model's default {name} ({value})"
     if value <= 0 or value % multiple:
         fix = (f"try {max(multiple, round(value / multiple) * multiple)}" if given

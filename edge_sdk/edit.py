@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from . import names as N
+from .config import MAX_SIDE
 from .errors import InvalidInputError
 from .image import to_pil
 from .image_input import (SourceImage, crop_region, default_size, image_array, mask_array,
@@ -26,9 +27,8 @@ from .schedulers import Scheduler
 
 __all__ = ["EditInputs", "EditStart", "prepare_edit", "start_edit", "start_index", "edit_kind",
            "finish_images", "source_size",
-           "is_inpainting_unet", "mask_latents", "ENCODE_MODES"]
+           "is_inpainting_unet", "mask_latents"]
 
-ENCODE_MODES = ("sample", "mean")  # diffusers' retrieve_latents: "sample" / "argmax"
 
 # encode(images [1, H, W, 3] in [0, 1]) -> (mean, logvar), the VAE's own latent space
 Encode = Callable[[np.ndarray], "tuple[np.ndarray, np.ndarray]"]
@@ -88,10 +88,6 @@ class EditInputs:
     resized: Image.Image | None = None  # the image and mask at the output size (no crop)
     resized_mask: Image.Image | None = None
 
-    @property
-    def inpaint(self) -> bool:
-        return self.mask is not None
-
     def finish(self, generated: Image.Image, paste_back: bool) -> Image.Image:
         """A generated image as the caller gets it: put back into the source image's crop
         box (padding_mask_crop) and/or with the source's pixels outside the mask."""
@@ -100,8 +96,12 @@ class EditInputs:
         if self.crop is None:  # the source as it was encoded: resized to the output
             assert self.resized is not None and self.resized_mask is not None
             return overlay(self.resized_mask, self.resized, generated)
-        mask = self.mask_source.image if paste_back else Image.new("L", self.source.image.size)
-        return overlay(mask, self.source.image, generated, self.crop)
+        if paste_back:  # diffusers' apply_overlay
+            return overlay(self.mask_source.image, self.source.image, generated, self.crop)
+        x, y, x2, y2 = self.crop  # the repainted box replaces the source's, mask or not
+        out = self.source.image.copy()
+        out.paste(resize(generated, x2 - x, y2 - y, mode="crop"), (x, y))
+        return out
 
     def parameters(self) -> dict[str, Any]:
         out: dict[str, Any] = {"image_sha256": self.source.sha256}
@@ -122,7 +122,12 @@ def source_size(image: Any, mask: Any, padding_mask_crop: Any, manifest: Manifes
                                 "mask of the image's size")
     if padding_mask_crop is not None:
         return src, msk, (manifest.defaults.width, manifest.defaults.height)
-    return src, msk, default_size(src.image, multiple)
+    size = default_size(src.image, multiple)
+    if max(size) > MAX_SIDE:
+        raise InvalidInputError(f"the image is {src.image.width}x{src.image.height}, larger "
+                                f"than {MAX_SIDE} pixels a side; give width= and height= "
+                                "(--width/--height) to work at a smaller size")
+    return src, msk, size
 
 
 def prepare_edit(src: SourceImage, msk: SourceImage | None, width: int, height: int,
@@ -190,7 +195,7 @@ def start_edit(edit: EditInputs, sched: Scheduler, noise: np.ndarray, strength: 
     begin = start_index(sched.num_inference_steps, strength)
     sched.set_begin_index(begin)
     batch = noise.shape[0]
-    pick = (lambda k: rngs[min(k, len(rngs) - 1)]) if sample else (lambda k: None)
+    pick = (lambda k: rngs[k]) if sample else (lambda k: None)  # one generator per image
     full = edit.mask is None or not inpaint_unet or strength < 1.0
     image_lat = None
     if full:

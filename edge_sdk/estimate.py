@@ -72,10 +72,16 @@ def estimate_peak_bytes(manifest: Manifest, cfg: GenerationConfig, mode: str = "
     maps = batch * (manifest.unet.base_channels or UNKNOWN_BASE_CHANNELS) * h * w * 4
     unet = ATTENTION_COPIES[mode] * attention_bytes(manifest, cfg, batch) \
         + UNET_LIVE_MAPS * maps
-    tiled = mode != "fast" and bool(manifest.vae.decoder_stages)
     channels = manifest.vae.decoder_channels or UNKNOWN_DECODER_CHANNELS
-    per_pixel = (VAE_TILED_BYTES if tiled else VAE_UNTILED_BYTES) * channels
-    vae = per_pixel * int(cfg.height or 0) * int(cfg.width or 0)  # decoded one at a time
+    pixels = int(cfg.height or 0) * int(cfg.width or 0)  # decoded one at a time
+
+    def vae_bytes(stages: tuple) -> float:  # a VAE half, untiled or in tiles
+        tiled = mode != "fast" and bool(stages)
+        return (VAE_TILED_BYTES if tiled else VAE_UNTILED_BYTES) * channels * pixels
+    vae = vae_bytes(manifest.vae.decoder_stages)
+    if cfg.strength is not None:  # img2img / inpainting: the encoder's full-resolution
+        # maps are the decoder's mirror (its first level has the decoder's last channels)
+        vae = max(vae, vae_bytes(manifest.vae.encoder_stages))
     # fast copies the weights it runs into private memory; the other modes map them, and
     # mapped pages are page cache the kernel evicts under pressure (an SD 1.5 int8 bundle
     # with 784 MB of UNet weights ran under a 300 MiB cap), so they are not counted

@@ -3,10 +3,11 @@ diffusers' `load_image` and `VaeImageProcessor` do it.
 
 What is converted and what is refused follows diffusers, so an input that works there works
 here and gives the same pixels: a *file* is read as `load_image` reads it (EXIF orientation
-applied, any 8-bit mode converted to RGB); an in-memory PIL image must already be RGB (diffusers
-feeds its channels to the VAE as they are, and fails on 1 or 4); a mask in any 8-bit mode is
-made grayscale. 16-bit and float images are refused: converting them to 8 bits silently would
-clip them. Resizing is PIL's Lanczos, masks are binarized at 0.5.
+applied, any mode converted to RGB; a 16-bit grayscale file is scaled to 8 bits, where PIL's
+conversion, which load_image uses, would clip it to white); an in-memory PIL image must
+already be RGB (diffusers feeds its channels to the VAE as they are, and fails on 1 or 4); a
+mask in any mode is made grayscale. Float images (PIL mode F) are refused. Resizing is PIL's
+Lanczos, masks are binarized at 0.5.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ __all__ = ["ImageSource", "SourceImage", "read_image", "read_mask", "default_siz
 
 ImageSource = Union[str, Path, Image.Image, np.ndarray]
 RESAMPLE = Image.Resampling.LANCZOS  # VaeImageProcessor's default `resample`
-WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # more than 8 bits a channel
+SIXTEEN_BIT = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # 16-bit grayscale (PNG, TIFF)
+WIDE_MODES = SIXTEEN_BIT + ("F",)  # more than 8 bits a channel
 MASK_THRESHOLD = 0.5  # VaeImageProcessor.binarize: >= 0.5 is repainted
 
 
@@ -79,9 +81,10 @@ def read_mask(source: Any) -> SourceImage:
         return SourceImage(img.convert("RGB"), digest)  # load_image's conversion
     if isinstance(source, Image.Image):
         _check_depth(source, what)
-        return SourceImage(source, _pixels_sha(source))
+        keep = source.mode in ("L", "RGB", "RGBA", "LA")  # resized as they are, like diffusers
+        return SourceImage(source if keep else source.convert("RGB"), _pixels_sha(source))
     if isinstance(source, np.ndarray):
-        arr = _uint8(source, what)
+        arr = (source * np.uint8(255)) if source.dtype == bool else _uint8(source, what)
         if arr.ndim == 3 and arr.shape[2] == 1:
             arr = arr[:, :, 0]
         if arr.ndim != 2:
@@ -202,6 +205,10 @@ def _read_file(path: str | Path, what: str) -> tuple[Image.Image, str]:
         data = p.read_bytes()
         with Image.open(p) as img:
             img.load()
+            if img.mode in SIXTEEN_BIT:
+                log.info("%s %s is 16-bit: scaled to 8 bits", what, p)
+                img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round()
+                                      .clip(0, 255).astype(np.uint8), mode="L")
             _check_depth(img, what)
             return ImageOps.exif_transpose(img), hashlib.sha256(data).hexdigest()
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError,
@@ -211,9 +218,9 @@ def _read_file(path: str | Path, what: str) -> tuple[Image.Image, str]:
 
 def _check_depth(img: Image.Image, what: str) -> None:
     if img.mode in WIDE_MODES:
-        raise InvalidInputError(f"{what} is a {img.mode} image (16-bit or float); save it "
-                                "as 8-bit RGB (PNG or JPEG) first: reducing it here would "
-                                "clip it")
+        raise InvalidInputError(f"{what} is a {img.mode} image (16-bit or float); give an "
+                                "8-bit one (a 16-bit grayscale file is read; in memory, "
+                                "convert it yourself: reducing it here would clip it)")
 
 
 def _uint8(arr: np.ndarray, what: str) -> np.ndarray:

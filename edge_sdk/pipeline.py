@@ -7,7 +7,6 @@ The stages stay public for callers who need them: `encode_prompt`, `denoise`,
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -17,7 +16,7 @@ import numpy as np
 from . import names as N
 from .backends import BackendOptions, Session
 from .components import Components
-from .config import MAX_IMAGES, GenerationConfig, uses_guidance
+from .config import MAX_IMAGES, GenerationConfig, size_multiple, uses_guidance
 from .denoise import (STEP_END_TENSORS, Conditioning, StepCallback, StepEndCallback,
                       check_step_end, run_denoising, step_end_callback,
                       unet_predictor)
@@ -55,7 +54,7 @@ class Pipeline:
         self.memory = memory  # a mode, or a budget planned for each generation's size
         self.plan = plan or MemoryPlan("fast", False, False, True)
         self.components = Components(bundle, manifest, options, self.plan)
-        self._warned_untiled = False
+        self._warned_untiled = self._warned_untiled_encoder = False
         self._interrupt = False  # diffusers' flag: a step-end callback sets it to stop
         self.tokenizer = PromptTokenizer(bundle / manifest.tokenizer.file, manifest.tokenizer)
 
@@ -206,15 +205,16 @@ class Pipeline:
         seed, `seed + k`, and its own generator for everything random, so any one image can
         be generated again alone."""
         timings: dict[str, float] = {}
-        with timed(timings, "prepare"):  # the inputs read and checked
+        with timed(timings, "prepare"):  # the inputs read and checked, the plan switched
             req = self._prepare(prompt, config, latents, image, mask_image)
+            if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
+                raise InvalidInputError(f"output_type {output_type!r} is not one of "
+                                        f"{OUTPUT_TYPES}")
+            callback = self._step_callback(callback, callback_on_step_end,
+                                           callback_on_step_end_tensor_inputs)
+            self._use(req.plan)
         cfg = req.cfg
-        if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
-            raise InvalidInputError(f"output_type {output_type!r} is not one of {OUTPUT_TYPES}")
-        callback = self._step_callback(callback, callback_on_step_end,
-                                       callback_on_step_end_tensor_inputs)
         self._interrupt = False
-        self._use(req.plan)
         total = int(req.whole.num_images)
         seeds = [int(cfg.seed or 0) + k for k in range(total)]
         rng = [np.random.default_rng(s) for s in seeds]
@@ -308,7 +308,7 @@ class Pipeline:
 
     @property
     def _size_multiple(self) -> int:
-        return math.lcm(self.manifest.vae.scale_factor, self.manifest.unet.size_multiple)
+        return size_multiple(self.manifest)
 
     def _use(self, plan: MemoryPlan) -> None:
         """Switch to another memory plan (its sessions are opened anew when needed)."""
@@ -355,6 +355,10 @@ class Pipeline:
             alloc = SpillMaps(self.plan.spill_dir) if self.plan.spill_maps else np.empty
             return encode_images_tiled(self.components, images, vae, tile * vae.scale_factor,
                                        alloc)
+        if tile and not self._warned_untiled_encoder:
+            self._warned_untiled_encoder = True
+            log.warning("this bundle has no VAE encoder stages: encoding untiled, with the "
+                        "full-resolution maps in memory (re-convert it to encode in tiles)")
         return encode_images(self.session(N.VAE_ENCODER), images)
 
     def _start_edit(self, edit: EditInputs, sched: Scheduler, noise: np.ndarray,

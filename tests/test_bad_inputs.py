@@ -174,11 +174,18 @@ def _converted_file(mode: str) -> Callable[[Ctx], bool]:
     return act
 
 
-def _sixteen_bit(c: Ctx) -> Any:
+def _sixteen_bit(c: Ctx) -> bool:
+    """A 16-bit grayscale file is scaled to 8 bits (PIL's own conversion would clip it)."""
     from PIL import Image
+
+    from edge_sdk.image_input import read_image
     path = c.tmp / "deep.png"
-    Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)).save(path)
-    return c.gen(image=path)
+    ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)
+    Image.fromarray(ramp).save(path)
+    assert Image.open(path).mode.startswith("I")
+    got = np.asarray(read_image(path).image)[..., 0].astype(int)
+    return bool(np.abs(got - np.round(ramp / 257)).max() == 0) and \
+        c.gen(image=path, strength=0.5).size == (64, 64)
 
 
 def _inpaint_bundle(c: Ctx) -> Pipeline:
@@ -191,9 +198,19 @@ def _no_encoder(c: Ctx) -> Any:
 
 
 def _blended(c: Ctx) -> bool:
-    """A mask on an ordinary UNet: the known region blended back (diffusers' way)."""
-    out = np.asarray(c.gen(image=_rgb(), mask_image=_box_mask(), paste_back=True))
-    return bool((out[:8] == _rgb()[:8]).all())
+    """A mask on an ordinary UNet: after the last step the latents outside the mask are the
+    image's own (diffusers' blend), inside they are generated."""
+    from edge_sdk.edit import mask_latents
+    from edge_sdk.image_input import mask_array
+    from edge_sdk.vae import scale_latents
+    from PIL import Image
+    out = c.gen(image=_rgb(), mask_image=_box_mask(), encode_mode="mean",
+                output_type="latent")
+    mean, _ = c.pipe.encode_image(_rgb()[None].astype(np.float32) / 255)
+    known = scale_latents(mean, c.pipe.manifest.vae)
+    outside = mask_latents(mask_array(Image.fromarray(_box_mask())), 8)[0, 0] == 0
+    return bool(np.abs(out[:, outside] - known[0][:, outside]).max() < 1e-5
+                and np.abs(out[:, ~outside] - known[0][:, ~outside]).max() > 0.1)
 
 
 def _convert_edited(edits: dict[str, dict[str, Any]], **files: str) -> Callable[[Ctx], Any]:
@@ -475,8 +492,11 @@ ROWS: list[Row] = [
         "works: made RGB, as diffusers' load_image does (alpha dropped, logged)"),
     Row("image", "image file with a palette (P PNG)", _works(_converted_file("P")), None,
         "works: made RGB, as diffusers' load_image does"),
-    Row("image", "image file of 16-bit grayscale", _sixteen_bit, InvalidInputError,
-        "16-bit or float.*save it as 8-bit RGB"),
+    Row("image", "image file of 16-bit grayscale", _works(_sixteen_bit), None,
+        "works: scaled to 8 bits (PIL's conversion, which diffusers uses, clips it white)"),
+    Row("image", "image is a 16-bit PIL image in memory", lambda c: c.gen(
+        image=__import__("PIL.Image").Image.fromarray(np.zeros((64, 64), np.uint16))),
+        InvalidInputError, "16-bit or float.*give an 8-bit one"),
     Row("image", "image array HxWx4", lambda c: c.gen(image=np.zeros((64, 64, 4), np.uint8)),
         InvalidInputError, r"shape \(64, 64, 4\); give HxWx3"),
     Row("image", "image array of uint16", lambda c: c.gen(
@@ -489,6 +509,9 @@ ROWS: list[Row] = [
         "text") and c.gen(image=c.tmp / "x.png"), InvalidInputError, "not a readable image"),
     Row("image", "image smaller than 8 pixels a side", lambda c: c.gen(
         image=np.zeros((4, 64, 3), np.uint8)), InvalidInputError, "smaller than 8 pixels"),
+    Row("image", "image larger than 8192 px a side, no width/height given", lambda c: c.gen(
+        image=np.zeros((8, 8200, 3), np.uint8)), InvalidInputError,
+        "image is 8200x8, larger than 8192 pixels a side; give width= and height="),
     Row("image", "image and mask of different sizes", lambda c: c.gen(
         image=_rgb(), mask_image=_box_mask(48, 64)), InvalidInputError,
         "image is 64x64 but mask_image is 48x64"),

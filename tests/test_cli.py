@@ -136,4 +136,5 @@ def test_generate_from_an_image_and_a_mask(models, tmp_path, capsys):
                      "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["vae_encoder_s"] > 0 and len(report["unet_step_s"]) == 4  # int(5 x 0.8)
-    assert report["stage_peak_private_bytes"]["vae_encoder"] > 0
+    assert list(report["stage_peak_private_bytes"]) == ["prepare", "text_encoder",
+                                                        "vae_encoder", "denoise", "vae_decoder"]

@@ -80,7 +80,7 @@ def test_a_format_1_bundle_is_migrated_with_one_warning_and_gives_the_same_pixel
     assert "--overwrite" in warnings[0].getMessage()
     v2 = Pipeline.load()
     assert v1.manifest.vae.decoder_stages == v2.manifest.vae.decoder_stages
-    assert v1.manifest.unet.size_multiple == v2.manifest.unet.size_multiple
+    assert v1.manifest.unet.size_multiple == 32  # as format 1 recorded it (the UNet's levels)
     assert v1.manifest.tokenizer.sha256 is None and v2.manifest.tokenizer.sha256
     for seed in (0, 1):
         assert np.array_equal(np.asarray(v1("a red circle on a blue background", seed=seed)),

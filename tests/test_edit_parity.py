@@ -159,3 +159,45 @@ def test_every_scheduler_edits(models, scheduler):
     assert np.array_equal(a, _ours(models.bundle("tiny-sd1"), scheduler, **kw))
     free = _ours(models.bundle("tiny-sd1"), scheduler, seed=5)
     assert np.abs(a - src).mean() < np.abs(free - src).mean()
+
+
+def _big() -> tuple[Image.Image, Image.Image]:
+    """A 208x150 source and a mask over a small part of it (padding_mask_crop's case)."""
+    img = scene().resize((208, 150), Image.Resampling.LANCZOS)
+    m = Image.new("L", img.size, 0)
+    ImageDraw.Draw(m).ellipse((120, 40, 150, 70), fill=255)
+    return img, m
+
+
+def test_padding_mask_crop_matches_diffusers(models, mean_latents):
+    """Only the box around the mask is repainted, at the asked size, and pasted back into
+    the full source through the mask (diffusers' apply_overlay)."""
+    import torch
+    img, m = _big()
+    z = noise(15)
+    import diffusers  # noqa: F401  (diffusers' overlay needs PIL output)
+    with torch.no_grad():
+        want = _load("inpaint", models.checkpoint("tiny-sd1"), "euler")(
+            PROMPT, image=img, mask_image=m, latents=torch.from_numpy(z.copy()),
+            num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=HEIGHT, width=WIDTH,
+            padding_mask_crop=6).images[0]
+    pipe = Pipeline.load(models.bundle("tiny-sd1"))
+    got = pipe(PROMPT, image=img, mask_image=m, latents=z, encode_mode="mean", steps=STEPS,
+               guidance_scale=GUIDANCE, width=WIDTH, height=HEIGHT, scheduler="euler",
+               padding_mask_crop=6)
+    assert got.size == want.size == img.size
+    diff = np.abs(np.asarray(got, np.int16) - np.asarray(want, np.int16))
+    assert diff.max() <= 2, f"max diff {diff.max()}/255"
+    # outside the mask: the source itself; the repainted box differs from it
+    src, out = np.asarray(img, np.int16), np.asarray(got, np.int16)
+    outside = np.asarray(m) == 0
+    assert np.array_equal(out[outside], src[outside]) and np.abs(out - src).max() > 30
+    # paste_back=False: the whole repainted box replaces the source's, nothing else changes
+    whole = np.asarray(pipe(PROMPT, image=img, mask_image=m, latents=z, encode_mode="mean",
+                            steps=STEPS, width=WIDTH, height=HEIGHT, scheduler="euler",
+                            padding_mask_crop=6, paste_back=False), np.int16)
+    from edge_sdk.image_input import crop_region
+    x1, y1, x2, y2 = crop_region(m, WIDTH, HEIGHT, 6)
+    box = np.zeros(outside.shape, bool)
+    box[y1:y2, x1:x2] = True
+    assert np.array_equal(whole[~box], src[~box]) and not np.array_equal(whole[box], src[box])

@@ -147,27 +147,34 @@ def main() -> int:
     if args.json:
         print(json.dumps(result, indent=1))
     else:
-        mib = 2**20
-        what = f"img2img strength {args.img2img}, " if args.img2img is not None else ""
-        print(f"cap {cap / mib:.0f} MiB, memory={args.memory}, {args.size}x{args.size}, "
-              f"{what}{args.steps} steps, guidance {args.guidance}")
-        print(f"cgroup peak {peak / mib:.0f} MiB (page cache included), limit reached "
-              f"{failcnt} times (pages evicted), OOM kills {kills}, exit {proc.returncode}")
-        if bench:
-            print(f"UNet step median {result['unet_step_s_median']:.2f} s, text encoder "
-                  f"{bench['text_encoder_s']:.1f} s, VAE {bench['vae_decoder_s']:.1f} s "
-                  f"({result['decode_over_unet_step']:.2f}x a UNet step), "
-                  f"process peak RSS {bench['peak_rss_bytes'] / mib:.0f} MiB, peak private "
-                  f"{bench['peak_private_bytes'] / mib:.0f} MiB, wall {wall:.0f} s")
-            stages = bench["stage_peak_private_bytes"]
-            if bench.get("vae_encoder_s") is not None:
-                print(f"VAE encoder {bench['vae_encoder_s']:.1f} s "
-                      f"({result['encode_over_unet_step']:.2f}x a UNet step)")
-            print("peak private by stage: " + ", ".join(f"{k} {v / mib:.0f} MiB"
-                                                        for k, v in stages.items()))
-        print(f"image: {result['image']}" if ok else
-              f"FAILED inside the cap:\n{proc.stderr[-2000:]}")
+        _report(args, result, proc.stderr)
     return 0 if ok else 1
+
+
+def _report(args: argparse.Namespace, result: dict, stderr: str) -> None:
+    """The human-readable lines of a run."""
+    mib, bench, cap = 2**20, result["bench"], result["cap_bytes"]
+    peak, failcnt, kills = result["cgroup_peak_bytes"], result["limit_hits"], result["oom_kills"]
+    wall, ok = result["wall_s"], result["completed"]
+    what = f"img2img strength {args.img2img}, " if args.img2img is not None else ""
+    print(f"cap {cap / mib:.0f} MiB, memory={args.memory}, {args.size}x{args.size}, "
+          f"{what}{args.steps} steps, guidance {args.guidance}")
+    print(f"cgroup peak {peak / mib:.0f} MiB (page cache included), limit reached "
+          f"{failcnt} times (pages evicted), OOM kills {kills}, exit {result['returncode']}")
+    if bench:
+        print(f"UNet step median {result['unet_step_s_median']:.2f} s, text encoder "
+              f"{bench['text_encoder_s']:.1f} s, VAE {bench['vae_decoder_s']:.1f} s "
+              f"({result['decode_over_unet_step']:.2f}x a UNet step), "
+              f"process peak RSS {bench['peak_rss_bytes'] / mib:.0f} MiB, peak private "
+              f"{bench['peak_private_bytes'] / mib:.0f} MiB, wall {wall:.0f} s")
+        stages = bench["stage_peak_private_bytes"]
+        if bench.get("vae_encoder_s") is not None:
+            print(f"VAE encoder {bench['vae_encoder_s']:.1f} s "
+                  f"({result['encode_over_unet_step']:.2f}x a UNet step)")
+        print("peak private by stage: " + ", ".join(f"{k} {v / mib:.0f} MiB"
+                                                    for k, v in stages.items()))
+    print(f"image: {result['image']}" if ok else
+          f"FAILED inside the cap:\n{stderr[-2000:]}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,40 @@
+"""Flags and helpers the `edge-sdk` subcommands share."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .errors import InvalidInputError
+
+__all__ = ["add_memory_arg", "add_backend_args", "backend_kwargs"]
+
+
+def add_memory_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--memory", default="fast", help="fast | balanced | low | a budget such "
+                   "as 300MB or 1GiB (see the README's memory section)")
+
+
+def add_backend_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--backend", default="auto", choices=["auto", "onnx", "tflite"],
+                   help="auto: each component's own format (default)")
+    p.add_argument("--providers", default=None, help="comma-separated ONNX Runtime "
+                   "execution providers, e.g. xnnpack,cpu")
+    p.add_argument("--delegate", default=None, metavar="PATH.so",
+                   help="a TFLite external delegate library (e.g. a vendor NPU's)")
+    p.add_argument("--delegate-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option for --delegate (repeatable)")
+
+
+def backend_kwargs(a: argparse.Namespace) -> dict[str, Any]:
+    """Pipeline.load's backend arguments from add_backend_args's flags."""
+    options = []
+    for item in a.delegate_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise InvalidInputError(f"--delegate-option {item!r} is not KEY=VALUE")
+        options.append((key, value))
+    return {"threads": a.threads, "backend": a.backend,
+            "providers": [p for p in a.providers.split(",") if p] if a.providers else None,
+            "delegate": a.delegate, "delegate_options": dict(options) or None}
