@@ -92,19 +92,36 @@ def build_manifest(ckpt: Checkpoint, opts: ConvertOptions, layout: Layout, sourc
         vae=VaeSpec(float(vae_cfg.get("scaling_factor", AUTOENCODER_KL_DEFAULT_SCALING)),
                     vae_cfg.get("shift_factor"), int(vae_cfg["latent_channels"]),
                     layout.shapes.vae_factor, layout.vae_chunks, stages[0],
-                    int(vae_cfg["block_out_channels"][0]), stages[1]),
+                    int(vae_cfg["block_out_channels"][0]), stages[1],
+                    _tiny_scaling(opts)),
         unet=UnetSpec(int(unet_cfg["in_channels"]), int(unet_cfg["sample_size"]),
                       cross_dim(unet_cfg), layout.unet_chunks, layout.size_multiple,
-                      attention_levels(unet_cfg), int(unet_cfg["block_out_channels"][0])),
-        defaults=_defaults(sched, layout.native, opts.default_steps, opts.default_guidance),
+                      attention_levels(unet_cfg), int(unet_cfg["block_out_channels"][0]),
+                      int(unet_cfg.get("time_cond_proj_dim") or 0)),
+        defaults=_defaults(sched, layout.native, opts.default_steps, opts.default_guidance,
+                           bool(unet_cfg.get("time_cond_proj_dim"))),
         static_sizes=static_sizes)
 
 
+def _tiny_scaling(opts: ConvertOptions) -> float:
+    """The tiny decoder's scaling_factor (AutoencoderTiny's default 1.0), 0 without one."""
+    if opts.tiny_vae is None:
+        return 0.0
+    import json
+    from pathlib import Path
+    cfg = json.loads((Path(opts.tiny_vae) / "config.json").read_text())
+    return float(cfg.get("scaling_factor", 1.0))
+
+
 def _defaults(sched: Mapping[str, Any], size: int, steps: int | None,
-              guidance: float | None) -> Defaults:
-    # Distilled models (LCM, Turbo) want few steps and no classifier-free guidance.
+              guidance: float | None, guidance_embedded: bool = False) -> Defaults:
+    # Distilled models (LCM, Turbo) want few steps and no classifier-free guidance; an
+    # LCM-distilled UNet embeds the scale instead (diffusers' LatentConsistencyModelPipeline
+    # defaults to 4 steps at 8.5).
     cls = sched.get("_class_name")
-    if cls == "LCMScheduler":
+    if guidance_embedded:
+        d_steps, d_guid = 4, 8.5
+    elif cls == "LCMScheduler":
         d_steps, d_guid = 4, 1.0
     elif cls == "EulerAncestralDiscreteScheduler" and sched.get("timestep_spacing") == "trailing":
         d_steps, d_guid = 1, 0.0  # SD-Turbo's configuration

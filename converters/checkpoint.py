@@ -104,11 +104,6 @@ class Checkpoint:
             raise ConversionError(f"{self.path}: an SDXL checkpoint ({self.pipeline_class}, "
                                   "two text encoders, added conditions); edge-convert supports "
                                   "Stable Diffusion 1.x and 2.x so far")
-        if unet.get("time_cond_proj_dim") is not None:
-            raise ConversionError(f"{self.path}: an LCM-distilled UNet (time_cond_proj_dim="
-                                  f"{unet['time_cond_proj_dim']}: guidance enters as an "
-                                  "embedding); edge-convert does not export that input yet, and "
-                                  "the model would run without it")
         _same("the text encoder's width (text_encoder hidden_size)", text.get("hidden_size"),
               "the UNet's cross-attention width (unet cross_attention_dim)",
               _first(unet.get("cross_attention_dim")))

@@ -77,6 +77,8 @@ def convert(checkpoint: str | Path, output: str | Path, options: ConvertOptions 
         open_cache(opts.export_cache)
     ckpt = Checkpoint.open(checkpoint, allow_pickle=opts.allow_pickle)
     ckpt.check_supported()
+    if opts.tiny_vae is not None:
+        _check_tiny_matches(ckpt, Path(opts.tiny_vae))
     layout = Layout.of(ckpt, opts)
     name = opts.name or Path(checkpoint).absolute().name
     if opts.static_int8:
@@ -86,13 +88,24 @@ def convert(checkpoint: str | Path, output: str | Path, options: ConvertOptions 
     return write_bundle(ckpt, output, opts, layout, name, say)
 
 
+def _check_tiny_matches(ckpt: Checkpoint, folder: Path) -> None:
+    import json
+    tiny = json.loads((folder / "config.json").read_text())
+    want = ckpt.config("vae").get("latent_channels")
+    if tiny.get("latent_channels") != want:
+        raise ConversionError(f"--tiny-vae {folder}: it decodes {tiny.get('latent_channels')} "
+                              f"latent channels, this checkpoint's VAE makes {want}; give the "
+                              "tiny VAE made for this model family")
+
+
 def write_bundle(ckpt: Checkpoint, output: str | Path, opts: ConvertOptions, layout: Layout,
                  name: str, say: Progress, unet_source: UnetSource | None = None) -> Manifest:
     """Export every role of the bundle into a staging folder, then move it into place."""
     from .export_tflite import parse_sizes
     sizes = parse_sizes(opts.sizes, layout.native, layout.size_multiple) \
         if opts.fmt == "tflite" else None
-    plan = list(N.REQUIRED_COMPONENTS) + ([N.VAE_ENCODER] if opts.vae_encoder else [])
+    plan = list(N.REQUIRED_COMPONENTS) + ([N.VAE_ENCODER] if opts.vae_encoder else []) \
+        + ([N.VAE_DECODER_TINY] if opts.tiny_vae is not None else [])
     components: dict[str, ComponentSpec] = {}
     with AtomicBundle(output, overwrite=opts.overwrite) as stage:
         for i, role in enumerate(plan, 1):
@@ -118,12 +131,12 @@ def _export_role(role: str, ckpt: Checkpoint, stage: Path, opts: ConvertOptions,
                  layout: Layout, sizes: list[tuple[int, int]] | None,
                  source: UnetSource | None) -> ComponentSpec:
     """One role exported (or made by `source`) into `stage`, described for the manifest."""
-    exp, precision = exporter(role), opts.precisions[role]
+    exp, precision = _exporter(role, opts), opts.precisions[role]
     if source is not None:
         files = source(stage)
     elif sizes is not None:
         from .export_tflite import export_tflite, tflite_io
-        model = _load(role, ckpt, layout)
+        model = _load(role, ckpt, layout, opts)
         cache = None
         if opts.export_cache is not None:  # sizes: for the components traced per size
             from .export_cache import export_key
@@ -134,18 +147,27 @@ def _export_role(role: str, ckpt: Checkpoint, stage: Path, opts: ConvertOptions,
                              file_entries(stage, files), *tflite_io(stage / files[0],
                                                                     exp.contract))
     else:
-        files = export_onnx(role, exp, lambda: _load(role, ckpt, layout), stage, precision,
-                            layout.shapes, opts.opset)
+        files = export_onnx(role, exp, lambda: _load(role, ckpt, layout, opts), stage,
+                            precision, layout.shapes, opts.opset)
     weight_map = next((f for f in files if f.endswith(N.WEIGHT_MAP_SUFFIX)), None)
     return ComponentSpec(role, exp.contract.kind, "onnx", files[0], precision,
                          file_entries(stage, files), *onnx_io(stage / files[0]), weight_map)
 
 
-def _load(role: str, ckpt: Checkpoint, layout: Layout) -> Any:
+def _exporter(role: str, opts: ConvertOptions) -> Any:
+    """The role's exporter (the tiny decoder's loads from --tiny-vae)."""
+    if role == N.VAE_DECODER_TINY:
+        from .registry import tiny_decoder_exporter
+        return tiny_decoder_exporter(opts.tiny_vae)
+    return exporter(role)
+
+
+def _load(role: str, ckpt: Checkpoint, layout: Layout, opts: ConvertOptions | None = None
+          ) -> Any:
     """The role's torch module, with sliced attention where the layout says."""
-    model = exporter(role).load(ckpt)
+    model = (_exporter(role, opts) if opts is not None else exporter(role)).load(ckpt)
     chunks = layout.unet_chunks if role == N.UNET else layout.vae_chunks
-    if role != N.TEXT_ENCODER and chunks > 1:
+    if role not in (N.TEXT_ENCODER, N.VAE_DECODER_TINY) and chunks > 1:
         use_chunked_attention(model, chunks)
     return model
 

@@ -58,15 +58,17 @@ def trace_fp32(exp: Exporter, load: Callable[[], Any], scratch: Path, shapes: Sh
     model = load()
     wrapper = exp.wrap(model)
     example = exp.example(model, 1 if contract.kind.startswith("vae") else 2, None, shapes)
-    args = tuple(example[n] for n in contract.input_names())
+    names = exp.input_names(model)
+    args = tuple(example[n] for n in names)
+    axes = {k: v for k, v in contract.dynamic_axes().items()
+            if k in names or k in contract.output_names()}
     raw = scratch / "model.onnx"
     with torch.no_grad():
-        torch.onnx.export(wrapper, args, str(raw), input_names=contract.input_names(),
-                          output_names=contract.output_names(),
-                          dynamic_axes=contract.dynamic_axes(), opset_version=opset,
-                          do_constant_folding=True, dynamo=False)
+        torch.onnx.export(wrapper, args, str(raw), input_names=names,
+                          output_names=contract.output_names(), dynamic_axes=axes,
+                          opset_version=opset, do_constant_folding=True, dynamo=False)
     graph = onnx.load(str(raw), load_external_data=False)
-    _name_output_dims(graph, wrapper, args, contract.dynamic_axes())
+    _name_output_dims(graph, wrapper, args, axes)
     onnx.save(graph, str(raw))  # external-data references stay as the exporter wrote them
     return raw, weight_map(graph, scratch, model) if weight_names else {}
 

@@ -67,7 +67,7 @@ def _named(exp: Exporter, model: Any) -> Any:
     litert-torch names a signature's inputs after the keywords and its outputs after the
     dict's keys."""
     import torch
-    inputs, outputs = exp.contract.input_names(), exp.contract.output_names()
+    inputs, outputs = exp.input_names(model), exp.contract.output_names()
     inner = exp.wrap(model)
 
     class Named(torch.nn.Module):
@@ -201,5 +201,5 @@ def tflite_io(path: Path, contract: ComponentContract
             out.append(TensorSpec(name, str(d["dtype"].__name__), tuple(dims)))
         return tuple(sorted(out, key=lambda s: order.index(s.name)))
 
-    return (specs(runner.get_input_details(), contract.input_names()),
+    return (specs(runner.get_input_details(), contract.input_names(optional=True)),
             specs(runner.get_output_details(), contract.output_names()))

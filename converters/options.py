@@ -45,6 +45,8 @@ class ConvertOptions:
     name: str | None = None  # the model's name in the manifest
     # TFLite: a folder of fp32 exports reused across conversions (converters.export_cache)
     export_cache: str | Path | None = None
+    # a diffusers AutoencoderTiny folder (TAESD): its decoder added as vae_decoder_tiny
+    tiny_vae: str | Path | None = None
 
     @classmethod
     def of(cls, options: "ConvertOptions | None", overrides: Mapping[str, Any]
@@ -96,11 +98,28 @@ class ConvertOptions:
         if self.calibration is not None and not self.static_int8:
             raise ConversionError("--calibration is for static int8 (--precision int8 "
                                   "--int8-method static); without it the file would be ignored")
+        if self.tiny_vae is not None:
+            _check_tiny_vae(Path(self.tiny_vae))
         name = self.name.strip() if self.name is not None else None
         if name == "":
             raise ConversionError("--name must not be empty (leave it out to use the "
                                   "checkpoint folder's name)")
         return replace(self, name=name)
+
+
+def _check_tiny_vae(path: Path) -> None:
+    """--tiny-vae names a diffusers AutoencoderTiny folder (config.json + weights)."""
+    import json
+    cfg = path / "config.json"
+    try:
+        cls = json.loads(cfg.read_text()).get("_class_name")
+    except (OSError, ValueError) as exc:
+        raise ConversionError(f"--tiny-vae {path}: no readable config.json ({exc}); give a "
+                              "diffusers AutoencoderTiny folder (e.g. madebyollin/taesd)") \
+            from exc
+    if cls != "AutoencoderTiny":
+        raise ConversionError(f"--tiny-vae {path}: config.json is a {cls!r}, not an "
+                              "AutoencoderTiny (TAESD) folder")
 
 
 def _check_defaults(steps: int | None, guidance: float | None) -> None:
@@ -127,7 +146,8 @@ def parse_precision(spec: str) -> dict[str, str]:
         if not name:
             out.update(_BARE.get(value, {c: value for c in N.COMPONENTS}))
             continue
-        targets = [N.VAE_DECODER, N.VAE_ENCODER] if name == "vae" else [name]
+        targets = [N.VAE_DECODER, N.VAE_ENCODER, N.VAE_DECODER_TINY] if name == "vae" \
+            else [name]
         for t in targets:
             if t not in out:
                 raise ConversionError(f"unknown component {t!r} in --precision; use "

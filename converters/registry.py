@@ -32,6 +32,14 @@ class Exporter:
     # (model, batch, image (height, width) or None for "any small size", shapes) -> inputs
     example: Callable[[Any, int, "tuple[int, int] | None", Shapes], dict[str, Any]]
     sized: bool = True  # TFLite: one signature per image size
+    # the optional contract inputs this model's graph takes (an LCM UNet's timestep_cond)
+    optional: Callable[[Any], tuple[str, ...]] = lambda model: ()
+
+    def input_names(self, model: Any) -> list[str]:
+        """The graph's inputs, in order: the contract's required ones, then its optional
+        ones that `model` has."""
+        extra = self.optional(model)
+        return [t.name for t in self.contract.inputs if not t.optional or t.name in extra]
 
 
 def _module(forward: Callable[..., Any]) -> Callable[[Any], Any]:
@@ -55,12 +63,21 @@ def _text(m: Any, input_ids: Any) -> Any:
     return out.last_hidden_state, out.pooler_output
 
 
-def _unet(m: Any, sample: Any, timestep: Any, context: Any) -> Any:
-    return m(sample, timestep, context, return_dict=False)[0]
+def _unet(m: Any, sample: Any, timestep: Any, context: Any, timestep_cond: Any = None) -> Any:
+    return m(sample, timestep, context, timestep_cond=timestep_cond, return_dict=False)[0]
+
+
+def _unet_optional(model: Any) -> tuple[str, ...]:
+    """An LCM-distilled UNet takes the guidance embedding (time_cond_proj_dim wide)."""
+    return (UnetIO.TIMESTEP_COND,) if model.config.get("time_cond_proj_dim") else ()
 
 
 def _decode(m: Any, latents: Any) -> Any:
     return m.decode(latents, return_dict=False)[0]
+
+
+def _decode_tiny(m: Any, latents: Any) -> Any:
+    return m.decode(latents, return_dict=False)[0]  # DecoderTiny: [-1, 1], as the full one
 
 
 def _encode(m: Any, image: Any) -> Any:
@@ -98,8 +115,11 @@ def _unet_example(model: Any, batch: int, size: tuple[int, int] | None,
     else:
         hw, ctx_len, t = (size[0] // s.vae_factor, size[1] // s.vae_factor), s.text_len, \
             torch.tensor([999.0] * batch)
-    return {UnetIO.SAMPLE: torch.randn(batch, cfg.in_channels, *hw), UnetIO.TIMESTEP: t,
-            UnetIO.CONTEXT: torch.randn(batch, ctx_len, s.context_dim)}
+    out = {UnetIO.SAMPLE: torch.randn(batch, cfg.in_channels, *hw), UnetIO.TIMESTEP: t,
+           UnetIO.CONTEXT: torch.randn(batch, ctx_len, s.context_dim)}
+    if cfg.get("time_cond_proj_dim"):
+        out[UnetIO.TIMESTEP_COND] = torch.randn(batch, int(cfg.time_cond_proj_dim))
+    return out
 
 
 def _decoder_example(model: Any, batch: int, size: Any, s: Shapes) -> dict[str, Any]:
@@ -120,7 +140,8 @@ def _encoder_example(model: Any, batch: int, size: Any, s: Shapes) -> dict[str, 
 EXPORTERS: dict[str, Exporter] = {e.contract.kind: e for e in (
     Exporter(C.TEXT_ENCODER, Checkpoint.load_text_encoder, _module(_text), _text_example,
              sized=False),
-    Exporter(C.UNET, Checkpoint.load_unet, _module(_unet), _unet_example),
+    Exporter(C.UNET, Checkpoint.load_unet, _module(_unet), _unet_example,
+             optional=_unet_optional),
     Exporter(C.VAE_DECODER, Checkpoint.load_vae, _module(_decode), _decoder_example),
     Exporter(C.VAE_ENCODER, Checkpoint.load_vae, _module(_encode), _encoder_example),
 )}
@@ -128,3 +149,18 @@ EXPORTERS: dict[str, Exporter] = {e.contract.kind: e for e in (
 
 def exporter(kind: str) -> Exporter:
     return EXPORTERS[kind]
+
+
+def load_tiny_vae(folder: Any) -> Any:
+    """A diffusers AutoencoderTiny (TAESD) from its folder, fp32, eval mode."""
+    import os
+
+    from diffusers import AutoencoderTiny
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return AutoencoderTiny.from_pretrained(folder, local_files_only=True).float().eval()
+
+
+def tiny_decoder_exporter(folder: Any) -> Exporter:
+    """The tiny decoder's exporter: the full decoder's contract, its own weights."""
+    return Exporter(C.VAE_DECODER, lambda _ckpt: load_tiny_vae(folder), _module(_decode_tiny),
+                    _decoder_example)

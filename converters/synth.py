@@ -16,7 +16,7 @@ from .clip_vocab import EOS, write_clip_tokenizer_files
 
 log = logging.getLogger(__name__)
 
-ARCHS = ("tiny-sd1", "tiny-sd2", "tiny-inpaint", "sd15")
+ARCHS = ("tiny-sd1", "tiny-sd2", "tiny-inpaint", "tiny-lcm", "sd15")
 
 # SD 1.5's scheduler_config.json; SD 2.x's differs only in class and prediction type.
 _SD_SCHEDULER: dict[str, Any] = dict(beta_start=0.00085, beta_end=0.012,
@@ -37,7 +37,8 @@ def _configs(arch: str) -> dict[str, Any]:
             text=dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
                       num_hidden_layers=12, projection_dim=768, hidden_act="quick_gelu"),
             pad=EOS, prediction_type="epsilon", scheduler="PNDMScheduler")
-    sd2 = arch == "tiny-sd2"  # tiny-inpaint: tiny-sd1 with an inpainting UNet
+    # tiny-inpaint: tiny-sd1 with an inpainting UNet; tiny-lcm: with an LCM-distilled one
+    sd2 = arch == "tiny-sd2"
     return dict(
         unet=dict(sample_size=8, cross_attention_dim=32,
                   attention_head_dim=(4, 8) if sd2 else 8, block_out_channels=(32, 64),
@@ -61,9 +62,9 @@ def build_checkpoint(out_dir: str | Path, arch: str = "tiny-sd1", seed: int = 0)
     """Write a diffusers-format checkpoint folder (safetensors weights) and return it."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
-    from diffusers import (AutoencoderKL, DDIMScheduler, PNDMScheduler,
-                           StableDiffusionInpaintPipeline, StableDiffusionPipeline,
-                           UNet2DConditionModel)
+    from diffusers import (AutoencoderKL, DDIMScheduler, LatentConsistencyModelPipeline,
+                           LCMScheduler, PNDMScheduler, StableDiffusionInpaintPipeline,
+                           StableDiffusionPipeline, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     if arch not in ARCHS:
@@ -72,19 +73,23 @@ def build_checkpoint(out_dir: str | Path, arch: str = "tiny-sd1", seed: int = 0)
     out = Path(out_dir)
     torch.manual_seed(seed)
     inpaint = arch == "tiny-inpaint"  # latents + mask + masked-image latents in
-    unet = UNet2DConditionModel(in_channels=9 if inpaint else 4, out_channels=4, **cfg["unet"])
+    lcm = arch == "tiny-lcm"  # the guidance scale embedded (timestep_cond), 32 wide
+    unet = UNet2DConditionModel(in_channels=9 if inpaint else 4, out_channels=4,
+                                time_cond_proj_dim=32 if lcm else None, **cfg["unet"])
     vae = AutoencoderKL(in_channels=3, out_channels=3, **cfg["vae"])
     text_cfg = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77,
                               bos_token_id=49406, eos_token_id=49407,
                               pad_token_id=0 if cfg["pad"] == "!" else 49407, **cfg["text"])
     text_encoder = CLIPTextModel(text_cfg)
-    sched_cls = DDIMScheduler if cfg["scheduler"] == "DDIMScheduler" else PNDMScheduler
+    sched_cls = LCMScheduler if lcm else \
+        DDIMScheduler if cfg["scheduler"] == "DDIMScheduler" else PNDMScheduler
     # from_config, like loading a real scheduler_config.json: unknown keys are ignored
     scheduler = sched_cls.from_config(dict(_SD_SCHEDULER, prediction_type=cfg["prediction_type"]))
     tok_dir = out / "tokenizer"
     write_clip_tokenizer_files(tok_dir, pad_token=cfg["pad"])
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
-    cls = StableDiffusionInpaintPipeline if inpaint else StableDiffusionPipeline
+    cls = StableDiffusionInpaintPipeline if inpaint else \
+        LatentConsistencyModelPipeline if lcm else StableDiffusionPipeline
     pipe = cls(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                    unet=unet, scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)

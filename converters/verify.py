@@ -19,6 +19,7 @@ import numpy as np
 from edge_sdk import GenerationConfig, Manifest, Pipeline
 from edge_sdk import names as N
 from edge_sdk.contracts import TextEncoderIO, UnetIO, VaeIO
+from edge_sdk.denoise import guidance_embedding
 from edge_sdk.vae import unscale_latents
 
 QUALITY_FILE = N.QUALITY_FILE
@@ -71,10 +72,14 @@ def compare_components(test: Pipeline, ref: Pipeline, seed: int = 0) -> dict[str
     ctx = run(ref, N.TEXT_ENCODER, {TextEncoderIO.INPUT_IDS: ids})[TextEncoderIO.HIDDEN_STATES]
     side = m.unet.sample_size
     lat = rng.standard_normal((2, m.vae.latent_channels, side, side)).astype(np.float32)
+    unet_in = {UnetIO.SAMPLE: lat, UnetIO.TIMESTEP: np.array([700.0, 300.0], np.float32),
+               UnetIO.CONTEXT: ctx}
+    if m.unet.time_cond_proj_dim:  # an LCM UNet: the guidance embedding too
+        unet_in[UnetIO.TIMESTEP_COND] = guidance_embedding(m.defaults.guidance_scale - 1,
+                                                           m.unet.time_cond_proj_dim, 2)
     feeds = {
         N.TEXT_ENCODER: ({TextEncoderIO.INPUT_IDS: ids}, TextEncoderIO.HIDDEN_STATES),
-        N.UNET: ({UnetIO.SAMPLE: lat, UnetIO.TIMESTEP: np.array([700.0, 300.0], np.float32),
-                  UnetIO.CONTEXT: ctx}, UnetIO.OUTPUT),
+        N.UNET: (unet_in, UnetIO.OUTPUT),
         N.VAE_DECODER: ({VaeIO.LATENTS: unscale_latents(lat[:1], m.vae)}, VaeIO.IMAGE),
     }
     out: dict[str, Any] = {}

@@ -146,4 +146,5 @@ def run_bench(prompt: str, config: GenerationConfig, load: Any, image: Any = Non
     return report, result
 
 
-STAGES = ("prepare", "text_encoder", "vae_encoder", "denoise", "vae_decoder")  # in the order they run
+# in the order they run
+STAGES = ("prepare", "text_encoder", "vae_encoder", "denoise", "vae_decoder")

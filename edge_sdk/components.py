@@ -6,11 +6,11 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from .backends import BackendOptions, Session, check_backend, open_session
 from .contracts import COMPUTE_BOUND_KINDS
-from .errors import BundleError
+from .errors import BundleError, InvalidInputError
 from .manifest import Manifest
 from .memory import MemoryPlan
 from .osmem import drop_mapped_pages
@@ -89,3 +89,17 @@ class Components:
         for role in roles:
             self.session(role)
             self.done_with(role)
+
+
+def check_accelerator_options(manifest: Manifest, providers: Sequence[str] | None,
+                               delegate: str | None) -> None:
+    """An accelerator option that cannot apply to this bundle is an error, not ignored: the
+    caller expects the NPU to run."""
+    formats = {c.format for c in manifest.components.values()}
+    if delegate and "tflite" not in formats:
+        raise InvalidInputError("a TFLite delegate was given but this bundle holds no TFLite "
+                                "component; use ONNX Runtime execution providers (providers= "
+                                "/ --providers) or convert with `edge-convert --format tflite`")
+    if providers and "onnx" not in formats:
+        raise InvalidInputError("ONNX Runtime execution providers were given but this bundle "
+                                "is TFLite; use a delegate (delegate= / --delegate PATH.so)")

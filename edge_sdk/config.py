@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Mapping
 
 from .errors import InvalidInputError
+from .names import DECODERS
 from .manifest import Manifest
 from .schedulers import resolve_scheduler
 from .tokenizer import check_prompt
@@ -44,6 +45,12 @@ def uses_guidance(guidance_scale: float) -> bool:
     return guidance_scale > 1.0
 
 
+def classifier_free(manifest: Manifest, guidance_scale: float) -> bool:
+    """Whether a generation runs the unconditional pass: guidance above 1, on a UNet that
+    does not embed the scale (an LCM-distilled one takes it as `timestep_cond`)."""
+    return uses_guidance(guidance_scale) and not manifest.unet.time_cond_proj_dim
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     """Per-call generation settings. `None` means the model's default (its manifest)."""
@@ -64,6 +71,10 @@ class GenerationConfig:
                                    "(default: the model's)", type=str)
     num_images: int = _param(1, "images generated from the prompt", type=int,
                              aliases=("num_images_per_prompt",))
+    decoder: str | None = _param(None, "full (the VAE's), tiny (the bundle's tiny decoder, "
+                                 "TAESD-like: ~1/100 of the work) or auto (tiny in memory "
+                                 "mode low, where the bundle has one); default full",
+                                 type=str)
     # img2img and inpainting (given an image; refused without one)
     strength: float | None = _param(None, "with --image: how much of it is repainted, 0-1 "
                                     "(default 0.8; with --mask 1.0)", type=float)
@@ -120,12 +131,25 @@ class GenerationConfig:
                 "or re-convert with `edge-convert --format tflite --sizes WxH,...`")
         if self.negative_prompt is not None:
             check_prompt(self.negative_prompt, "negative_prompt")
+            if manifest.unet.time_cond_proj_dim:
+                raise InvalidInputError("this model is LCM-distilled (guidance is embedded, "
+                                        "there is no unconditional pass): it takes no "
+                                        "negative_prompt")
         if self.scheduler is not None and not isinstance(self.scheduler, str):
             raise InvalidInputError(f"scheduler must be a name (a string) or None, got "
                                     f"{self.scheduler!r}; `edge-sdk schedulers` lists them")
+        decoder = self.decoder or "full"
+        if decoder not in DECODERS:
+            raise InvalidInputError(f"decoder must be one of {list(DECODERS)}, got "
+                                    f"{self.decoder!r}")
+        if decoder == "tiny" and not manifest.vae.tiny_scaling_factor:
+            raise InvalidInputError("decoder='tiny': this bundle has no tiny decoder; "
+                                    "convert it with `edge-convert ... --tiny-vae FOLDER` (a "
+                                    "diffusers AutoencoderTiny such as TAESD)")
         cls, _ = resolve_scheduler(self.scheduler, manifest.scheduler)
         return replace(self, steps=steps, guidance_scale=float(g), width=width, height=height,
                        seed=seed, scheduler=self.scheduler or cls.class_name, num_images=n,
+                       decoder=decoder,
                        **self._edit_fields(edit))
 
     def _edit_fields(self, edit: str | None) -> dict[str, Any]:

@@ -80,11 +80,13 @@ class TextEncoderIO:
 
 
 class UnetIO:
-    """The denoiser: noisy latents, timestep and text context -> the model output."""
+    """The denoiser: noisy latents, timestep and text context -> the model output; an
+    LCM-distilled UNet also takes the guidance scale as an embedding (`timestep_cond`)."""
 
     SAMPLE = "sample"
     TIMESTEP = "timestep"
     CONTEXT = "encoder_hidden_states"
+    TIMESTEP_COND = "timestep_cond"
     OUTPUT = "out_sample"
 
 
@@ -117,7 +119,8 @@ TEXT_ENCODER = ComponentContract(
 UNET = ComponentContract(
     "unet",
     (_spatial(UnetIO.SAMPLE), TensorContract(UnetIO.TIMESTEP),
-     TensorContract(UnetIO.CONTEXT, axes=((0, DIM_BATCH), (1, DIM_SEQUENCE)))),
+     TensorContract(UnetIO.CONTEXT, axes=((0, DIM_BATCH), (1, DIM_SEQUENCE))),
+     TensorContract(UnetIO.TIMESTEP_COND, optional=True)),
     (_spatial(UnetIO.OUTPUT),))
 
 VAE_DECODER = ComponentContract("vae_decoder", (_spatial(VaeIO.LATENTS),),

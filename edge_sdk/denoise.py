@@ -90,6 +90,19 @@ def unet_predictor(unet: Session, conditioning: Conditioning, guidance_scale: fl
     return predict
 
 
+def guidance_embedding(w: float, dim: int, batch: int) -> np.ndarray:
+    """An LCM-distilled UNet's `timestep_cond`: the sinusoidal embedding of w * 1000 (w =
+    guidance_scale - 1), as diffusers' `get_guidance_scale_embedding`, [batch, dim]."""
+    half = dim // 2
+    freqs = np.exp(np.arange(half, dtype=np.float32)
+                   * -np.float32(np.log(np.float32(10000.0)) / (half - 1)))
+    angles = np.float32(w * 1000.0) * freqs[None, :]
+    emb = np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+    if dim % 2:
+        emb = np.pad(emb, ((0, 0), (0, 1)))
+    return np.repeat(emb.astype(np.float32), batch, axis=0)
+
+
 def batch_noise(rngs: Sequence[np.random.Generator], shape: tuple[int, ...]) -> np.ndarray:
     """Standard-normal noise for a batch, item k drawn from rngs[k] (one generator may
     serve every item: the same numbers as one draw of the whole shape)."""
@@ -123,6 +136,20 @@ def check_step_end(fn: object, tensor_inputs: object) -> None:
             or not all(isinstance(t, str) and t in STEP_END_TENSORS for t in tensor_inputs):
         raise InvalidInputError(f"callback_on_step_end_tensor_inputs={tensor_inputs!r}: "
                                 f"give a list of {list(STEP_END_TENSORS)}")
+
+
+def checked_step_callback(callback: StepCallback | None, step_end: StepEndCallback | None,
+                          tensor_inputs: Sequence[str]) -> Any:
+    """A generation's per-step callback, checked before any work: `callback`, or (the
+    scheduler not made yet) a (callback_on_step_end, tensor inputs) pair."""
+    if step_end is not None:
+        check_step_end(step_end, tensor_inputs)
+        if callback is not None:
+            raise InvalidInputError("give callback or callback_on_step_end, not both")
+        return (step_end, tensor_inputs)
+    if callback is not None and not callable(callback):
+        raise InvalidInputError(f"callback must be callable, got {callback!r}")
+    return callback
 
 
 def step_end_callback(fn: StepEndCallback, pipe: Any, scheduler: Scheduler,

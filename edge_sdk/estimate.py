@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import names
-from .config import GenerationConfig
+from .config import GenerationConfig, classifier_free
 from .errors import InvalidInputError
 from .manifest import Manifest
 from .osmem import cgroup_headroom, own_private_bytes
@@ -67,7 +67,8 @@ def estimate_peak_bytes(manifest: Manifest, cfg: GenerationConfig, mode: str = "
     """Peak RSS of one generation of the resolved `cfg` in memory mode `mode` (bytes)."""
     images = int(cfg.num_images)
     batched = mode != "low"  # low runs the guidance halves as two batch-1 passes
-    batch = images * (2 if cfg.guidance and batched else 1)
+    cfg_on = classifier_free(manifest, float(cfg.guidance_scale or 0))
+    batch = images * (2 if cfg_on and batched else 1)
     h, w = _latent_size(manifest, cfg)
     maps = batch * (manifest.unet.base_channels or UNKNOWN_BASE_CHANNELS) * h * w * 4
     unet = ATTENTION_COPIES[mode] * attention_bytes(manifest, cfg, batch) \

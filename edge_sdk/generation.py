@@ -10,12 +10,14 @@ import numpy as np
 from PIL import Image
 
 from .config import GenerationConfig
+from .edit import EditInputs
+from .memory import MemoryPlan
 from .denoise import batch_noise
 from .errors import InvalidInputError
 from .image import to_pil
 from .tokenizer import check_prompt
 
-__all__ = ["Generation", "OUTPUT_TYPES", "timed", "size_from_latents", "as_output",
+__all__ = ["Generation", "Request", "OUTPUT_TYPES", "timed", "size_from_latents", "as_output",
            "check_decodable", "prompts_of", "initial_noise"]
 
 
@@ -112,3 +114,14 @@ def initial_noise(shape: tuple[int, int, int, int], latents: np.ndarray | None,
     if not np.issubdtype(arr.dtype, np.floating) or not np.isfinite(arr).all():
         raise InvalidInputError("latents must be finite floating-point values")
     return arr.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Request:
+    """A checked generation request (Pipeline._prepare's result)."""
+
+    prompts: list[str]
+    cfg: GenerationConfig  # resolved, per prompt
+    whole: GenerationConfig  # num_images: the whole call's
+    plan: MemoryPlan
+    edit: EditInputs | None

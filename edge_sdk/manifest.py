@@ -111,6 +111,9 @@ class VaeSpec:
     decoder_channels: int = 0  # channels of its full-resolution blocks (0: not recorded)
     # the encoder's stages (image -> latent moments), for exact tiled encoding; empty: whole
     encoder_stages: tuple[DecoderStage, ...] = ()
+    # the tiny decoder's own scaling (latents are divided by it; AutoencoderTiny's config,
+    # 1.0 for TAESD); 0: the bundle has no tiny decoder
+    tiny_scaling_factor: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,9 @@ class UnetSpec:
     # pixels / downscale^2 (empty: not recorded; the memory estimate then assumes the worst)
     attention_levels: tuple[tuple[int, int], ...] = ()
     base_channels: int = 0  # channels of its first level (0: not recorded)
+    # LCM-distilled UNets: the width of the guidance-scale embedding they take as
+    # `timestep_cond` (guidance is then embedded, not classifier-free); 0: none
+    time_cond_proj_dim: int = 0
 
 
 @dataclass(frozen=True)

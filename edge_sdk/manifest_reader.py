@@ -39,9 +39,10 @@ def read_manifest(data: Any, where: str) -> Manifest:
         raise ManifestError(f"{where}: components {missing} are missing; a bundle needs "
                             f"{list(names.REQUIRED_COMPONENTS)}")
     for role in names.COMPONENTS:  # the standard roles hold the networks of their name
-        if role in components and components[role].kind != role:
+        kind = names.ROLE_KINDS.get(role, role)
+        if role in components and components[role].kind != kind:
             raise ManifestError(f"{where}: component {role!r} is of kind "
-                                f"{components[role].kind!r}, not {role!r}; re-convert the bundle")
+                                f"{components[role].kind!r}, not {kind!r}; re-convert the bundle")
     sched = _scheduler(r, r.get(d, "scheduler", dict))
     return Manifest(
         family=r.get(d, "family", str), variant=r.get(d, "variant", str),
@@ -123,7 +124,17 @@ def _vae(r: "_Reader", v: dict[str, Any], components: Mapping[str, ComponentSpec
                    r.pos({"attention_chunks": 1, **v}, "attention_chunks", "vae."),
                    tuple(_stage(r, k, st, components) for k, st in enumerate(stages)),
                    _count(r, v, "decoder_channels", "vae."),
-                   tuple(_stage(r, k, st, components, "encoder") for k, st in enumerate(enc)))
+                   tuple(_stage(r, k, st, components, "encoder") for k, st in enumerate(enc)),
+                   _tiny_scaling(r, v))
+
+
+def _tiny_scaling(r: "_Reader", v: dict[str, Any]) -> float:
+    value = r.get({"tiny_scaling_factor": 0.0, **v}, "tiny_scaling_factor", (int, float),
+                  "vae.")
+    if isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        raise ManifestError(f"{r.where}: field 'vae.tiny_scaling_factor' must be a finite "
+                            f"number >= 0, got {value!r}; re-convert the bundle")
+    return float(value)
 
 
 def _stage(r: "_Reader", k: int, st: Any, components: Mapping[str, ComponentSpec],
@@ -162,7 +173,8 @@ def _unet(r: "_Reader", u: dict[str, Any]) -> UnetSpec:
     return UnetSpec(r.pos(u, "in_channels", "unet."), r.pos(u, "sample_size", "unet."),
                     r.pos(u, "cross_attention_dim", "unet."),
                     r.pos(u, "attention_chunks", "unet."), r.pos(u, "size_multiple", "unet."),
-                    tuple((d, h) for d, h in levels), _count(r, u, "base_channels", "unet."))
+                    tuple((d, h) for d, h in levels), _count(r, u, "base_channels", "unet."),
+                    _count(r, u, "time_cond_proj_dim", "unet."))
 
 
 def _count(r: "_Reader", d: Mapping[str, Any], key: str, pre: str) -> int:

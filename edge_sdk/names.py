@@ -19,15 +19,18 @@ TEXT_ENCODER = "text_encoder"
 UNET = "unet"
 VAE_DECODER = "vae_decoder"
 VAE_ENCODER = "vae_encoder"
+VAE_DECODER_TINY = "vae_decoder_tiny"  # a tiny decoder (AutoencoderTiny, e.g. TAESD)
 VAE_DECODER_STAGE = "vae_decoder_stage"  # the kind of each `vae_decoder_sNN` role
 VAE_ENCODER_STAGE = "vae_encoder_stage"  # the kind of each `vae_encoder_sNN` role
-COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER)
+COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, VAE_DECODER_TINY)
 REQUIRED_COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER)
+ROLE_KINDS = {VAE_DECODER_TINY: VAE_DECODER}  # standard roles whose kind has another name
 
 # Tokenizer roles: the tokenizer that feeds each text encoder.
 TOKENIZER = "tokenizer"
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
+DECODERS = ("full", "tiny", "auto")  # which decoder a generation uses (auto: tiny in low)
 BACKEND_FORMATS = ("onnx", "tflite")
 
 RECONVERT_HINT = "re-convert it with `edge-convert CHECKPOINT -o BUNDLE --overwrite`"

@@ -7,7 +7,7 @@ The stages stay public for callers who need them: `encode_prompt`, `denoise`,
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -15,16 +15,17 @@ import numpy as np
 
 from . import names as N
 from .backends import BackendOptions, Session
-from .components import Components
-from .config import MAX_IMAGES, GenerationConfig, size_multiple, uses_guidance
+from .components import Components, check_accelerator_options
+from .config import MAX_IMAGES, GenerationConfig, classifier_free, size_multiple
+from .contracts import UnetIO
 from .denoise import (STEP_END_TENSORS, Conditioning, StepCallback, StepEndCallback,
-                      check_step_end, run_denoising, step_end_callback,
+                      checked_step_callback, guidance_embedding, run_denoising, step_end_callback,
                       unet_predictor)
 from .edit import (EditInputs, EditStart, edit_kind, finish_images, is_inpainting_unet,
                    prepare_edit, source_size, start_edit)
 from .errors import InvalidInputError
-from .generation import (OUTPUT_TYPES, Generation, as_output, check_decodable, initial_noise,
-                         prompts_of, size_from_latents, timed)
+from .generation import (OUTPUT_TYPES, Generation, Request, as_output, check_decodable,
+                         initial_noise, prompts_of, size_from_latents, timed)
 from .image_input import ImageSource
 from .manifest import Manifest
 from .estimate import check_fits
@@ -36,7 +37,8 @@ from .text_encoder import PromptEmbeds, encode_prompts
 from .spill import SpillMaps, check_spill_folder
 from .tokenizer import PromptTokenizer
 from .vae import decode_latents as _decode_whole
-from .vae import decode_latents_tiled, encode_images, encode_images_tiled, scale_latents
+from .vae import (decode_latents_tiled, decode_latents_tiny, encode_images, encode_images_tiled,
+                  scale_latents)
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +80,7 @@ class Pipeline:
         manifest.verify_files(path, checksums=verify)
         options = BackendOptions.checked(backend, threads, providers, False, delegate,
                                          delegate_options)
-        _check_accelerator_options(manifest, options.providers, options.delegate)
+        check_accelerator_options(manifest, options.providers, options.delegate)
         # a budget is planned for the model's own default generation now, and again for
         # each generation's size (a larger one may need a lower mode)
         plan = plan_memory(memory, manifest, GenerationConfig(seed=0).resolve(manifest))
@@ -101,7 +103,15 @@ class Pipeline:
         guidance is on, repeated for `num_images` per prompt."""
         g = self.manifest.defaults.guidance_scale if guidance_scale is None else guidance_scale
         return encode_prompts(self.session(N.TEXT_ENCODER), self.tokenizer, prompts_of(prompt),
-                              negative_prompt, num_images, guidance=uses_guidance(g))
+                              negative_prompt, num_images,
+                              guidance=classifier_free(self.manifest, g))
+
+    def _tiny(self, decoder: str) -> bool:
+        """Whether `decoder` ("full" | "tiny" | "auto") means the tiny decoder now."""
+        has = bool(self.manifest.vae.tiny_scaling_factor)
+        if decoder == "tiny" and not has:
+            raise InvalidInputError("this bundle has no tiny decoder (edge-convert --tiny-vae)")
+        return decoder == "tiny" or (decoder == "auto" and has and self.plan.mode == "low")
 
     def scheduler(self, cfg: GenerationConfig) -> Scheduler:
         """The scheduler a resolved config asks for, with the model's prediction type (a
@@ -118,7 +128,8 @@ class Pipeline:
         scheduler's init_noise_sigma) into final latents."""
         cfg = GenerationConfig(steps=steps, guidance_scale=guidance_scale, scheduler=scheduler,
                                seed=seed).resolve(self.manifest)
-        if cfg.guidance and embeds.uncond is None:
+        if classifier_free(self.manifest, float(cfg.guidance_scale or 0)) \
+                and embeds.uncond is None:
             raise InvalidInputError(f"guidance_scale={cfg.guidance_scale} needs unconditional "
                                     "embeddings, but these were encoded with guidance off; "
                                     "encode_prompt(..., guidance_scale=...) with the same "
@@ -126,12 +137,19 @@ class Pipeline:
         return self._denoise(Conditioning.from_prompt(embeds), latents, cfg,
                              np.random.default_rng(cfg.seed), callback)
 
-    def decode_latents(self, latents: np.ndarray, tile: int | None = None) -> np.ndarray:
+    def decode_latents(self, latents: np.ndarray, tile: int | None = None,
+                       decoder: str = "full") -> np.ndarray:
         """Final latents -> float images [B, H, W, 3] in [0, 1]. With `tile` (latent pixels;
         default: the memory plan's) and a bundle holding the decoder's stages, decoded exactly
-        in tiles (edge_sdk.tiling): the same image in a fraction of the memory."""
+        in tiles (edge_sdk.tiling): the same image in a fraction of the memory. `decoder`:
+        "full", "tiny" (the bundle's tiny decoder) or "auto" (tiny in memory mode low)."""
         tile = (self.plan.vae_tile or 0) if tile is None else tile
         check_decodable(latents, tile, self.manifest.vae.latent_channels)
+        if self._tiny(decoder):
+            out = decode_latents_tiny(self.session(N.VAE_DECODER_TINY), latents,
+                                      self.manifest.vae.tiny_scaling_factor)
+            self.components.done_with(N.VAE_DECODER_TINY)
+            return out
         if tile and self.manifest.vae.decoder_stages:
             alloc = SpillMaps(self.plan.spill_dir) if self.plan.spill_maps else np.empty
             return decode_latents_tiled(self.components, latents, self.manifest.vae, tile,
@@ -148,6 +166,7 @@ class Pipeline:
                  guidance_scale: float | None = None, seed: int | None = None,
                  width: int | None = None, height: int | None = None,
                  scheduler: str | None = None, num_images: int = 1, *,
+                 decoder: str | None = None,
                  image: ImageSource | None = None, mask_image: ImageSource | None = None,
                  strength: float | None = None, padding_mask_crop: int | None = None,
                  paste_back: bool | None = None, encode_mode: str | None = None,
@@ -179,17 +198,19 @@ class Pipeline:
         width/height are given."""
         params = dict(negative_prompt=negative_prompt, steps=steps,
                       guidance_scale=guidance_scale, seed=seed, width=width, height=height,
-                      scheduler=scheduler, num_images=num_images, strength=strength,
+                      scheduler=scheduler, num_images=num_images, decoder=decoder,
+                      strength=strength,
                       padding_mask_crop=padding_mask_crop, paste_back=paste_back,
                       encode_mode=encode_mode)
         given = {k: v for k, v in params.items() if v is not None or k == "num_images"}
         if num_images == 1 and not isinstance(num_images, bool):  # the default: an alias may
             del given["num_images"]                                # set it instead
         config = GenerationConfig.from_kwargs({**given, **aliases})
-        result = self.generate(prompt, config, image=image, mask_image=mask_image,
-                               latents=latents, callback=callback,
-                               output_type=output_type, callback_on_step_end=callback_on_step_end,
-                               callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
+        result = self.generate(
+            prompt, config, image=image, mask_image=mask_image, latents=latents,
+            callback=callback, output_type=output_type,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
         if return_dict:
             return result
         return result.images if len(result.images) > 1 else result.images[0]
@@ -210,8 +231,8 @@ class Pipeline:
             if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
                 raise InvalidInputError(f"output_type {output_type!r} is not one of "
                                         f"{OUTPUT_TYPES}")
-            callback = self._step_callback(callback, callback_on_step_end,
-                                           callback_on_step_end_tensor_inputs)
+            callback = checked_step_callback(callback, callback_on_step_end,
+                                             callback_on_step_end_tensor_inputs)
             self._use(req.plan)
         cfg = req.cfg
         self._interrupt = False
@@ -237,29 +258,15 @@ class Pipeline:
                 self.components.done_with(N.UNET)
         with timed(timings, "vae_decoder"):
             images: list[Any] = list(final) if output_type == "latent" else \
-                finish_images(as_output(output_type, self.decode_latents(final)),
-                              req.edit, cfg.paste_back)
+                finish_images(as_output(output_type, self.decode_latents(
+                    final, decoder=str(cfg.decoder or "full"))), req.edit, cfg.paste_back)
             self.components.done_with(N.VAE_DECODER)
         return Generation(images, final, cfg, prompt if isinstance(prompt, str) else
                           req.prompts, timings, seeds,
                           req.edit.parameters() if req.edit is not None else {})
 
-    def _step_callback(self, callback: StepCallback | None, step_end: StepEndCallback | None,
-                       tensor_inputs: Sequence[str]) -> Any:
-        """The per-step callback, checked: `callback`, or (pending the scheduler)
-        `callback_on_step_end` with its tensor inputs."""
-        if step_end is not None:
-            check_step_end(step_end, tensor_inputs)
-            if callback is not None:
-                raise InvalidInputError("give callback or callback_on_step_end, not both")
-            return (step_end, tensor_inputs)
-        if callback is not None and not callable(callback):
-            raise InvalidInputError(f"callback must be callable, got {callback!r}")
-        return callback
-
     @property
-    def interrupt(self) -> bool:
-        """Whether a callback_on_step_end asked the running generation to stop."""
+    def interrupt(self) -> bool:  # diffusers' name
         return self._interrupt
 
     def check(self, prompt: str | Sequence[str], config: GenerationConfig | None = None, *,
@@ -274,7 +281,7 @@ class Pipeline:
 
     def _prepare(self, prompt: str | Sequence[str], config: GenerationConfig | None,
                  latents: np.ndarray | None, image: ImageSource | None = None,
-                 mask_image: ImageSource | None = None) -> "_Request":
+                 mask_image: ImageSource | None = None) -> "Request":
         """The checked prompts, the resolved config, the config of the whole call (all its
         images), the memory plan for it and the preprocessed source image and mask."""
         prompts = prompts_of(prompt)
@@ -304,7 +311,7 @@ class Pipeline:
         check_fits(self.manifest, whole, plan.mode)  # refuse now, not the OOM killer later
         if plan.spill_maps and plan.vae_tile and self.manifest.vae.decoder_stages:
             check_spill_folder(plan.spill_dir)
-        return _Request(prompts, cfg, whole, plan, edit)
+        return Request(prompts, cfg, whole, plan, edit)
 
     @property
     def _size_multiple(self) -> int:
@@ -337,6 +344,11 @@ class Pipeline:
         if conditioning.batch != latents.shape[0]:
             raise InvalidInputError(f"{conditioning.batch} prompt embeddings for "
                                     f"{latents.shape[0]} latents")
+        dim = self.manifest.unet.time_cond_proj_dim
+        if dim:  # LCM: the scale enters as an embedding, in the one (conditional) pass
+            w = guidance_embedding(float(cfg.guidance_scale or 0) - 1, dim, latents.shape[0])
+            conditioning = replace(conditioning, cond={**conditioning.cond,
+                                                       UnetIO.TIMESTEP_COND: w})
         predict = unet_predictor(self.session(N.UNET), conditioning, float(cfg.guidance_scale),
                                  batched=self.plan.batch_cfg)
         return run_denoising(predict, sched, latents, rng, callback,
@@ -370,28 +382,3 @@ class Pipeline:
                               self.manifest.vae.scale_factor)
         finally:
             self.components.done_with(N.VAE_ENCODER)
-
-
-@dataclass(frozen=True)
-class _Request:
-    """A checked generation request."""
-
-    prompts: list[str]
-    cfg: GenerationConfig  # resolved, per prompt
-    whole: GenerationConfig  # num_images: the whole call's
-    plan: MemoryPlan
-    edit: EditInputs | None
-
-
-def _check_accelerator_options(manifest: Manifest, providers: Sequence[str] | None,
-                               delegate: str | None) -> None:
-    """An accelerator option that cannot apply to this bundle is an error, not ignored: the
-    caller expects the NPU to run."""
-    formats = {c.format for c in manifest.components.values()}
-    if delegate and "tflite" not in formats:
-        raise InvalidInputError("a TFLite delegate was given but this bundle holds no TFLite "
-                                "component; use ONNX Runtime execution providers (providers= "
-                                "/ --providers) or convert with `edge-convert --format tflite`")
-    if providers and "onnx" not in formats:
-        raise InvalidInputError("ONNX Runtime execution providers were given but this bundle "
-                                "is TFLite; use a delegate (delegate= / --delegate PATH.so)")

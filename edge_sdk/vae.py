@@ -48,6 +48,14 @@ def decode_latents(decoder: Session, latents: np.ndarray, vae: VaeSpec) -> np.nd
     return _to_images(np.concatenate(images))
 
 
+def decode_latents_tiny(decoder: Session, latents: np.ndarray, scaling: float) -> np.ndarray:
+    """Like decode_latents, with a tiny decoder (AutoencoderTiny: latents / its own scaling,
+    as diffusers' pipelines feed it)."""
+    z = (latents / np.float32(scaling)).astype(np.float32)
+    return _to_images(np.concatenate([decoder.run({VaeIO.LATENTS: z[i:i + 1]})[VaeIO.IMAGE]
+                                      for i in range(z.shape[0])]))
+
+
 def _to_images(out: np.ndarray) -> np.ndarray:
     if not np.isfinite(out).all():
         raise InferenceError("the VAE decoder produced NaN/inf; use an fp32 VAE decoder "
