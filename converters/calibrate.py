@@ -89,6 +89,7 @@ def convert_static(output: str | Path, opts: ConvertOptions, say: Callable[[str]
         ref = Path(tmp) / "fp32"
         say("static int8: converting an fp32 reference for calibration")
         write(ref, replace(opts, precision="fp32", vae_encoder=False, vae_stages=False,
+                           tiny_vae=None,
                            overwrite=False), lambda m: say(f"  (fp32 reference) {m}"))
         say(f"static int8: calibrating on {len(prompts)} prompts")
         feeds = unet_trajectories(ref, prompts)

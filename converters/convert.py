@@ -158,7 +158,7 @@ def _exporter(role: str, opts: ConvertOptions) -> Any:
     """The role's exporter (the tiny decoder's loads from --tiny-vae)."""
     if role == N.VAE_DECODER_TINY:
         from .registry import tiny_decoder_exporter
-        return tiny_decoder_exporter(opts.tiny_vae)
+        return tiny_decoder_exporter(opts.tiny_vae, opts.allow_pickle)
     return exporter(role)
 
 

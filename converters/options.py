@@ -99,7 +99,7 @@ class ConvertOptions:
             raise ConversionError("--calibration is for static int8 (--precision int8 "
                                   "--int8-method static); without it the file would be ignored")
         if self.tiny_vae is not None:
-            _check_tiny_vae(Path(self.tiny_vae))
+            _check_tiny_vae(Path(self.tiny_vae), self.allow_pickle)
         name = self.name.strip() if self.name is not None else None
         if name == "":
             raise ConversionError("--name must not be empty (leave it out to use the "
@@ -107,19 +107,31 @@ class ConvertOptions:
         return replace(self, name=name)
 
 
-def _check_tiny_vae(path: Path) -> None:
-    """--tiny-vae names a diffusers AutoencoderTiny folder (config.json + weights)."""
+def _check_tiny_vae(path: Path, allow_pickle: bool) -> None:
+    """--tiny-vae names a diffusers AutoencoderTiny folder: config.json, with a positive
+    scaling_factor, and safetensors weights (pickled .bin only with --allow-pickle)."""
     import json
-    cfg = path / "config.json"
     try:
-        cls = json.loads(cfg.read_text()).get("_class_name")
+        cfg = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise ConversionError(f"--tiny-vae {path}: no readable config.json ({exc}); give a "
                               "diffusers AutoencoderTiny folder (e.g. madebyollin/taesd)") \
             from exc
+    cls = cfg.get("_class_name") if isinstance(cfg, dict) else None
     if cls != "AutoencoderTiny":
-        raise ConversionError(f"--tiny-vae {path}: config.json is a {cls!r}, not an "
-                              "AutoencoderTiny (TAESD) folder")
+        raise ConversionError(f"--tiny-vae {path}: config.json's _class_name is {cls!r}, "
+                              "not 'AutoencoderTiny' (a TAESD folder)")
+    scaling = cfg.get("scaling_factor", 1.0)
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) \
+            or not math.isfinite(scaling) or scaling <= 0:
+        raise ConversionError(f"--tiny-vae {path}: scaling_factor {scaling!r} is not a "
+                              "positive number")
+    weights = list(path.glob("*.safetensors")) + (list(path.glob("*.bin")) if allow_pickle
+                                                  else [])
+    if not weights:
+        raise ConversionError(f"--tiny-vae {path}: no .safetensors weights there"
+                              + ("" if allow_pickle else " (pickled .bin weights need "
+                                 "--allow-pickle)"))
 
 
 def _check_defaults(steps: int | None, guidance: float | None) -> None:
@@ -136,7 +148,7 @@ def _check_defaults(steps: int | None, guidance: float | None) -> None:
 def parse_precision(spec: str) -> dict[str, str]:
     """`fp16` -> every component fp16; `int8` -> text encoder and UNet int8, VAE fp32;
     `int4` -> UNet int4, text encoder int8, VAE fp32; `unet=int4,vae=fp16` -> per component
-    (`vae` means both VAE halves). Unnamed: fp32."""
+    (`vae` means the VAE's decoder, encoder and tiny decoder). Unnamed: fp32."""
     out = {c: "fp32" for c in N.COMPONENTS}
     for part in [p.strip() for p in spec.split(",") if p.strip()]:
         name, _, value = part.rpartition("=")

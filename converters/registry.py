@@ -151,16 +151,17 @@ def exporter(kind: str) -> Exporter:
     return EXPORTERS[kind]
 
 
-def load_tiny_vae(folder: Any) -> Any:
+def load_tiny_vae(folder: Any, allow_pickle: bool = False) -> Any:
     """A diffusers AutoencoderTiny (TAESD) from its folder, fp32, eval mode."""
     import os
 
     from diffusers import AutoencoderTiny
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return AutoencoderTiny.from_pretrained(folder, local_files_only=True).float().eval()
+    return AutoencoderTiny.from_pretrained(folder, local_files_only=True,
+                                           use_safetensors=not allow_pickle).float().eval()
 
 
-def tiny_decoder_exporter(folder: Any) -> Exporter:
+def tiny_decoder_exporter(folder: Any, allow_pickle: bool = False) -> Exporter:
     """The tiny decoder's exporter: the full decoder's contract, its own weights."""
-    return Exporter(C.VAE_DECODER, lambda _ckpt: load_tiny_vae(folder), _module(_decode_tiny),
-                    _decoder_example)
+    return Exporter(C.VAE_DECODER, lambda _ckpt: load_tiny_vae(folder, allow_pickle),
+                    _module(_decode_tiny), _decoder_example)

@@ -58,8 +58,9 @@ class GenerationConfig:
     negative_prompt: str | None = _param(None, "what the image should not show", type=str)
     steps: int | None = _param(None, "denoising steps (default: the model's)", type=int,
                                aliases=("num_inference_steps",))
-    guidance_scale: float | None = _param(None, "classifier-free guidance scale; <= 1 turns "
-                                          "it off (default: the model's)", flag="--guidance",
+    guidance_scale: float | None = _param(None, "guidance scale; <= 1 turns classifier-free "
+                                          "guidance off (an LCM-distilled model embeds it "
+                                          "instead; default: the model's)", flag="--guidance",
                                           type=float)
     seed: int | None = _param(None, "random seed (default: a fresh one, recorded in the "
                               "result)", type=int)
@@ -72,7 +73,7 @@ class GenerationConfig:
     num_images: int = _param(1, "images generated from the prompt", type=int,
                              aliases=("num_images_per_prompt",))
     decoder: str | None = _param(None, "full (the VAE's), tiny (the bundle's tiny decoder, "
-                                 "TAESD-like: ~1/100 of the work) or auto (tiny in memory "
+                                 "an AutoencoderTiny such as TAESD) or auto (tiny in memory "
                                  "mode low, where the bundle has one); default full",
                                  type=str)
     # img2img and inpainting (given an image; refused without one)

@@ -54,6 +54,10 @@ def edit_kind(manifest: Manifest, image: Any, mask_image: Any) -> str | None:
                                     "input channels): give image= and mask_image= (--image, "
                                     "--mask)")
         return None
+    if manifest.unet.time_cond_proj_dim:
+        raise InvalidInputError("img2img and inpainting with an LCM-distilled UNet are not "
+                                "supported yet (diffusers' LCM img2img pipeline picks its own "
+                                "timesteps for the strength)")
     if N.VAE_ENCODER not in manifest.components:
         raise InvalidInputError("this bundle has no VAE encoder (it was converted with "
                                 "--no-vae-encoder), so it cannot read an image; "

@@ -44,7 +44,7 @@ def read_manifest(data: Any, where: str) -> Manifest:
             raise ManifestError(f"{where}: component {role!r} is of kind "
                                 f"{components[role].kind!r}, not {kind!r}; re-convert the bundle")
     sched = _scheduler(r, r.get(d, "scheduler", dict))
-    return Manifest(
+    m = Manifest(
         family=r.get(d, "family", str), variant=r.get(d, "variant", str),
         source=_source(r, r.get(d, "source", dict)),
         converter=r.get(d, "converter", dict), components=components,
@@ -56,6 +56,22 @@ def read_manifest(data: Any, where: str) -> Manifest:
         static_sizes=_static_sizes(r, d.get("static_sizes")),
         format_version=names.FORMAT_VERSION, migrated_from=migrated_from,
         extra=d["extra"] if isinstance(d.get("extra"), dict) else {})
+    _check_optional_parts(m, where)
+    return m
+
+
+def _check_optional_parts(m: Manifest, where: str) -> None:
+    """The fields that describe an optional component agree with the components."""
+    tiny = names.VAE_DECODER_TINY in m.components
+    if tiny != bool(m.vae.tiny_scaling_factor):
+        raise ManifestError(f"{where}: vae.tiny_scaling_factor is {m.vae.tiny_scaling_factor} "
+                            f"but the bundle {'has a' if tiny else 'has no'} "
+                            f"{names.VAE_DECODER_TINY!r} component; re-convert the bundle")
+    takes = "timestep_cond" in m.components[names.UNET].input_names()
+    if takes != bool(m.unet.time_cond_proj_dim):
+        raise ManifestError(f"{where}: unet.time_cond_proj_dim is {m.unet.time_cond_proj_dim} "
+                            f"but the UNet graph {'takes a' if takes else 'takes no'} "
+                            "timestep_cond input; re-convert the bundle")
 
 
 MAX_TRAIN_TIMESTEPS = 100_000  # SD uses 1,000; the tables are allocated at this length
@@ -131,7 +147,7 @@ def _vae(r: "_Reader", v: dict[str, Any], components: Mapping[str, ComponentSpec
 def _tiny_scaling(r: "_Reader", v: dict[str, Any]) -> float:
     value = r.get({"tiny_scaling_factor": 0.0, **v}, "tiny_scaling_factor", (int, float),
                   "vae.")
-    if isinstance(value, bool) or not math.isfinite(value) or value < 0:
+    if isinstance(value, bool) or not math.isfinite(float(min(value, 1e300))) or value < 0:
         raise ManifestError(f"{r.where}: field 'vae.tiny_scaling_factor' must be a finite "
                             f"number >= 0, got {value!r}; re-convert the bundle")
     return float(value)

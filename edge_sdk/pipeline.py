@@ -102,6 +102,9 @@ class Pipeline:
         """Text embeddings for `prompt` (a list: each, in turn) and the negative prompt when
         guidance is on, repeated for `num_images` per prompt."""
         g = self.manifest.defaults.guidance_scale if guidance_scale is None else guidance_scale
+        if negative_prompt is not None and self.manifest.unet.time_cond_proj_dim:
+            raise InvalidInputError("this model is LCM-distilled (guidance is embedded, there "
+                                    "is no unconditional pass): it takes no negative_prompt")
         return encode_prompts(self.session(N.TEXT_ENCODER), self.tokenizer, prompts_of(prompt),
                               negative_prompt, num_images,
                               guidance=classifier_free(self.manifest, g))
@@ -109,6 +112,9 @@ class Pipeline:
     def _tiny(self, decoder: str) -> bool:
         """Whether `decoder` ("full" | "tiny" | "auto") means the tiny decoder now."""
         has = bool(self.manifest.vae.tiny_scaling_factor)
+        if decoder not in N.DECODERS:
+            raise InvalidInputError(f"decoder must be one of {list(N.DECODERS)}, got "
+                                    f"{decoder!r}")
         if decoder == "tiny" and not has:
             raise InvalidInputError("this bundle has no tiny decoder (edge-convert --tiny-vae)")
         return decoder == "tiny" or (decoder == "auto" and has and self.plan.mode == "low")
@@ -128,6 +134,10 @@ class Pipeline:
         scheduler's init_noise_sigma) into final latents."""
         cfg = GenerationConfig(steps=steps, guidance_scale=guidance_scale, scheduler=scheduler,
                                seed=seed).resolve(self.manifest)
+        if self.manifest.unet.time_cond_proj_dim and embeds.uncond is not None:
+            raise InvalidInputError("this model is LCM-distilled: encode the prompt with "
+                                    "guidance off (encode_prompt(..., guidance_scale=1)); "
+                                    "its guidance enters as an embedding")
         if classifier_free(self.manifest, float(cfg.guidance_scale or 0)) \
                 and embeds.uncond is None:
             raise InvalidInputError(f"guidance_scale={cfg.guidance_scale} needs unconditional "
@@ -308,6 +318,9 @@ class Pipeline:
         whole = replace(cfg, num_images=total)
         plan = self.plan if self.memory in MODES else \
             plan_memory(self.memory, self.manifest, whole)
+        if cfg.decoder == "auto":  # recorded as the decoder this generation uses
+            cfg = replace(cfg, decoder="tiny" if self.manifest.vae.tiny_scaling_factor
+                          and plan.mode == "low" else "full")
         check_fits(self.manifest, whole, plan.mode)  # refuse now, not the OOM killer later
         if plan.spill_maps and plan.vae_tile and self.manifest.vae.decoder_stages:
             check_spill_folder(plan.spill_dir)

@@ -213,6 +213,17 @@ def _blended(c: Ctx) -> bool:
                 and np.abs(out[:, ~outside] - known[0][:, ~outside]).max() > 0.1)
 
 
+def _tiny_folder(c: Ctx, config: Any, weights: bool = True) -> Path:
+    """A --tiny-vae folder with this config.json (and an empty weights file)."""
+    folder = c.tmp / "taesd"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(config if isinstance(config, str)
+                                        else json.dumps(config))
+    if weights:
+        (folder / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    return folder
+
+
 def _convert_edited(edits: dict[str, dict[str, Any]], **files: str) -> Callable[[Ctx], Any]:
     return lambda c: c.convert(_edited(c, edits, **files), "-o", c.tmp / "out")
 
@@ -536,6 +547,21 @@ ROWS: list[Row] = [
         InvalidInputError, "encode_mode must be 'sample' or 'mean'"),
     Row("image", "a mask for a bundle whose UNet is not an inpainting one", _works(_blended),
         None, "works: the known region is blended back after every step (diffusers' way)"),
+    Row("parameter", "decoder 'tiny' on a bundle without a tiny decoder",
+        lambda c: c.gen(decoder="tiny"), InvalidInputError, "no tiny decoder.*--tiny-vae"),
+    Row("parameter", "decoder 'bogus'", lambda c: c.gen(decoder="bogus"), InvalidInputError,
+        "decoder must be one of"),
+    Row("manifest", "vae.tiny_scaling_factor set without a tiny decoder component",
+        lambda c: Pipeline.load(c.manifest(lambda m: m["vae"].update(
+            tiny_scaling_factor=1.0))), ManifestError,
+        "tiny_scaling_factor is 1.0 but the bundle has no 'vae_decoder_tiny'"),
+    Row("manifest", "unet.time_cond_proj_dim set on a UNet without timestep_cond",
+        lambda c: Pipeline.load(c.manifest(lambda m: m["unet"].update(
+            time_cond_proj_dim=32))), ManifestError,
+        "time_cond_proj_dim is 32 but the UNet graph takes no timestep_cond"),
+    Row("image", "img2img with an LCM-distilled model (not supported yet)",
+        lambda c: Pipeline.load(c.models.bundle("tiny-lcm"))("x", image=_rgb(), steps=2),
+        InvalidInputError, "LCM-distilled UNet are not supported yet"),
     Row("parameter", "negative_prompt for an LCM-distilled model (guidance embedded)",
         lambda c: Pipeline.load(c.models.bundle("tiny-lcm"))("x", negative_prompt="blurry",
                                                               steps=1),
@@ -631,6 +657,25 @@ ROWS: list[Row] = [
     Row("conversion", "a UNet with 5 input channels (neither 4 nor inpainting's 9)",
         _convert_edited({"unet": {"in_channels": 5}}), ConversionError,
         "UNet takes 5 input channels.*must take 4 .*or 9"),
+    Row("conversion", "--tiny-vae folder of another class (AutoencoderKL)", lambda c: c.convert(
+        c.ckpt, "-o", c.tmp / "out", "--tiny-vae", _tiny_folder(
+            c, {"_class_name": "AutoencoderKL"})), ConversionError,
+        "_class_name is 'AutoencoderKL', not 'AutoencoderTiny'"),
+    Row("conversion", "--tiny-vae config.json that is not an object", lambda c: c.convert(
+        c.ckpt, "-o", c.tmp / "out", "--tiny-vae", _tiny_folder(c, "[1, 2]")),
+        ConversionError, "_class_name is None, not 'AutoencoderTiny'"),
+    Row("conversion", "--tiny-vae with scaling_factor 0", lambda c: c.convert(
+        c.ckpt, "-o", c.tmp / "out", "--tiny-vae", _tiny_folder(
+            c, {"_class_name": "AutoencoderTiny", "scaling_factor": 0})), ConversionError,
+        "scaling_factor 0 is not a positive number"),
+    Row("conversion", "--tiny-vae folder without safetensors weights", lambda c: c.convert(
+        c.ckpt, "-o", c.tmp / "out", "--tiny-vae", _tiny_folder(
+            c, {"_class_name": "AutoencoderTiny"}, weights=False)), ConversionError,
+        "no .safetensors weights.*--allow-pickle"),
+    Row("conversion", "--tiny-vae for another latent width (8 channels, the VAE makes 4)",
+        lambda c: c.convert(c.ckpt, "-o", c.tmp / "out", "--tiny-vae", _tiny_folder(
+            c, {"_class_name": "AutoencoderTiny", "latent_channels": 8})), ConversionError,
+        "decodes 8 latent channels, this checkpoint's VAE makes 4"),
     Row("conversion", "empty calibration file",
         lambda c: (c.tmp / "p.txt").write_text("# nothing\n") and c.convert(
             c.ckpt, "-o", c.tmp / "out", "--precision", "int8", "--int8-method", "static",

@@ -107,7 +107,8 @@ def tiny_vae(tmp_path_factory):
     torch.manual_seed(0)
     vae = AutoencoderTiny(encoder_block_out_channels=(16, 16, 16, 16),
                           decoder_block_out_channels=(16, 16, 16, 16),
-                          num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1))
+                          num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1),
+                          scaling_factor=0.5)  # TAESD's is 1.0: 0.5 shows it is applied
     out = tmp_path_factory.mktemp("taesd")
     vae.save_pretrained(out, safe_serialization=True)
     return out
@@ -121,7 +122,7 @@ def test_tiny_decoder_matches_diffusers_autoencoder_tiny(models, tiny_vae, tmp_p
     from converters.convert import convert
     convert(models.checkpoint("tiny-sd1"), tmp_path / "b", tiny_vae=tiny_vae)
     m = Manifest.load(tmp_path / "b")
-    assert m.vae.tiny_scaling_factor == 1.0 and "vae_decoder_tiny" in m.components
+    assert m.vae.tiny_scaling_factor == 0.5 and "vae_decoder_tiny" in m.components
     z = np.random.default_rng(23).standard_normal(SHAPE).astype(np.float32)
     ref = diffusers.StableDiffusionPipeline.from_pretrained(
         models.checkpoint("tiny-sd1"), local_files_only=True, safety_checker=None,
@@ -139,7 +140,12 @@ def test_tiny_decoder_matches_diffusers_autoencoder_tiny(models, tiny_vae, tmp_p
     assert err <= 2 / 255, f"tiny decoder: {err * 255:.2f}/255"
     full = np.asarray(pipe(PROMPT, **kw))[None]
     assert np.abs(full - got).max() > 0.05  # the default is the full decoder
+    result = pipe(PROMPT, decoder="auto", return_dict=True, **kw)  # fast mode: full
+    assert result.config.decoder == "full" and np.array_equal(np.asarray(result.images[0]),
+                                                              full[0])
     low = Pipeline.load(tmp_path / "b", memory="low")
-    assert np.abs(np.asarray(low(PROMPT, decoder="auto", **kw))[None] - got).max() <= 2 / 255
+    result = low(PROMPT, decoder="auto", return_dict=True, **kw)
+    assert result.config.decoder == "tiny"  # recorded as what ran
+    assert np.abs(np.asarray(result.images[0])[None] - got).max() <= 2 / 255
     with pytest.raises(InvalidInputError, match="no tiny decoder.*--tiny-vae"):
         Pipeline.load(models.bundle("tiny-sd1"))(PROMPT, decoder="tiny", steps=1)
