@@ -15,7 +15,7 @@ from edge_sdk.manifest import (ComponentSpec, DecoderStage, Defaults, Manifest, 
 from . import __version__
 from .attention import VAE_AUTO_CHUNKS, auto_chunks
 from .checkpoint import Checkpoint
-from .options import ConvertOptions
+from .options import ConvertOptions, tiny_vae_config
 from .registry import Shapes
 
 # AutoencoderKL's own default, used by diffusers when a VAE config.json omits scaling_factor
@@ -107,10 +107,7 @@ def _tiny_scaling(opts: ConvertOptions) -> float:
     """The tiny decoder's scaling_factor (AutoencoderTiny's default 1.0), 0 without one."""
     if opts.tiny_vae is None:
         return 0.0
-    import json
-    from pathlib import Path
-    cfg = json.loads((Path(opts.tiny_vae) / "config.json").read_text())
-    return float(cfg.get("scaling_factor", 1.0))
+    return float(tiny_vae_config(opts.tiny_vae).get("scaling_factor", 1.0))
 
 
 def _defaults(sched: Mapping[str, Any], size: int, steps: int | None,

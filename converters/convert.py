@@ -26,7 +26,7 @@ from .bundle import AtomicBundle, file_entries, onnx_io, write_manifest
 from .bundle_manifest import Layout, build_manifest
 from .checkpoint import Checkpoint
 from .export_onnx import export_onnx
-from .options import ConvertOptions, parse_precision
+from .options import ConvertOptions, parse_precision, tiny_vae_config
 from .registry import exporter
 from .tokenizer import export_tokenizer
 
@@ -89,8 +89,7 @@ def convert(checkpoint: str | Path, output: str | Path, options: ConvertOptions 
 
 
 def _check_tiny_matches(ckpt: Checkpoint, folder: Path) -> None:
-    import json
-    tiny = json.loads((folder / "config.json").read_text())
+    tiny = tiny_vae_config(folder)
     want = ckpt.config("vae").get("latent_channels")
     if tiny.get("latent_channels") != want:
         raise ConversionError(f"--tiny-vae {folder}: it decodes {tiny.get('latent_channels')} "
@@ -162,10 +161,9 @@ def _exporter(role: str, opts: ConvertOptions) -> Any:
     return exporter(role)
 
 
-def _load(role: str, ckpt: Checkpoint, layout: Layout, opts: ConvertOptions | None = None
-          ) -> Any:
+def _load(role: str, ckpt: Checkpoint, layout: Layout, opts: ConvertOptions) -> Any:
     """The role's torch module, with sliced attention where the layout says."""
-    model = (_exporter(role, opts) if opts is not None else exporter(role)).load(ckpt)
+    model = _exporter(role, opts).load(ckpt)
     chunks = layout.unet_chunks if role == N.UNET else layout.vae_chunks
     if role not in (N.TEXT_ENCODER, N.VAE_DECODER_TINY) and chunks > 1:
         use_chunked_attention(model, chunks)
@@ -179,6 +177,7 @@ def _export_vae_stages(ckpt: Checkpoint, stage: Path, opts: ConvertOptions, layo
     stages for exact tiled decoding (encoding)."""
     from .vae_stages import export_decoder_stages
     out = []
+    vae = None  # one AutoencoderKL serves both halves
     for half, role, kind, prefix in (
             ("decoder", N.VAE_DECODER, N.VAE_DECODER_STAGE, "vae_decoder_s"),
             ("encoder", N.VAE_ENCODER, N.VAE_ENCODER_STAGE, "vae_encoder_s")):
@@ -188,8 +187,9 @@ def _export_vae_stages(ckpt: Checkpoint, stage: Path, opts: ConvertOptions, layo
         t0 = time.perf_counter()
         precision = opts.precisions[role]
         precision = precision if precision in ("fp32", "fp16") else "fp32"
-        exported = export_decoder_stages(_load(role, ckpt, layout), stage, precision,
-                                         opts.opset, prefix, encoder=half == "encoder")
+        vae = vae if vae is not None else _load(role, ckpt, layout, opts)
+        exported = export_decoder_stages(vae, stage, precision, opts.opset, prefix,
+                                         encoder=half == "encoder")
         for name, files, _ in exported:
             components[name] = ComponentSpec(name, contract_of(kind).kind, "onnx", files[0],
                                              precision, file_entries(stage, files),

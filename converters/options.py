@@ -107,17 +107,24 @@ class ConvertOptions:
         return replace(self, name=name)
 
 
-def _check_tiny_vae(path: Path, allow_pickle: bool) -> None:
-    """--tiny-vae names a diffusers AutoencoderTiny folder: config.json, with a positive
-    scaling_factor, and safetensors weights (pickled .bin only with --allow-pickle)."""
+def tiny_vae_config(path: str | Path) -> dict[str, Any]:
+    """The config.json of a --tiny-vae folder (a ConversionError when unreadable)."""
     import json
+    path = Path(path)
     try:
         cfg = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise ConversionError(f"--tiny-vae {path}: no readable config.json ({exc}); give a "
                               "diffusers AutoencoderTiny folder (e.g. madebyollin/taesd)") \
             from exc
-    cls = cfg.get("_class_name") if isinstance(cfg, dict) else None
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def _check_tiny_vae(path: Path, allow_pickle: bool) -> None:
+    """--tiny-vae names a diffusers AutoencoderTiny folder: config.json, with a positive
+    scaling_factor, and safetensors weights (pickled .bin only with --allow-pickle)."""
+    cfg = tiny_vae_config(path)
+    cls = cfg.get("_class_name")
     if cls != "AutoencoderTiny":
         raise ConversionError(f"--tiny-vae {path}: config.json's _class_name is {cls!r}, "
                               "not 'AutoencoderTiny' (a TAESD folder)")

@@ -132,21 +132,11 @@ class GenerationConfig:
                 "or re-convert with `edge-convert --format tflite --sizes WxH,...`")
         if self.negative_prompt is not None:
             check_prompt(self.negative_prompt, "negative_prompt")
-            if manifest.unet.time_cond_proj_dim:
-                raise InvalidInputError("this model is LCM-distilled (guidance is embedded, "
-                                        "there is no unconditional pass): it takes no "
-                                        "negative_prompt")
+            refuse_negative_prompt_if_embedded(manifest, self.negative_prompt)
         if self.scheduler is not None and not isinstance(self.scheduler, str):
             raise InvalidInputError(f"scheduler must be a name (a string) or None, got "
                                     f"{self.scheduler!r}; `edge-sdk schedulers` lists them")
-        decoder = self.decoder or "full"
-        if decoder not in DECODERS:
-            raise InvalidInputError(f"decoder must be one of {list(DECODERS)}, got "
-                                    f"{self.decoder!r}")
-        if decoder == "tiny" and not manifest.vae.tiny_scaling_factor:
-            raise InvalidInputError("decoder='tiny': this bundle has no tiny decoder; "
-                                    "convert it with `edge-convert ... --tiny-vae FOLDER` (a "
-                                    "diffusers AutoencoderTiny such as TAESD)")
+        decoder = check_decoder(manifest, self.decoder or "full")
         cls, _ = resolve_scheduler(self.scheduler, manifest.scheduler)
         return replace(self, steps=steps, guidance_scale=float(g), width=width, height=height,
                        seed=seed, scheduler=self.scheduler or cls.class_name, num_images=n,
@@ -228,6 +218,24 @@ def size_multiple(manifest: Manifest) -> int:
     """What image sides must be multiples of: the VAE's factor, and what the UNet graph
     needs (bundles converted before its graph took any size record their levels')."""
     return math.lcm(manifest.vae.scale_factor, manifest.unet.size_multiple)
+
+
+def check_decoder(manifest: Manifest, decoder: Any) -> str:
+    """A decoder choice ("full" | "tiny" | "auto") this bundle can serve."""
+    if decoder not in DECODERS:
+        raise InvalidInputError(f"decoder must be one of {list(DECODERS)}, got {decoder!r}")
+    if decoder == "tiny" and not manifest.vae.tiny_scaling_factor:
+        raise InvalidInputError("decoder='tiny': this bundle has no tiny decoder; convert it "
+                                "with `edge-convert ... --tiny-vae FOLDER` (a diffusers "
+                                "AutoencoderTiny such as TAESD)")
+    return str(decoder)
+
+
+def refuse_negative_prompt_if_embedded(manifest: Manifest, negative_prompt: Any) -> None:
+    """An LCM-distilled UNet has no unconditional pass for a negative prompt to steer."""
+    if negative_prompt is not None and manifest.unet.time_cond_proj_dim:
+        raise InvalidInputError("this model is LCM-distilled (guidance is embedded, there is "
+                                "no unconditional pass): it takes no negative_prompt")
 
 
 def _flag(name: str, value: str) -> bool:

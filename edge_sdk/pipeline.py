@@ -16,7 +16,8 @@ import numpy as np
 from . import names as N
 from .backends import BackendOptions, Session
 from .components import Components, check_accelerator_options
-from .config import MAX_IMAGES, GenerationConfig, classifier_free, size_multiple
+from .config import (MAX_IMAGES, GenerationConfig, check_decoder, classifier_free,
+                     refuse_negative_prompt_if_embedded, size_multiple)
 from .contracts import UnetIO
 from .denoise import (STEP_END_TENSORS, Conditioning, StepCallback, StepEndCallback,
                       checked_step_callback, guidance_embedding, run_denoising, step_end_callback,
@@ -102,22 +103,18 @@ class Pipeline:
         """Text embeddings for `prompt` (a list: each, in turn) and the negative prompt when
         guidance is on, repeated for `num_images` per prompt."""
         g = self.manifest.defaults.guidance_scale if guidance_scale is None else guidance_scale
-        if negative_prompt is not None and self.manifest.unet.time_cond_proj_dim:
-            raise InvalidInputError("this model is LCM-distilled (guidance is embedded, there "
-                                    "is no unconditional pass): it takes no negative_prompt")
+        refuse_negative_prompt_if_embedded(self.manifest, negative_prompt)
         return encode_prompts(self.session(N.TEXT_ENCODER), self.tokenizer, prompts_of(prompt),
                               negative_prompt, num_images,
                               guidance=classifier_free(self.manifest, g))
 
-    def _tiny(self, decoder: str) -> bool:
-        """Whether `decoder` ("full" | "tiny" | "auto") means the tiny decoder now."""
+    def _decoder(self, decoder: str, mode: str) -> str:
+        """"full" or "tiny": what `decoder` ("full" | "tiny" | "auto") means in memory mode
+        `mode` (auto: tiny in low, where the bundle has one)."""
+        decoder = check_decoder(self.manifest, decoder)
         has = bool(self.manifest.vae.tiny_scaling_factor)
-        if decoder not in N.DECODERS:
-            raise InvalidInputError(f"decoder must be one of {list(N.DECODERS)}, got "
-                                    f"{decoder!r}")
-        if decoder == "tiny" and not has:
-            raise InvalidInputError("this bundle has no tiny decoder (edge-convert --tiny-vae)")
-        return decoder == "tiny" or (decoder == "auto" and has and self.plan.mode == "low")
+        return "tiny" if decoder == "tiny" or (decoder == "auto" and has and mode == "low") \
+            else "full"
 
     def scheduler(self, cfg: GenerationConfig) -> Scheduler:
         """The scheduler a resolved config asks for, with the model's prediction type (a
@@ -155,7 +152,7 @@ class Pipeline:
         "full", "tiny" (the bundle's tiny decoder) or "auto" (tiny in memory mode low)."""
         tile = (self.plan.vae_tile or 0) if tile is None else tile
         check_decodable(latents, tile, self.manifest.vae.latent_channels)
-        if self._tiny(decoder):
+        if self._decoder(decoder, self.plan.mode) == "tiny":
             out = decode_latents_tiny(self.session(N.VAE_DECODER_TINY), latents,
                                       self.manifest.vae.tiny_scaling_factor)
             self.components.done_with(N.VAE_DECODER_TINY)
@@ -304,7 +301,7 @@ class Pipeline:
         kind = edit_kind(self.manifest, image, mask_image)
         if kind is not None:
             src, msk, (w, h) = source_size(image, mask_image, config.padding_mask_crop,
-                                           self.manifest, self._size_multiple)
+                                           self.manifest, size_multiple(self.manifest))
             config = replace(config, width=w if config.width is None else config.width,
                              height=h if config.height is None else config.height)
         cfg = config.resolve(self.manifest, kind)
@@ -318,17 +315,12 @@ class Pipeline:
         whole = replace(cfg, num_images=total)
         plan = self.plan if self.memory in MODES else \
             plan_memory(self.memory, self.manifest, whole)
-        if cfg.decoder == "auto":  # recorded as the decoder this generation uses
-            cfg = replace(cfg, decoder="tiny" if self.manifest.vae.tiny_scaling_factor
-                          and plan.mode == "low" else "full")
+        # recorded as the decoder this generation uses
+        cfg = replace(cfg, decoder=self._decoder(str(cfg.decoder), plan.mode))
         check_fits(self.manifest, whole, plan.mode)  # refuse now, not the OOM killer later
         if plan.spill_maps and plan.vae_tile and self.manifest.vae.decoder_stages:
             check_spill_folder(plan.spill_dir)
         return Request(prompts, cfg, whole, plan, edit)
-
-    @property
-    def _size_multiple(self) -> int:
-        return size_multiple(self.manifest)
 
     def _use(self, plan: MemoryPlan) -> None:
         """Switch to another memory plan (its sessions are opened anew when needed)."""

@@ -41,17 +41,17 @@ def scale_latents(z: np.ndarray, vae: VaeSpec) -> np.ndarray:
 def decode_latents(decoder: Session, latents: np.ndarray, vae: VaeSpec) -> np.ndarray:
     """Decode [B, C, h, w] latents to float images [B, H, W, 3] in [0, 1], one at a time
     (the decoder's activations are the largest of a generation)."""
-    z = unscale_latents(latents, vae)
-    images = []
-    for i in range(z.shape[0]):
-        images.append(decoder.run({VaeIO.LATENTS: z[i:i + 1]})[VaeIO.IMAGE])
-    return _to_images(np.concatenate(images))
+    return _decode_each(decoder, unscale_latents(latents, vae))
 
 
 def decode_latents_tiny(decoder: Session, latents: np.ndarray, scaling: float) -> np.ndarray:
     """Like decode_latents, with a tiny decoder (AutoencoderTiny: latents / its own scaling,
     as diffusers' pipelines feed it)."""
-    z = (latents / np.float32(scaling)).astype(np.float32)
+    return _decode_each(decoder, (latents / np.float32(scaling)).astype(np.float32))
+
+
+def _decode_each(decoder: Session, z: np.ndarray) -> np.ndarray:
+    """The decoder's latents [B, C, h, w] decoded one image at a time."""
     return _to_images(np.concatenate([decoder.run({VaeIO.LATENTS: z[i:i + 1]})[VaeIO.IMAGE]
                                       for i in range(z.shape[0])]))
 
