@@ -115,9 +115,11 @@ class EditInputs:
 
 
 def source_size(image: Any, mask: Any, padding_mask_crop: Any, manifest: Manifest,
-                multiple: int) -> tuple[SourceImage, SourceImage | None, tuple[int, int]]:
-    """The image and mask read and checked, and the default output size: the image's,
-    rounded down to `multiple`; with padding_mask_crop the model's own (as diffusers)."""
+                multiple: int, width: int | None = None, height: int | None = None
+                ) -> tuple[SourceImage, SourceImage | None, tuple[Any, Any]]:
+    """The image and mask read and checked, and the output size: `width`/`height` where
+    given, otherwise the image's, rounded down to `multiple`; with padding_mask_crop the
+    model's own (as diffusers)."""
     src = read_image(image)
     msk = None if mask is None else read_mask(mask)
     if msk is not None and msk.image.size != src.image.size:
@@ -125,13 +127,16 @@ def source_size(image: Any, mask: Any, padding_mask_crop: Any, manifest: Manifes
                                 f"mask_image is {msk.image.width}x{msk.image.height}; give a "
                                 "mask of the image's size")
     if padding_mask_crop is not None:
-        return src, msk, (manifest.defaults.width, manifest.defaults.height)
-    size = default_size(src.image, multiple)
-    if max(size) > MAX_SIDE:
+        return src, msk, (manifest.defaults.width if width is None else width,
+                          manifest.defaults.height if height is None else height)
+    if width is not None and height is not None:  # the image is resized to them
+        return src, msk, (width, height)
+    w, h = default_size(src.image, multiple)
+    if (width is None and w > MAX_SIDE) or (height is None and h > MAX_SIDE):
         raise InvalidInputError(f"the image is {src.image.width}x{src.image.height}, larger "
                                 f"than {MAX_SIDE} pixels a side; give width= and height= "
                                 "(--width/--height) to work at a smaller size")
-    return src, msk, size
+    return src, msk, (w if width is None else width, h if height is None else height)
 
 
 def prepare_edit(src: SourceImage, msk: SourceImage | None, width: int, height: int,

@@ -301,9 +301,9 @@ class Pipeline:
         kind = edit_kind(self.manifest, image, mask_image)
         if kind is not None:
             src, msk, (w, h) = source_size(image, mask_image, config.padding_mask_crop,
-                                           self.manifest, size_multiple(self.manifest))
-            config = replace(config, width=w if config.width is None else config.width,
-                             height=h if config.height is None else config.height)
+                                           self.manifest, size_multiple(self.manifest),
+                                           config.width, config.height)
+            config = replace(config, width=w, height=h)
         cfg = config.resolve(self.manifest, kind)
         edit = None if kind is None else prepare_edit(src, msk, int(cfg.width or 0),
                                                       int(cfg.height or 0),

@@ -523,6 +523,14 @@ ROWS: list[Row] = [
     Row("image", "image larger than 8192 px a side, no width/height given", lambda c: c.gen(
         image=np.zeros((8, 8200, 3), np.uint8)), InvalidInputError,
         "image is 8200x8, larger than 8192 pixels a side; give width= and height="),
+    Row("image", "image larger than 8192 px a side, width and height given",
+        _works(lambda c: c.gen(image=np.zeros((8, 8200, 3), np.uint8), width=64,
+                               height=64).size == (64, 64)), None,
+        "works: the image is resized to the size asked for"),
+    Row("image", "image smaller than 8 px a side, width and height given",
+        _works(lambda c: c.gen(image=np.zeros((4, 64, 3), np.uint8), width=64,
+                               height=64).size == (64, 64)), None,
+        "works: the image is resized to the size asked for"),
     Row("image", "image and mask of different sizes", lambda c: c.gen(
         image=_rgb(), mask_image=_box_mask(48, 64)), InvalidInputError,
         "image is 64x64 but mask_image is 48x64"),
