@@ -80,7 +80,8 @@ def cross_dim(unet_cfg: Mapping[str, Any]) -> int:
 def build_manifest(ckpt: Checkpoint, opts: ConvertOptions, layout: Layout, source_name: str,
                    components: dict[str, ComponentSpec], tok: TokenizerSpec,
                    stages: tuple[tuple[DecoderStage, ...], tuple[DecoderStage, ...]],
-                   static_sizes: tuple[tuple[int, int], ...] | None) -> Manifest:
+                   static_sizes: tuple[tuple[int, int], ...] | None,
+                   latent_rgb: tuple[tuple[float, ...], ...] = ()) -> Manifest:
     unet_cfg, vae_cfg, sched = ckpt.config("unet"), ckpt.config("vae"), ckpt.config("scheduler")
     converter = _converter_info(opts)
     return Manifest(
@@ -93,7 +94,7 @@ def build_manifest(ckpt: Checkpoint, opts: ConvertOptions, layout: Layout, sourc
                     vae_cfg.get("shift_factor"), int(vae_cfg["latent_channels"]),
                     layout.shapes.vae_factor, layout.vae_chunks, stages[0],
                     int(vae_cfg["block_out_channels"][0]), stages[1],
-                    _tiny_scaling(opts)),
+                    _tiny_scaling(opts), latent_rgb),
         unet=UnetSpec(int(unet_cfg["in_channels"]), int(unet_cfg["sample_size"]),
                       cross_dim(unet_cfg), layout.unet_chunks, layout.size_multiple,
                       attention_levels(unet_cfg), int(unet_cfg["block_out_channels"][0]),

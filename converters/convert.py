@@ -23,7 +23,7 @@ from edge_sdk.manifest import ComponentSpec, DecoderStage, Manifest
 
 from .attention import use_chunked_attention
 from .bundle import AtomicBundle, file_entries, onnx_io, write_manifest
-from .bundle_manifest import Layout, build_manifest
+from .bundle_manifest import AUTOENCODER_KL_DEFAULT_SCALING, Layout, build_manifest
 from .checkpoint import Checkpoint
 from .export_onnx import export_onnx
 from .options import ConvertOptions, parse_precision, tiny_vae_config
@@ -119,8 +119,10 @@ def write_bundle(ckpt: Checkpoint, output: str | Path, opts: ConvertOptions, lay
             if opts.with_vae_stages else ((), ())
         tok = export_tokenizer(ckpt, stage, layout.shapes.text_len)
         say("tokenizer: tokenizer.json written and checked")
+        latent_rgb = _fit_previews(ckpt, layout)
+        say("previews: latent-to-RGB map fitted against the VAE")
         manifest = build_manifest(ckpt, opts, layout, name, components, tok, stages,
-                                  tuple(sizes) if sizes else None)
+                                  tuple(sizes) if sizes else None, latent_rgb)
         write_manifest(stage, manifest)
     say(f"bundle written to {Path(output)}")
     return manifest
@@ -151,6 +153,15 @@ def _export_role(role: str, ckpt: Checkpoint, stage: Path, opts: ConvertOptions,
     weight_map = next((f for f in files if f.endswith(N.WEIGHT_MAP_SUFFIX)), None)
     return ComponentSpec(role, exp.contract.kind, "onnx", files[0], precision,
                          file_entries(stage, files), *onnx_io(stage / files[0]), weight_map)
+
+
+def _fit_previews(ckpt: Checkpoint, layout: Layout) -> tuple[tuple[float, ...], ...]:
+    """The live previews' latent-to-RGB map, fitted against this VAE (preview_fit)."""
+    from .preview_fit import fit_latent_rgb
+    cfg = ckpt.config("vae")
+    return fit_latent_rgb(ckpt.load_vae(), float(cfg.get("scaling_factor",
+                                                         AUTOENCODER_KL_DEFAULT_SCALING)),
+                          cfg.get("shift_factor"), layout.shapes.vae_factor)
 
 
 def _exporter(role: str, opts: ConvertOptions) -> Any:

@@ -19,10 +19,11 @@ from .manifest import Manifest
 
 if TYPE_CHECKING:  # type checkers and IDEs see the real classes
     from .pipeline import Generation, Pipeline
+    from .preview import Preview
 
 # Pipeline pulls in onnxruntime and Pillow: load it on first use, so that importing the
 # package (its errors, manifest, config) stays cheap for apps that only handle bundles.
-_LAZY = {"Pipeline", "Generation"}
+_LAZY = {"Pipeline", "Generation", "Preview"}
 
 
 def __getattr__(name: str) -> object:
@@ -31,7 +32,7 @@ def __getattr__(name: str) -> object:
         return getattr(pipeline, name)
     raise AttributeError(f"module 'edge_sdk' has no attribute {name!r}")
 
-__all__ = ["Pipeline", "Generation", "GenerationConfig", "Manifest", "EdgeSDKError",
+__all__ = ["Pipeline", "Generation", "Preview", "GenerationConfig", "Manifest", "EdgeSDKError",
            "BundleError", "ManifestError", "IntegrityError", "InvalidInputError",
            "SchedulerError", "BackendUnavailableError", "InferenceError", "CancelledError",
            "CallbackError",

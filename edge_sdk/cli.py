@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 from . import __version__
 from . import names as N
 from .config import MAX_IMAGES, add_arguments, config_from_arguments
-from .errors import EdgeSDKError
+from .errors import EdgeSDKError, InvalidInputError
 from .cli_common import add_backend_args, add_memory_arg, backend_kwargs
 from .cli_evaluate import cmd_evaluate, evaluate_parser
 from .progress import ProgressBar
@@ -63,6 +63,13 @@ def _generate_parser(g: argparse.ArgumentParser) -> None:
     add_backend_args(g)
     g.add_argument("--no-verify", action="store_true", help="skip sha256 checks at load")
     add_memory_arg(g)
+    g.add_argument("--preview", default=None, metavar="PATH.png", help="write a quick "
+                   "preview of the image here as it is denoised (rewritten atomically)")
+    g.add_argument("--preview-every", type=int, default=1, metavar="N",
+                   help="with --preview: every N steps (default 1) and at the last")
+    g.add_argument("--preview-source", default="auto", choices=("auto", "map", "tiny"),
+                   help="with --preview: what draws it (auto: the tiny decoder in memory "
+                   "mode fast where the bundle has one, else the latent-to-RGB map)")
     g.add_argument("-q", "--quiet", action="store_true")
     g.add_argument("--json", action="store_true", help="print the result (paths, seeds, "
                    "parameters, seconds per stage) as JSON on stdout")
@@ -101,15 +108,24 @@ def _output_paths(output: str, n: int) -> list[Path]:
 def cmd_generate(a: argparse.Namespace) -> int:
     from .image import check_output_path, save_png
     from .pipeline import Pipeline
+    from .preview import Preview
 
     n = a.num_images if isinstance(a.num_images, int) and 0 < a.num_images <= MAX_IMAGES \
         else 1  # out of range: generate refuses it, after these paths are checked
     paths = [check_output_path(p) for p in _output_paths(a.output, n)]  # before any work
+    preview = None
+    if a.preview:
+        where = check_output_path(a.preview, {".png": "PNG"})
+        if where.resolve() in {p.resolve() for p in paths}:
+            raise InvalidInputError(f"--preview {a.preview} is also an output image; give "
+                                    "the preview its own file")
+        preview = Preview(lambda step, image: save_png(image, where, {"step": step + 1}),
+                          a.preview_every, a.preview_source)
     t0 = time.perf_counter()
     pipe = Pipeline.load(a.model, verify=not a.no_verify, memory=a.memory, **backend_kwargs(a))
     load_s = time.perf_counter() - t0
     result = pipe.generate(a.prompt, config_from_arguments(a), image=a.image,
-                           mask_image=a.mask,
+                           mask_image=a.mask, preview=preview,
                            callback=ProgressBar("denoising", not (a.quiet or a.json)))
     images = []
     for k, (image, path) in enumerate(zip(result.images, paths)):

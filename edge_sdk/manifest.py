@@ -114,6 +114,9 @@ class VaeSpec:
     # the tiny decoder's own scaling (latents are divided by it; AutoencoderTiny's config,
     # 1.0 for TAESD); 0: the bundle has no tiny decoder
     tiny_scaling_factor: float = 0.0
+    # live previews: [latent pixel, 1] @ latent_rgb -> RGB in [0, 1], (latent_channels + 1)
+    # rows of 3, fitted at conversion (converters.preview_fit); empty: not fitted
+    latent_rgb: tuple[tuple[float, ...], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -141,7 +141,18 @@ def _vae(r: "_Reader", v: dict[str, Any], components: Mapping[str, ComponentSpec
                    tuple(_stage(r, k, st, components) for k, st in enumerate(stages)),
                    _count(r, v, "decoder_channels", "vae."),
                    tuple(_stage(r, k, st, components, "encoder") for k, st in enumerate(enc)),
-                   _tiny_scaling(r, v))
+                   _tiny_scaling(r, v), _latent_rgb(r, v))
+
+
+def _latent_rgb(r: "_Reader", v: dict[str, Any]) -> tuple[tuple[float, ...], ...]:
+    rows = r.get({"latent_rgb": [], **v}, "latent_rgb", list, "vae.")
+    ok = all(isinstance(row, list) and len(row) == 3 and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+        for x in row) for row in rows)
+    if not ok or (rows and len(rows) != r.pos(v, "latent_channels", "vae.") + 1):
+        raise ManifestError(f"{r.where}: field 'vae.latent_rgb' must be latent_channels + 1 "
+                            "rows of 3 finite numbers; re-convert the bundle")
+    return tuple(tuple(float(x) for x in row) for row in rows)
 
 
 def _tiny_scaling(r: "_Reader", v: dict[str, Any]) -> float:

@@ -1,7 +1,6 @@
 """The one door: `Pipeline.load(bundle)` then `pipe(prompt, ...)`.
 
-The stages stay public for callers who need them: `encode_prompt`, `denoise`,
-`decode_latents`.
+The stages stay public for callers who need them: `encode_prompt`, `denoise`, `decode_latents`.
 """
 
 from __future__ import annotations
@@ -33,6 +32,7 @@ from .estimate import check_fits
 from .memory import MODES, MemoryPlan, plan_memory
 from .models import default_bundle
 from .osmem import return_freed_memory
+from .preview import Preview, PreviewFn, as_preview, preview_maker, with_preview
 from .schedulers import Scheduler, create_scheduler
 from .text_encoder import PromptEmbeds, encode_prompts
 from .spill import SpillMaps, check_spill_folder
@@ -51,9 +51,7 @@ class Pipeline:
 
     def __init__(self, bundle: Path, manifest: Manifest, options: BackendOptions,
                  plan: MemoryPlan | None = None, memory: str = "fast") -> None:
-        self.bundle = bundle
-        self.manifest = manifest
-        self.options = options
+        self.bundle, self.manifest, self.options = bundle, manifest, options
         self.memory = memory  # a mode, or a budget planned for each generation's size
         self.plan = plan or MemoryPlan("fast", False, False, True)
         self.components = Components(bundle, manifest, options, self.plan)
@@ -178,6 +176,7 @@ class Pipeline:
                  strength: float | None = None, padding_mask_crop: int | None = None,
                  paste_back: bool | None = None, encode_mode: str | None = None,
                  latents: np.ndarray | None = None, callback: StepCallback | None = None,
+                 preview: PreviewFn | Preview | None = None, preview_every: int = 1,
                  output_type: str = "pil", return_dict: bool = False,
                  callback_on_step_end: StepEndCallback | None = None,
                  callback_on_step_end_tensor_inputs: Sequence[str] = STEP_END_TENSORS,
@@ -193,7 +192,9 @@ class Pipeline:
         latents, not decoded). `callback_on_step_end(pipe, step, timestep, {"latents": ...})`
         as in diffusers: the "latents" of the dict it returns replace the latents, and
         `pipe._interrupt = True` stops the generation (a CancelledError, where diffusers
-        would decode the half-denoised latents).
+        would decode the half-denoised latents). `preview(step, image)` gets a quick PIL
+        picture of the first image every `preview_every` steps and at the last
+        (edge_sdk.preview.Preview: the tiny decoder's, or the bundle's latent-to-RGB map).
 
         `image` (a path, a PIL RGB image or an HxWx3 uint8 array) makes it img2img, as
         diffusers' StableDiffusionImg2ImgPipeline: the image is encoded, noised to the step
@@ -215,8 +216,8 @@ class Pipeline:
         config = GenerationConfig.from_kwargs({**given, **aliases})
         result = self.generate(
             prompt, config, image=image, mask_image=mask_image, latents=latents,
-            callback=callback, output_type=output_type,
-            callback_on_step_end=callback_on_step_end,
+            callback=callback, output_type=output_type, preview=preview,
+            preview_every=preview_every, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
         if return_dict:
             return result
@@ -226,7 +227,8 @@ class Pipeline:
                  image: ImageSource | None = None, mask_image: ImageSource | None = None,
                  latents: np.ndarray | None = None, callback: StepCallback | None = None,
                  output_type: str = "pil", callback_on_step_end: StepEndCallback | None = None,
-                 callback_on_step_end_tensor_inputs: Sequence[str] = STEP_END_TENSORS
+                 callback_on_step_end_tensor_inputs: Sequence[str] = STEP_END_TENSORS,
+                 preview: PreviewFn | Preview | None = None, preview_every: int = 1
                  ) -> Generation:
         """Like calling the pipeline, but returns latents, parameters, seeds and stage
         timings. A list of prompts gives `num_images` images for each; image k has its own
@@ -240,6 +242,7 @@ class Pipeline:
                                         f"{OUTPUT_TYPES}")
             callback = checked_step_callback(callback, callback_on_step_end,
                                              callback_on_step_end_tensor_inputs)
+            previews = as_preview(preview, preview_every, self.manifest)
             self._use(req.plan)
         cfg = req.cfg
         self._interrupt = False
@@ -260,9 +263,11 @@ class Pipeline:
         with timed(timings, "denoise"):
             try:
                 final = self._denoise(Conditioning.from_prompt(embeds), noise, cfg, rng,
-                                      callback, sched=sched, start=start)
+                                      callback, sched=sched, start=start, preview=previews)
             finally:
                 self.components.done_with(N.UNET)
+                if previews is not None:
+                    self.components.done_with(N.VAE_DECODER_TINY)
         with timed(timings, "vae_decoder"):
             images: list[Any] = list(final) if output_type == "latent" else \
                 finish_images(as_output(output_type, self.decode_latents(
@@ -335,12 +340,16 @@ class Pipeline:
     def _denoise(self, conditioning: Conditioning, noise: np.ndarray, cfg: GenerationConfig,
                  rng: np.random.Generator | list[np.random.Generator],
                  callback: Any, sched: Scheduler | None = None,
-                 start: EditStart | None = None) -> np.ndarray:
+                 start: EditStart | None = None,
+                 preview: Preview | None = None) -> np.ndarray:
         """Denoise from `noise` (or from an edit's start) with `callback`: a StepCallback,
-        or a (callback_on_step_end, tensor inputs) pair."""
+        or a (callback_on_step_end, tensor inputs) pair, and `preview`."""
         sched = sched or self.scheduler(cfg)
         if isinstance(callback, tuple):
             callback = step_end_callback(callback[0], self, sched, callback[1])
+        if preview is not None:
+            callback = with_preview(callback, preview.fn, preview.every, preview_maker(
+                self.manifest, self.plan.mode, self.session, preview.source))
         if start is None:
             latents = (noise * np.float32(sched.init_noise_sigma)).astype(np.float32)
         else:

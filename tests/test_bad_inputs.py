@@ -22,6 +22,7 @@ import pytest
 from edge_sdk import (BackendUnavailableError, BundleError, InferenceError, IntegrityError,
                       InvalidInputError, ManifestError, Pipeline, SchedulerError)
 from edge_sdk.errors import CallbackError, ConversionError
+from edge_sdk.preview import Preview
 
 from .conftest import needs_convert
 
@@ -563,6 +564,27 @@ ROWS: list[Row] = [
         lambda c: Pipeline.load(c.manifest(lambda m: m["vae"].update(
             tiny_scaling_factor=1.0))), ManifestError,
         "tiny_scaling_factor is 1.0 but the bundle has no 'vae_decoder_tiny'"),
+    Row("parameter", "preview that is not callable (a path)",
+        lambda c: c.gen(preview="preview.png"), InvalidInputError,
+        "preview must be callable as preview\\(step, image\\)"),
+    Row("parameter", "preview_every 0", lambda c: c.gen(preview=lambda s, i: None,
+                                                         preview_every=0),
+        InvalidInputError, "preview_every must be a whole number of steps >= 1"),
+    Row("parameter", "a preview callback that raises",
+        lambda c: c.gen(preview=lambda s, i: 1 / 0), CallbackError,
+        "preview callback raised ZeroDivisionError.*generation was stopped"),
+    Row("cli", "generate --preview naming the output image itself", lambda c: c.cli(
+        "generate", "x", "--model", c.bundle, "-o", c.tmp / "o.png", "--preview",
+        c.tmp / "o.png"), InvalidInputError, "also an output image; give the preview its own"),
+    Row("parameter", "previews from the tiny decoder on a bundle without one",
+        lambda c: c.gen(preview=Preview(lambda s, i: None, 1, "tiny")), InvalidInputError,
+        "tiny decoder: this bundle has none; add one with `edge-convert ... --tiny-vae"),
+    Row("parameter", "a preview source that does not exist",
+        lambda c: c.gen(preview=Preview(lambda s, i: None, 1, "taesd")), InvalidInputError,
+        "preview source must be one of \\('auto', 'map', 'tiny'\\)"),
+    Row("manifest", "vae.latent_rgb (the preview map) of the wrong shape",
+        lambda c: L(c, c.manifest(_set(["vae", "latent_rgb"], [[1, 2, 3]]))), ManifestError,
+        "vae.latent_rgb' must be latent_channels \\+ 1 rows of 3"),
     Row("manifest", "unet.time_cond_proj_dim set on a UNet without timestep_cond",
         lambda c: Pipeline.load(c.manifest(lambda m: m["unet"].update(
             time_cond_proj_dim=32))), ManifestError,

@@ -113,7 +113,8 @@ def test_call_and_cli_take_exactly_the_declared_generation_parameters():
     named = {n for n, p in params.items() if p.kind is not p.VAR_KEYWORD}
     assert named - {"self", "prompt", "image", "mask_image", "latents", "callback",
                     "output_type", "return_dict", "callback_on_step_end",
-                    "callback_on_step_end_tensor_inputs"} == declared
+                    "callback_on_step_end_tensor_inputs", "preview",
+                    "preview_every"} == declared
     gen = next(a for a in _parser()._subparsers._group_actions[0].choices.items()
                if a[0] == "generate")[1]
     assert declared <= {a.dest for a in gen._actions}

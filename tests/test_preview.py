@@ -1,0 +1,107 @@
+"""Live previews: called every N steps and at the last; the tiny decoder draws them where the
+bundle has one (the last a fair picture of the image), the latent-to-RGB map fitted at
+conversion otherwise and in memory mode low."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edge_sdk import CallbackError, InvalidInputError, Pipeline, Preview
+from edge_sdk import names as N
+from edge_sdk.preview import latent_rgb_image, preview_source
+
+PROMPT = "a red circle on a blue background"
+
+
+def _small(img: Image.Image, side: int = 16) -> np.ndarray:
+    return np.asarray(img.convert("RGB").resize((side, side), Image.Resampling.BOX),
+                      np.float64)
+
+
+def _psnr(a: Image.Image, b: Image.Image) -> float:
+    return float(10 * np.log10(255.0 ** 2 / np.mean((_small(a) - _small(b)) ** 2)))
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return Pipeline.load()
+
+
+def test_the_last_preview_resembles_the_image_and_previews_come_every_n_steps(pipe):
+    assert preview_source(pipe.manifest, pipe.plan.mode) == "tiny"
+    seen: list[tuple[int, Image.Image]] = []
+    for seed, prompt in enumerate((PROMPT, "two small yellow stars at the top on a white "
+                                   "background", "a green square on the left on a black "
+                                   "background")):
+        seen.clear()
+        image = pipe(prompt, seed=seed, steps=10,
+                     preview=lambda step, im: seen.append((step, im)), preview_every=4)
+        assert [s for s, _ in seen] == [3, 7, 9]  # every 4 steps and the last
+        assert seen[-1][1].size == image.size
+        psnr = _psnr(seen[-1][1], image)
+        assert psnr >= 15, f"seed {seed}: the last preview is {psnr:.1f} dB from the image"
+        assert _psnr(seen[0][1], image) < psnr  # step 4 of 10 is still noisy
+
+
+def test_low_memory_previews_use_the_map_not_the_tiny_decoder():
+    pipe = Pipeline.load(memory="low")
+    assert preview_source(pipe.manifest, "low") == "map"
+    seen: list[Image.Image] = []
+
+    def look(step: int, im: Image.Image) -> None:
+        seen.append(im)
+        assert N.VAE_DECODER_TINY not in pipe.components.loaded  # not opened for previews
+    image = pipe(PROMPT, seed=0, steps=4, preview=look, preview_every=2)
+    assert len(seen) == 2 and seen[-1].size == image.size
+
+
+def test_the_source_can_be_chosen():
+    seen: list[Image.Image] = []
+    fresh = Pipeline.load()  # memory mode fast: auto would open the tiny decoder
+    fresh(PROMPT, seed=0, steps=2, preview=Preview(lambda s, im: seen.append(im), 1, "map"))
+    assert len(seen) == 2 and N.VAE_DECODER_TINY not in fresh.components.loaded
+    low = Pipeline.load(memory="low")
+    img = low(PROMPT, seed=0, steps=2,
+              preview=Preview(lambda s, im: seen.append(im), 2, "tiny"))
+    assert len(seen) == 3 and seen[-1].size == img.size
+
+
+def test_the_map_is_an_affine_map_per_latent_pixel():
+    w = ((0.5, 0.0, 0.0), (0.0, 0.5, 0.0), (0.0, 0.0, 0.5), (0.0, 0.0, 0.0), (0.5, 0.5, 0.5))
+    z = np.zeros((4, 2, 3), np.float32)
+    z[0, 0, 0], z[1, 1, 2], z[2, 0, 1] = 1.0, -1.0, 0.2  # red up, green down (clipped), blue
+    img = np.asarray(latent_rgb_image(z, w, factor=1))
+    assert img.shape == (2, 3, 3)
+    assert tuple(img[0, 0]) == (255, 128, 128)
+    assert tuple(img[1, 2]) == (128, 0, 128)
+    assert tuple(img[0, 1]) == (128, 128, 153)
+
+
+def test_the_default_model_ships_a_fitted_map(pipe):
+    rows = pipe.manifest.vae.latent_rgb
+    assert len(rows) == pipe.manifest.vae.latent_channels + 1
+    assert any(abs(x) > 1e-3 for row in rows[:-1] for x in row)  # not an all-bias map
+
+
+def test_preview_errors_are_typed(pipe):
+    with pytest.raises(InvalidInputError, match="preview must be callable"):
+        pipe("x", steps=1, preview="no")
+    with pytest.raises(InvalidInputError, match="preview_every must be"):
+        pipe("x", steps=1, preview=lambda s, i: None, preview_every=0)
+    with pytest.raises(CallbackError, match="preview callback raised ValueError"):
+        pipe("x", steps=2, preview=lambda s, i: (_ for _ in ()).throw(ValueError("full")))
+    assert pipe("x", steps=1, seed=0).size == (128, 128)  # still usable
+
+
+def test_cli_writes_the_preview_file(tmp_path):
+    from edge_sdk.cli import main
+    out, prev = tmp_path / "o.png", tmp_path / "p.png"
+    assert main(["generate", PROMPT, "--steps", "4", "--seed", "1", "-q", "-o",
+                 str(out), "--preview", str(prev), "--preview-every", "2"]) == 0
+    with Image.open(prev) as p:
+        assert p.size == (128, 128) and p.text["parameters"] == '{"step": 4}'
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["o.png", "p.png"]  # no temp left
+    assert main(["generate", "x", "--steps", "1", "-q", "-o", str(out),
+                 "--preview", str(out)]) == 2
