@@ -17,7 +17,8 @@ from .progress import ProgressBar
 
 def evaluate_parser(e: argparse.ArgumentParser) -> None:
     e.add_argument("--model", "-m", help="bundle folder (default: the shipped model)")
-    add_arguments(e, only=("steps", "guidance_scale", "scheduler", "strength", "paste_back"))
+    add_arguments(e, only=("steps", "guidance_scale", "scheduler", "strength", "paste_back",
+                           "decoder"))
     e.add_argument("--task", default="generate", choices=("generate", "recolour", "inpaint"),
                    help="generate: text-to-image on the held-out prompts (default); "
                    "recolour: img2img, a rendered scene asked in another colour; inpaint: "

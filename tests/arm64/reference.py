@@ -40,6 +40,13 @@ def edit(source: np.ndarray, mask: np.ndarray | None, **load: object) -> np.ndar
     return np.asarray(pipe(PROMPT, image=source, mask_image=mask, steps=STEPS, seed=SEED))
 
 
+def decode_tiny(latents: np.ndarray) -> np.ndarray:
+    """The final latents decoded by the default model's tiny decoder (what draws previews)."""
+    from edge_sdk import Pipeline
+    from edge_sdk.image import to_pil
+    return np.asarray(to_pil(Pipeline.load().decode_latents(latents, decoder="tiny"))[0])
+
+
 def seen(image: np.ndarray) -> str:
     """What the shapes evaluator (OpenCV) reads in an image, as text to compare."""
     from edge_sdk.shapes.evaluator import analyse
@@ -53,7 +60,8 @@ def main() -> int:
     source, mask = edit_inputs()
     np.savez(out, onnx=onnx_image, latents=latents, tflite=tflite_image,
              seen=np.array(seen(onnx_image)), source=source, mask=mask,
-             img2img=edit(source, None), inpaint=edit(source, mask))
+             img2img=edit(source, None), inpaint=edit(source, mask),
+             tiny=decode_tiny(latents))
     return 0
 
 
