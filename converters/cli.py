@@ -1,7 +1,7 @@
 """`edge-convert`: convert a diffusers checkpoint into an edge-sdk bundle.
 
     edge-convert CHECKPOINT -o BUNDLE [--format onnx] [--precision fp32|fp16|unet=fp16,...]
-    edge-convert synth --arch tiny-sd1|tiny-sd2|sd15 -o DIR [--seed N]
+    edge-convert synth --arch tiny-sd1|tiny-sd2|tiny-inpaint|tiny-lcm|sd15|sd15-lcm -o DIR
 """
 
 from __future__ import annotations

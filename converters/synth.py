@@ -16,7 +16,9 @@ from .clip_vocab import EOS, write_clip_tokenizer_files
 
 log = logging.getLogger(__name__)
 
-ARCHS = ("tiny-sd1", "tiny-sd2", "tiny-inpaint", "tiny-lcm", "sd15")
+ARCHS = ("tiny-sd1", "tiny-sd2", "tiny-inpaint", "tiny-lcm", "sd15", "sd15-lcm")
+# the width of the guidance-scale embedding of LCM-distilled UNets (LCM-LoRA/LCM SD 1.5: 256)
+_LCM_COND_DIM = {"tiny-lcm": 32, "sd15-lcm": 256}
 
 # SD 1.5's scheduler_config.json; SD 2.x's differs only in class and prediction type.
 _SD_SCHEDULER: dict[str, Any] = dict(beta_start=0.00085, beta_end=0.012,
@@ -26,7 +28,7 @@ _SD_SCHEDULER: dict[str, Any] = dict(beta_start=0.00085, beta_end=0.012,
 
 
 def _configs(arch: str) -> dict[str, Any]:
-    if arch == "sd15":
+    if arch in ("sd15", "sd15-lcm"):
         return dict(
             unet=dict(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
                       block_out_channels=(320, 640, 1280, 1280), layers_per_block=2),
@@ -73,9 +75,9 @@ def build_checkpoint(out_dir: str | Path, arch: str = "tiny-sd1", seed: int = 0)
     out = Path(out_dir)
     torch.manual_seed(seed)
     inpaint = arch == "tiny-inpaint"  # latents + mask + masked-image latents in
-    lcm = arch == "tiny-lcm"  # the guidance scale embedded (timestep_cond), 32 wide
+    lcm = arch in _LCM_COND_DIM  # the guidance scale embedded (timestep_cond)
     unet = UNet2DConditionModel(in_channels=9 if inpaint else 4, out_channels=4,
-                                time_cond_proj_dim=32 if lcm else None, **cfg["unet"])
+                                time_cond_proj_dim=_LCM_COND_DIM.get(arch), **cfg["unet"])
     vae = AutoencoderKL(in_channels=3, out_channels=3, **cfg["vae"])
     text_cfg = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77,
                               bos_token_id=49406, eos_token_id=49407,
@@ -101,3 +103,15 @@ def build_checkpoint(out_dir: str | Path, arch: str = "tiny-sd1", seed: int = 0)
     write_clip_tokenizer_files(tok_dir, pad_token=cfg["pad"])
     log.info("wrote %s checkpoint to %s", arch, out)
     return out
+
+
+def build_tiny_vae(out_dir: str | Path, channels: int = 64, seed: int = 0) -> Path:
+    """Write a diffusers AutoencoderTiny folder with random weights: TAESD's architecture at
+    the default 64 channels (for benchmarks), fewer for tests."""
+    import torch
+    from diffusers import AutoencoderTiny
+    torch.manual_seed(seed)
+    vae = AutoencoderTiny(encoder_block_out_channels=(channels,) * 4,
+                          decoder_block_out_channels=(channels,) * 4)
+    vae.save_pretrained(out_dir, safe_serialization=True)
+    return Path(out_dir)
