@@ -176,13 +176,15 @@ def step_end_callback(fn: StepEndCallback, pipe: Any, scheduler: Scheduler,
 def run_denoising(predict: Predict, scheduler: Scheduler, latents: np.ndarray,
                   rng: np.random.Generator | Sequence[np.random.Generator] | None = None,
                   callback: StepCallback | None = None,
-                  after_step: Callable[[int, np.ndarray], np.ndarray] | None = None
-                  ) -> np.ndarray:
+                  after_step: Callable[[int, np.ndarray], np.ndarray] | None = None,
+                  observe: StepCallback | None = None) -> np.ndarray:
     """Run the scheduler's steps from its begin index on `latents` (already at that step's
     noise level: scaled by init_noise_sigma, or add_noise'd) and return the final latents.
     A stochastic scheduler's noise comes from `rng`: one generator, or one per batch item
     (so any image of a batch can be made again alone). `after_step(i, latents)` rewrites
-    the latents after each step, before the callback sees them (inpainting's blend)."""
+    the latents after each step, before the callback sees them (inpainting's blend);
+    `observe(step, total, latents)` sees each step's final latents, after the callback's
+    replacement (live previews), its errors not the callback's."""
     rngs = [rng] if isinstance(rng, np.random.Generator) else list(rng or [])
     first, end = scheduler.begin_index, len(scheduler.timesteps)
     for i in range(first, end):
@@ -198,6 +200,8 @@ def run_denoising(predict: Predict, scheduler: Scheduler, latents: np.ndarray,
                                  f"{i - first + 1}/{end - first}")
         if isinstance(said, np.ndarray):
             latents = _replacement(said, latents)
+        if observe is not None:
+            observe(i - first, end - first, latents)
     if not np.isfinite(latents).all():
         raise InferenceError("the denoised latents contain NaN/inf (the image would be black); "
                              "try an fp32 UNet, fewer guidance or another scheduler")

@@ -32,7 +32,7 @@ from .estimate import check_fits
 from .memory import MODES, MemoryPlan, plan_memory
 from .models import default_bundle
 from .osmem import return_freed_memory
-from .preview import Preview, PreviewFn, as_preview, preview_maker, with_preview
+from .preview import Preview, PreviewFn, as_preview, preview_hook, preview_maker
 from .schedulers import Scheduler, create_scheduler
 from .text_encoder import PromptEmbeds, encode_prompts
 from .spill import SpillMaps, check_spill_folder
@@ -242,7 +242,7 @@ class Pipeline:
                                         f"{OUTPUT_TYPES}")
             callback = checked_step_callback(callback, callback_on_step_end,
                                              callback_on_step_end_tensor_inputs)
-            previews = as_preview(preview, preview_every, self.manifest)
+            previews = as_preview(preview, preview_every, self.manifest, req.plan.mode)
             self._use(req.plan)
         cfg = req.cfg
         self._interrupt = False
@@ -266,7 +266,7 @@ class Pipeline:
                                       callback, sched=sched, start=start, preview=previews)
             finally:
                 self.components.done_with(N.UNET)
-                if previews is not None:
+                if N.VAE_DECODER_TINY in self.components.loaded:  # previews opened it
                     self.components.done_with(N.VAE_DECODER_TINY)
         with timed(timings, "vae_decoder"):
             images: list[Any] = list(final) if output_type == "latent" else \
@@ -347,9 +347,6 @@ class Pipeline:
         sched = sched or self.scheduler(cfg)
         if isinstance(callback, tuple):
             callback = step_end_callback(callback[0], self, sched, callback[1])
-        if preview is not None:
-            callback = with_preview(callback, preview.fn, preview.every, preview_maker(
-                self.manifest, self.plan.mode, self.session, preview.source))
         if start is None:
             latents = (noise * np.float32(sched.init_noise_sigma)).astype(np.float32)
         else:
@@ -365,8 +362,11 @@ class Pipeline:
                                                        UnetIO.TIMESTEP_COND: w})
         predict = unet_predictor(self.session(N.UNET), conditioning, float(cfg.guidance_scale),
                                  batched=self.plan.batch_cfg)
+        observe = None if preview is None else preview_hook(
+            preview.fn, preview.every,
+            preview_maker(self.manifest, self.plan.mode, self.session, preview.source))
         return run_denoising(predict, sched, latents, rng, callback,
-                             start.after_step if start is not None else None)
+                             start.after_step if start is not None else None, observe)
 
     # -- img2img and inpainting ----------------------------------------------------------
     def encode_image(self, images: np.ndarray, tile: int | None = None

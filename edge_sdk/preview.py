@@ -5,7 +5,7 @@ A bundle's manifest holds a linear latent-to-RGB map fitted against its VAE at c
 UNet step. Where the bundle has a tiny decoder it draws the preview instead in memory mode
 "fast": sharper, still a small fraction of the full decoder, but its session and its
 activations at full resolution would sit beside the UNet's, which the other modes' plans do
-not allow for; they use the map (the tiny decoder only where a bundle has no map).
+not count; they use the map unless the caller asks for the tiny decoder.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from .manifest import Manifest
 from .vae import decode_latents_tiny
 
 __all__ = ["Preview", "PreviewFn", "PREVIEW_SOURCES", "latent_rgb_image", "preview_source",
-           "preview_maker", "as_preview", "with_preview"]
+           "preview_maker", "as_preview", "preview_hook"]
 
 # preview(step, image): step counts from 0, image is a PIL RGB image of the first image
 PreviewFn = Callable[[int, Image.Image], Any]
@@ -44,8 +44,9 @@ def latent_rgb_image(latents: np.ndarray, latent_rgb: Any, factor: int) -> Image
 class Preview:
     """Live previews: `fn(step, image)` every `every` steps and at the last, drawn by
     `source`: "auto" (the tiny decoder in memory mode fast where the bundle has one, else
-    the map), "map" (the cheapest) or "tiny" (the sharpest). `pipe(..., preview=fn)` is
-    `Preview(fn)`; pass a Preview for the other settings."""
+    the map), "map" (the cheapest) or "tiny" (the sharpest; outside mode fast its memory is
+    not in the plan). `fn`'s return value is ignored (cancel from the step callback).
+    `pipe(..., preview=fn, preview_every=N)` is `Preview(fn, N)`."""
 
     fn: PreviewFn
     every: int = 1
@@ -59,9 +60,7 @@ def preview_source(manifest: Manifest, mode: str, asked: str = "auto") -> str:
     """What draws the previews in memory mode `mode`: "tiny" (the tiny decoder) or "map"."""
     if asked != "auto":
         return asked
-    vae = manifest.vae
-    return "tiny" if vae.tiny_scaling_factor and (mode == "fast" or not vae.latent_rgb) \
-        else "map"
+    return "tiny" if manifest.vae.tiny_scaling_factor and mode == "fast" else "map"
 
 
 def preview_maker(manifest: Manifest, mode: str, session: Callable[[str], Session],
@@ -74,8 +73,9 @@ def preview_maker(manifest: Manifest, mode: str, session: Callable[[str], Sessio
     return lambda z: latent_rgb_image(z[0], vae.latent_rgb, vae.scale_factor)
 
 
-def as_preview(preview: Any, every: Any, manifest: Manifest) -> Preview | None:
-    """`preview` (a callable or a Preview) and `preview_every`, checked before any work."""
+def as_preview(preview: Any, every: Any, manifest: Manifest, mode: str) -> Preview | None:
+    """`preview` (a callable or a Preview) and `preview_every`, checked before any work, for
+    memory mode `mode`."""
     if preview is None:
         return None
     if not isinstance(preview, Preview):
@@ -90,34 +90,32 @@ def as_preview(preview: Any, every: Any, manifest: Manifest) -> Preview | None:
     if preview.source not in PREVIEW_SOURCES:
         raise InvalidInputError(f"preview source must be one of {PREVIEW_SOURCES}, got "
                                 f"{preview.source!r}")
-    vae = manifest.vae
-    if preview.source == "tiny" and not vae.tiny_scaling_factor:
+    vae, source = manifest.vae, preview_source(manifest, mode, preview.source)
+    if source == "tiny" and not vae.tiny_scaling_factor:
         raise InvalidInputError("previews from the tiny decoder: this bundle has none; add one "
                                 "with `edge-convert ... --tiny-vae FOLDER`, or use source "
                                 "'map'")
-    if not vae.latent_rgb and (preview.source == "map" or not vae.tiny_scaling_factor):
+    if source == "map" and not vae.latent_rgb:
         raise InvalidInputError("this bundle has no preview map (converted before previews "
-                                "existed)" + ("" if vae.tiny_scaling_factor else
-                                              " and no tiny decoder") +
-                                "; re-convert it for previews")
+                                "existed); re-convert it" + (
+                                    ", or ask for the tiny decoder's: Preview(fn, every, "
+                                    "'tiny')" if vae.tiny_scaling_factor else ""))
     return preview
 
 
-def with_preview(callback: Any, fn: PreviewFn, every: int,
-                 make: Callable[[np.ndarray], Image.Image]) -> Callable[..., Any]:
-    """`callback` (a StepCallback or None) that also calls fn(step, make(latents)) every
-    `every` steps and at the last one."""
-    def step(i: int, total: int, latents: np.ndarray) -> Any:
-        said = callback(i, total, latents) if callback is not None else None
-        if said is not False and ((i + 1) % every == 0 or i + 1 == total):
-            # the latents the callback put in their place, if it did
-            image = make(said if isinstance(said, np.ndarray)
-                         and said.shape == latents.shape else latents)
-            try:
-                fn(i, image)
-            except Exception as exc:  # the caller's code: say whose failure it was
-                raise CallbackError(f"the preview callback raised {type(exc).__name__}: "
-                                    f"{exc} (at step {i + 1}/{total}); the generation was "
-                                    "stopped") from exc
-        return said
-    return step
+def preview_hook(fn: PreviewFn, every: int, make: Callable[[np.ndarray], Image.Image]
+                 ) -> Callable[[int, int, np.ndarray], None]:
+    """The denoising loop's observer (run_denoising's `observe`): fn(step, make(latents))
+    every `every` steps and at the last, on each step's final latents. A failure of `fn` is
+    the caller's (a CallbackError); one of `make` is ours and propagates as it is."""
+    def hook(i: int, total: int, latents: np.ndarray) -> None:
+        if (i + 1) % every and i + 1 != total:
+            return
+        image = make(latents)
+        try:
+            fn(i, image)
+        except Exception as exc:  # the caller's code: say whose failure it was
+            raise CallbackError(f"the preview callback raised {type(exc).__name__}: "
+                                f"{exc} (at step {i + 1}/{total}); the generation was "
+                                "stopped") from exc
+    return hook

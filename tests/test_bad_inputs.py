@@ -572,7 +572,11 @@ ROWS: list[Row] = [
         InvalidInputError, "preview_every must be a whole number of steps >= 1"),
     Row("parameter", "a preview callback that raises",
         lambda c: c.gen(preview=lambda s, i: 1 / 0), CallbackError,
-        "preview callback raised ZeroDivisionError.*generation was stopped"),
+        "^the preview callback raised ZeroDivisionError.*generation was stopped"),
+    Row("parameter", "previews on a bundle converted before previews (no map, no tiny decoder)",
+        lambda c: Pipeline.load(c.manifest(lambda m: m["vae"].pop("latent_rgb")))(
+            "x", steps=1, preview=lambda s, i: None), InvalidInputError,
+        "no preview map \\(converted before previews existed\\); re-convert it$"),
     Row("cli", "generate --preview naming the output image itself", lambda c: c.cli(
         "generate", "x", "--model", c.bundle, "-o", c.tmp / "o.png", "--preview",
         c.tmp / "o.png"), InvalidInputError, "also an output image; give the preview its own"),

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge_sdk import CallbackError, InvalidInputError, Pipeline, Preview
+from edge_sdk import CallbackError, CancelledError, InvalidInputError, Pipeline, Preview
 from edge_sdk import names as N
 from edge_sdk.preview import latent_rgb_image, preview_source
 
@@ -63,9 +63,28 @@ def test_the_source_can_be_chosen():
     fresh(PROMPT, seed=0, steps=2, preview=Preview(lambda s, im: seen.append(im), 1, "map"))
     assert len(seen) == 2 and N.VAE_DECODER_TINY not in fresh.components.loaded
     low = Pipeline.load(memory="low")
-    img = low(PROMPT, seed=0, steps=2,
-              preview=Preview(lambda s, im: seen.append(im), 2, "tiny"))
+
+    def look(step: int, im: Image.Image) -> None:
+        assert N.VAE_DECODER_TINY in low.components.loaded  # asked for: drawn by it
+        seen.append(im)
+    img = low(PROMPT, seed=0, steps=2, preview=Preview(look, 2, "tiny"))
     assert len(seen) == 3 and seen[-1].size == img.size
+    assert N.VAE_DECODER_TINY not in low.components.loaded  # released after the steps
+
+
+def test_previews_follow_the_step_callback(pipe):
+    """They show the latents the callback put in place, and none comes after a cancel."""
+    seen: list[Image.Image] = []
+    pipe(PROMPT, seed=0, steps=2, callback=lambda i, n, z: np.zeros_like(z),
+         preview=Preview(lambda s, im: seen.append(im), 1, "map"))
+    bias = np.asarray(latent_rgb_image(np.zeros((4, 1, 1), np.float32),
+                                       pipe.manifest.vae.latent_rgb, 1))[0, 0]
+    assert (np.asarray(seen[-1]) == bias).all()  # the zeros, not the model's latents
+    seen.clear()
+    with pytest.raises(CancelledError):
+        pipe(PROMPT, seed=0, steps=3, callback=lambda i, n, z: i < 1,
+             preview=Preview(lambda s, im: seen.append(im), 1, "map"))
+    assert len(seen) == 1
 
 
 def test_the_map_is_an_affine_map_per_latent_pixel():
@@ -90,7 +109,7 @@ def test_preview_errors_are_typed(pipe):
         pipe("x", steps=1, preview="no")
     with pytest.raises(InvalidInputError, match="preview_every must be"):
         pipe("x", steps=1, preview=lambda s, i: None, preview_every=0)
-    with pytest.raises(CallbackError, match="preview callback raised ValueError"):
+    with pytest.raises(CallbackError, match="^the preview callback raised ValueError"):
         pipe("x", steps=2, preview=lambda s, i: (_ for _ in ()).throw(ValueError("full")))
     assert pipe("x", steps=1, seed=0).size == (128, 128)  # still usable
 
