@@ -11,17 +11,9 @@ from PIL import Image
 from edge_sdk import CallbackError, CancelledError, InvalidInputError, Pipeline, Preview
 from edge_sdk import names as N
 from edge_sdk.preview import latent_rgb_image, preview_source
+from tests.bench.preview_quality import psnr  # PSNR after downscaling both to 16x16
 
 PROMPT = "a red circle on a blue background"
-
-
-def _small(img: Image.Image, side: int = 16) -> np.ndarray:
-    return np.asarray(img.convert("RGB").resize((side, side), Image.Resampling.BOX),
-                      np.float64)
-
-
-def _psnr(a: Image.Image, b: Image.Image) -> float:
-    return float(10 * np.log10(255.0 ** 2 / np.mean((_small(a) - _small(b)) ** 2)))
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +32,9 @@ def test_the_last_preview_resembles_the_image_and_previews_come_every_n_steps(pi
                      preview=lambda step, im: seen.append((step, im)), preview_every=4)
         assert [s for s, _ in seen] == [3, 7, 9]  # every 4 steps and the last
         assert seen[-1][1].size == image.size
-        psnr = _psnr(seen[-1][1], image)
-        assert psnr >= 15, f"seed {seed}: the last preview is {psnr:.1f} dB from the image"
-        assert _psnr(seen[0][1], image) < psnr  # step 4 of 10 is still noisy
+        last = psnr(seen[-1][1], image)
+        assert last >= 15, f"seed {seed}: the last preview is {last:.1f} dB from the image"
+        assert psnr(seen[0][1], image) < last  # step 4 of 10 is still noisy
 
 
 def test_low_memory_previews_use_the_map_not_the_tiny_decoder():
