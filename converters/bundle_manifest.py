@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from edge_sdk import names as N
-from edge_sdk.manifest import (ComponentSpec, DecoderStage, Defaults, Manifest, SourceInfo,
-                               TokenizerSpec, UnetSpec, VaeSpec)
+from edge_sdk.manifest import (ComponentSpec, DecoderStage, Defaults, Manifest, PreviewLayer,
+                               SourceInfo, TokenizerSpec, UnetSpec, VaeSpec)
 
 from . import __version__
 from .attention import VAE_AUTO_CHUNKS, auto_chunks
@@ -81,7 +81,8 @@ def build_manifest(ckpt: Checkpoint, opts: ConvertOptions, layout: Layout, sourc
                    components: dict[str, ComponentSpec], tok: TokenizerSpec,
                    stages: tuple[tuple[DecoderStage, ...], tuple[DecoderStage, ...]],
                    static_sizes: tuple[tuple[int, int], ...] | None,
-                   latent_rgb: tuple[tuple[float, ...], ...] = ()) -> Manifest:
+                   latent_rgb: tuple[tuple[float, ...], ...] = (),
+                   preview_decoder: tuple[PreviewLayer, ...] = ()) -> Manifest:
     unet_cfg, vae_cfg, sched = ckpt.config("unet"), ckpt.config("vae"), ckpt.config("scheduler")
     converter = _converter_info(opts)
     return Manifest(
@@ -94,7 +95,7 @@ def build_manifest(ckpt: Checkpoint, opts: ConvertOptions, layout: Layout, sourc
                     vae_cfg.get("shift_factor"), int(vae_cfg["latent_channels"]),
                     layout.shapes.vae_factor, layout.vae_chunks, stages[0],
                     int(vae_cfg["block_out_channels"][0]), stages[1],
-                    _tiny_scaling(opts), latent_rgb),
+                    _tiny_scaling(opts), latent_rgb, preview_decoder),
         unet=UnetSpec(int(unet_cfg["in_channels"]), int(unet_cfg["sample_size"]),
                       cross_dim(unet_cfg), layout.unet_chunks, layout.size_multiple,
                       attention_levels(unet_cfg), int(unet_cfg["block_out_channels"][0]),

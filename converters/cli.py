@@ -42,6 +42,10 @@ def _convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny-vae", default=None, metavar="FOLDER",
                    help="a diffusers AutoencoderTiny folder (TAESD): its decoder is added as "
                         "a tiny decoder (`edge-sdk generate --decoder tiny`)")
+    p.add_argument("--preview-decoder", default=None, metavar="FILE",
+                   help="a preview decoder trained for this model (.safetensors, e.g. "
+                        "models/shapes/preview_decoder): it draws the live previews instead "
+                        "of the linear map fitted at conversion")
     stages = p.add_mutually_exclusive_group()
     stages.add_argument("--vae-stages", dest="vae_stages", action="store_true", default=None,
                         help="also export the VAE decoder as stages for exact tiled decoding "
@@ -158,7 +162,7 @@ def _convert(args: argparse.Namespace) -> int:
         fmt=args.format, precision=args.precision, overwrite=args.overwrite,
         allow_pickle=args.allow_pickle, opset=args.opset, default_steps=args.default_steps,
         default_guidance=args.default_guidance, vae_encoder=not args.no_vae_encoder,
-        tiny_vae=args.tiny_vae,
+        tiny_vae=args.tiny_vae, preview_decoder=args.preview_decoder,
         int8_method=args.int8_method, vae_stages=args.vae_stages,
         attention_chunks=args.attention_chunks, sizes=args.sizes,
         export_cache=args.export_cache,

@@ -19,7 +19,7 @@ from typing import Any, Callable
 from edge_sdk import names as N
 from edge_sdk.contracts import contract_of
 from edge_sdk.errors import ConversionError
-from edge_sdk.manifest import ComponentSpec, DecoderStage, Manifest
+from edge_sdk.manifest import ComponentSpec, DecoderStage, Manifest, PreviewLayer
 
 from .attention import use_chunked_attention
 from .bundle import AtomicBundle, file_entries, onnx_io, write_manifest
@@ -79,6 +79,9 @@ def convert(checkpoint: str | Path, output: str | Path, options: ConvertOptions 
     ckpt.check_supported()
     if opts.tiny_vae is not None:
         _check_tiny_matches(ckpt, Path(opts.tiny_vae))
+    if opts.preview_decoder is not None:  # its channels against this VAE's, before exports
+        from .preview_fit import read_preview_decoder
+        read_preview_decoder(opts.preview_decoder, ckpt.config("vae").get("latent_channels"))
     layout = Layout.of(ckpt, opts)
     name = opts.name or Path(checkpoint).absolute().name
     if opts.static_int8:
@@ -119,10 +122,11 @@ def write_bundle(ckpt: Checkpoint, output: str | Path, opts: ConvertOptions, lay
             if opts.with_vae_stages else ((), ())
         tok = export_tokenizer(ckpt, stage, layout.shapes.text_len)
         say("tokenizer: tokenizer.json written and checked")
-        latent_rgb = _fit_previews(ckpt, layout)
-        say("previews: latent-to-RGB map fitted against the VAE")
+        previews = _fit_previews(ckpt, layout), _preview_decoder(opts)
+        say("previews: latent-to-RGB map fitted against the VAE"
+            + (f"; preview decoder of {len(previews[1])} layers" if previews[1] else ""))
         manifest = build_manifest(ckpt, opts, layout, name, components, tok, stages,
-                                  tuple(sizes) if sizes else None, latent_rgb)
+                                  tuple(sizes) if sizes else None, *previews)
         write_manifest(stage, manifest)
     say(f"bundle written to {Path(output)}")
     return manifest
@@ -162,6 +166,13 @@ def _fit_previews(ckpt: Checkpoint, layout: Layout) -> tuple[tuple[float, ...], 
     return fit_latent_rgb(ckpt.load_vae(), float(cfg.get("scaling_factor",
                                                          AUTOENCODER_KL_DEFAULT_SCALING)),
                           cfg.get("shift_factor"), layout.shapes.vae_factor)
+
+
+def _preview_decoder(opts: ConvertOptions) -> tuple[PreviewLayer, ...]:
+    if opts.preview_decoder is None:
+        return ()
+    from .preview_fit import read_preview_decoder
+    return read_preview_decoder(opts.preview_decoder)
 
 
 def _exporter(role: str, opts: ConvertOptions) -> Any:

@@ -47,6 +47,9 @@ class ConvertOptions:
     export_cache: str | Path | None = None
     # a diffusers AutoencoderTiny folder (TAESD): its decoder added as vae_decoder_tiny
     tiny_vae: str | Path | None = None
+    # a trained preview decoder (.safetensors, converters.preview_fit.read_preview_decoder):
+    # it draws the live previews instead of the fitted linear map
+    preview_decoder: str | Path | None = None
 
     @classmethod
     def of(cls, options: "ConvertOptions | None", overrides: Mapping[str, Any]
@@ -100,6 +103,9 @@ class ConvertOptions:
                                   "--int8-method static); without it the file would be ignored")
         if self.tiny_vae is not None:
             _check_tiny_vae(Path(self.tiny_vae), self.allow_pickle)
+        if self.preview_decoder is not None:
+            from .preview_fit import read_preview_decoder
+            read_preview_decoder(self.preview_decoder)
         name = self.name.strip() if self.name is not None else None
         if name == "":
             raise ConversionError("--name must not be empty (leave it out to use the "

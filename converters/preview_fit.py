@@ -1,11 +1,19 @@
 """The latent-to-RGB map a bundle's live previews use: a linear map (with bias) from one
 latent pixel to the mean colour of the image patch the VAE decoder makes of it, fitted by
 least squares on images the VAE itself encodes and decodes (smooth random colour fields, so
-every hue and brightness is covered), at conversion, from a fixed seed."""
+every hue and brightness is covered), at conversion, from a fixed seed; and the reader of a
+preview decoder trained for a model (`--preview-decoder FILE`), which draws better previews
+where the VAE's latent space is far from linear in colour."""
 
 from __future__ import annotations
 
+import math
+import re
+from pathlib import Path
 from typing import Any
+
+from edge_sdk.errors import ConversionError
+from edge_sdk.manifest import PreviewLayer, preview_chain_problem
 
 FIT_IMAGES = 16
 FIT_SIZE = 128  # pixels a side of each fitting image
@@ -34,3 +42,49 @@ def fit_latent_rgb(vae: Any, scaling: float, shift: float | None, factor: int,
     b = target.permute(0, 2, 3, 1).reshape(-1, 3)
     w = torch.linalg.lstsq(a.double(), b.double()).solution
     return tuple(tuple(round(float(v), 6) for v in row) for row in w)
+
+
+# a torch.nn.Sequential of Conv2d layers (ReLU between) saved with safetensors: "0.weight",
+# "0.bias", "2.weight", ...: the layers in index order
+_KEY = re.compile(r"^(\d+)\.(weight|bias)$")
+
+
+def read_preview_decoder(path: str | Path, latent_channels: int | None = None
+                         ) -> tuple[PreviewLayer, ...]:
+    """The layers of a preview decoder file (see models/shapes/train_preview_decoder.py):
+    Conv2d weights [out, in, k, k] (odd k, zero padding k // 2) and biases, named as a
+    torch.nn.Sequential's state dict, diffusion-space latents in, RGB in [0, 1] out.
+    A ConversionError names what is wrong."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+    where = f"--preview-decoder {path}"
+    try:
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError, ValueError) as exc:
+        raise ConversionError(f"{where}: not a readable .safetensors file ({exc}); give the "
+                              "file a preview-decoder training script wrote") from exc
+    layers: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        m = _KEY.match(key)
+        if m is None:
+            raise ConversionError(f"{where}: unexpected tensor {key!r}; a preview decoder "
+                                  "holds only N.weight and N.bias (a Sequential of Conv2d)")
+        layers.setdefault(int(m.group(1)), {})[m.group(2)] = value
+    out = []
+    for i in sorted(layers):
+        w, b = layers[i].get("weight"), layers[i].get("bias")
+        if w is None or b is None or w.ndim != 4 or b.shape != (w.shape[0],) \
+                or not all(math.isfinite(float(x)) for x in (abs(w).max(), abs(b).max())):
+            raise ConversionError(f"{where}: layer {i} needs a finite 4-d weight and a bias "
+                                  "of its output channels")
+        out.append(PreviewLayer(tuple(int(d) for d in w.shape),
+                                tuple(round(float(v), 7) for v in w.ravel()),
+                                tuple(round(float(v), 7) for v in b.ravel())))
+    shapes = [x.shape for x in out]
+    problem = preview_chain_problem(shapes, latent_channels if latent_channels is not None
+                                    else (shapes[0][1] if shapes else 0))
+    if problem:
+        raise ConversionError(f"{where}: {problem}"
+                              + ("; give the preview decoder trained for this model's VAE"
+                                 if latent_channels is not None else ""))
+    return tuple(out)

@@ -99,6 +99,34 @@ class DecoderStage:
 
 
 @dataclass(frozen=True)
+class PreviewLayer:
+    """One convolution of a bundle's preview decoder: `weight` flattened from `shape`
+    (out, in, k, k), zero padding k // 2, stride 1; a ReLU follows every layer but the last."""
+
+    shape: tuple[int, int, int, int]
+    weight: tuple[float, ...]
+    bias: tuple[float, ...]
+
+
+def preview_chain_problem(shapes: list[tuple[int, ...]], latent_channels: int) -> str | None:
+    """What is wrong with a preview decoder of these layer shapes (out, in, k, k) for latents
+    of `latent_channels`, or None: it must take those channels, make RGB, chain, and use odd
+    square kernels (so zero padding k // 2 keeps the size)."""
+    if not shapes:
+        return "it has no layers"
+    for i, sh in enumerate(shapes):
+        if len(sh) != 4 or any(not isinstance(d, int) or d < 1 for d in sh) \
+                or sh[2] != sh[3] or sh[2] % 2 == 0:
+            return f"layer {i} has shape {list(sh)}, not (out, in, k, k) with an odd k"
+        want = latent_channels if i == 0 else shapes[i - 1][0]
+        if sh[1] != want:
+            return f"layer {i} takes {sh[1]} channels where {want} come in"
+    if shapes[-1][0] != 3:
+        return f"its last layer makes {shapes[-1][0]} channels, not 3 (RGB)"
+    return None
+
+
+@dataclass(frozen=True)
 class VaeSpec:
     scaling_factor: float  # latents are divided by this before decoding (0.18215 for SD 1.x)
     shift_factor: float | None  # added after unscaling when the VAE has one
@@ -117,6 +145,11 @@ class VaeSpec:
     # live previews: [latent pixel, 1] @ latent_rgb -> RGB in [0, 1], (latent_channels + 1)
     # rows of 3, fitted at conversion (converters.preview_fit); empty: not fitted
     latent_rgb: tuple[tuple[float, ...], ...] = ()
+    # live previews from a small convolutional net at latent resolution (latents in
+    # diffusion space -> RGB in [0, 1]), trained for the model and given at conversion
+    # (`edge-convert --preview-decoder`); where present it draws the "map" previews instead
+    # of latent_rgb. Empty: none
+    preview_decoder: tuple[PreviewLayer, ...] = ()
 
 
 @dataclass(frozen=True)

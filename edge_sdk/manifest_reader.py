@@ -10,8 +10,8 @@ from . import names
 from .contracts import CONTRACTS
 from .errors import ManifestError
 from .manifest import (ComponentSpec, DecoderStage, Defaults, FileEntry, Manifest,
-                       SourceInfo, TensorSpec, TokenizerSpec, UnetSpec, VaeSpec,
-                       check_relative_name)
+                       PreviewLayer, SourceInfo, TensorSpec, TokenizerSpec, UnetSpec, VaeSpec,
+                       check_relative_name, preview_chain_problem)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -141,7 +141,8 @@ def _vae(r: "_Reader", v: dict[str, Any], components: Mapping[str, ComponentSpec
                    tuple(_stage(r, k, st, components) for k, st in enumerate(stages)),
                    _count(r, v, "decoder_channels", "vae."),
                    tuple(_stage(r, k, st, components, "encoder") for k, st in enumerate(enc)),
-                   _tiny_scaling(r, v), _latent_rgb(r, v))
+                   _tiny_scaling(r, v), _latent_rgb(r, v),
+                   _preview_decoder(r, v))
 
 
 def _latent_rgb(r: "_Reader", v: dict[str, Any]) -> tuple[tuple[float, ...], ...]:
@@ -153,6 +154,35 @@ def _latent_rgb(r: "_Reader", v: dict[str, Any]) -> tuple[tuple[float, ...], ...
         raise ManifestError(f"{r.where}: field 'vae.latent_rgb' must be latent_channels + 1 "
                             "rows of 3 finite numbers; re-convert the bundle")
     return tuple(tuple(float(x) for x in row) for row in rows)
+
+
+def _preview_decoder(r: "_Reader", v: dict[str, Any]) -> tuple[PreviewLayer, ...]:
+    layers = r.get({"preview_decoder": [], **v}, "preview_decoder", list, "vae.")
+    if not layers:
+        return ()
+    out = []
+    for layer in layers:
+        sh = layer.get("shape") if isinstance(layer, dict) else None
+        w, b = (layer.get(k) if isinstance(layer, dict) else None for k in ("weight", "bias"))
+        ok = isinstance(sh, list) and len(sh) == 4 and all(
+            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in sh) \
+            and _finite_list(w, math.prod(sh)) and _finite_list(b, sh[0])
+        if not ok:
+            raise ManifestError(f"{r.where}: field 'vae.preview_decoder' must be layers of "
+                                "{shape: [out, in, k, k], weight: out*in*k*k finite numbers, "
+                                "bias: out finite numbers}; re-convert the bundle")
+        out.append(PreviewLayer(tuple(sh), tuple(map(float, w)), tuple(map(float, b))))
+    problem = preview_chain_problem([x.shape for x in out], r.pos(v, "latent_channels", "vae."))
+    if problem:
+        raise ManifestError(f"{r.where}: field 'vae.preview_decoder': {problem}; re-convert "
+                            "the bundle")
+    return tuple(out)
+
+
+def _finite_list(xs: Any, n: int) -> bool:
+    return isinstance(xs, list) and len(xs) == n and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+        for x in xs)
 
 
 def _tiny_scaling(r: "_Reader", v: dict[str, Any]) -> float:

@@ -194,7 +194,8 @@ class Pipeline:
         `pipe._interrupt = True` stops the generation (a CancelledError, where diffusers
         would decode the half-denoised latents). `preview(step, image)` gets a quick PIL
         picture of the first image every `preview_every` steps and at the last
-        (edge_sdk.preview.Preview: the tiny decoder's, or the bundle's latent-to-RGB map).
+        (edge_sdk.preview.Preview: the bundle's preview decoder or latent-to-RGB map, or
+        its tiny decoder).
 
         `image` (a path, a PIL RGB image or an HxWx3 uint8 array) makes it img2img, as
         diffusers' StableDiffusionImg2ImgPipeline: the image is encoded, noised to the step

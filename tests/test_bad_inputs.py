@@ -225,6 +225,18 @@ def _tiny_folder(c: Ctx, config: Any, weights: bool = True) -> Path:
     return folder
 
 
+def _write(c: Ctx, name: str, data: bytes) -> Path:
+    (c.tmp / name).write_bytes(data)
+    return c.tmp / name
+
+
+def _preview_file(c: Ctx, shapes: dict[str, tuple[int, ...]]) -> Path:
+    """A --preview-decoder file holding zero tensors of these names and shapes."""
+    from safetensors.numpy import save_file
+    save_file({k: np.zeros(v, np.float32) for k, v in shapes.items()}, str(c.tmp / "pd.st"))
+    return c.tmp / "pd.st"
+
+
 def _convert_edited(edits: dict[str, dict[str, Any]], **files: str) -> Callable[[Ctx], Any]:
     return lambda c: c.convert(_edited(c, edits, **files), "-o", c.tmp / "out")
 
@@ -589,6 +601,15 @@ ROWS: list[Row] = [
     Row("manifest", "vae.latent_rgb (the preview map) of the wrong shape",
         lambda c: L(c, c.manifest(_set(["vae", "latent_rgb"], [[1, 2, 3]]))), ManifestError,
         "vae.latent_rgb' must be latent_channels \\+ 1 rows of 3"),
+    Row("manifest", "vae.preview_decoder with a weight of the wrong length",
+        lambda c: L(c, c.manifest(_set(["vae", "preview_decoder"], [
+            {"shape": [3, 4, 1, 1], "weight": [0.0] * 11, "bias": [0.0] * 3}]))),
+        ManifestError, "vae.preview_decoder' must be layers of"),
+    Row("manifest", "vae.preview_decoder whose layers do not chain",
+        lambda c: L(c, c.manifest(_set(["vae", "preview_decoder"], [
+            {"shape": [8, 4, 1, 1], "weight": [0.0] * 32, "bias": [0.0] * 8},
+            {"shape": [3, 6, 1, 1], "weight": [0.0] * 18, "bias": [0.0] * 3}]))),
+        ManifestError, "preview_decoder': layer 1 takes 6 channels where 8 come in"),
     Row("manifest", "unet.time_cond_proj_dim set on a UNet without timestep_cond",
         lambda c: Pipeline.load(c.manifest(lambda m: m["unet"].update(
             time_cond_proj_dim=32))), ManifestError,
@@ -710,6 +731,21 @@ ROWS: list[Row] = [
         lambda c: c.convert(c.ckpt, "-o", c.tmp / "out", "--tiny-vae", _tiny_folder(
             c, {"_class_name": "AutoencoderTiny", "latent_channels": 8})), ConversionError,
         "decodes 8 latent channels, this checkpoint's VAE makes 4"),
+    Row("conversion", "--preview-decoder that is not a safetensors file", lambda c: c.convert(
+        c.ckpt, "-o", c.tmp / "out", "--preview-decoder", _write(c, "pd.safetensors", b"{}")),
+        ConversionError, "--preview-decoder .*not a readable .safetensors file"),
+    Row("conversion", "--preview-decoder with a tensor that is not a layer's",
+        lambda c: c.convert(c.ckpt, "-o", c.tmp / "out", "--preview-decoder", _preview_file(
+            c, {"0.weight": (3, 4, 1, 1), "0.bias": (3,), "scale": (1,)})), ConversionError,
+        "unexpected tensor 'scale'"),
+    Row("conversion", "--preview-decoder for another latent width (8 channels, the VAE makes 4)",
+        lambda c: c.convert(c.ckpt, "-o", c.tmp / "out", "--preview-decoder", _preview_file(
+            c, {"0.weight": (3, 8, 1, 1), "0.bias": (3,)})), ConversionError,
+        "layer 0 takes 8 channels where 4 come in; give the preview decoder trained for"),
+    Row("conversion", "--preview-decoder whose last layer is not RGB", lambda c: c.convert(
+        c.ckpt, "-o", c.tmp / "out", "--preview-decoder", _preview_file(
+            c, {"0.weight": (8, 4, 3, 3), "0.bias": (8,)})), ConversionError,
+        "last layer makes 8 channels, not 3 \\(RGB\\)"),
     Row("conversion", "empty calibration file",
         lambda c: (c.tmp / "p.txt").write_text("# nothing\n") and c.convert(
             c.ckpt, "-o", c.tmp / "out", "--precision", "int8", "--int8-method", "static",

@@ -1,8 +1,10 @@
-"""Live previews: called every N steps and at the last; the tiny decoder draws them where the
-bundle has one (the last a fair picture of the image), the latent-to-RGB map fitted at
-conversion otherwise and in memory mode low."""
+"""Live previews: called every N steps and at the last, drawn at latent resolution by the
+bundle's preview decoder (the default model's: the last a fair picture of the image) or its
+linear latent-to-RGB map, or by the tiny decoder on request."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,7 +12,8 @@ from PIL import Image
 
 from edge_sdk import CallbackError, CancelledError, InvalidInputError, Pipeline, Preview
 from edge_sdk import names as N
-from edge_sdk.preview import latent_rgb_image, preview_source
+from edge_sdk.preview import (conv2d, latent_rgb_image, preview_decoder_image,
+                              preview_source)
 from tests.bench.preview_quality import psnr  # PSNR after downscaling both to 16x16
 
 PROMPT = "a red circle on a blue background"
@@ -22,7 +25,7 @@ def pipe():
 
 
 def test_the_last_preview_resembles_the_image_and_previews_come_every_n_steps(pipe):
-    assert preview_source(pipe.manifest, pipe.plan.mode) == "tiny"
+    assert preview_source(pipe.manifest, pipe.plan.mode) == "map"  # its preview decoder
     seen: list[tuple[int, Image.Image]] = []
     for seed, prompt in enumerate((PROMPT, "two small yellow stars at the top on a white "
                                    "background", "a green square on the left on a black "
@@ -35,32 +38,59 @@ def test_the_last_preview_resembles_the_image_and_previews_come_every_n_steps(pi
         last = psnr(seen[-1][1], image)
         assert last >= 15, f"seed {seed}: the last preview is {last:.1f} dB from the image"
         assert psnr(seen[0][1], image) < last  # step 4 of 10 is still noisy
+    assert N.VAE_DECODER_TINY not in pipe.components.loaded  # the map drew them
 
 
-def test_low_memory_previews_use_the_map_not_the_tiny_decoder():
-    pipe = Pipeline.load(memory="low")
-    assert preview_source(pipe.manifest, "low") == "map"
-    seen: list[Image.Image] = []
+def test_the_preview_decoder_is_what_torch_computes(tmp_path):
+    """A torch.nn.Sequential of convolutions saved with safetensors, read by the converter,
+    run by numpy: the same numbers as torch's, at an odd size."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
 
-    def look(step: int, im: Image.Image) -> None:
-        seen.append(im)
-        assert N.VAE_DECODER_TINY not in pipe.components.loaded  # not opened for previews
-    image = pipe(PROMPT, seed=0, steps=4, preview=look, preview_every=2)
-    assert len(seen) == 2 and seen[-1].size == image.size
+    from converters.preview_fit import read_preview_decoder
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(4, 6, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.Conv2d(6, 5, 5, padding=2), torch.nn.ReLU(),
+                              torch.nn.Conv2d(5, 3, 1))
+    save_file(net.state_dict(), str(tmp_path / "p.safetensors"))
+    layers = read_preview_decoder(tmp_path / "p.safetensors", latent_channels=4)
+    assert [x.shape for x in layers] == [(6, 4, 3, 3), (5, 6, 5, 5), (3, 5, 1, 1)]
+    z = torch.randn(1, 4, 7, 5)
+    want = net(z)[0].detach().numpy()
+    x = z[0].numpy()
+    for i, layer in enumerate(layers):
+        x = conv2d(x, np.asarray(layer.weight, np.float32).reshape(layer.shape),
+                   np.asarray(layer.bias, np.float32))
+        x = np.maximum(x, 0) if i < 2 else x
+    assert np.abs(x - want).max() < 1e-5
+    img = np.asarray(preview_decoder_image(z[0].numpy(), layers, factor=1))
+    assert img.shape == (7, 5, 3)
+    assert np.abs(img / 255.0 - np.clip(want.transpose(1, 2, 0), 0, 1)).max() <= 0.5 / 255 + 1e-6
+
+
+def test_auto_is_the_map_where_there_is_one_else_the_tiny_decoder_in_fast_mode(pipe):
+    m = pipe.manifest
+    linear_only = replace(m, vae=replace(m.vae, preview_decoder=()))
+    no_map = replace(m, vae=replace(m.vae, preview_decoder=(), latent_rgb=()))
+    assert [preview_source(x, mode) for x in (m, linear_only) for mode in ("fast", "low")] \
+        == ["map"] * 4
+    assert preview_source(no_map, "fast") == "tiny"
+    assert preview_source(no_map, "low") == "map"  # refused by as_preview, with the fix
+    z = np.random.default_rng(0).standard_normal((1, 4, 16, 16)).astype(np.float32)
+    from edge_sdk.preview import preview_maker
+    linear = preview_maker(linear_only, "fast", pipe.session)(z)
+    assert linear == latent_rgb_image(z[0], m.vae.latent_rgb, 8)  # no preview decoder
 
 
 def test_the_source_can_be_chosen():
     seen: list[Image.Image] = []
-    fresh = Pipeline.load()  # memory mode fast: auto would open the tiny decoder
-    fresh(PROMPT, seed=0, steps=2, preview=Preview(lambda s, im: seen.append(im), 1, "map"))
-    assert len(seen) == 2 and N.VAE_DECODER_TINY not in fresh.components.loaded
     low = Pipeline.load(memory="low")
 
     def look(step: int, im: Image.Image) -> None:
         assert N.VAE_DECODER_TINY in low.components.loaded  # asked for: drawn by it
         seen.append(im)
     img = low(PROMPT, seed=0, steps=2, preview=Preview(look, 2, "tiny"))
-    assert len(seen) == 3 and seen[-1].size == img.size
+    assert len(seen) == 1 and seen[-1].size == img.size
     assert N.VAE_DECODER_TINY not in low.components.loaded  # released after the steps
 
 
@@ -69,9 +99,9 @@ def test_previews_follow_the_step_callback(pipe):
     seen: list[Image.Image] = []
     pipe(PROMPT, seed=0, steps=2, callback=lambda i, n, z: np.zeros_like(z),
          preview=Preview(lambda s, im: seen.append(im), 1, "map"))
-    bias = np.asarray(latent_rgb_image(np.zeros((4, 1, 1), np.float32),
-                                       pipe.manifest.vae.latent_rgb, 1))[0, 0]
-    assert (np.asarray(seen[-1]) == bias).all()  # the zeros, not the model's latents
+    zeros = np.asarray(preview_decoder_image(np.zeros((4, 16, 16), np.float32),
+                                             pipe.manifest.vae.preview_decoder, 8))
+    assert (np.asarray(seen[-1]) == zeros).all()  # the zeros, not the model's latents
     seen.clear()
     with pytest.raises(CancelledError):
         pipe(PROMPT, seed=0, steps=3, callback=lambda i, n, z: i < 1,
@@ -90,10 +120,12 @@ def test_the_map_is_an_affine_map_per_latent_pixel():
     assert tuple(img[0, 1]) == (128, 128, 153)
 
 
-def test_the_default_model_ships_a_fitted_map(pipe):
+def test_the_default_model_ships_a_fitted_map_and_a_preview_decoder(pipe):
     rows = pipe.manifest.vae.latent_rgb
     assert len(rows) == pipe.manifest.vae.latent_channels + 1
     assert any(abs(x) > 1e-3 for row in rows[:-1] for x in row)  # not an all-bias map
+    assert [x.shape[:2] for x in pipe.manifest.vae.preview_decoder] == [(16, 4), (16, 16),
+                                                                        (3, 16)]
 
 
 def test_preview_errors_are_typed(pipe):
