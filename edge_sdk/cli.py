@@ -122,6 +122,12 @@ def cmd_generate(a: argparse.Namespace) -> int:
                                     "the preview its own file")
         preview = Preview(lambda step, image: save_png(image, where, {"step": step + 1}),
                           a.preview_every, a.preview_source)
+        if a.preview_every < 1:  # before the bundle loads
+            raise InvalidInputError(f"--preview-every must be a whole number of steps >= 1, "
+                                    f"got {a.preview_every}")
+    elif a.preview_every != 1 or a.preview_source != "auto":
+        raise InvalidInputError("--preview-every and --preview-source are for --preview "
+                                "PATH.png; add it, or drop them")
     t0 = time.perf_counter()
     pipe = Pipeline.load(a.model, verify=not a.no_verify, memory=a.memory, **backend_kwargs(a))
     load_s = time.perf_counter() - t0

@@ -122,6 +122,9 @@ def as_preview(preview: Any, every: Any, manifest: Manifest, mode: str) -> Previ
         return None
     if not isinstance(preview, Preview):
         preview = Preview(preview, every)
+    elif every != 1 and every != preview.every:  # two answers to one question
+        raise InvalidInputError(f"preview_every={every!r} beside a Preview object with every="
+                                f"{preview.every!r}: give it once, as Preview(fn, every)")
     if not callable(preview.fn):
         raise InvalidInputError(f"preview must be callable as preview(step, image), got "
                                 f"{preview.fn!r}")

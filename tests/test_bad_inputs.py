@@ -582,6 +582,9 @@ ROWS: list[Row] = [
     Row("parameter", "preview_every 0", lambda c: c.gen(preview=lambda s, i: None,
                                                          preview_every=0),
         InvalidInputError, "preview_every must be a whole number of steps >= 1"),
+    Row("parameter", "preview_every beside a Preview object that says otherwise",
+        lambda c: c.gen(preview=Preview(lambda s, i: None, 2), preview_every=3),
+        InvalidInputError, "preview_every=3 beside a Preview object with every=2: give it once"),
     Row("parameter", "a preview callback that raises",
         lambda c: c.gen(preview=lambda s, i: 1 / 0), CallbackError,
         "^the preview callback raised ZeroDivisionError.*generation was stopped"),
@@ -592,6 +595,13 @@ ROWS: list[Row] = [
     Row("cli", "generate --preview naming the output image itself", lambda c: c.cli(
         "generate", "x", "--model", c.bundle, "-o", c.tmp / "o.png", "--preview",
         c.tmp / "o.png"), InvalidInputError, "also an output image; give the preview its own"),
+    Row("cli", "generate --preview-every without --preview", lambda c: c.cli(
+        "generate", "x", "--model", c.bundle, "-o", c.tmp / "o.png", "--preview-every", "2"),
+        InvalidInputError, "--preview-every and --preview-source are for --preview"),
+    Row("cli", "generate --preview-every 0", lambda c: c.cli(
+        "generate", "x", "--model", c.bundle, "-o", c.tmp / "o.png", "--preview",
+        c.tmp / "p.png", "--preview-every", "0"), InvalidInputError,
+        "--preview-every must be a whole number of steps >= 1, got 0"),
     Row("parameter", "previews from the tiny decoder on a bundle without one",
         lambda c: c.gen(preview=Preview(lambda s, i: None, 1, "tiny")), InvalidInputError,
         "tiny decoder: this bundle has none; add one with `edge-convert ... --tiny-vae"),

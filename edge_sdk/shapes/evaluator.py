@@ -12,6 +12,7 @@ import numpy as np
 from .scenes import BACKGROUNDS, OBJECT_COLOURS, PALETTE, Scene
 
 MIN_AREA_FRACTION = 0.004  # components smaller than this (65 px at 128x128) are noise
+OBJECT_DISTANCE = 60  # a pixel this far (RGB, 0-255) from the background is an object's
 # shape thresholds; where they come from: classify_shape
 _STAR_SOLIDITY, _TRIANGLE_EXTENT, _SQUARE_EXTENT = 0.86, 0.71, 0.86
 
@@ -72,7 +73,7 @@ def analyse(image: np.ndarray) -> Seen:
     bg_rgb = np.median(border, axis=0)
     background = _nearest(bg_rgb, BACKGROUNDS)
     diff = np.sqrt(((img.astype(np.float32) - bg_rgb) ** 2).sum(-1))
-    mask = (diff > 60).astype(np.uint8)
+    mask = (diff > OBJECT_DISTANCE).astype(np.uint8)
     mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
     n, labels, stats, centroids = cv2.connectedComponentsWithStats(mask, connectivity=8)
     keep = [k for k in range(1, n) if stats[k, cv2.CC_STAT_AREA] >= MIN_AREA_FRACTION * h * w]

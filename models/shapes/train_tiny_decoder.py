@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edge_sdk.shapes.evaluator import OBJECT_DISTANCE
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train import batch_images, edge_weight, lr_at  # noqa: E402  (the model's own recipe)
 
@@ -98,9 +100,25 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((10 * torch.log10(1 / mse)).median())
 
 
+def backgrounds(y: torch.Tensor) -> torch.Tensor:
+    """Each teacher image's background colour in 0-255, as the evaluator finds it (the
+    median of the border pixels): [n, 3, 1, 1]."""
+    px = (y.clamp(-1, 1) + 1) * 127.5
+    border = torch.cat([px[:, :, 0], px[:, :, -1], px[:, :, :, 0], px[:, :, :, -1]], -1)
+    return border.median(-1).values[..., None, None]
+
+
+def soft_mask(img: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
+    """Where the evaluator sees an object (colour distance from the background > 60 in
+    0-255), smoothed over +-8 so that it has a gradient at the outline."""
+    dist = (((img.clamp(-1, 1) + 1) * 127.5 - bg) ** 2).sum(1).add(1e-6).sqrt()
+    return torch.sigmoid((dist - OBJECT_DISTANCE) / 8.0)
+
+
 def train(student, z, y, args: argparse.Namespace) -> None:
     steps, batch, lr = args.steps, args.batch, args.lr
     gen = torch.Generator().manual_seed(args.seed)
+    bg = backgrounds(y) if args.mask_weight else None
     opt = torch.optim.AdamW(student.decoder.parameters(), lr=lr, weight_decay=0.0)
     warmup = max(1, steps // 20)
     for step in range(steps):
@@ -111,6 +129,9 @@ def train(student, z, y, args: argparse.Namespace) -> None:
         out = student.decoder(zc)
         w = edge_weight(yc, args.edge_gain)  # outlines tell the shapes apart
         loss = (w * (args.mse * (out - yc) ** 2 + args.l1 * (out - yc).abs())).mean()
+        if bg is not None:  # the objects' silhouettes, which decide their shape
+            loss = loss + args.mask_weight * (soft_mask(out, bg[idx])
+                                              - soft_mask(yc, bg[idx])).abs().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -138,6 +159,9 @@ def main() -> None:
                     help="loss weight added on edges (the VAE's own: train.py --vae-edge-gain)")
     ap.add_argument("--mse", type=float, default=1.0, help="weight of the squared error")
     ap.add_argument("--l1", type=float, default=0.5, help="weight of the absolute error")
+    ap.add_argument("--mask-weight", type=float, default=0.0,
+                    help="weight of a loss on the objects' silhouettes as the evaluator "
+                    "finds them (soft: colour distance from the background around 60)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
