@@ -41,10 +41,18 @@ def edit(source: np.ndarray, mask: np.ndarray | None, **load: object) -> np.ndar
 
 
 def decode_tiny(latents: np.ndarray) -> np.ndarray:
-    """The final latents decoded by the default model's tiny decoder (what draws previews)."""
+    """The final latents decoded by the default model's tiny decoder."""
     from edge_sdk import Pipeline
     from edge_sdk.image import to_pil
     return np.asarray(to_pil(Pipeline.load().decode_latents(latents, decoder="tiny"))[0])
+
+
+def preview(latents: np.ndarray) -> np.ndarray:
+    """The live preview of the final latents (the default model's preview decoder, numpy)."""
+    from edge_sdk.manifest import Manifest
+    from edge_sdk.preview import preview_maker
+    from edge_sdk.models import default_bundle
+    return np.asarray(preview_maker(Manifest.load(default_bundle()), "fast", None)(latents))
 
 
 def seen(image: np.ndarray) -> str:
@@ -61,7 +69,7 @@ def main() -> int:
     np.savez(out, onnx=onnx_image, latents=latents, tflite=tflite_image,
              seen=np.array(seen(onnx_image)), source=source, mask=mask,
              img2img=edit(source, None), inpaint=edit(source, mask),
-             tiny=decode_tiny(latents))
+             tiny=decode_tiny(latents), preview=preview(latents))
     return 0
 
 

@@ -6,7 +6,8 @@ aarch64 computes what x86 does, not only that it runs.
     python tests/arm64/smoke.py REFERENCE.npz TFLITE_BUNDLE
 
 Features: the default model on onnxruntime; the shapes evaluator (OpenCV); low memory (the
-VAE decoded in strips, decoder sessions opened per stage); the tiny decoder; img2img;
+VAE decoded in strips, decoder sessions opened per stage); the tiny decoder; the live
+preview's decoder (numpy); img2img;
 inpainting in low memory (the source encoded in strips); the LiteRT backend; the IoT
 example's service, over HTTP. (The runtime's import boundary is tested natively: this root
 filesystem has no torch to import.) Prints one line per feature with its time and its
@@ -26,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference import PROMPT, SEED, STEPS, decode_tiny, edit, generate, seen  # noqa: E402
+from reference import (PROMPT, SEED, STEPS, decode_tiny, edit, generate, preview,  # noqa: E402
+                       seen)
 
 # onnxruntime's aarch64 kernels (NEON) round differently from x86's (AVX2): a few /255
 TOLERANCE = 3
@@ -91,7 +93,9 @@ def main() -> int:
         failures.append("evaluator")
     low_memory(latents, ref["onnx"])
     t = time.perf_counter()
-    check("tiny decoder (previews)", decode_tiny(latents), ref["tiny"], t)
+    check("tiny decoder", decode_tiny(latents), ref["tiny"], t)
+    t = time.perf_counter()
+    check("live preview (preview decoder)", preview(latents), ref["preview"], t)
     t = time.perf_counter()
     check("img2img (strength 0.5)", edit(ref["source"], None), ref["img2img"], t)
     t = time.perf_counter()
