@@ -27,7 +27,7 @@ from .manifest import Manifest, PreviewLayer
 from .vae import decode_latents_tiny
 
 __all__ = ["Preview", "PreviewFn", "PREVIEW_SOURCES", "latent_rgb_image",
-           "preview_decoder_image", "conv2d", "preview_source",
+           "preview_decoder_image", "preview_decoder_arrays", "conv2d", "preview_source",
            "preview_maker", "as_preview", "preview_hook"]
 
 # preview(step, image): step counts from 0, image is a PIL RGB image of the first image
@@ -42,17 +42,29 @@ def latent_rgb_image(latents: np.ndarray, latent_rgb: Any, factor: int) -> Image
     return _upscaled(rgb.reshape(h, wd, 3), factor)
 
 
-def preview_decoder_image(latents: np.ndarray, layers: Sequence[PreviewLayer], factor: int
-                          ) -> Image.Image:
+def preview_decoder_image(latents: np.ndarray,
+                          layers: Sequence[PreviewLayer] | Sequence[tuple[np.ndarray, np.ndarray]],
+                          factor: int) -> Image.Image:
     """latents [C, h, w] (diffusion space) through the bundle's preview decoder (convolutions
-    with zero padding, ReLU between) -> an RGB image of h*factor x w*factor."""
+    with zero padding, ReLU between) -> an RGB image of h*factor x w*factor. `layers`: the
+    manifest's, or their (weight, bias) arrays (preview_decoder_arrays) when called often."""
+    arrays = [x if isinstance(x, tuple) else _arrays(x) for x in layers]
     x = np.ascontiguousarray(latents, dtype=np.float32)
-    for i, layer in enumerate(layers):
-        x = conv2d(x, np.asarray(layer.weight, np.float32).reshape(layer.shape),
-                   np.asarray(layer.bias, np.float32))
-        if i + 1 < len(layers):
+    for i, (weight, bias) in enumerate(arrays):
+        x = conv2d(x, weight, bias)
+        if i + 1 < len(arrays):
             np.maximum(x, 0, out=x)
     return _upscaled(x.transpose(1, 2, 0), factor)
+
+
+def preview_decoder_arrays(layers: Sequence[PreviewLayer]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The manifest's layers as (weight [O, C, k, k], bias [O]) float32 arrays."""
+    return [_arrays(x) for x in layers]
+
+
+def _arrays(layer: PreviewLayer) -> tuple[np.ndarray, np.ndarray]:
+    return (np.asarray(layer.weight, np.float32).reshape(layer.shape),
+            np.asarray(layer.bias, np.float32))
 
 
 def conv2d(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
@@ -111,7 +123,8 @@ def preview_maker(manifest: Manifest, mode: str, session: Callable[[str], Sessio
         return lambda z: to_pil(decode_latents_tiny(session(N.VAE_DECODER_TINY), z[:1],
                                                     vae.tiny_scaling_factor))[0]
     if vae.preview_decoder:
-        return lambda z: preview_decoder_image(z[0], vae.preview_decoder, vae.scale_factor)
+        arrays = preview_decoder_arrays(vae.preview_decoder)  # once per generation
+        return lambda z: preview_decoder_image(z[0], arrays, vae.scale_factor)
     return lambda z: latent_rgb_image(z[0], vae.latent_rgb, vae.scale_factor)
 
 

@@ -1,7 +1,13 @@
 """Distil a tiny decoder for the default model's VAE (needs the [convert] extra).
 
     python models/shapes/train_tiny_decoder.py --checkpoint models/shapes/checkpoint \
-        -o models/shapes/tiny_decoder [--seed 0]
+        -o tiny0 --cache pools.pt [--seed 0]
+    python models/shapes/train_tiny_decoder.py --checkpoint models/shapes/checkpoint \
+        -o models/shapes/tiny_decoder --cache pools.pt --init tiny0 --steps 2000 --lr 5e-4 \
+        --mask-weight 8
+
+(the shipped one: trained from scratch, then fine-tuned with a loss on the objects'
+silhouettes as the evaluator finds them, which is what tells its shapes apart).
 
 The student is a diffusers `AutoencoderTiny` (TAESD's architecture) whose decoder learns to
 reproduce the full VAE decoder's output from the same latents: the teacher's images are the
@@ -151,17 +157,20 @@ def main() -> None:
     ap.add_argument("--bundle", type=Path, default=Path("models/shapes/bundle"),
                     help="the model's bundle, for --generated")
     ap.add_argument("--cache", type=Path, default=None, help="keep the pools in this file")
-    ap.add_argument("--steps", type=int, default=2500)
+    ap.add_argument("--steps", type=int, default=6000)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--crop", type=int, default=8, help="latent pixels a side per crop")
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--edge-gain", type=float, default=2.0,
+    ap.add_argument("--edge-gain", type=float, default=4.0,
                     help="loss weight added on edges (the VAE's own: train.py --vae-edge-gain)")
-    ap.add_argument("--mse", type=float, default=1.0, help="weight of the squared error")
-    ap.add_argument("--l1", type=float, default=0.5, help="weight of the absolute error")
+    ap.add_argument("--mse", type=float, default=0.5, help="weight of the squared error")
+    ap.add_argument("--l1", type=float, default=1.0, help="weight of the absolute error")
     ap.add_argument("--mask-weight", type=float, default=0.0,
                     help="weight of a loss on the objects' silhouettes as the evaluator "
                     "finds them (soft: colour distance from the background around 60)")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="start from this student (a folder this script wrote) instead of "
+                    "from scratch; --channels/--blocks are then its own")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -177,7 +186,7 @@ def main() -> None:
     log.info("teacher pools %s in %.0f s", {k: len(v[0]) for k, v in p.items()},
              time.perf_counter() - t0)
     blocks = tuple(int(b) for b in args.blocks.split(","))
-    student = AutoencoderTiny(
+    student = AutoencoderTiny.from_pretrained(args.init) if args.init else AutoencoderTiny(
         latent_channels=vae.config.latent_channels, scaling_factor=1.0,
         decoder_block_out_channels=(args.channels,) * len(blocks), num_decoder_blocks=blocks,
         encoder_block_out_channels=(8,) * len(blocks), num_encoder_blocks=(1,) * len(blocks))
@@ -195,6 +204,8 @@ def main() -> None:
     record.update(torch=torch.__version__, minutes=round(minutes, 1),
                   decoder_parameters=sum(p.numel() for p in student.decoder.parameters()),
                   held_out_psnr_db=held_out)
+    if args.init is not None and (args.init / "training.json").exists():  # the whole recipe
+        record["init_training"] = json.loads((args.init / "training.json").read_text())
     (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
