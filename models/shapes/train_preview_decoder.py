@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_tiny_decoder import FACTOR, pools  # noqa: E402  (the same latents and targets)
+from train_tiny_decoder import FACTOR, pool_arguments, start  # noqa: E402  (the same pools)
 
 log = logging.getLogger("train_preview_decoder")
 
@@ -74,32 +74,17 @@ def train(net: torch.nn.Module, z: torch.Tensor, y: torch.Tensor,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", type=Path, default=Path("models/shapes/checkpoint"))
-    ap.add_argument("-o", "--out", type=Path, required=True)
-    ap.add_argument("--cache", type=Path, default=None,
-                    help="train_tiny_decoder.py's pools file (built and kept there if absent)")
-    ap.add_argument("--seed", type=int, default=0)
+    pool_arguments(ap)  # --cache: train_tiny_decoder.py's pools file serves both
     ap.add_argument("--channels", type=int, default=16)
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--pool", type=int, default=1536, help="encoded scenes")
-    ap.add_argument("--generated", type=int, default=1024, help="generated latents")
-    ap.add_argument("--bundle", type=Path, default=Path("models/shapes/bundle"),
-                    help="the model's bundle, for --generated")
-    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
-    from diffusers import AutoencoderKL
     from safetensors.torch import save_file
 
     t0 = time.perf_counter()
-    vae = AutoencoderKL.from_pretrained(args.checkpoint / "vae").float().eval()
-    p = pools(vae, args)
-    z = torch.cat([p[k][0] for k in p if k.startswith("train")])
-    y = patch_means(torch.cat([p[k][1] for k in p if k.startswith("train")]))
+    vae, p, z, images = start(args)
+    y = patch_means(images)
     t1 = time.perf_counter()
     net = make_net(vae.config.latent_channels, args.channels)
     train(net, z, y, args)

@@ -30,6 +30,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -90,6 +91,33 @@ def pools(vae, args: argparse.Namespace) -> dict[str, tuple[torch.Tensor, torch.
     return out
 
 
+def pool_arguments(ap: argparse.ArgumentParser) -> None:
+    """The arguments every trainer on these pools takes (train_preview_decoder.py too)."""
+    ap.add_argument("--checkpoint", type=Path, default=Path("models/shapes/checkpoint"))
+    ap.add_argument("-o", "--out", type=Path, required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pool", type=int, default=1536, help="encoded scenes")
+    ap.add_argument("--generated", type=int, default=1024, help="generated latents")
+    ap.add_argument("--bundle", type=Path, default=Path("models/shapes/bundle"),
+                    help="the model's bundle, for --generated")
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="keep the pools in this file (built there if absent)")
+    ap.add_argument("--threads", type=int, default=2)
+
+
+def start(args: argparse.Namespace) -> tuple[Any, dict, torch.Tensor, torch.Tensor]:
+    """Logging, seed and threads set; the full VAE, its pools, and the training latents and
+    teacher images (both kinds of pool together)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL.from_pretrained(args.checkpoint / "vae").float().eval()
+    p = pools(vae, args)
+    return (vae, p, torch.cat([p[k][0] for k in p if k.startswith("train")]),
+            torch.cat([p[k][1] for k in p if k.startswith("train")]))
+
+
 def crops(z: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, size: int,
           gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Aligned random crops: `size` latent pixels and the matching image patch."""
@@ -147,16 +175,9 @@ def train(student, z, y, args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", type=Path, default=Path("models/shapes/checkpoint"))
-    ap.add_argument("-o", "--out", type=Path, required=True)
-    ap.add_argument("--seed", type=int, default=0)
+    pool_arguments(ap)
     ap.add_argument("--channels", type=int, default=32)
     ap.add_argument("--blocks", default="2,2,1,0", help="AutoencoderTiny blocks per level")
-    ap.add_argument("--pool", type=int, default=1536, help="encoded scenes")
-    ap.add_argument("--generated", type=int, default=1024, help="generated latents")
-    ap.add_argument("--bundle", type=Path, default=Path("models/shapes/bundle"),
-                    help="the model's bundle, for --generated")
-    ap.add_argument("--cache", type=Path, default=None, help="keep the pools in this file")
     ap.add_argument("--steps", type=int, default=6000)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--crop", type=int, default=8, help="latent pixels a side per crop")
@@ -171,18 +192,11 @@ def main() -> None:
     ap.add_argument("--init", type=Path, default=None,
                     help="start from this student (a folder this script wrote) instead of "
                     "from scratch; --channels/--blocks are then its own")
-    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
-    from diffusers import AutoencoderKL, AutoencoderTiny
+    from diffusers import AutoencoderTiny
 
     t0 = time.perf_counter()
-    vae = AutoencoderKL.from_pretrained(args.checkpoint / "vae").float().eval()
-    p = pools(vae, args)
-    z = torch.cat([p[k][0] for k in p if k.startswith("train")])
-    y = torch.cat([p[k][1] for k in p if k.startswith("train")])
+    vae, p, z, y = start(args)
     log.info("teacher pools %s in %.0f s", {k: len(v[0]) for k, v in p.items()},
              time.perf_counter() - t0)
     blocks = tuple(int(b) for b in args.blocks.split(","))
