@@ -19,6 +19,18 @@ from . import __version__
 from .options import DEFAULT_OPSET
 
 
+def _decoder_arguments(p: argparse.ArgumentParser) -> None:
+    """The extra decoders a bundle can carry beside the VAE's own."""
+    p.add_argument("--tiny-vae", default=None, metavar="FOLDER",
+                   help="a diffusers AutoencoderTiny folder (TAESD): its decoder is added as "
+                        "a tiny decoder (`edge-sdk generate --decoder tiny`)")
+    p.add_argument("--preview-decoder", default=None, metavar="FILE",
+                   help="a preview decoder trained for this model (a .safetensors file, or "
+                        "a folder holding preview_decoder.safetensors, e.g. "
+                        "models/shapes/preview_decoder): it draws the live previews instead "
+                        "of the linear map fitted at conversion")
+
+
 def _convert_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-convert", description="Convert a diffusers-format "
                                 "Stable Diffusion checkpoint folder into an edge-sdk bundle. "
@@ -39,13 +51,7 @@ def _convert_parser() -> argparse.ArgumentParser:
                    "unet=int4,text_encoder=int8,vae=fp16")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
-    p.add_argument("--tiny-vae", default=None, metavar="FOLDER",
-                   help="a diffusers AutoencoderTiny folder (TAESD): its decoder is added as "
-                        "a tiny decoder (`edge-sdk generate --decoder tiny`)")
-    p.add_argument("--preview-decoder", default=None, metavar="FILE",
-                   help="a preview decoder trained for this model (.safetensors, e.g. "
-                        "models/shapes/preview_decoder): it draws the live previews instead "
-                        "of the linear map fitted at conversion")
+    _decoder_arguments(p)
     stages = p.add_mutually_exclusive_group()
     stages.add_argument("--vae-stages", dest="vae_stages", action="store_true", default=None,
                         help="also export the VAE decoder as stages for exact tiled decoding "

@@ -7,7 +7,6 @@ where the VAE's latent space is far from linear in colour."""
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -47,22 +46,21 @@ def fit_latent_rgb(vae: Any, scaling: float, shift: float | None, factor: int,
 # a torch.nn.Sequential of Conv2d layers (ReLU between) saved with safetensors: "0.weight",
 # "0.bias", "2.weight", ...: the layers in index order
 _KEY = re.compile(r"^(\d+)\.(weight|bias)$")
+PREVIEW_DECODER_FILE = "preview_decoder.safetensors"  # in a folder given as --preview-decoder
 
 
 def read_preview_decoder(path: str | Path, latent_channels: int | None = None
                          ) -> tuple[PreviewLayer, ...]:
-    """The layers of a preview decoder file (see models/shapes/train_preview_decoder.py):
-    Conv2d weights [out, in, k, k] (odd k, zero padding k // 2) and biases, named as a
-    torch.nn.Sequential's state dict, diffusion-space latents in, RGB in [0, 1] out.
-    A ConversionError names what is wrong."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+    """The layers of a preview decoder file (see models/shapes/train_preview_decoder.py), or
+    of the `preview_decoder.safetensors` in a folder: Conv2d weights [out, in, k, k] (odd k,
+    zero padding k // 2) and biases in float32/float16, named as a torch.nn.Sequential's
+    state dict, diffusion-space latents in, RGB in [0, 1] out. A ConversionError names what
+    is wrong."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / PREVIEW_DECODER_FILE
     where = f"--preview-decoder {path}"
-    try:
-        tensors = load_file(str(path))
-    except (OSError, SafetensorError, ValueError) as exc:
-        raise ConversionError(f"{where}: not a readable .safetensors file ({exc}); give the "
-                              "file a preview-decoder training script wrote") from exc
+    tensors = _tensors(path, where)
     layers: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         m = _KEY.match(key)
@@ -70,16 +68,8 @@ def read_preview_decoder(path: str | Path, latent_channels: int | None = None
             raise ConversionError(f"{where}: unexpected tensor {key!r}; a preview decoder "
                                   "holds only N.weight and N.bias (a Sequential of Conv2d)")
         layers.setdefault(int(m.group(1)), {})[m.group(2)] = value
-    out = []
-    for i in sorted(layers):
-        w, b = layers[i].get("weight"), layers[i].get("bias")
-        if w is None or b is None or w.ndim != 4 or b.shape != (w.shape[0],) \
-                or not all(math.isfinite(float(x)) for x in (abs(w).max(), abs(b).max())):
-            raise ConversionError(f"{where}: layer {i} needs a finite 4-d weight and a bias "
-                                  "of its output channels")
-        out.append(PreviewLayer(tuple(int(d) for d in w.shape),
-                                tuple(round(float(v), 7) for v in w.ravel()),
-                                tuple(round(float(v), 7) for v in b.ravel())))
+    out = [_layer(i, layers[i].get("weight"), layers[i].get("bias"), where)
+           for i in sorted(layers)]
     shapes = [x.shape for x in out]
     problem = preview_chain_problem(shapes, latent_channels if latent_channels is not None
                                     else (shapes[0][1] if shapes else 0))
@@ -88,3 +78,33 @@ def read_preview_decoder(path: str | Path, latent_channels: int | None = None
                               + ("; give the preview decoder trained for this model's VAE"
                                  if latent_channels is not None else ""))
     return tuple(out)
+
+
+def _tensors(path: Path, where: str) -> dict[str, Any]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+    try:
+        return load_file(str(path))
+    # numpy has no bfloat16/float8: safetensors raises TypeError/AttributeError for them
+    except (OSError, SafetensorError, ValueError, TypeError, AttributeError) as exc:
+        raise ConversionError(f"{where}: not a readable .safetensors file of float32/float16 "
+                              f"tensors ({type(exc).__name__}: {exc}); give the file a "
+                              "preview-decoder training script wrote (bfloat16: save it as "
+                              "float32)") from exc
+
+
+def _layer(i: int, w: Any, b: Any, where: str) -> PreviewLayer:
+    import numpy as np
+    for t in (w, b):  # bfloat16 reads as such only where ml_dtypes is loaded
+        if t is not None and t.dtype not in (np.float16, np.float32, np.float64):
+            raise ConversionError(f"{where}: layer {i} is {t.dtype}; save the preview decoder "
+                                  "in float32 or float16")
+    ok = w is not None and b is not None and w.ndim == 4 and w.size > 0 \
+        and b.shape == (w.shape[0],) and w.dtype.kind == "f" and b.dtype.kind == "f" \
+        and bool(np.isfinite(w).all() and np.isfinite(b).all())
+    if not ok:
+        raise ConversionError(f"{where}: layer {i} needs a finite, non-empty 4-d float weight "
+                              "and a float bias of its output channels")
+    return PreviewLayer(tuple(int(d) for d in w.shape),
+                        tuple(round(float(v), 7) for v in w.ravel()),
+                        tuple(round(float(v), 7) for v in b.ravel()))

@@ -2,7 +2,7 @@
 
 The "map" draws them at latent resolution from the manifest alone: a bundle's preview
 decoder where it has one (a few small convolutions trained for the model, given at
-conversion: `edge-convert --preview-decoder`; 0.1 % of an SD 1.5 step), else the linear
+conversion: `edge-convert --preview-decoder`; 0.04 % of an SD 1.5 step), else the linear
 latent-to-RGB map fitted against its VAE at conversion (converters.preview_fit; one small
 matrix product). A linear map is only as good as the VAE's latent space is linear in colour:
 fair for SD's VAE, poor for the default model's small one, whose trained preview decoder is

@@ -230,6 +230,15 @@ def _write(c: Ctx, name: str, data: bytes) -> Path:
     return c.tmp / name
 
 
+def _bf16_file(c: Ctx) -> Path:
+    """A safetensors file whose one weight is bfloat16 (written by hand: numpy has no bf16)."""
+    header = json.dumps({"0.weight": {"dtype": "BF16", "shape": [3, 4, 1, 1],
+                                      "data_offsets": [0, 24]}}).encode()
+    path = c.tmp / "bf16.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + bytes(24))
+    return path
+
+
 def _preview_file(c: Ctx, shapes: dict[str, tuple[int, ...]]) -> Path:
     """A --preview-decoder file holding zero tensors of these names and shapes."""
     from safetensors.numpy import save_file
@@ -752,6 +761,13 @@ ROWS: list[Row] = [
         lambda c: c.convert(c.ckpt, "-o", c.tmp / "out", "--preview-decoder", _preview_file(
             c, {"0.weight": (3, 8, 1, 1), "0.bias": (3,)})), ConversionError,
         "layer 0 takes 8 channels where 4 come in; give the preview decoder trained for"),
+    Row("conversion", "--preview-decoder in bfloat16 (numpy has no such type)",
+        lambda c: c.convert(c.ckpt, "-o", c.tmp / "out", "--preview-decoder", _bf16_file(c)),
+        ConversionError, "bfloat16.*(save it as float32|in float32 or float16)"),
+    Row("conversion", "--preview-decoder with an empty weight", lambda c: c.convert(
+        c.ckpt, "-o", c.tmp / "out", "--preview-decoder", _preview_file(
+            c, {"0.weight": (3, 0, 1, 1), "0.bias": (3,)})), ConversionError,
+        "layer 0 needs a finite, non-empty 4-d float weight"),
     Row("conversion", "--preview-decoder whose last layer is not RGB", lambda c: c.convert(
         c.ckpt, "-o", c.tmp / "out", "--preview-decoder", _preview_file(
             c, {"0.weight": (8, 4, 3, 3), "0.bias": (8,)})), ConversionError,

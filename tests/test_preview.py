@@ -52,8 +52,8 @@ def test_the_preview_decoder_is_what_torch_computes(tmp_path):
     net = torch.nn.Sequential(torch.nn.Conv2d(4, 6, 3, padding=1), torch.nn.ReLU(),
                               torch.nn.Conv2d(6, 5, 5, padding=2), torch.nn.ReLU(),
                               torch.nn.Conv2d(5, 3, 1))
-    save_file(net.state_dict(), str(tmp_path / "p.safetensors"))
-    layers = read_preview_decoder(tmp_path / "p.safetensors", latent_channels=4)
+    save_file(net.state_dict(), str(tmp_path / "preview_decoder.safetensors"))
+    layers = read_preview_decoder(tmp_path, latent_channels=4)  # the folder, or the file
     assert [x.shape for x in layers] == [(6, 4, 3, 3), (5, 6, 5, 5), (3, 5, 1, 1)]
     z = torch.randn(1, 4, 7, 5)
     want = net(z)[0].detach().numpy()

@@ -82,6 +82,8 @@ def main() -> None:
     args = ap.parse_args()
     from safetensors.torch import save_file
 
+    from converters.preview_fit import PREVIEW_DECODER_FILE
+
     t0 = time.perf_counter()
     vae, p, z, images = start(args)
     y = patch_means(images)
@@ -93,7 +95,7 @@ def main() -> None:
              time.perf_counter() - t1)
     args.out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()},
-              str(args.out / "preview_decoder.safetensors"))
+              str(args.out / PREVIEW_DECODER_FILE))
     record = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
               if k != "cache"}
     record.update(torch=torch.__version__, parameters=sum(x.numel() for x in net.parameters()),

@@ -79,15 +79,20 @@ def generated_pool(vae, bundle: Path, n: int, seed: int, per_prompt: int = 4
 
 def pools(vae, args: argparse.Namespace) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Training and held-out pools of (latents, teacher images), cached in --cache."""
+    key = {k: str(getattr(args, k)) for k in ("checkpoint", "seed", "pool", "generated")}
     if args.cache is not None and args.cache.exists():
-        return torch.load(args.cache)
+        cached = torch.load(args.cache)
+        if cached.pop("_made_with", key) != key:  # another checkpoint or pool: not these
+            raise SystemExit(f"--cache {args.cache} holds pools made with other arguments "
+                             f"than {key}; give another file or delete it")
+        return cached
     out = {"train_encoded": teacher_pool(vae, args.pool, np.random.default_rng(args.seed)),
            "held_encoded": teacher_pool(vae, 256, np.random.default_rng(args.seed + 1))}
     if args.generated:
         out["train_generated"] = generated_pool(vae, args.bundle, args.generated, args.seed)
         out["held_generated"] = generated_pool(vae, args.bundle, 128, args.seed + 1)
     if args.cache is not None:
-        torch.save(out, args.cache)
+        torch.save({**out, "_made_with": key}, args.cache)
     return out
 
 
@@ -143,8 +148,8 @@ def backgrounds(y: torch.Tensor) -> torch.Tensor:
 
 
 def soft_mask(img: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
-    """Where the evaluator sees an object (colour distance from the background > 60 in
-    0-255), smoothed over +-8 so that it has a gradient at the outline."""
+    """Where the evaluator sees an object (colour distance from the background, 0-255, over
+    OBJECT_DISTANCE), smoothed over +-8 so that it has a gradient at the outline."""
     dist = (((img.clamp(-1, 1) + 1) * 127.5 - bg) ** 2).sum(1).add(1e-6).sqrt()
     return torch.sigmoid((dist - OBJECT_DISTANCE) / 8.0)
 

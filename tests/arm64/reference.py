@@ -50,9 +50,11 @@ def decode_tiny(latents: np.ndarray) -> np.ndarray:
 def preview(latents: np.ndarray) -> np.ndarray:
     """The live preview of the final latents (the default model's preview decoder, numpy)."""
     from edge_sdk.manifest import Manifest
-    from edge_sdk.preview import preview_maker
     from edge_sdk.models import default_bundle
-    return np.asarray(preview_maker(Manifest.load(default_bundle()), "fast", None)(latents))
+    from edge_sdk.preview import preview_maker
+    manifest = Manifest.load(default_bundle())
+    assert manifest.vae.preview_decoder, "the default bundle lost its preview decoder"
+    return np.asarray(preview_maker(manifest, "fast", None)(latents))
 
 
 def seen(image: np.ndarray) -> str:
