@@ -79,16 +79,18 @@ def convert(checkpoint: str | Path, output: str | Path, options: ConvertOptions 
     ckpt.check_supported()
     if opts.tiny_vae is not None:
         _check_tiny_matches(ckpt, Path(opts.tiny_vae))
+    preview_layers: tuple[PreviewLayer, ...] = ()
     if opts.preview_decoder is not None:  # its channels against this VAE's, before exports
         from .preview_fit import read_preview_decoder
-        read_preview_decoder(opts.preview_decoder, ckpt.config("vae").get("latent_channels"))
+        preview_layers = read_preview_decoder(opts.preview_decoder,
+                                              ckpt.config("vae").get("latent_channels"))
     layout = Layout.of(ckpt, opts)
     name = opts.name or Path(checkpoint).absolute().name
     if opts.static_int8:
         from .calibrate import convert_static
         return convert_static(output, opts, say, lambda out, o, s, unet=None: write_bundle(
-            ckpt, out, o, layout, name, s, unet))
-    return write_bundle(ckpt, output, opts, layout, name, say)
+            ckpt, out, o, layout, name, s, unet, preview_layers))
+    return write_bundle(ckpt, output, opts, layout, name, say, preview_layers=preview_layers)
 
 
 def _check_tiny_matches(ckpt: Checkpoint, folder: Path) -> None:
@@ -101,8 +103,10 @@ def _check_tiny_matches(ckpt: Checkpoint, folder: Path) -> None:
 
 
 def write_bundle(ckpt: Checkpoint, output: str | Path, opts: ConvertOptions, layout: Layout,
-                 name: str, say: Progress, unet_source: UnetSource | None = None) -> Manifest:
-    """Export every role of the bundle into a staging folder, then move it into place."""
+                 name: str, say: Progress, unet_source: UnetSource | None = None,
+                 preview_layers: tuple[PreviewLayer, ...] = ()) -> Manifest:
+    """Export every role of the bundle into a staging folder, then move it into place;
+    `preview_layers`: the --preview-decoder's, read and checked by `convert`."""
     from .export_tflite import parse_sizes
     sizes = parse_sizes(opts.sizes, layout.native, layout.size_multiple) \
         if opts.fmt == "tflite" else None
@@ -122,7 +126,7 @@ def write_bundle(ckpt: Checkpoint, output: str | Path, opts: ConvertOptions, lay
             if opts.with_vae_stages else ((), ())
         tok = export_tokenizer(ckpt, stage, layout.shapes.text_len)
         say("tokenizer: tokenizer.json written and checked")
-        previews = _fit_previews(ckpt, layout), _preview_decoder(opts)
+        previews = _fit_previews(ckpt, layout), preview_layers
         say("previews: latent-to-RGB map fitted against the VAE"
             + (f"; preview decoder of {len(previews[1])} layers" if previews[1] else ""))
         manifest = build_manifest(ckpt, opts, layout, name, components, tok, stages,
@@ -166,13 +170,6 @@ def _fit_previews(ckpt: Checkpoint, layout: Layout) -> tuple[tuple[float, ...], 
     return fit_latent_rgb(ckpt.load_vae(), float(cfg.get("scaling_factor",
                                                          AUTOENCODER_KL_DEFAULT_SCALING)),
                           cfg.get("shift_factor"), layout.shapes.vae_factor)
-
-
-def _preview_decoder(opts: ConvertOptions) -> tuple[PreviewLayer, ...]:
-    if opts.preview_decoder is None:
-        return ()
-    from .preview_fit import read_preview_decoder
-    return read_preview_decoder(opts.preview_decoder)
 
 
 def _exporter(role: str, opts: ConvertOptions) -> Any:

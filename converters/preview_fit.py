@@ -100,8 +100,7 @@ def _layer(i: int, w: Any, b: Any, where: str) -> PreviewLayer:
             raise ConversionError(f"{where}: layer {i} is {t.dtype}; save the preview decoder "
                                   "in float32 or float16")
     ok = w is not None and b is not None and w.ndim == 4 and w.size > 0 \
-        and b.shape == (w.shape[0],) and w.dtype.kind == "f" and b.dtype.kind == "f" \
-        and bool(np.isfinite(w).all() and np.isfinite(b).all())
+        and b.shape == (w.shape[0],) and bool(np.isfinite(w).all() and np.isfinite(b).all())
     if not ok:
         raise ConversionError(f"{where}: layer {i} needs a finite, non-empty 4-d float weight "
                               "and a float bias of its output channels")

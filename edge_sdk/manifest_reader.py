@@ -147,10 +147,7 @@ def _vae(r: "_Reader", v: dict[str, Any], components: Mapping[str, ComponentSpec
 
 def _latent_rgb(r: "_Reader", v: dict[str, Any]) -> tuple[tuple[float, ...], ...]:
     rows = r.get({"latent_rgb": [], **v}, "latent_rgb", list, "vae.")
-    ok = all(isinstance(row, list) and len(row) == 3 and all(
-        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-        for x in row) for row in rows)
-    if not ok or (rows and len(rows) != r.pos(v, "latent_channels", "vae.") + 1):
+    if not all(_finite_list(row, 3) for row in rows) or (rows and len(rows) != r.pos(v, "latent_channels", "vae.") + 1):
         raise ManifestError(f"{r.where}: field 'vae.latent_rgb' must be latent_channels + 1 "
                             "rows of 3 finite numbers; re-convert the bundle")
     return tuple(tuple(float(x) for x in row) for row in rows)
