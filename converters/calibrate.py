@@ -55,9 +55,10 @@ class _Recorder:
         self.inner, self.inputs, self.outputs = inner, inner.inputs, inner.outputs
         self.feeds = feeds
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, feeds: Mapping[str, np.ndarray],
+            outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         self.feeds.append({k: np.array(v, copy=True) for k, v in feeds.items()})
-        return self.inner.run(feeds)
+        return self.inner.run(feeds, outputs)
 
 
 def unet_trajectories(bundle: Path, prompts: Sequence[str], steps: int | None = None,
@@ -89,7 +90,7 @@ def convert_static(output: str | Path, opts: ConvertOptions, say: Callable[[str]
         ref = Path(tmp) / "fp32"
         say("static int8: converting an fp32 reference for calibration")
         write(ref, replace(opts, precision="fp32", vae_encoder=False, vae_stages=False,
-                           tiny_vae=None,
+                           tiny_vae=None, feature_cache=False,
                            overwrite=False), lambda m: say(f"  (fp32 reference) {m}"))
         say(f"static int8: calibrating on {len(prompts)} prompts")
         feeds = unet_trajectories(ref, prompts)

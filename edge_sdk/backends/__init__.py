@@ -26,7 +26,10 @@ class Session(Protocol):
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+    def run(self, feeds: Mapping[str, np.ndarray],
+            outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """The outputs named (None: the contract's required ones) for `feeds`."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,20 @@ def prepare_feeds(spec: ComponentSpec, feeds: Mapping[str, np.ndarray]
             raise InferenceError(f"{spec.name}: input {t.name!r} was not given")
         cast[t.name] = np.ascontiguousarray(feeds[t.name], dtype=t.dtype)
     return cast
+
+
+def output_names(spec: ComponentSpec, outputs: Sequence[str] | None) -> list[str]:
+    """The outputs a run fetches: those asked for, or the contract's required ones (an
+    optional output, such as the UNet's deep features, costs a copy only when asked)."""
+    have = [o.name for o in spec.outputs]
+    if outputs is None:
+        optional = {t.name for t in C.contract_of(spec.kind).outputs if t.optional}
+        return [n for n in have if n not in optional]
+    missing = [n for n in outputs if n not in have]
+    if missing:
+        raise InferenceError(f"{spec.name}: the graph has no output {missing} (it has "
+                             f"{have}); re-convert the bundle")
+    return list(outputs)
 
 
 def check_io(spec: ComponentSpec, what: str, got_in: set[str], got_out: set[str]) -> None:

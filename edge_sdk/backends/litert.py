@@ -20,13 +20,13 @@ import platform
 import tempfile
 from importlib import util as _import_util
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from ..errors import BackendUnavailableError, BundleError, InferenceError, InvalidInputError
 from ..manifest import ComponentSpec
-from . import BackendOptions, check_io, prepare_feeds
+from . import BackendOptions, check_io, output_names, prepare_feeds
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +86,12 @@ class LiteRTSession:
         for key, (ins, outs) in self._engine.signatures.items():
             check_io(self.spec, f"signature {key!r}", set(ins), set(outs))
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, feeds: Mapping[str, np.ndarray],
+            outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         cast = prepare_feeds(self.spec, feeds)
         key, step = self._signature_for(cast)
         batch = next(iter(cast.values())).shape[0]
-        parts: dict[str, list[np.ndarray]] = {o.name: [] for o in self.outputs}
+        parts: dict[str, list[np.ndarray]] = {n: [] for n in output_names(self.spec, outputs)}
         try:
             for i in range(0, batch, step):
                 out = self._engine.run(key, {k: v[i:i + step] for k, v in cast.items()})
