@@ -13,6 +13,7 @@ import errno
 import functools
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -110,7 +111,10 @@ def write_bundle(ckpt: Checkpoint, output: str | Path, opts: ConvertOptions, lay
     from .export_tflite import parse_sizes
     sizes = parse_sizes(opts.sizes, layout.native, layout.size_multiple) \
         if opts.fmt == "tflite" else None
-    plan = list(N.REQUIRED_COMPONENTS) + ([N.VAE_ENCODER] if opts.vae_encoder else []) \
+    cache = _feature_cache(ckpt, opts) and unet_source is None
+    opts = replace(opts, feature_cache=cache)
+    plan = [N.TEXT_ENCODER, N.UNET] + ([N.UNET_SHALLOW] if cache else []) + [N.VAE_DECODER] \
+        + ([N.VAE_ENCODER] if opts.vae_encoder else []) \
         + ([N.VAE_DECODER_TINY] if opts.tiny_vae is not None else [])
     components: dict[str, ComponentSpec] = {}
     with AtomicBundle(output, overwrite=opts.overwrite) as stage:
@@ -172,8 +176,28 @@ def _fit_previews(ckpt: Checkpoint, layout: Layout) -> tuple[tuple[float, ...], 
                           cfg.get("shift_factor"), layout.shapes.vae_factor)
 
 
+def _feature_cache(ckpt: Checkpoint, opts: ConvertOptions) -> bool:
+    """Whether this conversion exports the feature-caching graphs: asked for (an error if
+    the UNet cannot be split), or by default where it can."""
+    from .feature_cache import cache_problem
+    if not opts.wants_feature_cache:
+        return False
+    problem = cache_problem(ckpt.config("unet"))
+    if problem is None:
+        return True
+    if opts.feature_cache:
+        raise ConversionError(f"--feature-cache: this UNet cannot be split ({problem}); "
+                              "drop the option")
+    log.info("no feature-caching graphs: this UNet cannot be split (%s)", problem)
+    return False
+
+
 def _exporter(role: str, opts: ConvertOptions) -> Any:
-    """The role's exporter (the tiny decoder's loads from --tiny-vae)."""
+    """The role's exporter (the tiny decoder's loads from --tiny-vae; the UNet's adds its
+    deep features where the bundle caches them)."""
+    if role == N.UNET_SHALLOW or (role == N.UNET and opts.feature_cache):
+        from .feature_cache import cached_unet_exporter, shallow_exporter
+        return shallow_exporter() if role == N.UNET_SHALLOW else cached_unet_exporter()
     if role == N.VAE_DECODER_TINY:
         from .registry import tiny_decoder_exporter
         return tiny_decoder_exporter(opts.tiny_vae, opts.allow_pickle)
@@ -183,7 +207,7 @@ def _exporter(role: str, opts: ConvertOptions) -> Any:
 def _load(role: str, ckpt: Checkpoint, layout: Layout, opts: ConvertOptions) -> Any:
     """The role's torch module, with sliced attention where the layout says."""
     model = _exporter(role, opts).load(ckpt)
-    chunks = layout.unet_chunks if role == N.UNET else layout.vae_chunks
+    chunks = layout.unet_chunks if role in (N.UNET, N.UNET_SHALLOW) else layout.vae_chunks
     if role not in (N.TEXT_ENCODER, N.VAE_DECODER_TINY) and chunks > 1:
         use_chunked_attention(model, chunks)
     return model

@@ -58,14 +58,13 @@ def trace_fp32(exp: Exporter, load: Callable[[], Any], scratch: Path, shapes: Sh
     model = load()
     wrapper = exp.wrap(model)
     example = exp.example(model, 1 if contract.kind.startswith("vae") else 2, None, shapes)
-    names = exp.input_names(model)
+    names, outputs = exp.input_names(model), exp.output_names(model)
     args = tuple(example[n] for n in names)
-    axes = {k: v for k, v in contract.dynamic_axes().items()
-            if k in names or k in contract.output_names()}
+    axes = {k: v for k, v in contract.dynamic_axes().items() if k in names or k in outputs}
     raw = scratch / "model.onnx"
     with torch.no_grad():
         torch.onnx.export(wrapper, args, str(raw), input_names=names,
-                          output_names=contract.output_names(), dynamic_axes=axes,
+                          output_names=outputs, dynamic_axes=axes,
                           opset_version=opset, do_constant_folding=True, dynamo=False)
     graph = onnx.load(str(raw), load_external_data=False)
     _name_output_dims(graph, wrapper, args, axes)

@@ -50,6 +50,10 @@ class ConvertOptions:
     # a trained preview decoder (.safetensors, converters.preview_fit.read_preview_decoder):
     # it draws the live previews instead of the fitted linear map
     preview_decoder: str | Path | None = None
+    # export the UNet's shallow branch and its deep-features output for feature caching
+    # (converters.feature_cache); None: yes for ONNX where the UNet can be split (not with
+    # static int8), no for TFLite
+    feature_cache: bool | None = None
 
     @classmethod
     def of(cls, options: "ConvertOptions | None", overrides: Mapping[str, Any]
@@ -68,6 +72,14 @@ class ConvertOptions:
     @property
     def with_vae_stages(self) -> bool:
         return self.fmt == "onnx" if self.vae_stages is None else self.vae_stages
+
+    @property
+    def wants_feature_cache(self) -> bool:
+        """Feature caching asked for or left to the default (which may still skip a UNet
+        that cannot be split)."""
+        if self.feature_cache is None:
+            return self.fmt == "onnx" and not self.static_int8
+        return self.feature_cache
 
     @property
     def static_int8(self) -> bool:
@@ -101,6 +113,13 @@ class ConvertOptions:
         if self.calibration is not None and not self.static_int8:
             raise ConversionError("--calibration is for static int8 (--precision int8 "
                                   "--int8-method static); without it the file would be ignored")
+        if self.feature_cache and self.fmt == "tflite":
+            raise ConversionError("--feature-cache is ONNX-only (TFLite bundles run every "
+                                  "step whole); drop it or convert with --format onnx")
+        if self.feature_cache and self.static_int8:
+            raise ConversionError("--feature-cache is not available with static int8 (its "
+                                  "calibrated UNet graph has no deep-features output); use "
+                                  "dynamic int8 or drop --feature-cache")
         if self.tiny_vae is not None:
             _check_tiny_vae(Path(self.tiny_vae), self.allow_pickle)
         if self.preview_decoder is not None:
@@ -161,7 +180,8 @@ def _check_defaults(steps: int | None, guidance: float | None) -> None:
 def parse_precision(spec: str) -> dict[str, str]:
     """`fp16` -> every component fp16; `int8` -> text encoder and UNet int8, VAE fp32;
     `int4` -> UNet int4, text encoder int8, VAE fp32; `unet=int4,vae=fp16` -> per component
-    (`vae` means the VAE's decoder, encoder and tiny decoder). Unnamed: fp32."""
+    (`vae` means the VAE's decoder, encoder and tiny decoder). Unnamed: fp32. The UNet's
+    shallow branch (feature caching) always takes the UNet's precision."""
     out = {c: "fp32" for c in N.COMPONENTS}
     for part in [p.strip() for p in spec.split(",") if p.strip()]:
         name, _, value = part.rpartition("=")
@@ -174,8 +194,9 @@ def parse_precision(spec: str) -> dict[str, str]:
         targets = [N.VAE_DECODER, N.VAE_ENCODER, N.VAE_DECODER_TINY] if name == "vae" \
             else [name]
         for t in targets:
-            if t not in out:
+            if t not in out or t == N.UNET_SHALLOW:
                 raise ConversionError(f"unknown component {t!r} in --precision; use "
                                       f"{list(N.COMPONENTS)} or 'vae'")
             out[t] = value
+    out[N.UNET_SHALLOW] = out[N.UNET]
     return out

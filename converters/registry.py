@@ -34,12 +34,20 @@ class Exporter:
     sized: bool = True  # TFLite: one signature per image size
     # the optional contract inputs this model's graph takes (an LCM UNet's timestep_cond)
     optional: Callable[[Any], tuple[str, ...]] = lambda model: ()
+    # the optional contract outputs this export adds (the UNet's deep features)
+    optional_outputs: Callable[[Any], tuple[str, ...]] = lambda model: ()
 
     def input_names(self, model: Any) -> list[str]:
         """The graph's inputs, in order: the contract's required ones, then its optional
         ones that `model` has."""
         extra = self.optional(model)
         return [t.name for t in self.contract.inputs if not t.optional or t.name in extra]
+
+    def output_names(self, model: Any) -> list[str]:
+        """The graph's outputs, in order: the contract's required ones, then the optional
+        ones this export adds."""
+        extra = self.optional_outputs(model)
+        return [t.name for t in self.contract.outputs if not t.optional or t.name in extra]
 
 
 def _module(forward: Callable[..., Any]) -> Callable[[Any], Any]:

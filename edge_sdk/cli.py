@@ -21,7 +21,7 @@ from . import __version__
 from . import names as N
 from .config import MAX_IMAGES, add_arguments, config_from_arguments
 from .errors import EdgeSDKError, InvalidInputError
-from .cli_common import add_backend_args, add_memory_arg, backend_kwargs
+from .cli_common import MODEL_HELP, add_backend_args, add_memory_arg, backend_kwargs
 from .cli_evaluate import cmd_evaluate, evaluate_parser
 from .progress import ProgressBar
 
@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate_parser(sub.add_parser("evaluate", help="score a bundle on the shapes model's "
                                     "held-out prompts"))
     i = sub.add_parser("info", help="describe a bundle")
-    i.add_argument("bundle", nargs="?", help="bundle folder (default: the shipped model)")
+    i.add_argument("bundle", nargs="?", help=MODEL_HELP)
     i.add_argument("--json", action="store_true", help="print the manifest as JSON")
     i.add_argument("--debug", action="store_true")
     _bench_parser(sub.add_parser("bench", help="time one generation per stage and per UNet "
@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--debug", action="store_true")
     t = sub.add_parser("selftest", help="generate with the shipped model and check the image "
                        "(the smoke test of an install, a board or a container)")
-    t.add_argument("--model", "-m", help="bundle folder (default: the shipped model)")
+    t.add_argument("--model", "-m", help=MODEL_HELP)
     add_memory_arg(t)
     add_backend_args(t)
     t.add_argument("-o", "--output", default=None, help="also save the image here")
@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _generate_parser(g: argparse.ArgumentParser) -> None:
     g.add_argument("prompt")
-    g.add_argument("--model", "-m", help="bundle folder (default: the shipped model)")
+    g.add_argument("--model", "-m", help=MODEL_HELP)
     g.add_argument("-o", "--output", default="out.png",
                    help="image path, .png (parameters in text chunks) or .jpg (default: "
                    "out.png); with --num-images N: NAME-0.png ... NAME-<N-1>.png, image k "
@@ -79,9 +79,9 @@ def _generate_parser(g: argparse.ArgumentParser) -> None:
 
 def _bench_parser(b: argparse.ArgumentParser) -> None:
     b.add_argument("prompt", nargs="?", default="a red circle on a blue background")
-    b.add_argument("--model", "-m", help="bundle folder (default: the shipped model)")
+    b.add_argument("--model", "-m", help=MODEL_HELP)
     add_arguments(b, only=("negative_prompt", "steps", "guidance_scale", "width", "height",
-                           "seed", "scheduler", "strength"))
+                           "seed", "scheduler", "strength", "decoder", "cache_interval"))
     _add_image_args(b)
     b.set_defaults(seed=0)  # a benchmark is repeatable by default
     add_memory_arg(b)
@@ -214,9 +214,9 @@ def cmd_selftest(a: argparse.Namespace) -> int:
 
 def cmd_info(a: argparse.Namespace) -> int:
     from .manifest import Manifest
-    from .models import default_bundle
+    from .models import default_bundle, resolve_model
 
-    path = Path(a.bundle) if a.bundle else default_bundle()
+    path = resolve_model(a.bundle) if a.bundle else default_bundle()
     m = Manifest.load(path)
     if a.json:
         print(m.to_json(), end="")

@@ -7,7 +7,10 @@ from typing import Any
 
 from .errors import InvalidInputError
 
-__all__ = ["add_memory_arg", "add_backend_args", "backend_kwargs"]
+__all__ = ["MODEL_HELP", "add_memory_arg", "add_backend_args", "backend_kwargs"]
+
+MODEL_HELP = ("a bundle folder, or a shipped model's name: shapes (the default, 20 steps) or "
+              "shapes-lcm (4 steps)")
 
 
 def add_memory_arg(p: argparse.ArgumentParser) -> None:

@@ -9,16 +9,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .cli_common import add_backend_args, add_memory_arg, backend_kwargs
+from .cli_common import MODEL_HELP, add_backend_args, add_memory_arg, backend_kwargs
 from .config import add_arguments, config_from_arguments
 from .errors import InvalidInputError
 from .progress import ProgressBar
 
 
 def evaluate_parser(e: argparse.ArgumentParser) -> None:
-    e.add_argument("--model", "-m", help="bundle folder (default: the shipped model)")
+    e.add_argument("--model", "-m", help=MODEL_HELP)
     add_arguments(e, only=("steps", "guidance_scale", "scheduler", "strength", "paste_back",
-                           "decoder"))
+                           "decoder", "cache_interval"))
     e.add_argument("--task", default="generate", choices=("generate", "recolour", "inpaint"),
                    help="generate: text-to-image on the held-out prompts (default); "
                    "recolour: img2img, a rendered scene asked in another colour; inpaint: "

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Mapping
 
 from .errors import InvalidInputError
-from .names import DECODERS
+from .names import DECODERS, UNET_SHALLOW
 from .manifest import Manifest
 from .schedulers import resolve_scheduler
 from .tokenizer import check_prompt
@@ -76,6 +76,10 @@ class GenerationConfig:
                                  "an AutoencoderTiny such as TAESD) or auto (tiny in memory "
                                  "mode low, where the bundle has one); default full",
                                  type=str)
+    cache_interval: int | None = _param(None, "feature caching (DeepCache): run the whole "
+                                        "UNet every N-th step and only its shallow branch "
+                                        "between, reusing its deep features (2-5; default "
+                                        "1: every step whole)", type=int)
     # img2img and inpainting (given an image; refused without one)
     strength: float | None = _param(None, "with --image: how much of it is repainted, 0-1 "
                                     "(default 0.8; with --mask 1.0)", type=float)
@@ -137,10 +141,11 @@ class GenerationConfig:
             raise InvalidInputError(f"scheduler must be a name (a string) or None, got "
                                     f"{self.scheduler!r}; `edge-sdk schedulers` lists them")
         decoder = check_decoder(manifest, self.decoder or "full")
+        interval = check_cache_interval(manifest, self.cache_interval)
         cls, _ = resolve_scheduler(self.scheduler, manifest.scheduler)
         return replace(self, steps=steps, guidance_scale=float(g), width=width, height=height,
                        seed=seed, scheduler=self.scheduler or cls.class_name, num_images=n,
-                       decoder=decoder,
+                       decoder=decoder, cache_interval=interval,
                        **self._edit_fields(edit))
 
     def _edit_fields(self, edit: str | None) -> dict[str, Any]:
@@ -229,6 +234,20 @@ def check_decoder(manifest: Manifest, decoder: Any) -> str:
                                 "with `edge-convert ... --tiny-vae FOLDER` (a diffusers "
                                 "AutoencoderTiny such as TAESD)")
     return str(decoder)
+
+
+def check_cache_interval(manifest: Manifest, interval: Any) -> int:
+    """A feature-caching interval this bundle can serve (None: 1, off)."""
+    value = _int("cache_interval", 1 if interval is None else interval, 1, MAX_STEPS)
+    if value > 1 and UNET_SHALLOW not in manifest.components:
+        formats = {c.format for c in manifest.components.values()}
+        why = ("TFLite bundles run every step whole" if "tflite" in formats
+               else "re-convert it with `edge-convert CHECKPOINT -o BUNDLE --overwrite` "
+               "(ONNX bundles get the shallow branch by default)")
+        raise InvalidInputError(f"cache_interval={value}: this bundle has no shallow UNet "
+                                f"branch for feature caching; {why}, or leave "
+                                "cache_interval at 1")
+    return value
 
 
 def refuse_negative_prompt_if_embedded(manifest: Manifest, negative_prompt: Any) -> None:

@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = ["TensorContract", "ComponentContract", "CONTRACTS", "contract_of",
-           "TEXT_ENCODER", "UNET", "VAE_DECODER", "VAE_ENCODER", "VAE_DECODER_STAGE",
-           "VAE_ENCODER_STAGE",
+           "TEXT_ENCODER", "UNET", "UNET_SHALLOW", "VAE_DECODER", "VAE_ENCODER",
+           "VAE_DECODER_STAGE", "VAE_ENCODER_STAGE",
            "COMPUTE_BOUND_KINDS",
            "DIM_BATCH", "DIM_HEIGHT", "DIM_WIDTH", "DIM_SEQUENCE"]
 
@@ -88,6 +88,9 @@ class UnetIO:
     CONTEXT = "encoder_hidden_states"
     TIMESTEP_COND = "timestep_cond"
     OUTPUT = "out_sample"
+    # feature caching (edge_sdk.feature_cache): the state entering the last up block's
+    # shallow layers, an optional output of the UNet and an input of its shallow branch
+    DEEP_FEATURES = "deep_features"
 
 
 class VaeIO:
@@ -121,6 +124,17 @@ UNET = ComponentContract(
     (_spatial(UnetIO.SAMPLE), TensorContract(UnetIO.TIMESTEP),
      TensorContract(UnetIO.CONTEXT, axes=((0, DIM_BATCH), (1, DIM_SEQUENCE))),
      TensorContract(UnetIO.TIMESTEP_COND, optional=True)),
+    (_spatial(UnetIO.OUTPUT),
+     TensorContract(UnetIO.DEEP_FEATURES, axes=tuple(_SPATIAL.items()), optional=True)))
+
+# The UNet's shallow branch for feature caching: the UNet's inputs and the deep features a
+# full step wrote (converters.feature_cache). Its context is optional: a branch without
+# cross-attention or a caption embedding (tiny UNets' first and last blocks) does not read
+# it, and the exporter drops an input the graph does not use.
+UNET_SHALLOW = ComponentContract(
+    "unet_shallow", UNET.inputs[:2] + (
+        TensorContract(UnetIO.CONTEXT, axes=((0, DIM_BATCH), (1, DIM_SEQUENCE)), optional=True),
+        _spatial(UnetIO.DEEP_FEATURES)) + UNET.inputs[3:],
     (_spatial(UnetIO.OUTPUT),))
 
 VAE_DECODER = ComponentContract("vae_decoder", (_spatial(VaeIO.LATENTS),),
@@ -152,7 +166,8 @@ VAE_ENCODER_STAGE = _stage_contract("vae_encoder_stage")
 COMPUTE_BOUND_KINDS = (VAE_DECODER_STAGE.kind, VAE_ENCODER_STAGE.kind)
 
 CONTRACTS: dict[str, ComponentContract] = {c.kind: c for c in (
-    TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, VAE_DECODER_STAGE, VAE_ENCODER_STAGE)}
+    TEXT_ENCODER, UNET, UNET_SHALLOW, VAE_DECODER, VAE_ENCODER, VAE_DECODER_STAGE,
+    VAE_ENCODER_STAGE)}
 
 
 def contract_of(kind: str) -> ComponentContract:

@@ -10,7 +10,7 @@ conditioning feed, not an edit of the loop. Classifier-free guidance lives here,
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -18,6 +18,7 @@ import numpy as np
 from .backends import Session
 from .contracts import UnetIO
 from .errors import CallbackError, CancelledError, InferenceError, InvalidInputError
+from .names import UNET, UNET_SHALLOW
 from .schedulers import Scheduler
 from .text_encoder import PromptEmbeds
 
@@ -73,21 +74,44 @@ def classifier_free_guidance(run: Callable[[np.ndarray, Feeds], np.ndarray], x: 
     return out_uncond + guidance_scale * (out_cond - out_uncond)
 
 
+def unet_feeds(sample: np.ndarray, t: float, feeds: Feeds,
+               extra: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """A UNet call's inputs by contract name: the sample (with `extra` channels appended,
+    repeated for each guidance branch), the timestep for each item, the conditioning."""
+    ts = np.full((sample.shape[0],), t, dtype=np.float32)
+    if extra is not None:  # the same channels for each guidance branch
+        reps = sample.shape[0] // extra.shape[0]
+        sample = np.concatenate([sample, np.concatenate([extra] * reps)], axis=1)
+    return {UnetIO.SAMPLE: sample, UnetIO.TIMESTEP: ts, **feeds}
+
+
 def unet_predictor(unet: Session, conditioning: Conditioning, guidance_scale: float,
                    batched: bool = True) -> Predict:
     """The guided model output of a UNet session fed by the contract's names."""
-    extra = conditioning.channels
-
     def predict(x: np.ndarray, t: float, step: int) -> np.ndarray:
         def run(sample: np.ndarray, feeds: Feeds) -> np.ndarray:
-            ts = np.full((sample.shape[0],), t, dtype=np.float32)
-            if extra is not None:  # the same channels for each guidance branch
-                reps = sample.shape[0] // extra.shape[0]
-                sample = np.concatenate([sample, np.concatenate([extra] * reps)], axis=1)
-            return unet.run({UnetIO.SAMPLE: sample, UnetIO.TIMESTEP: ts, **feeds}
+            return unet.run(unet_feeds(sample, t, feeds, conditioning.channels)
                             )[UnetIO.OUTPUT]
         return classifier_free_guidance(run, x, conditioning, guidance_scale, batched)
     return predict
+
+
+def generation_predictor(session: Callable[[str], Session], time_cond_proj_dim: int,
+                         conditioning: Conditioning, guidance_scale: float,
+                         cache_interval: int = 1, batched: bool = True) -> Predict:
+    """The predictor a generation asks for, from the sessions by role: an LCM-distilled
+    UNet (`time_cond_proj_dim` > 0) gets the scale as an embedding in its one conditional
+    pass; `cache_interval` > 1 alternates the whole UNet with its shallow branch
+    (edge_sdk.feature_cache)."""
+    if time_cond_proj_dim:
+        w = guidance_embedding(guidance_scale - 1, time_cond_proj_dim, conditioning.batch)
+        conditioning = replace(conditioning, cond={**conditioning.cond,
+                                                   UnetIO.TIMESTEP_COND: w})
+    if cache_interval > 1:
+        from .feature_cache import cached_unet_predictor  # it builds on this module
+        return cached_unet_predictor(session(UNET), session(UNET_SHALLOW), conditioning,
+                                     guidance_scale, cache_interval, batched)
+    return unet_predictor(session(UNET), conditioning, guidance_scale, batched)
 
 
 def guidance_embedding(w: float, dim: int, batch: int) -> np.ndarray:

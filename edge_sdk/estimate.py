@@ -86,10 +86,14 @@ def estimate_peak_bytes(manifest: Manifest, cfg: GenerationConfig, mode: str = "
     # fast copies the weights it runs into private memory; the other modes map them, and
     # mapped pages are page cache the kernel evicts under pressure (an SD 1.5 int8 bundle
     # with 784 MB of UNet weights ran under a 300 MiB cap), so they are not counted
-    weights = sum(manifest.components[r].bytes for r in names.REQUIRED_COMPONENTS) \
-        if mode == "fast" else 0
+    roles = names.REQUIRED_COMPONENTS + ((names.UNET_SHALLOW,) if int(cfg.cache_interval or 1)
+                                         > 1 else ())  # feature caching: the shallow branch
+    weights = sum(manifest.components[r].bytes for r in roles) if mode == "fast" else 0
+    # the cached deep features: a map per batch item of at most twice the first level's
+    # channels (cached at the last up block's entrance: the second level's)
+    cached = 2 * maps if int(cfg.cache_interval or 1) > 1 else 0
     # fast's memory arena keeps the UNet's peak reserved while the decoder runs
-    act = unet + vae if mode == "fast" else max(unet, vae)
+    act = unet + cached + vae if mode == "fast" else max(unet + cached, vae)
     return int(BASELINE_BYTES + weights + MODE_OVERHEAD[mode] + act)
 
 

@@ -7,7 +7,7 @@ import math
 from typing import Any, Mapping
 
 from . import names
-from .contracts import CONTRACTS
+from .contracts import CONTRACTS, UnetIO
 from .errors import ManifestError
 from .manifest import (ComponentSpec, DecoderStage, Defaults, FileEntry, Manifest,
                        PreviewLayer, SourceInfo, TensorSpec, TokenizerSpec, UnetSpec, VaeSpec,
@@ -67,6 +67,12 @@ def _check_optional_parts(m: Manifest, where: str) -> None:
         raise ManifestError(f"{where}: vae.tiny_scaling_factor is {m.vae.tiny_scaling_factor} "
                             f"but the bundle {'has a' if tiny else 'has no'} "
                             f"{names.VAE_DECODER_TINY!r} component; re-convert the bundle")
+    shallow = m.components.get(names.UNET_SHALLOW)
+    deep = {t.name for t in m.components[names.UNET].outputs} & {UnetIO.DEEP_FEATURES}
+    if shallow is not None and not (deep and UnetIO.DEEP_FEATURES in shallow.input_names()):
+        raise ManifestError(f"{where}: the bundle has a {names.UNET_SHALLOW!r} component but "
+                            f"the UNet graph does not output (or it does not take) "
+                            f"{UnetIO.DEEP_FEATURES!r}; re-convert the bundle")
     takes = "timestep_cond" in m.components[names.UNET].input_names()
     if takes != bool(m.unet.time_cond_proj_dim):
         raise ManifestError(f"{where}: unet.time_cond_proj_dim is {m.unet.time_cond_proj_dim} "
@@ -147,7 +153,8 @@ def _vae(r: "_Reader", v: dict[str, Any], components: Mapping[str, ComponentSpec
 
 def _latent_rgb(r: "_Reader", v: dict[str, Any]) -> tuple[tuple[float, ...], ...]:
     rows = r.get({"latent_rgb": [], **v}, "latent_rgb", list, "vae.")
-    if not all(_finite_list(row, 3) for row in rows) or (rows and len(rows) != r.pos(v, "latent_channels", "vae.") + 1):
+    if not all(_finite_list(row, 3) for row in rows) or (
+            rows and len(rows) != r.pos(v, "latent_channels", "vae.") + 1):
         raise ManifestError(f"{r.where}: field 'vae.latent_rgb' must be latent_channels + 1 "
                             "rows of 3 finite numbers; re-convert the bundle")
     return tuple(tuple(float(x) for x in row) for row in rows)

@@ -17,12 +17,13 @@ WEIGHT_MAP_SUFFIX = ".weights.json"  # checkpoint parameter name -> graph initia
 # (its I/O contract) is recorded beside it: several roles may share a kind.
 TEXT_ENCODER = "text_encoder"
 UNET = "unet"
+UNET_SHALLOW = "unet_shallow"  # the UNet's shallow branch, for feature caching
 VAE_DECODER = "vae_decoder"
 VAE_ENCODER = "vae_encoder"
 VAE_DECODER_TINY = "vae_decoder_tiny"  # a tiny decoder (AutoencoderTiny, e.g. TAESD)
 VAE_DECODER_STAGE = "vae_decoder_stage"  # the kind of each `vae_decoder_sNN` role
 VAE_ENCODER_STAGE = "vae_encoder_stage"  # the kind of each `vae_encoder_sNN` role
-COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, VAE_DECODER_TINY)
+COMPONENTS = (TEXT_ENCODER, UNET, UNET_SHALLOW, VAE_DECODER, VAE_ENCODER, VAE_DECODER_TINY)
 REQUIRED_COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER)
 ROLE_KINDS = {VAE_DECODER_TINY: VAE_DECODER}  # standard roles whose kind has another name
 

@@ -17,10 +17,9 @@ from .backends import BackendOptions, Session
 from .components import Components, check_accelerator_options
 from .config import (MAX_IMAGES, GenerationConfig, check_decoder, classifier_free,
                      refuse_negative_prompt_if_embedded, size_multiple)
-from .contracts import UnetIO
 from .denoise import (STEP_END_TENSORS, Conditioning, StepCallback, StepEndCallback,
-                      checked_step_callback, guidance_embedding, run_denoising, step_end_callback,
-                      unet_predictor)
+                      checked_step_callback, generation_predictor, run_denoising,
+                      step_end_callback)
 from .edit import (EditInputs, EditStart, edit_kind, finish_images, is_inpainting_unet,
                    prepare_edit, source_size, start_edit)
 from .errors import InvalidInputError
@@ -30,7 +29,7 @@ from .image_input import ImageSource
 from .manifest import Manifest
 from .estimate import check_fits
 from .memory import MODES, MemoryPlan, plan_memory
-from .models import default_bundle
+from .models import default_bundle, resolve_model
 from .osmem import return_freed_memory
 from .preview import Preview, PreviewFn, as_preview, preview_hook, preview_maker
 from .schedulers import Scheduler, create_scheduler
@@ -64,7 +63,8 @@ class Pipeline:
              threads: int | None = None, providers: Sequence[str] | None = None,
              verify: bool = True, memory: str = "fast", delegate: str | None = None,
              delegate_options: Mapping[str, str] | None = None) -> "Pipeline":
-        """Open a bundle folder (None = the default model).
+        """Open a bundle folder, or a shipped model by name ("shapes", "shapes-lcm"; None =
+        the default model).
 
         `backend`: "auto" (each component's own format), "onnx" or "tflite". `providers`:
         ONNX Runtime execution providers in order (e.g. ["xnnpack"], ["qnn"]); `delegate`:
@@ -74,7 +74,7 @@ class Pipeline:
         off on slow storage; sizes are still checked). `memory` is "fast", "balanced", "low"
         or a budget such as "300MB" (see edge_sdk.memory.MemoryPlan); the plan is logged.
         """
-        path = Path(bundle) if bundle is not None else default_bundle()
+        path = resolve_model(bundle) if bundle is not None else default_bundle()
         manifest = Manifest.load(path)
         manifest.verify_files(path, checksums=verify)
         options = BackendOptions.checked(backend, threads, providers, False, delegate,
@@ -123,12 +123,12 @@ class Pipeline:
 
     def denoise(self, embeds: PromptEmbeds, latents: np.ndarray, *, steps: int | None = None,
                 guidance_scale: float | None = None, scheduler: str | None = None,
-                seed: int | None = None, callback: StepCallback | None = None
-                ) -> np.ndarray:
+                seed: int | None = None, callback: StepCallback | None = None,
+                cache_interval: int | None = None) -> np.ndarray:
         """Denoise initial noise `latents` ([B, C, h, w], unit variance; scaled here by the
         scheduler's init_noise_sigma) into final latents."""
         cfg = GenerationConfig(steps=steps, guidance_scale=guidance_scale, scheduler=scheduler,
-                               seed=seed).resolve(self.manifest)
+                               seed=seed, cache_interval=cache_interval).resolve(self.manifest)
         if self.manifest.unet.time_cond_proj_dim and embeds.uncond is not None:
             raise InvalidInputError("this model is LCM-distilled: encode the prompt with "
                                     "guidance off (encode_prompt(..., guidance_scale=1)); "
@@ -171,7 +171,7 @@ class Pipeline:
                  guidance_scale: float | None = None, seed: int | None = None,
                  width: int | None = None, height: int | None = None,
                  scheduler: str | None = None, num_images: int = 1, *,
-                 decoder: str | None = None,
+                 decoder: str | None = None, cache_interval: int | None = None,
                  image: ImageSource | None = None, mask_image: ImageSource | None = None,
                  strength: float | None = None, padding_mask_crop: int | None = None,
                  paste_back: bool | None = None, encode_mode: str | None = None,
@@ -208,7 +208,7 @@ class Pipeline:
         params = dict(negative_prompt=negative_prompt, steps=steps,
                       guidance_scale=guidance_scale, seed=seed, width=width, height=height,
                       scheduler=scheduler, num_images=num_images, decoder=decoder,
-                      strength=strength,
+                      cache_interval=cache_interval, strength=strength,
                       padding_mask_crop=padding_mask_crop, paste_back=paste_back,
                       encode_mode=encode_mode)
         given = {k: v for k, v in params.items() if v is not None or k == "num_images"}
@@ -266,9 +266,9 @@ class Pipeline:
                 final = self._denoise(Conditioning.from_prompt(embeds), noise, cfg, rng,
                                       callback, sched=sched, start=start, preview=previews)
             finally:
-                self.components.done_with(N.UNET)
-                if N.VAE_DECODER_TINY in self.components.loaded:  # previews opened it
-                    self.components.done_with(N.VAE_DECODER_TINY)
+                for role in (N.UNET, N.UNET_SHALLOW, N.VAE_DECODER_TINY):  # (previews: tiny)
+                    if role == N.UNET or role in self.components.loaded:
+                        self.components.done_with(role)
         with timed(timings, "vae_decoder"):
             images: list[Any] = list(final) if output_type == "latent" else \
                 finish_images(as_output(output_type, self.decode_latents(
@@ -356,13 +356,9 @@ class Pipeline:
         if conditioning.batch != latents.shape[0]:
             raise InvalidInputError(f"{conditioning.batch} prompt embeddings for "
                                     f"{latents.shape[0]} latents")
-        dim = self.manifest.unet.time_cond_proj_dim
-        if dim:  # LCM: the scale enters as an embedding, in the one (conditional) pass
-            w = guidance_embedding(float(cfg.guidance_scale or 0) - 1, dim, latents.shape[0])
-            conditioning = replace(conditioning, cond={**conditioning.cond,
-                                                       UnetIO.TIMESTEP_COND: w})
-        predict = unet_predictor(self.session(N.UNET), conditioning, float(cfg.guidance_scale),
-                                 batched=self.plan.batch_cfg)
+        predict = generation_predictor(self.session, self.manifest.unet.time_cond_proj_dim,
+                                       conditioning, float(cfg.guidance_scale),
+                                       int(cfg.cache_interval or 1), self.plan.batch_cfg)
         observe = None if preview is None else preview_hook(
             preview.fn, preview.every,
             preview_maker(self.manifest, self.plan.mode, self.session, preview.source))

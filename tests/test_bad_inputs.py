@@ -772,6 +772,28 @@ ROWS: list[Row] = [
         c.ckpt, "-o", c.tmp / "out", "--preview-decoder", _preview_file(
             c, {"0.weight": (8, 4, 3, 3), "0.bias": (8,)})), ConversionError,
         "last layer makes 8 channels, not 3 \\(RGB\\)"),
+    Row("parameter", "cache_interval 0", lambda c: c.gen(cache_interval=0),
+        InvalidInputError, "cache_interval must be in \\[1, 1000\\], got 0"),
+    Row("parameter", "cache_interval as a string", lambda c: c.gen(cache_interval="3"),
+        InvalidInputError, "cache_interval must be an integer, got '3'"),
+    Row("parameter", "cache_interval on a bundle without the shallow UNet branch",
+        lambda c: Pipeline.load(c.manifest(lambda m: m["components"].pop("unet_shallow")))(
+            "x", steps=2, cache_interval=3), InvalidInputError,
+        "cache_interval=3: this bundle has no shallow UNet branch.*re-convert it"),
+    Row("manifest", "a shallow UNet branch beside a UNet graph without deep features",
+        lambda c: L(c, c.manifest(lambda m: m["components"]["unet"].update(
+            outputs=m["components"]["unet"]["outputs"][:1]))), ManifestError,
+        "'unet_shallow' component but the UNet graph does not output.*'deep_features'"),
+    Row("conversion", "--feature-cache with --format tflite", lambda c: c.convert(
+        c.ckpt, "-o", c.tmp / "out", "--format", "tflite", "--feature-cache"),
+        ConversionError, "--feature-cache is ONNX-only"),
+    Row("conversion", "--feature-cache with static int8", lambda c: c.convert(
+        c.ckpt, "-o", c.tmp / "out", "--precision", "int8", "--int8-method", "static",
+        "--feature-cache"), ConversionError, "not available with static int8"),
+    Row("conversion", "--feature-cache on a UNet that cannot be split",
+        lambda c: c.convert(_edited(c, {"unet": {"center_input_sample": True}}), "-o",
+                            c.tmp / "out", "--feature-cache"), ConversionError,
+        "this UNet cannot be split \\(it centres its input sample"),
     Row("conversion", "empty calibration file",
         lambda c: (c.tmp / "p.txt").write_text("# nothing\n") and c.convert(
             c.ckpt, "-o", c.tmp / "out", "--precision", "int8", "--int8-method", "static",

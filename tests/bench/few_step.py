@@ -14,6 +14,9 @@ own.
   median seconds of 3 decodes after a warm-up, and the decoder's peak private memory (its
   weights, arena and activations: the process's peak private memory over what it held
   before the decoder was opened).
+- cache: feature caching, in one process: 20 steps every step whole and with
+  `cache_interval=3`, the same seeds; the UNet (denoising) time of each, time to image, and
+  the PSNR of the cached image against the whole one.
 - speed: time to image, load excluded (text encoder + steps + decode; median of --runs after a
   1-step warm-up): edge-sdk fp32 `memory="fast"`, 20 steps of the checkpoint's PNDM at guidance
   7.5 with the full decoder, and 4 LCM steps at guidance 8.5 with the tiny decoder; diffusers
@@ -53,7 +56,9 @@ def prepare(work: Path) -> dict[str, Path]:
     if not (p["taesd"] / "config.json").exists():
         build_tiny_vae(p["taesd"])
     for ckpt, out in ((p["sd15"], p["bundle"]), (p["sd15-lcm"], p["bundle-lcm"])):
-        if not (out / "manifest.json").exists():
+        manifest = out / "manifest.json"  # (the 20-step one with feature caching's graphs)
+        if not manifest.exists() or (out == p["bundle"]
+                                     and '"unet_shallow"' not in manifest.read_text()):
             convert(ckpt, out, precision="fp32", tiny_vae=p["taesd"], vae_encoder=False,
                     vae_stages=False, overwrite=True)
     return p
@@ -106,6 +111,36 @@ def child_ours(bundle: Path, steps: int, guidance: float, decoder: str,
     return {"total_s": statistics.median(totals), "timings": stages[-1]}
 
 
+def child_cache(bundle: Path, interval: int, runs: int) -> dict[str, Any]:
+    """20 steps with every step whole and with `cache_interval`, side by side in this
+    process, the same seeds: the UNet (denoising) time, time to image, and the PSNR of each
+    cached image against its uncached twin."""
+    import numpy as np
+
+    from edge_sdk import GenerationConfig, Pipeline
+    pipe = Pipeline.load(bundle, memory="fast")
+    kw = dict(width=SIZE, height=SIZE, guidance_scale=FULL["guidance"], steps=FULL["steps"])
+    pipe.generate(PROMPT, GenerationConfig(seed=0, cache_interval=interval,
+                                           **{**kw, "steps": 2}))  # warm-up, both graphs
+    out: dict[str, list[float]] = {"unet_s": [], "unet_cached_s": [], "total_s": [],
+                                   "total_cached_s": [], "psnr_db": []}
+    for k in range(runs):
+        images = []
+        for n, suffix in ((1, ""), (interval, "_cached")):
+            r = pipe.generate(PROMPT, GenerationConfig(seed=k, cache_interval=n, **kw),
+                              output_type="np")
+            out["unet" + suffix + "_s"].append(r.timings["denoise"])
+            out["total" + suffix + "_s"].append(sum(v for s, v in r.timings.items()
+                                                    if s != "prepare"))
+            images.append(np.round(np.asarray(r.images[0]) * 255))
+        mse = float(np.mean((images[0] - images[1]) ** 2))
+        out["psnr_db"].append(10 * float(np.log10(255.0 ** 2 / max(mse, 1e-12))))
+    result: dict[str, Any] = {k: statistics.median(v) for k, v in out.items()}
+    result["unet_ratio"] = result["unet_cached_s"] / result["unet_s"]
+    result["interval"] = interval
+    return result
+
+
 def child_diffusers(ckpt: Path, steps: int, guidance: float, taesd: Path | None,
                     runs: int) -> dict[str, Any]:
     import torch
@@ -138,6 +173,8 @@ def rows(p: dict[str, Path], runs: int) -> dict[str, list[str]]:
             "--child", "ours", "--path", str(p["bundle"]), "--decoder", "full", "--lcm", "0"],
         "speed: edge-sdk, 4 LCM steps, tiny decoder": me + [
             "--child", "ours", "--path", str(p["bundle-lcm"]), "--decoder", "tiny", "--lcm", "1"],
+        "cache: edge-sdk, 20 steps, cache_interval 3 vs 1": me + [
+            "--child", "cache", "--path", str(p["bundle"]), "--lcm", "0"],
         "speed: diffusers, 20 steps, full decoder": me + [
             "--child", "diffusers", "--path", str(p["sd15"]), "--lcm", "0"],
         "speed: diffusers, 4 LCM steps, AutoencoderTiny": me + [
@@ -149,6 +186,8 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
     path, mode = Path(args.path), LCM if args.lcm else FULL
     if args.child == "decode":
         return child_decode(path, args.decoder, 3)
+    if args.child == "cache":
+        return child_cache(path, 3, args.runs)
     if args.child == "ours":
         return child_ours(path, mode["steps"], mode["guidance"], args.decoder, args.runs)
     return child_diffusers(path, mode["steps"], mode["guidance"],
@@ -173,6 +212,13 @@ def report(results: dict[str, dict[str, Any]], runs: int) -> None:
             print(f"| {name} | {r['decode_s']:.3f} | {r['peak_private_bytes'] / mib:.0f} MiB |")
         print(f"\ntiny / full: time {tiny['decode_s'] / full['decode_s']:.4f}, peak private "
               f"{tiny['peak_private_bytes'] / full['peak_private_bytes']:.4f}\n")
+    cache = results.get("cache: edge-sdk, 20 steps, cache_interval 3 vs 1")
+    if cache and "error" not in cache:
+        print(f"feature caching, 20 steps, one process, median of {runs}: UNet "
+              f"{cache['unet_s']:.1f} s whole vs {cache['unet_cached_s']:.1f} s with "
+              f"cache_interval {cache['interval']} (ratio {cache['unet_ratio']:.3f}); time "
+              f"to image {cache['total_s']:.1f} vs {cache['total_cached_s']:.1f} s; PSNR of "
+              f"the cached image vs the whole one {cache['psnr_db']:.1f} dB\n")
     print(f"| time to image (load excluded; median of {runs}) | s |\n|---|---|")
     for name, r in results.items():
         if name.startswith("speed"):
