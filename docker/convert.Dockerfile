@@ -20,6 +20,7 @@ COPY pyproject.toml README.md ./
 COPY edge_sdk ./edge_sdk
 COPY converters ./converters
 COPY models/shapes/bundle ./models/shapes/bundle
+COPY models/shapes-lcm/bundle ./models/shapes-lcm/bundle
 RUN pip install --no-cache-dir --no-deps . \
  && useradd --create-home --uid 1000 edge
 USER 1000

@@ -17,6 +17,7 @@ COPY pyproject.toml README.md ./
 COPY edge_sdk ./edge_sdk
 COPY converters ./converters
 COPY models/shapes/bundle ./models/shapes/bundle
+COPY models/shapes-lcm/bundle ./models/shapes-lcm/bundle
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 FROM python:3.11-slim-bookworm

@@ -3,6 +3,8 @@ generates shows what the prompt says (read back by the evaluator)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -101,3 +103,26 @@ def test_the_evaluator_judges_the_shapes_model_in_any_conversion_and_no_other(mo
     assert cli.main(["selftest", "--model", str(tiny)]) == 0
     out = capsys.readouterr().out
     assert "selftest PASS (generation only" in out and "evaluator sees" not in out
+
+
+def test_the_few_step_model_is_found_by_name_and_draws_the_readme_prompt(tmp_path,
+                                                                         monkeypatch):
+    """shapes-lcm: an LCM UNet at 4 steps, by name from Python and the CLI; a folder of
+    that name where the user stands wins over the shipped model."""
+    from edge_sdk.cli import main
+    from edge_sdk.models import resolve_model, shipped_bundle
+    pipe = Pipeline.load("shapes-lcm")
+    m = pipe.manifest
+    assert m.unet.time_cond_proj_dim == 256 and m.defaults.steps == 4
+    assert pipe.bundle == shipped_bundle("shapes-lcm")
+    hits = 0
+    for k in range(4):
+        seen = analyse(np.asarray(pipe("a red circle on a blue background", seed=k)))
+        hits += (seen.colour, seen.shape, seen.background) == ("red", "circle", "blue")
+    assert hits >= 3, hits
+    out = tmp_path / "lcm.png"
+    assert main(["generate", "a red circle on a blue background", "--model", "shapes-lcm",
+                 "-o", str(out), "--seed", "0"]) == 0 and out.is_file()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shapes-lcm").mkdir()
+    assert resolve_model("shapes-lcm") == Path("shapes-lcm")

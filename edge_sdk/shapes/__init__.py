@@ -14,24 +14,30 @@ from ..errors import InvalidInputError
 from ..manifest import Manifest
 
 SHAPES_NAME = "shapes"
+# the models drawn from the shapes scenes: the default one and its few-step distillation
+SHAPES_NAMES = (SHAPES_NAME, "shapes-lcm")
 
 
 def is_shapes_model(manifest: Manifest) -> bool:
     """Whether a bundle holds the shapes model, the one whose images the evaluator can
     judge: converted from the shipped checkpoint (the same source fingerprint as the
-    shipped bundle, whatever the precision or format), or named "shapes" at conversion
-    (`edge-convert --name shapes`, for one retrained with models/shapes/train.py)."""
-    if manifest.source.name == SHAPES_NAME:
+    shipped bundle, whatever the precision or format), or named "shapes" (or "shapes-lcm",
+    its few-step distillation) at conversion (`edge-convert --name shapes`, for one
+    retrained with models/shapes/train.py)."""
+    if manifest.source.name in SHAPES_NAMES:
         return True
     from ..models import shipped_bundle
-    shipped = shipped_bundle()
-    if shipped is None:
-        return False
-    try:
-        data = json.loads((shipped / N.MANIFEST_FILE).read_text())
-        return bool(data["source"]["fingerprint"] == manifest.source.fingerprint)
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+    for name in SHAPES_NAMES:
+        shipped = shipped_bundle(name)
+        if shipped is None:
+            continue
+        try:
+            data = json.loads((shipped / N.MANIFEST_FILE).read_text())
+            if data["source"]["fingerprint"] == manifest.source.fingerprint:
+                return True
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return False
 
 
 def require_shapes_model(manifest: Manifest, command: str) -> None:

@@ -57,6 +57,19 @@ def preview(latents: np.ndarray) -> np.ndarray:
     return np.asarray(preview_maker(manifest, "fast", None)(latents))
 
 
+def few_step() -> np.ndarray:
+    """The shipped few-step model, shapes-lcm, at its own defaults (4 LCM steps)."""
+    from edge_sdk import Pipeline
+    return np.asarray(Pipeline.load("shapes-lcm")(PROMPT, seed=SEED))
+
+
+def cached() -> np.ndarray:
+    """The default model with feature caching: the second of the two steps runs the UNet's
+    shallow branch on the first's deep features."""
+    from edge_sdk import Pipeline
+    return np.asarray(Pipeline.load()(PROMPT, seed=SEED, steps=STEPS, cache_interval=2))
+
+
 def seen(image: np.ndarray) -> str:
     """What the shapes evaluator (OpenCV) reads in an image, as text to compare."""
     from edge_sdk.shapes.evaluator import analyse
@@ -71,7 +84,8 @@ def main() -> int:
     np.savez(out, onnx=onnx_image, latents=latents, tflite=tflite_image,
              seen=np.array(seen(onnx_image)), source=source, mask=mask,
              img2img=edit(source, None), inpaint=edit(source, mask),
-             tiny=decode_tiny(latents), preview=preview(latents))
+             tiny=decode_tiny(latents), preview=preview(latents), lcm=few_step(),
+             cached=cached())
     return 0
 
 

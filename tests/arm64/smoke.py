@@ -7,7 +7,7 @@ aarch64 computes what x86 does, not only that it runs.
 
 Features: the default model on onnxruntime; the shapes evaluator (OpenCV); low memory (the
 VAE decoded in strips, decoder sessions opened per stage); the tiny decoder; the live
-preview's decoder (numpy); img2img;
+preview's decoder (numpy); feature caching; the few-step model (shapes-lcm); img2img;
 inpainting in low memory (the source encoded in strips); the LiteRT backend; the IoT
 example's service, over HTTP. (The runtime's import boundary is tested natively: this root
 filesystem has no torch to import.) Prints one line per feature with its time and its
@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference import (PROMPT, SEED, STEPS, decode_tiny, edit, generate, preview,  # noqa: E402
-                       seen)
+from reference import (PROMPT, SEED, STEPS, cached, decode_tiny, edit, few_step,  # noqa: E402
+                       generate, preview, seen)
 
 # onnxruntime's aarch64 kernels (NEON) round differently from x86's (AVX2): a few /255
 TOLERANCE = 3
@@ -96,6 +96,10 @@ def main() -> int:
     check("tiny decoder", decode_tiny(latents), ref["tiny"], t)
     t = time.perf_counter()
     check("live preview (preview decoder)", preview(latents), ref["preview"], t)
+    t = time.perf_counter()
+    check("feature caching (cache_interval 2)", cached(), ref["cached"], t)
+    t = time.perf_counter()
+    check("shapes-lcm: 4 LCM steps", few_step(), ref["lcm"], t)
     t = time.perf_counter()
     check("img2img (strength 0.5)", edit(ref["source"], None), ref["img2img"], t)
     t = time.perf_counter()
