@@ -30,7 +30,6 @@ from .registry import Exporter, _unet_example, _unet_optional
 DEFAULT_LAYERS = 1  # DeepCache's SD 1.5 setting: one layer of the first down block
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
-_REFUSED_CONFIG = ("class_embed_type", "num_class_embeds", "addition_embed_type_num_heads")
 
 
 def cache_problem(unet_cfg: dict[str, Any], layers: int = DEFAULT_LAYERS) -> str | None:
@@ -44,6 +43,10 @@ def cache_problem(unet_cfg: dict[str, Any], layers: int = DEFAULT_LAYERS) -> str
     per_block = per_block[0] if isinstance(per_block, (list, tuple)) else per_block
     if not 1 <= layers <= int(per_block):
         return f"it caches after {layers} layers, the first down block has {per_block}"
+    if layers == int(per_block) and len(down) < 2:
+        return "it has a single level: no up block before the last one to cache from"
+    if unet_cfg.get("class_embed_type") or unet_cfg.get("num_class_embeds"):
+        return "it takes class labels (class_embed_type / num_class_embeds)"
     if unet_cfg.get("addition_embed_type") == "image_hint":
         return "its hint image (addition_embed_type 'image_hint') enters every step"
     if unet_cfg.get("center_input_sample"):

@@ -196,7 +196,8 @@ def parse_precision(spec: str) -> dict[str, str]:
         for t in targets:
             if t not in out or t == N.UNET_SHALLOW:
                 raise ConversionError(f"unknown component {t!r} in --precision; use "
-                                      f"{list(N.COMPONENTS)} or 'vae'")
+                                      f"{[c for c in N.COMPONENTS if c != N.UNET_SHALLOW]} "
+                                      "or 'vae' (the UNet's shallow branch takes the UNet's)")
             out[t] = value
     out[N.UNET_SHALLOW] = out[N.UNET]
     return out

@@ -78,8 +78,8 @@ class GenerationConfig:
                                  type=str)
     cache_interval: int | None = _param(None, "feature caching (DeepCache): run the whole "
                                         "UNet every N-th step and only its shallow branch "
-                                        "between, reusing its deep features (2-5; default "
-                                        "1: every step whole)", type=int)
+                                        "between, reusing its deep features (typically 2-5; "
+                                        "default 1: every step whole)", type=int)
     # img2img and inpainting (given an image; refused without one)
     strength: float | None = _param(None, "with --image: how much of it is repainted, 0-1 "
                                     "(default 0.8; with --mask 1.0)", type=float)
@@ -241,9 +241,14 @@ def check_cache_interval(manifest: Manifest, interval: Any) -> int:
     value = _int("cache_interval", 1 if interval is None else interval, 1, MAX_STEPS)
     if value > 1 and UNET_SHALLOW not in manifest.components:
         formats = {c.format for c in manifest.components.values()}
-        why = ("TFLite bundles run every step whole" if "tflite" in formats
-               else "re-convert it with `edge-convert CHECKPOINT -o BUNDLE --overwrite` "
-               "(ONNX bundles get the shallow branch by default)")
+        if "tflite" in formats:
+            why = "TFLite bundles run every step whole"
+        elif manifest.converter.get("int8_method") == "static":
+            why = "static int8 bundles are converted without it"
+        else:
+            why = ("it was converted without one (--no-feature-cache, an older converter, or "
+                   "a UNet that cannot be split); where you have its checkpoint, re-convert "
+                   "it with `edge-convert CHECKPOINT -o BUNDLE --overwrite`")
         raise InvalidInputError(f"cache_interval={value}: this bundle has no shallow UNet "
                                 f"branch for feature caching; {why}, or leave "
                                 "cache_interval at 1")

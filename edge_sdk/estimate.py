@@ -89,9 +89,11 @@ def estimate_peak_bytes(manifest: Manifest, cfg: GenerationConfig, mode: str = "
     roles = names.REQUIRED_COMPONENTS + ((names.UNET_SHALLOW,) if int(cfg.cache_interval or 1)
                                          > 1 else ())  # feature caching: the shallow branch
     weights = sum(manifest.components[r].bytes for r in roles) if mode == "fast" else 0
-    # the cached deep features: a map per batch item of at most twice the first level's
-    # channels (cached at the last up block's entrance: the second level's)
-    cached = 2 * maps if int(cfg.cache_interval or 1) > 1 else 0
+    # the cached deep features: one map per image and guidance half (batched or in two
+    # caches alike), of the first level's channels, or the second level's (SD: twice as
+    # many) where the cache sits at the last up block's entrance
+    branches = images * (2 if cfg_on else 1)
+    cached = 2 * branches * maps // batch if int(cfg.cache_interval or 1) > 1 else 0
     # fast's memory arena keeps the UNet's peak reserved while the decoder runs
     act = unet + cached + vae if mode == "fast" else max(unet + cached, vae)
     return int(BASELINE_BYTES + weights + MODE_OVERHEAD[mode] + act)

@@ -69,15 +69,25 @@ def _check_optional_parts(m: Manifest, where: str) -> None:
                             f"{names.VAE_DECODER_TINY!r} component; re-convert the bundle")
     shallow = m.components.get(names.UNET_SHALLOW)
     deep = {t.name for t in m.components[names.UNET].outputs} & {UnetIO.DEEP_FEATURES}
-    if shallow is not None and not (deep and UnetIO.DEEP_FEATURES in shallow.input_names()):
+    if shallow is not None and not (deep and UnetIO.DEEP_FEATURES in shallow.input_names()
+                                    and _channels(m.components[names.UNET], True)
+                                    == _channels(shallow, False)):
         raise ManifestError(f"{where}: the bundle has a {names.UNET_SHALLOW!r} component but "
                             f"the UNet graph does not output (or it does not take) "
-                            f"{UnetIO.DEEP_FEATURES!r}; re-convert the bundle")
+                            f"{UnetIO.DEEP_FEATURES!r} of the same channels; re-convert the "
+                            "bundle")
     takes = "timestep_cond" in m.components[names.UNET].input_names()
     if takes != bool(m.unet.time_cond_proj_dim):
         raise ManifestError(f"{where}: unet.time_cond_proj_dim is {m.unet.time_cond_proj_dim} "
                             f"but the UNet graph {'takes a' if takes else 'takes no'} "
                             "timestep_cond input; re-convert the bundle")
+
+
+def _channels(spec: ComponentSpec, output: bool) -> object:
+    """The channel dimension of a component's deep-features output (or input)."""
+    tensors = spec.outputs if output else spec.inputs
+    shape = next((t.shape for t in tensors if t.name == UnetIO.DEEP_FEATURES), ())
+    return shape[1] if len(shape) > 1 else None
 
 
 MAX_TRAIN_TIMESTEPS = 100_000  # SD uses 1,000; the tables are allocated at this length

@@ -72,7 +72,8 @@ def test_chunked_unet_graph_serves_every_size_and_says_so(models, tmp_path):
         x = rng.standard_normal((1, 4, h, w), dtype=np.float32)
         ctx = rng.standard_normal((1, 77, 32), dtype=np.float32)
         t = np.array([500.0], np.float32)
-        (got,) = sess.run(None, {"sample": x, "timestep": t, "encoder_hidden_states": ctx})
+        (got,) = sess.run(["out_sample"], {"sample": x, "timestep": t,
+                                           "encoder_hidden_states": ctx})
         with torch.no_grad():
             ref = unet(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(ctx)).sample
         assert np.abs(got - ref.numpy()).max() < 1e-4

@@ -784,6 +784,9 @@ ROWS: list[Row] = [
         lambda c: L(c, c.manifest(lambda m: m["components"]["unet"].update(
             outputs=m["components"]["unet"]["outputs"][:1]))), ManifestError,
         "'unet_shallow' component but the UNet graph does not output.*'deep_features'"),
+    Row("conversion", "--precision naming the UNet's shallow branch",
+        lambda c: c.convert(c.ckpt, "-o", c.tmp / "out", "--precision", "unet_shallow=fp16"),
+        ConversionError, "unknown component 'unet_shallow'.*takes the UNet's"),
     Row("conversion", "--feature-cache with --format tflite", lambda c: c.convert(
         c.ckpt, "-o", c.tmp / "out", "--format", "tflite", "--feature-cache"),
         ConversionError, "--feature-cache is ONNX-only"),

@@ -12,11 +12,13 @@ from edge_sdk import GenerationConfig, Pipeline
 from edge_sdk import names as N
 from edge_sdk.contracts import UnetIO
 from edge_sdk.denoise import Conditioning
+from edge_sdk.errors import InvalidInputError
 from edge_sdk.feature_cache import cached_unet_predictor
 
 
 class FakeUnet:
-    """out = sample * 2 + context mean; deep features = sample + timestep (recorded)."""
+    """out = sample * 2 + context mean; deep features = sample + timestep + context mean
+    (so each guidance half caches its own)."""
 
     def __init__(self, log: list) -> None:
         self.log = log
@@ -26,7 +28,8 @@ class FakeUnet:
         self.log.append(("full", feeds[UnetIO.SAMPLE].shape[0], tuple(outputs or ())))
         x, t = feeds[UnetIO.SAMPLE], feeds[UnetIO.TIMESTEP]
         ctx = feeds[UnetIO.CONTEXT].mean(axis=(1, 2))[:, None, None, None]
-        return {UnetIO.OUTPUT: x * 2 + ctx, UnetIO.DEEP_FEATURES: x + t[:, None, None, None]}
+        return {UnetIO.OUTPUT: x * 2 + ctx,
+                UnetIO.DEEP_FEATURES: x + t[:, None, None, None] + ctx}
 
 
 class FakeShallow:
@@ -60,9 +63,10 @@ def test_the_whole_unet_runs_every_interval_and_its_features_feed_the_steps_betw
     want = [k for s in range(7) for k in ["full" if s % 3 == 0 else "shallow"] * per_step]
     assert kinds == want
     assert all(o == (UnetIO.OUTPUT, UnetIO.DEEP_FEATURES) for k, _, o in log if k == "full")
-    # step 2 reuses step 0's features (sample 0, timestep 100): uncond 100, cond 100 + 1;
-    # guided: 100 + 3 * 1
-    np.testing.assert_allclose(outs[2], 103.0)
+    # step 2 reuses step 0's features (sample 0, timestep 100), each half its own: uncond
+    # 100 (+ context 0), cond 101 (+ context 1); guided: 100 + 3 * (102 - 100). Halves
+    # swapping caches would give 101.
+    np.testing.assert_allclose(outs[2], 106.0)
     # step 3 is whole again: 2 * 3 + guidance of the context (3 * 1)
     np.testing.assert_allclose(outs[3], 9.0)
 
@@ -148,20 +152,59 @@ def test_every_memory_mode_runs_the_branches_as_planned(models, memory):
 
 
 def test_inpainting_and_lcm_unets_cache_too(models):
-    """Extra input channels (an inpainting UNet) and timestep_cond (LCM) reach both graphs."""
+    """Extra input channels (an inpainting UNet) and timestep_cond (LCM) reach both graphs:
+    the cached run differs from the whole one and stays finite."""
     for arch, extra in (("tiny-inpaint", {"image": np.full((64, 64, 3), 200, np.uint8),
                                           "mask_image": np.full((64, 64), 255, np.uint8)}),
                         ("tiny-lcm", {})):
         pipe = Pipeline.load(models.bundle(arch))
         assert N.UNET_SHALLOW in pipe.manifest.components, arch
-        out = pipe.generate("a red circle", GenerationConfig(seed=0, steps=4,
-                                                              cache_interval=2), **extra)
-        assert np.isfinite(out.latents).all() and out.config.cache_interval == 2
+        runs = [pipe.generate("a red circle", GenerationConfig(seed=0, steps=4,
+                                                                cache_interval=n), **extra)
+                for n in (1, 2)]
+        assert np.isfinite(runs[1].latents).all() and runs[1].config.cache_interval == 2
+        assert not np.array_equal(runs[0].latents, runs[1].latents), arch
+
+
+def test_img2img_caches_from_its_first_step(models):
+    """strength 0.5 of 6 DDIM steps runs the last 3: whole, shallow, whole."""
+    pipe = Pipeline.load(models.bundle("tiny-sd1"))
+    calls: list[str] = []
+    for role in (N.UNET, N.UNET_SHALLOW):
+        def wrap(session: Any, role: str = role) -> Any:
+            class Counted:
+                inputs, outputs = session.inputs, session.outputs
+
+                def run(self, feeds: Any, outputs: Any = None) -> Any:
+                    calls.append(role)
+                    return session.run(feeds, outputs)
+            return Counted()
+        pipe.components.wrap(role, wrap)
+    pipe("a red circle", image=np.full((64, 64, 3), 120, np.uint8), strength=0.5, steps=6,
+         scheduler="ddim", guidance_scale=3.0, seed=0, cache_interval=2)
+    assert calls == [N.UNET, N.UNET_SHALLOW, N.UNET]
+
+
+def test_the_shipped_default_models_branch_reproduces_its_unet():
+    """The default model's layout (no attention in its first and last blocks, the caption
+    in the time embedding, one layer per block), fp16, through onnxruntime."""
+    pipe = Pipeline.load()
+    unet, shallow = pipe.session(N.UNET), pipe.session(N.UNET_SHALLOW)
+    embeds = pipe.encode_prompt("a red circle on a blue background", guidance_scale=2.0)
+    rng = np.random.default_rng(0)
+    feeds = {UnetIO.SAMPLE: rng.standard_normal((2, 4, 16, 16), dtype=np.float32),
+             UnetIO.TIMESTEP: np.array([900.0, 300.0], np.float32),
+             UnetIO.CONTEXT: np.concatenate([embeds.uncond, embeds.cond])}
+    full = unet.run(feeds, [UnetIO.OUTPUT, UnetIO.DEEP_FEATURES])
+    again = shallow.run({**feeds, UnetIO.DEEP_FEATURES: full[UnetIO.DEEP_FEATURES]})
+    np.testing.assert_allclose(again[UnetIO.OUTPUT], full[UnetIO.OUTPUT], atol=2e-3)
+    stale = shallow.run({**feeds, UnetIO.DEEP_FEATURES: full[UnetIO.DEEP_FEATURES][::-1]})
+    assert np.abs(stale[UnetIO.OUTPUT] - full[UnetIO.OUTPUT]).max() > 0.05
 
 
 def test_no_feature_cache_leaves_the_unet_graph_as_it_was(models):
     pipe = Pipeline.load(models.bundle("tiny-sd1", feature_cache=False))
     assert N.UNET_SHALLOW not in pipe.manifest.components
     assert [o.name for o in pipe.manifest.components[N.UNET].outputs] == [UnetIO.OUTPUT]
-    with pytest.raises(Exception, match="no shallow UNet branch"):
+    with pytest.raises(InvalidInputError, match="no shallow UNet branch"):
         pipe("a red circle", steps=2, cache_interval=2)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The emulated aarch64 CI stage: on arm64 Debian bookworm (Python 3.11, as Raspberry Pi OS
 # 64-bit) with only the runtime's aarch64 wheels, one process (tests/arm64/smoke.py) makes one
-# small generation per feature — onnxruntime, low memory with the VAE in tiles, img2img,
-# inpainting, LiteRT, the IoT example over HTTP — and compares each with the same generation made natively here
+# small generation per feature — onnxruntime, low memory with the VAE in tiles, the tiny and
+# preview decoders, feature caching, shapes-lcm, img2img, inpainting, LiteRT, the IoT example
+# over HTTP — and compares each with the same generation made natively here
 # (tests/arm64/reference.py).
 # Budget: 5 min with the cache warm. Exit non-zero on failure.
 set -euo pipefail
