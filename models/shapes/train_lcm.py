@@ -90,9 +90,17 @@ def make_student(teacher) -> torch.nn.Module:
     return student.train()
 
 
+def load_student(init: Path) -> torch.nn.Module:
+    """An earlier run's student (its `unet` folder) to train on from."""
+    from diffusers import UNet2DConditionModel
+    student = UNet2DConditionModel.from_pretrained(init / "unet", torch_dtype=torch.float32)
+    assert student.config.time_cond_proj_dim == EMBED_DIM, student.config.time_cond_proj_dim
+    return student.train()
+
+
 def distill(teacher, text, tok, latents, scenes, args) -> torch.nn.Module:
     sched = Schedule(args.ddim_steps)
-    student = make_student(teacher)
+    student = load_student(args.init) if args.init else make_student(teacher)
     target = copy.deepcopy(student).eval().requires_grad_(False)
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
     rng = np.random.default_rng(args.seed + 1)
@@ -182,6 +190,8 @@ def main() -> None:
     ap.add_argument("--huber-c", type=float, default=0.001)
     ap.add_argument("--pool", type=int, default=3000, help="scenes encoded for training")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--init", type=Path, default=None,
+                    help="continue from an earlier run's checkpoint (default: the teacher)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
