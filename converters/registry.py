@@ -67,8 +67,11 @@ def _module(forward: Callable[..., Any]) -> Callable[[Any], Any]:
 
 
 def _text(m: Any, input_ids: Any) -> Any:
-    out = m(input_ids=input_ids, return_dict=True)
-    return out.last_hidden_state, out.pooler_output
+    import torch
+    out = m(input_ids=input_ids, output_hidden_states=True, return_dict=True)
+    norm = getattr(m, "text_model", m).final_layer_norm  # (transformers 5 flattened it)
+    layers = torch.stack([norm(h) for h in out.hidden_states[:-1]], dim=1)
+    return out.last_hidden_state, out.pooler_output, layers
 
 
 def _unet(m: Any, sample: Any, timestep: Any, context: Any, timestep_cond: Any = None) -> Any:
@@ -147,7 +150,7 @@ def _encoder_example(model: Any, batch: int, size: Any, s: Shapes) -> dict[str, 
 
 EXPORTERS: dict[str, Exporter] = {e.contract.kind: e for e in (
     Exporter(C.TEXT_ENCODER, Checkpoint.load_text_encoder, _module(_text), _text_example,
-             sized=False),
+             sized=False, optional_outputs=lambda model: (TextEncoderIO.LAYER_STATES,)),
     Exporter(C.UNET, Checkpoint.load_unet, _module(_unet), _unet_example,
              optional=_unet_optional),
     Exporter(C.VAE_DECODER, Checkpoint.load_vae, _module(_decode), _decoder_example),

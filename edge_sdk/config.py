@@ -15,8 +15,9 @@ import secrets
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Mapping
 
+from .contracts import TextEncoderIO
 from .errors import InvalidInputError
-from .names import DECODERS, UNET_SHALLOW
+from .names import DECODERS, TEXT_ENCODER, UNET_SHALLOW
 from .manifest import Manifest
 from .schedulers import resolve_scheduler
 from .tokenizer import check_prompt
@@ -33,11 +34,12 @@ ENCODE_MODES = ("sample", "mean")  # diffusers' retrieve_latents: "sample" / "ar
 
 
 def _param(default: Any, help: str, *, flag: str | None = None, type: Any = None,
-           aliases: tuple[str, ...] = ()) -> Any:
+           aliases: tuple[str, ...] = (), switch: bool | None = None) -> Any:
     """A generation parameter: `flag` is its CLI spelling (default: --field-name), `type`
-    the CLI's parser, `aliases` other keyword names (diffusers') that mean the same."""
+    the CLI's parser, `aliases` other keyword names (diffusers') that mean the same;
+    `switch`: the flag takes no value and sets this."""
     return field(default=default, metadata={"help": help, "flag": flag, "type": type,
-                                            "aliases": aliases})
+                                            "aliases": aliases, "switch": switch})
 
 
 def uses_guidance(guidance_scale: float) -> bool:
@@ -80,6 +82,15 @@ class GenerationConfig:
                                         "UNet every N-th step and only its shallow branch "
                                         "between, reusing its deep features (typically 2-5; "
                                         "default 1: every step whole)", type=int)
+    prompt_weighting: bool | None = _param(None, "do not read A1111's weighting syntax in "
+                                           "prompts, (word:1.3), (word), [word] (default: "
+                                           "read it)", flag="--no-prompt-weighting",
+                                           switch=False)
+    long_prompts: bool | None = _param(None, "read prompts beyond the text encoder's 77 tokens "
+                                       "as A1111 does, in chunks of 75 (default: truncate, "
+                                       "with a warning)", switch=True)
+    clip_skip: int | None = _param(None, "skip the text encoder's last N layers, as diffusers' "
+                                   "clip_skip (A1111's 'Clip skip' N+1; default 0)", type=int)
     # img2img and inpainting (given an image; refused without one)
     strength: float | None = _param(None, "with --image: how much of it is repainted, 0-1 "
                                     "(default 0.8; with --mask 1.0)", type=float)
@@ -146,6 +157,8 @@ class GenerationConfig:
         return replace(self, steps=steps, guidance_scale=float(g), width=width, height=height,
                        seed=seed, scheduler=self.scheduler or cls.class_name, num_images=n,
                        decoder=decoder, cache_interval=interval,
+                       **check_text_options(manifest, self.prompt_weighting,
+                                            self.long_prompts, self.clip_skip),
                        **self._edit_fields(edit))
 
     def _edit_fields(self, edit: str | None) -> dict[str, Any]:
@@ -201,6 +214,11 @@ def add_arguments(parser: Any, only: tuple[str, ...] | None = None) -> None:
         if only is not None and f.name not in only:
             continue
         flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+        if f.metadata["switch"] is not None:
+            parser.add_argument(flag, dest=f.name, action="store_const",
+                                const=f.metadata["switch"], default=f.default,
+                                help=f.metadata["help"])
+            continue
         parser.add_argument(flag, dest=f.name, type=f.metadata["type"], default=f.default,
                             help=f.metadata["help"])
 
@@ -253,6 +271,37 @@ def check_cache_interval(manifest: Manifest, interval: Any) -> int:
                                 f"branch for feature caching; {why}, or leave "
                                 "cache_interval at 1")
     return value
+
+
+def check_text_options(manifest: Manifest, weighting: Any, long: Any,
+                       clip_skip: Any) -> dict[str, Any]:
+    """prompt_weighting (None: on), long_prompts (None: off) and clip_skip (None: 0) as
+    this bundle can serve them."""
+    out = {}
+    for name, value, default in (("prompt_weighting", weighting, True),
+                                 ("long_prompts", long, False)):
+        if value is not None and not isinstance(value, bool):
+            raise InvalidInputError(f"{name} must be True or False, got {value!r}")
+        out[name] = default if value is None else value
+    text = manifest.components[TEXT_ENCODER]
+    if out["long_prompts"] and text.format == "tflite":
+        raise InvalidInputError("long_prompts: this bundle's TFLite models have static shapes "
+                                "that take one window of 77 tokens; leave long_prompts off "
+                                "(longer prompts are truncated) or use an ONNX bundle")
+    layers = next((t.shape[1] for t in text.outputs if t.name == TextEncoderIO.LAYER_STATES),
+                  None)
+    skip = _int("clip_skip", 0 if clip_skip is None else clip_skip, 0, MAX_STEPS)
+    if skip and not isinstance(layers, int):
+        fix = ("TFLite text encoders do not expose them" if text.format == "tflite" else
+               "it was converted before clip skip existed: re-convert the checkpoint with "
+               "`edge-convert CHECKPOINT -o BUNDLE --overwrite`")
+        raise InvalidInputError(f"clip_skip={skip}: this bundle's text encoder exposes no "
+                                f"earlier layers ({fix}); or leave clip_skip at 0")
+    if skip and skip > layers:  # (clip_skip = layers reads the token embeddings)
+        raise InvalidInputError(f"clip_skip={skip}: this text encoder has {layers} layers; "
+                                f"clip_skip must be in [0, {layers}]")
+    out["clip_skip"] = skip
+    return out
 
 
 def refuse_negative_prompt_if_embedded(manifest: Manifest, negative_prompt: Any) -> None:

@@ -77,6 +77,10 @@ class TextEncoderIO:
     INPUT_IDS = "input_ids"
     HIDDEN_STATES = "last_hidden_state"
     POOLED = "pooler_output"
+    # clip skip: every layer's input (the embeddings, then each layer's output but the
+    # last) through the final LayerNorm, [batch, layers, tokens, dim]; `clip_skip=N` reads
+    # [:, layers - N] (diffusers' hidden_states[-(N + 1)], normed)
+    LAYER_STATES = "layer_states"
 
 
 class UnetIO:
@@ -117,7 +121,8 @@ class StageIO:
 TEXT_ENCODER = ComponentContract(
     "text_encoder",
     (TensorContract(TextEncoderIO.INPUT_IDS, "int64"),),
-    (TensorContract(TextEncoderIO.HIDDEN_STATES), TensorContract(TextEncoderIO.POOLED)))
+    (TensorContract(TextEncoderIO.HIDDEN_STATES), TensorContract(TextEncoderIO.POOLED),
+     TensorContract(TextEncoderIO.LAYER_STATES, optional=True)))
 
 UNET = ComponentContract(
     "unet",

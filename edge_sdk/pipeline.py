@@ -6,7 +6,7 @@ The stages stay public for callers who need them: `encode_prompt`, `denoise`, `d
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -33,7 +33,7 @@ from .models import default_bundle, resolve_model
 from .osmem import return_freed_memory
 from .preview import Preview, PreviewFn, as_preview, preview_hook, preview_maker
 from .schedulers import Scheduler, create_scheduler
-from .text_encoder import PromptEmbeds, encode_prompts
+from .text_encoder import PromptEmbeds, TextOptions, encode_prompts
 from .spill import SpillMaps, check_spill_folder
 from .tokenizer import PromptTokenizer
 from .vae import decode_latents as _decode_whole
@@ -97,14 +97,16 @@ class Pipeline:
 
     # -- stages --------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Sequence[str], negative_prompt: str | None = None,
-                      num_images: int = 1, guidance_scale: float | None = None) -> PromptEmbeds:
+                      num_images: int = 1, guidance_scale: float | None = None,
+                      text: TextOptions = TextOptions()) -> PromptEmbeds:
         """Text embeddings for `prompt` (a list: each, in turn) and the negative prompt when
-        guidance is on, repeated for `num_images` per prompt."""
+        guidance is on, repeated for `num_images` per prompt; `text`: prompt weighting,
+        long prompts and clip skip (edge_sdk.text_encoder.TextOptions)."""
         g = self.manifest.defaults.guidance_scale if guidance_scale is None else guidance_scale
         refuse_negative_prompt_if_embedded(self.manifest, negative_prompt)
         return encode_prompts(self.session(N.TEXT_ENCODER), self.tokenizer, prompts_of(prompt),
                               negative_prompt, num_images,
-                              guidance=classifier_free(self.manifest, g))
+                              guidance=classifier_free(self.manifest, g), options=text)
 
     def _decoder(self, decoder: str, mode: str) -> str:
         """"full" or "tiny": what `decoder` ("full" | "tiny" | "auto") means in memory mode
@@ -167,17 +169,18 @@ class Pipeline:
 
     # -- the whole thing -----------------------------------------------------------------
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | None = None,
-                 steps: int | None = None,
-                 guidance_scale: float | None = None, seed: int | None = None,
-                 width: int | None = None, height: int | None = None,
+                 steps: int | None = None, guidance_scale: float | None = None,
+                 seed: int | None = None, width: int | None = None, height: int | None = None,
                  scheduler: str | None = None, num_images: int = 1, *,
                  decoder: str | None = None, cache_interval: int | None = None,
-                 image: ImageSource | None = None, mask_image: ImageSource | None = None,
-                 strength: float | None = None, padding_mask_crop: int | None = None,
-                 paste_back: bool | None = None, encode_mode: str | None = None,
-                 latents: np.ndarray | None = None, callback: StepCallback | None = None,
-                 preview: PreviewFn | Preview | None = None, preview_every: int = 1,
-                 output_type: str = "pil", return_dict: bool = False,
+                 prompt_weighting: bool | None = None, long_prompts: bool | None = None,
+                 clip_skip: int | None = None, image: ImageSource | None = None,
+                 mask_image: ImageSource | None = None, strength: float | None = None,
+                 padding_mask_crop: int | None = None, paste_back: bool | None = None,
+                 encode_mode: str | None = None, latents: np.ndarray | None = None,
+                 callback: StepCallback | None = None, preview_every: int = 1,
+                 preview: PreviewFn | Preview | None = None, output_type: str = "pil",
+                 return_dict: bool = False,
                  callback_on_step_end: StepEndCallback | None = None,
                  callback_on_step_end_tensor_inputs: Sequence[str] = STEP_END_TENSORS,
                  **aliases: Any) -> Any:
@@ -205,12 +208,8 @@ class Pipeline:
         input channels) or an ordinary one (the known region blended back after every
         step). The output is the image's size rounded down to a multiple of 8, unless
         width/height are given."""
-        params = dict(negative_prompt=negative_prompt, steps=steps,
-                      guidance_scale=guidance_scale, seed=seed, width=width, height=height,
-                      scheduler=scheduler, num_images=num_images, decoder=decoder,
-                      cache_interval=cache_interval, strength=strength,
-                      padding_mask_crop=padding_mask_crop, paste_back=paste_back,
-                      encode_mode=encode_mode)
+        given_here = locals()  # each GenerationConfig field is a parameter (a test checks)
+        params = {f.name: given_here[f.name] for f in fields(GenerationConfig)}
         given = {k: v for k, v in params.items() if v is not None or k == "num_images"}
         if num_images == 1 and not isinstance(num_images, bool):  # the default: an alias may
             del given["num_images"]                                # set it instead
@@ -252,7 +251,9 @@ class Pipeline:
         rng = [np.random.default_rng(s) for s in seeds]
         with timed(timings, "text_encoder"):
             embeds = self.encode_prompt(req.prompts, cfg.negative_prompt, int(cfg.num_images),
-                                        cfg.guidance_scale)
+                                        cfg.guidance_scale, TextOptions(
+                                            bool(cfg.prompt_weighting),
+                                            bool(cfg.long_prompts), int(cfg.clip_skip or 0)))
             self.components.done_with(N.TEXT_ENCODER)
         f, c = self.manifest.vae.scale_factor, self.manifest.vae.latent_channels
         noise = initial_noise((total, c, int(cfg.height or 0) // f, int(cfg.width or 0) // f),

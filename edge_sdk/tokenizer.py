@@ -10,6 +10,7 @@ import numpy as np
 
 from .errors import BundleError, InvalidInputError
 from .manifest import TokenizerSpec
+from .prompt_weights import Chunk, chunk_prompt, tokenize_weighted
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,30 @@ class PromptTokenizer:
                 ids = ids[:L - 1] + [spec.eos_token_id]
             out[row, :len(ids)] = ids
         return out
+
+    def chunks(self, prompt: str, weighting: bool, long: bool) -> list[Chunk]:
+        """`prompt` as text-encoder inputs with per-token weights (edge_sdk.prompt_weights):
+        A1111's weighting syntax read when `weighting`, as many 75-token chunks as it
+        needs when `long` (else one, truncated with a logged warning)."""
+        check_prompt(prompt)
+        spec = self.spec
+        fragments = tokenize_weighted(prompt, self._fragment_ids, weighting)
+        chunks, dropped = chunk_prompt(fragments, length=spec.max_length,
+                                       bos=spec.bos_token_id, eos=spec.eos_token_id,
+                                       pad=spec.pad_token_id, comma=self._comma(),
+                                       split=long)
+        if dropped:
+            log.warning("the prompt was truncated to the text encoder's %d tokens: its last "
+                        "%d tokens were dropped (long_prompts=True / --long-prompts reads "
+                        "them all)", spec.max_length, dropped)
+        return chunks
+
+    def _fragment_ids(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False).ids) if text else []
+
+    def _comma(self) -> int | None:
+        ids = self._fragment_ids(",")
+        return ids[0] if len(ids) == 1 else None
 
     def count(self, prompt: str) -> int:
         """Number of tokens of `prompt`, including <bos> and <eos>."""

@@ -282,6 +282,16 @@ def _long_prompt(ctx: Ctx) -> None:
     assert any("truncated" in r.getMessage() and "77 tokens" in r.getMessage() for r in records)
 
 
+def _unbalanced(ctx: Ctx) -> None:
+    """A1111 closes an unclosed bracket at the end of the prompt; a stray closer is text."""
+    with _capture("edge_sdk") as records:
+        a = np.asarray(ctx.gen("a (red circle"))
+    assert not [r for r in records if r.levelno >= logging.WARNING]
+    assert np.array_equal(a, np.asarray(ctx.gen("a (red circle)")))
+    assert not np.array_equal(a, np.asarray(ctx.gen("a red circle")))
+    assert np.asarray(ctx.gen("a red) circle]")).shape == (64, 64, 3)
+
+
 class _capture:
     def __init__(self, logger: str) -> None:
         self.logger, self.records = logging.getLogger(logger), []
@@ -316,6 +326,13 @@ def _with_env(name: str, value: str, fn: Callable[[], Any]) -> Any:
     from unittest import mock
     with mock.patch.dict(os.environ, {name: value}):
         return fn()
+
+
+def _drop_layer_states(m: dict) -> None:
+    """The manifest of a bundle whose text encoder has no layer states (the graph's extra
+    output is then simply not asked for)."""
+    te = m["components"]["text_encoder"]
+    te["outputs"] = [t for t in te["outputs"] if t["name"] != "layer_states"]
 
 
 def _works(check: Callable[[Ctx], bool]) -> Callable[[Ctx], None]:
@@ -509,6 +526,22 @@ ROWS: list[Row] = [
         InvalidInputError, "negative_prompt"),
     Row("prompt", "prompt longer than the text encoder's 77 tokens", _long_prompt, None,
         "works: truncated to 77 tokens, with a warning naming the limit"),
+    Row("prompt", "unbalanced brackets in a weighted prompt: 'a (red circle', 'a red) circle]'",
+        _unbalanced, None, "works as A1111 reads it: an unclosed bracket weighs the rest of "
+        "the prompt, a stray closing one is text"),
+    Row("prompt", "a weight that is not a number: '(red:lots)'",
+        _works(lambda c: c.gen("a (red:lots) circle").size == (64, 64)), None,
+        "works as A1111 reads it: ':lots' is text inside a (x1.1) bracket"),
+    Row("parameter", "prompt_weighting not a bool", lambda c: c.gen(prompt_weighting="no"),
+        InvalidInputError, "prompt_weighting must be True or False, got 'no'"),
+    Row("parameter", "clip_skip negative", lambda c: c.gen(clip_skip=-1), InvalidInputError,
+        "clip_skip must be in \\[0, 1000\\], got -1"),
+    Row("parameter", "clip_skip beyond the text encoder's layers",
+        lambda c: c.gen(clip_skip=3), InvalidInputError,
+        "clip_skip=3: this text encoder has 2 layers; clip_skip must be in \\[0, 2\\]"),
+    Row("parameter", "clip_skip on a bundle converted before clip skip existed",
+        lambda c: Pipeline.load(c.manifest(_drop_layer_states))("x", steps=2, clip_skip=1),
+        InvalidInputError, "exposes no earlier layers.*re-convert the checkpoint"),
     Row("prompt", "empty prompt", _works(lambda c: c.gen("").size == (64, 64)), None,
         "works: an unconditional image"),
     Row("prompt", "non-ASCII prompt (emoji, accents, CJK)",
