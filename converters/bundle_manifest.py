@@ -85,6 +85,8 @@ def build_manifest(ckpt: Checkpoint, opts: ConvertOptions, layout: Layout, sourc
                    preview_decoder: tuple[PreviewLayer, ...] = ()) -> Manifest:
     unet_cfg, vae_cfg, sched = ckpt.config("unet"), ckpt.config("vae"), ckpt.config("scheduler")
     converter = _converter_info(opts)
+    if ckpt.loras:  # fused at conversion: the bundle's weights are no longer the checkpoint's
+        converter["loras"] = [lora.describe() for lora in ckpt.loras]
     return Manifest(
         family="stable-diffusion", variant=_variant(unet_cfg, tok.pad_token, sched),
         source=SourceInfo(source_name, ckpt.fingerprint(), ckpt.pipeline_class,

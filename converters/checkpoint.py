@@ -28,6 +28,8 @@ class Checkpoint:
     path: Path
     model_index: dict[str, Any]
     allow_pickle: bool = False
+    # fused into the UNet and text encoder as they load (converters.lora_fuse)
+    loras: tuple[Any, ...] = ()
 
     @classmethod
     def open(cls, path: str | Path, allow_pickle: bool = False) -> "Checkpoint":
@@ -136,7 +138,13 @@ class Checkpoint:
                                         use_safetensors=not self.allow_pickle)
         except Exception as exc:  # diffusers/transformers raise many kinds; report one
             raise ConversionError(f"cannot load {self.path / name}: {exc}") from exc
-        return model.float().eval()
+        model = model.float().eval()
+        if self.loras:
+            from .lora_fuse import LORA_COMPONENTS, fuse_loras
+            roles = {folder: role for role, folder in LORA_COMPONENTS.items()}
+            if name in roles:
+                fuse_loras(model, roles[name], self.loras)
+        return model
 
     def load_unet(self) -> Any:
         from diffusers import UNet2DConditionModel

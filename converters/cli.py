@@ -60,6 +60,9 @@ def _convert_parser() -> argparse.ArgumentParser:
     stages.add_argument("--no-vae-stages", dest="vae_stages", action="store_false",
                         help="no decoder stages: a smaller bundle that decodes whole (more "
                         "memory at large sizes)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="a LoRA (.safetensors, kohya/A1111 or diffusers/PEFT keys) fused into "
+                   "the UNet and text encoder at SCALE (default 1); repeatable")
     p.add_argument("--allow-pickle", action="store_true",
                    help="also load .bin/.ckpt weights (pickle: only for sources you trust)")
     p.add_argument("--export-cache", default=None, metavar="DIR",
@@ -174,6 +177,8 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from edge_sdk.lora import parse_lora_arg
+
     from .convert import ConvertOptions, convert
     t0 = time.perf_counter()
     options = ConvertOptions(
@@ -184,7 +189,8 @@ def _convert(args: argparse.Namespace) -> int:
         feature_cache=args.feature_cache, int8_method=args.int8_method, vae_stages=args.vae_stages,
         attention_chunks=args.attention_chunks, sizes=args.sizes,
         export_cache=args.export_cache,
-        calibration=args.calibration, name=args.name)
+        calibration=args.calibration, name=args.name,
+        loras=tuple(parse_lora_arg(x) for x in args.lora))
     convert(args.checkpoint, args.output, options,
             progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(f"converted in {time.perf_counter() - t0:.1f} s")

@@ -78,6 +78,9 @@ def convert(checkpoint: str | Path, output: str | Path, options: ConvertOptions 
         open_cache(opts.export_cache)
     ckpt = Checkpoint.open(checkpoint, allow_pickle=opts.allow_pickle)
     ckpt.check_supported()
+    if opts.loras:
+        from .lora_fuse import read_loras
+        ckpt = replace(ckpt, loras=tuple(read_loras(ckpt.path, opts.loras)))
     if opts.tiny_vae is not None:
         _check_tiny_matches(ckpt, Path(opts.tiny_vae))
     preview_layers: tuple[PreviewLayer, ...] = ()

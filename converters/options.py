@@ -54,6 +54,8 @@ class ConvertOptions:
     # (converters.feature_cache); None: yes for ONNX where the UNet can be split (not with
     # static int8), no for TFLite
     feature_cache: bool | None = None
+    # LoRAs fused into the UNet and text encoder before export: (file, scale) each
+    loras: tuple[tuple[str | Path, float], ...] = ()
 
     @classmethod
     def of(cls, options: "ConvertOptions | None", overrides: Mapping[str, Any]
@@ -125,6 +127,7 @@ class ConvertOptions:
         if self.preview_decoder is not None:
             from .preview_fit import read_preview_decoder
             read_preview_decoder(self.preview_decoder)
+        _check_loras(self.loras)
         name = self.name.strip() if self.name is not None else None
         if name == "":
             raise ConversionError("--name must not be empty (leave it out to use the "
@@ -164,6 +167,19 @@ def _check_tiny_vae(path: Path, allow_pickle: bool) -> None:
         raise ConversionError(f"--tiny-vae {path}: no .safetensors weights there"
                               + ("" if allow_pickle else " (pickled .bin weights need "
                                  "--allow-pickle)"))
+
+
+def _check_loras(loras: Any) -> None:
+    """--lora: (file, scale) pairs, each file present and each scale a finite number."""
+    for item in loras:
+        if not (isinstance(item, tuple) and len(item) == 2):
+            raise ConversionError(f"loras: each is (file, scale), got {item!r}")
+        path, scale = item
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
+                or not math.isfinite(scale):
+            raise ConversionError(f"--lora {path}: scale {scale!r} is not a finite number")
+        if not Path(path).is_file():
+            raise ConversionError(f"--lora {path}: no such file")
 
 
 def _check_defaults(steps: int | None, guidance: float | None) -> None:

@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 from .config import GenerationConfig
 from .errors import (BackendUnavailableError, BundleError, CallbackError, CancelledError,
                      EdgeSDKError, InferenceError, IntegrityError, InvalidInputError,
-                     ManifestError, SchedulerError)
+                     LoraError, ManifestError, SafetensorsError, SchedulerError)
 from .manifest import Manifest
 
 if TYPE_CHECKING:  # type checkers and IDEs see the real classes
@@ -35,5 +35,5 @@ def __getattr__(name: str) -> object:
 __all__ = ["Pipeline", "Generation", "Preview", "GenerationConfig", "Manifest", "EdgeSDKError",
            "BundleError", "ManifestError", "IntegrityError", "InvalidInputError",
            "SchedulerError", "BackendUnavailableError", "InferenceError", "CancelledError",
-           "CallbackError",
+           "CallbackError", "LoraError", "SafetensorsError",
            "__version__"]

@@ -137,7 +137,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     images = []
     for k, (image, path) in enumerate(zip(result.images, paths)):
         params = {**result.image_parameters(k), "model": pipe.manifest.source.name,
-                  "edge_sdk": __version__}
+                  "edge_sdk": __version__, **({"loras": pipe.loras} if pipe.loras else {})}
         save_png(image, path, params)
         images.append({"path": str(path), "seed": params["seed"]})
     t = {"load": load_s, **result.timings}

@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from .errors import InvalidInputError
+from .lora import parse_lora_arg
 
 __all__ = ["MODEL_HELP", "add_memory_arg", "add_backend_args", "backend_kwargs"]
 
@@ -28,6 +29,9 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
                    help="a TFLite external delegate library (e.g. a vendor NPU's)")
     p.add_argument("--delegate-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an option for --delegate (repeatable)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="a LoRA (.safetensors) applied to an fp32/fp16 ONNX bundle at load "
+                   "time, at SCALE (default 1); repeatable")
 
 
 def backend_kwargs(a: argparse.Namespace) -> dict[str, Any]:
@@ -40,4 +44,5 @@ def backend_kwargs(a: argparse.Namespace) -> dict[str, Any]:
         options.append((key, value))
     return {"threads": a.threads, "backend": a.backend,
             "providers": [p for p in a.providers.split(",") if p] if a.providers else None,
-            "delegate": a.delegate, "delegate_options": dict(options) or None}
+            "delegate": a.delegate, "delegate_options": dict(options) or None,
+            "loras": dict(parse_lora_arg(x) for x in a.lora) or None}

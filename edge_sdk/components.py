@@ -8,6 +8,8 @@ import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
+
 from .backends import BackendOptions, Session, check_backend, open_session
 from .contracts import COMPUTE_BOUND_KINDS
 from .errors import BundleError, InvalidInputError
@@ -30,13 +32,30 @@ class Components:
         self.bundle, self.manifest, self.options, self.plan = bundle, manifest, options, plan
         self._sessions: dict[str, Session] = {}
         self._wrappers: dict[str, Wrapper] = {}
+        # weights that replace the graph's (a load-time LoRA's), by role
+        self._weights: dict[str, dict[str, np.ndarray]] = {}
         self._lock = threading.Lock()
 
     def replan(self, options: BackendOptions, plan: MemoryPlan) -> "Components":
-        """The same bundle under another plan: no session open, the wrappers kept."""
+        """The same bundle under another plan: no session open, the wrappers and weights
+        kept."""
         other = Components(self.bundle, self.manifest, options, plan)
-        other._wrappers = dict(self._wrappers)
+        other._wrappers, other._weights = dict(self._wrappers), dict(self._weights)
         return other
+
+    def set_weights(self, role: str, weights: dict[str, np.ndarray]) -> None:
+        """Run the role's graph with `weights` (initializer name -> values) in place of its
+        own from now on; an open session of it is closed, to be opened anew when needed.
+        Empty: its own weights again."""
+        with self._lock:
+            old = self._weights.get(role, {})
+            if old.keys() == weights.keys() and all(np.array_equal(old[k], weights[k])
+                                                    for k in weights):
+                return  # the same weights: the open session stays
+            self._weights.pop(role, None)
+            if weights:
+                self._weights[role] = weights
+            self._sessions.pop(role, None)
 
     @property
     def loaded(self) -> list[str]:
@@ -51,7 +70,8 @@ class Components:
                 if spec is None:
                     raise BundleError(f"this bundle has no {role!r} component; re-convert it "
                                       "with that component")
-                session = open_session(self.bundle, spec, self.options)
+                session = open_session(self.bundle, spec, self.options,
+                                       self._weights.get(role))
                 wrap = self._wrappers.get(role)
                 self._sessions[role] = wrap(session) if wrap else session
             return self._sessions[role]

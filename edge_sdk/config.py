@@ -254,6 +254,15 @@ def check_decoder(manifest: Manifest, decoder: Any) -> str:
     return str(decoder)
 
 
+def decoder_in_mode(manifest: Manifest, decoder: Any, mode: str) -> str:
+    """"full" or "tiny": what `decoder` ("full" | "tiny" | "auto") means in memory mode
+    `mode` (auto: tiny in low, where the bundle has one)."""
+    decoder = check_decoder(manifest, decoder)
+    has = bool(manifest.vae.tiny_scaling_factor)
+    return "tiny" if decoder == "tiny" or (decoder == "auto" and has and mode == "low") \
+        else "full"
+
+
 def check_cache_interval(manifest: Manifest, interval: Any) -> int:
     """A feature-caching interval this bundle can serve (None: 1, off)."""
     value = _int("cache_interval", 1 if interval is None else interval, 1, MAX_STEPS)

@@ -13,6 +13,8 @@ __all__ = [
     "IntegrityError",
     "InvalidInputError",
     "SchedulerError",
+    "SafetensorsError",
+    "LoraError",
     "BackendUnavailableError",
     "InferenceError",
     "ConversionError",
@@ -43,6 +45,15 @@ class InvalidInputError(EdgeSDKError, ValueError):
 
 class SchedulerError(InvalidInputError):
     """Unknown scheduler name, or a scheduler option this runtime does not implement."""
+
+
+class SafetensorsError(InvalidInputError):
+    """A `.safetensors` file (a LoRA, an embedding) is unreadable, truncated or malformed."""
+
+
+class LoraError(InvalidInputError):
+    """A LoRA file is in an unknown convention, matches no layer, or is for another base, or
+    the bundle cannot take it at load time."""
 
 
 class BackendUnavailableError(EdgeSDKError):

@@ -15,7 +15,7 @@ import numpy as np
 from . import names as N
 from .backends import BackendOptions, Session
 from .components import Components, check_accelerator_options
-from .config import (MAX_IMAGES, GenerationConfig, check_decoder, classifier_free,
+from .config import (MAX_IMAGES, GenerationConfig, classifier_free, decoder_in_mode,
                      refuse_negative_prompt_if_embedded, size_multiple)
 from .denoise import (STEP_END_TENSORS, Conditioning, StepCallback, StepEndCallback,
                       checked_step_callback, generation_predictor, run_denoising,
@@ -33,6 +33,7 @@ from .models import default_bundle, resolve_model
 from .osmem import return_freed_memory
 from .preview import Preview, PreviewFn, as_preview, preview_hook, preview_maker
 from .schedulers import Scheduler, create_scheduler
+from .lora_weights import bundle_overrides, read_loras
 from .text_encoder import PromptEmbeds, TextOptions, encode_prompts
 from .spill import SpillMaps, check_spill_folder
 from .tokenizer import PromptTokenizer
@@ -56,13 +57,15 @@ class Pipeline:
         self.components = Components(bundle, manifest, options, self.plan)
         self._warned_untiled = self._warned_untiled_encoder = False
         self._interrupt = False  # diffusers' flag: a step-end callback sets it to stop
+        self.loras: dict[str, float] = {}  # applied at load time: file -> scale
         self.tokenizer = PromptTokenizer(bundle / manifest.tokenizer.file, manifest.tokenizer)
 
     @classmethod
     def load(cls, bundle: str | Path | None = None, *, backend: str = "auto",
              threads: int | None = None, providers: Sequence[str] | None = None,
              verify: bool = True, memory: str = "fast", delegate: str | None = None,
-             delegate_options: Mapping[str, str] | None = None) -> "Pipeline":
+             delegate_options: Mapping[str, str] | None = None,
+             loras: Mapping[str | Path, float] | None = None) -> "Pipeline":
         """Open a bundle folder, or a shipped model by name ("shapes", "shapes-lcm"; None =
         the default model).
 
@@ -73,7 +76,7 @@ class Pipeline:
         `verify=True` checks every file's sha256 against the manifest before loading (turn it
         off on slow storage; sizes are still checked). `memory` is "fast", "balanced", "low"
         or a budget such as "300MB" (see edge_sdk.memory.MemoryPlan); the plan is logged.
-        """
+        `loras`: {file: scale}, applied as `set_loras` does."""
         path = resolve_model(bundle) if bundle is not None else default_bundle()
         manifest = Manifest.load(path)
         manifest.verify_files(path, checksums=verify)
@@ -86,10 +89,19 @@ class Pipeline:
         if plan.return_freed and not return_freed_memory():
             log.info("could not set the C heap to return freed memory (not glibc)")
         pipe = cls(path, manifest, replace(options, low_memory=plan.map_weights), plan, memory)
+        pipe.set_loras(loras or {})
         pipe.components.open_all(N.REQUIRED_COMPONENTS)
         log.info("loaded %s (%s, %s) from %s; %s", manifest.source.name, manifest.family,
                  manifest.variant, path, plan.describe())
         return pipe
+
+    def set_loras(self, loras: Mapping[str | Path, float]) -> None:
+        """Apply LoRAs ({file: scale}; {}: none) to this fp32/fp16 ONNX bundle's UNet and
+        text encoder (edge_sdk.lora_weights); only components that change are reopened."""
+        read = read_loras(self.bundle, self.manifest, loras)
+        for role, weights in bundle_overrides(self.bundle, self.manifest, read).items():
+            self.components.set_weights(role, weights)
+        self.loras = {str(lora.path): lora.scale for lora in read}
 
     def session(self, component: str) -> Session:
         """The loaded session of a component (loaded on first use)."""
@@ -107,14 +119,6 @@ class Pipeline:
         return encode_prompts(self.session(N.TEXT_ENCODER), self.tokenizer, prompts_of(prompt),
                               negative_prompt, num_images,
                               guidance=classifier_free(self.manifest, g), options=text)
-
-    def _decoder(self, decoder: str, mode: str) -> str:
-        """"full" or "tiny": what `decoder` ("full" | "tiny" | "auto") means in memory mode
-        `mode` (auto: tiny in low, where the bundle has one)."""
-        decoder = check_decoder(self.manifest, decoder)
-        has = bool(self.manifest.vae.tiny_scaling_factor)
-        return "tiny" if decoder == "tiny" or (decoder == "auto" and has and mode == "low") \
-            else "full"
 
     def scheduler(self, cfg: GenerationConfig) -> Scheduler:
         """The scheduler a resolved config asks for, with the model's prediction type (a
@@ -152,7 +156,7 @@ class Pipeline:
         "full", "tiny" (the bundle's tiny decoder) or "auto" (tiny in memory mode low)."""
         tile = (self.plan.vae_tile or 0) if tile is None else tile
         check_decodable(latents, tile, self.manifest.vae.latent_channels)
-        if self._decoder(decoder, self.plan.mode) == "tiny":
+        if decoder_in_mode(self.manifest, decoder, self.plan.mode) == "tiny":
             out = decode_latents_tiny(self.session(N.VAE_DECODER_TINY), latents,
                                       self.manifest.vae.tiny_scaling_factor)
             self.components.done_with(N.VAE_DECODER_TINY)
@@ -323,7 +327,7 @@ class Pipeline:
         plan = self.plan if self.memory in MODES else \
             plan_memory(self.memory, self.manifest, whole)
         # recorded as the decoder this generation uses
-        cfg = replace(cfg, decoder=self._decoder(str(cfg.decoder), plan.mode))
+        cfg = replace(cfg, decoder=decoder_in_mode(self.manifest, str(cfg.decoder), plan.mode))
         check_fits(self.manifest, whole, plan.mode)  # refuse now, not the OOM killer later
         if plan.spill_maps and plan.vae_tile and self.manifest.vae.decoder_stages:
             check_spill_folder(plan.spill_dir)

@@ -21,7 +21,8 @@ import pytest
 
 from edge_sdk import (BackendUnavailableError, BundleError, InferenceError, IntegrityError,
                       InvalidInputError, ManifestError, Pipeline, SchedulerError)
-from edge_sdk.errors import CallbackError, ConversionError
+from edge_sdk.errors import (CallbackError, ConversionError, LoraError,
+                             SafetensorsError)
 from edge_sdk.preview import Preview
 
 from .conftest import needs_convert
@@ -333,6 +334,42 @@ def _drop_layer_states(m: dict) -> None:
     output is then simply not asked for)."""
     te = m["components"]["text_encoder"]
     te["outputs"] = [t for t in te["outputs"] if t["name"] != "layer_states"]
+
+
+def _convert_lora(ctx: Ctx, write: Callable[[Ctx, Path], Any]) -> Any:
+    path = ctx.tmp / "lora.safetensors"
+    write(ctx, path)
+    return ctx.convert(ctx.ckpt, "-o", ctx.tmp / "out", "--lora", f"{path}:0.8")
+
+
+def _load_lora(ctx: Ctx, write: Callable[[Ctx, Path], Any], scale: Any = 0.8) -> Any:
+    path = ctx.tmp / "lora.safetensors"
+    write(ctx, path)
+    return Pipeline.load(ctx.bundle, loras={path: scale})
+
+
+def _save(path: Path, tensors: dict) -> None:
+    from safetensors.numpy import save_file
+    save_file(tensors, str(path))
+
+
+def _lora_other_base(ctx: Ctx, path: Path) -> None:
+    from .lora_files import modules
+    module, shape = next(iter(modules(ctx.ckpt, "unet", ("attn2.to_k",)).items()))
+    key = "lora_unet_" + module.replace(".", "_")
+    _save(path, {key + ".lora_down.weight": np.ones((4, 1024), np.float32),
+                 key + ".lora_up.weight": np.ones((shape[0], 4), np.float32)})
+
+
+def _lora_unmatched(ctx: Ctx, path: Path) -> None:
+    key = "lora_unet_mid_block_foo"
+    _save(path, {key + ".lora_down.weight": np.ones((4, 8), np.float32),
+                 key + ".lora_up.weight": np.ones((8, 4), np.float32)})
+
+
+def _lora_loha(ctx: Ctx, path: Path) -> None:
+    _save(path, {"lora_unet_mid_block_attentions_0_proj_in.hada_w1_a":
+                 np.ones((4, 8), np.float32)})
 
 
 def _works(check: Callable[[Ctx], bool]) -> Callable[[Ctx], None]:
@@ -715,6 +752,33 @@ ROWS: list[Row] = [
         lambda c: c.convert(c.ckpt, "-o", c.tmp / "out", "--precision", "fp16",
                             "--int8-method", "static"), ConversionError,
         "quantizes an int8 UNet, but the UNet is fp16"),
+    Row("file", "loras= whose keys match no layer of the bundle's model",
+        lambda c: _load_lora(c, _lora_unmatched), LoraError, "2 of its 2 keys match no layer"),
+    Row("file", "loras= with a truncated safetensors header",
+        lambda c: _load_lora(c, lambda _, p: p.write_bytes(b"\xff" * 8 + b"{")),
+        SafetensorsError, "not a .safetensors file, or truncated"),
+    Row("parameter", "loras= scale not a number",
+        lambda c: _load_lora(c, _lora_unmatched, "strong"), LoraError,
+        "scale 'strong' is not a finite number"),
+    Row("file", "loras= on an int8 bundle (quantized weights)",
+        lambda c: Pipeline.load(c.models.bundle("tiny-sd1", "int8"),
+                                loras={c.tmp / "x.safetensors": 1.0}), LoraError,
+        "needs fp32/fp16 ONNX graphs; this bundle's .* int8. Fuse the LoRA at conversion"),
+    Row("conversion", "--lora for another base model (its layers' shapes differ)",
+        lambda c: _convert_lora(c, _lora_other_base), ConversionError,
+        "--lora: .*changes a \\(\\d+, 1024\\) weight, the model's is .*another base model"),
+    Row("conversion", "--lora whose keys match no layer of the model",
+        lambda c: _convert_lora(c, _lora_unmatched), ConversionError,
+        "--lora: .*2 of its 2 keys match no layer.*mid_block_foo"),
+    Row("conversion", "--lora in a convention not read (LoHa keys)",
+        lambda c: _convert_lora(c, _lora_loha), ConversionError,
+        "--lora: .*in no LoRA convention this reads.*hada_w1_a"),
+    Row("conversion", "--lora with a truncated safetensors header",
+        lambda c: _convert_lora(c, lambda _, p: p.write_bytes(b"\x10\x27" + b"\0" * 6 + b"{")),
+        ConversionError, "--lora: .*not a .safetensors file, or truncated"),
+    Row("conversion", "--lora file missing", lambda c: c.convert(
+        c.ckpt, "-o", c.tmp / "out", "--lora", c.tmp / "nope.safetensors:0.5"),
+        ConversionError, "--lora .*nope.safetensors: no such file"),
     Row("conversion", "--default-steps -3", lambda c: c.convert(
         c.ckpt, "-o", c.tmp / "out", "--default-steps", "-3"), ConversionError,
         "--default-steps must be a whole number"),

@@ -93,11 +93,13 @@ BACKENDS = ("auto", "onnx", "tflite")
 _MAIN_KINDS = (C.TEXT_ENCODER.kind, C.UNET.kind, C.VAE_DECODER.kind)
 
 
-def open_session(bundle: Path, spec: ComponentSpec, options: BackendOptions) -> Session:
+def open_session(bundle: Path, spec: ComponentSpec, options: BackendOptions,
+                 weights: Mapping[str, np.ndarray] | None = None) -> Session:
     """Load `spec` from `bundle` with the backend of its format. A backend named in the
     options must be the format of the bundle's main components (text encoder, UNet, VAE
     decoder); helper components (decoder stages, the VAE encoder) may be stored in another
-    format in a mixed bundle and run on their own."""
+    format in a mixed bundle and run on their own. `weights`: initializers that replace the
+    graph's (ONNX only: a load-time LoRA's)."""
     if options.backend not in BACKENDS:
         raise InvalidInputError(f"backend {options.backend!r} is unknown; choose one of "
                                 f"{list(BACKENDS)}")
@@ -105,10 +107,13 @@ def open_session(bundle: Path, spec: ComponentSpec, options: BackendOptions) -> 
     if options.delegate and spec.format != "tflite":
         log.debug("%s is %s: the TFLite delegate does not apply", spec.name, spec.format)
     if spec.format == "tflite":
+        if weights:
+            raise InvalidInputError(f"{spec.name} is TFLite: its weights cannot be replaced "
+                                    "at load time")
         from .litert import LiteRTSession
         return LiteRTSession(bundle / spec.path, spec, options)
     from .onnx import OnnxSession
-    return OnnxSession(bundle / spec.path, spec, options)
+    return OnnxSession(bundle / spec.path, spec, options, weights)
 
 
 def _check_format(spec: ComponentSpec, options: BackendOptions) -> None:

@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 class OnnxSession:
     """An onnxruntime InferenceSession checked against the manifest's I/O contract."""
 
-    def __init__(self, path: Path, spec: ComponentSpec, options: BackendOptions) -> None:
+    def __init__(self, path: Path, spec: ComponentSpec, options: BackendOptions,
+                 weights: Mapping[str, np.ndarray] | None = None) -> None:
         try:
             import onnxruntime as ort
         except ImportError as exc:  # pragma: no cover - a dependency of the package
@@ -58,6 +59,18 @@ class OnnxSession:
             # 1.39 -> 1.35 s; tests/bench/few_step.py).
             so.enable_cpu_mem_arena = False
         check_external_data(path, {f.path for f in spec.files})
+        if weights and spec.precision == "fp16":
+            # above BASIC, ORT's CPU rewrites of fp16 graphs replace the weights before the
+            # ones given here would: they were silently ignored (measured: no change at all)
+            level = ort.GraphOptimizationLevel
+            if so.graph_optimization_level not in (level.ORT_DISABLE_ALL, level.ORT_ENABLE_BASIC):
+                so.graph_optimization_level = level.ORT_ENABLE_BASIC
+        # replaced weights are used in place (the OrtValues wrap the arrays, which must
+        # outlive the session), so memory grows by these tensors only
+        self._weights = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a))
+                         for a in (weights or {}).values()]
+        for name, value in zip(weights or {}, self._weights):
+            so.add_initializer(name, value)
         providers = select_providers(options.providers, ort.get_available_providers())
         try:
             self._session = ort.InferenceSession(str(path), so, providers=providers)

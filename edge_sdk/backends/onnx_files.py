@@ -1,4 +1,5 @@
-"""Inspect an .onnx file without the `onnx` package: which external-data files it reads.
+"""Inspect an .onnx file without the `onnx` package: which external-data files it reads,
+and where each weight is stored (a load-time LoRA changes them).
 
 A model file names its weight files itself (TensorProto.external_data "location"), so a
 crafted file could make onnxruntime read `../../etc/passwd` or follow a symlink out of the
@@ -7,8 +8,11 @@ bundle. The runtime checks every location before creating a session.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterator
+from typing import Any, Iterator
+
+import numpy as np
 
 from ..errors import BundleError
 
@@ -114,3 +118,103 @@ def check_external_data(path: Path, allowed: set[str]) -> None:
             raise BundleError(f"{path}: external data location {loc!r} points outside the "
                               "bundle or to a file the manifest does not list; refusing to "
                               "load it (the model file may have been tampered with)")
+
+
+# TensorProto fields and the data types a weight may have
+_T_DIMS, _T_DATA_TYPE, _T_NAME, _T_RAW = 1, 2, 8, 9
+_T_EXTERNAL, _T_LOCATION = 13, 14
+ONNX_DTYPES = {1: np.float32, 10: np.float16, 11: np.float64}
+
+
+@dataclass(frozen=True)
+class Initializer:
+    """Where a graph's weight lives: a byte range of an external-data file, or its bytes."""
+
+    name: str
+    dtype: Any  # numpy dtype
+    shape: tuple[int, ...]
+    location: str | None = None  # external data file, relative to the graph
+    offset: int = 0
+    length: int = 0
+    raw: bytes | None = None  # embedded raw_data
+
+    def read(self, folder: Path) -> np.ndarray:
+        """The weight's values (external data memory-mapped, read-only)."""
+        if self.raw is not None:
+            return np.frombuffer(self.raw, dtype=self.dtype).reshape(self.shape)
+        data = np.memmap(folder / str(self.location), dtype=np.uint8, mode="r",
+                         offset=self.offset, shape=(self.length,))
+        return data.view(self.dtype).reshape(self.shape)
+
+
+def _fields_with_ints(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
+    """Like _fields, with varint values too (dims and data types are varints)."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+            yield field, value
+        elif wire == 2:
+            n, pos = _varint(buf, pos)
+            yield field, buf[pos:pos + n]
+            pos += n
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+
+
+def _packed(payload: bytes) -> list[int]:
+    out, pos = [], 0
+    while pos < len(payload):
+        value, pos = _varint(payload, pos)
+        out.append(value)
+    return out
+
+
+def _initializer(tensor: bytes) -> Initializer | None:
+    dims: list[int] = []
+    fields: dict[str, Any] = {}
+    for f, v in _fields_with_ints(tensor):
+        if f == _T_DIMS:
+            dims += _packed(v) if isinstance(v, bytes) else [v]
+        elif f == _T_DATA_TYPE:
+            fields["dtype"] = v
+        elif f == _T_NAME and isinstance(v, bytes):
+            fields["name"] = v.decode("utf-8", "replace")
+        elif f == _T_RAW and isinstance(v, bytes):
+            fields["raw"] = v
+        elif f == _T_EXTERNAL and isinstance(v, bytes):
+            entry = {k: w for k, w in _fields_with_ints(v) if isinstance(w, bytes)}
+            key = entry.get(_ENTRY_KEY, b"").decode()
+            fields[key] = entry.get(_ENTRY_VALUE, b"").decode("utf-8", "replace")
+    if fields.get("dtype") not in ONNX_DTYPES or "name" not in fields:
+        return None
+    dtype = np.dtype(ONNX_DTYPES[fields["dtype"]])
+    if "location" in fields:
+        return Initializer(fields["name"], dtype, tuple(dims), fields["location"],
+                           int(fields.get("offset", 0)), int(fields.get("length", 0)))
+    if "raw" in fields:
+        return Initializer(fields["name"], dtype, tuple(dims), raw=fields["raw"])
+    return None
+
+
+def float_initializers(path: Path) -> dict[str, Initializer]:
+    """The graph's floating-point initializers (weights) by name, where they are stored."""
+    data = path.read_bytes()
+    out = {}
+    try:
+        for field, graph in _fields(data):
+            if field != _MODEL_GRAPH or not graph:
+                continue
+            for f, payload in _fields(graph):
+                if f == _GRAPH_INITIALIZER and payload is not None:
+                    init = _initializer(payload)
+                    if init is not None:
+                        out[init.name] = init
+    except ValueError as exc:
+        raise BundleError(f"{path}: not a valid ONNX file ({exc}); re-convert or copy the "
+                          "bundle again") from exc
+    return out
