@@ -87,6 +87,8 @@ def build_manifest(ckpt: Checkpoint, opts: ConvertOptions, layout: Layout, sourc
     converter = _converter_info(opts)
     if ckpt.loras:  # fused at conversion: the bundle's weights are no longer the checkpoint's
         converter["loras"] = [lora.describe() for lora in ckpt.loras]
+    if ckpt.embeddings:
+        converter["embeddings"] = [e.describe() for e in ckpt.embeddings]
     return Manifest(
         family="stable-diffusion", variant=_variant(unet_cfg, tok.pad_token, sched),
         source=SourceInfo(source_name, ckpt.fingerprint(), ckpt.pipeline_class,

@@ -30,6 +30,8 @@ class Checkpoint:
     allow_pickle: bool = False
     # fused into the UNet and text encoder as they load (converters.lora_fuse)
     loras: tuple[Any, ...] = ()
+    # textual inversions added to the tokenizer and text encoder (converters.embeddings)
+    embeddings: tuple[Any, ...] = ()
 
     @classmethod
     def open(cls, path: str | Path, allow_pickle: bool = False) -> "Checkpoint":
@@ -156,9 +158,21 @@ class Checkpoint:
 
     def load_text_encoder(self) -> Any:
         from transformers import CLIPTextModel
-        return self._load(CLIPTextModel, "text_encoder")
+        model = self._load(CLIPTextModel, "text_encoder")
+        if self.embeddings:
+            from .embeddings import add_tokens, add_vectors
+            add_vectors(model, add_tokens(self._tokenizer(), self.embeddings), self.embeddings)
+        return model
 
     def load_tokenizer(self) -> Any:
+        """The tokenizer, with the embeddings' tokens added."""
+        tok = self._tokenizer()
+        if self.embeddings:
+            from .embeddings import add_tokens
+            add_tokens(tok, self.embeddings)
+        return tok
+
+    def _tokenizer(self) -> Any:
         from transformers import CLIPTokenizer
         try:
             return CLIPTokenizer.from_pretrained(self.path / "tokenizer", local_files_only=True)

@@ -63,6 +63,10 @@ def _convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="a LoRA (.safetensors, kohya/A1111 or diffusers/PEFT keys) fused into "
                    "the UNet and text encoder at SCALE (default 1); repeatable")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE",
+                   help="a textual-inversion embedding (A1111 .safetensors, or .pt with "
+                   "--allow-pickle; diffusers' learned_embeds) added as new tokens: the "
+                   "file's name is the trigger word (A1111); repeatable")
     p.add_argument("--allow-pickle", action="store_true",
                    help="also load .bin/.ckpt weights (pickle: only for sources you trust)")
     p.add_argument("--export-cache", default=None, metavar="DIR",
@@ -190,7 +194,7 @@ def _convert(args: argparse.Namespace) -> int:
         attention_chunks=args.attention_chunks, sizes=args.sizes,
         export_cache=args.export_cache,
         calibration=args.calibration, name=args.name,
-        loras=tuple(parse_lora_arg(x) for x in args.lora))
+        loras=tuple(parse_lora_arg(x) for x in args.lora), embeddings=tuple(args.embedding))
     convert(args.checkpoint, args.output, options,
             progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(f"converted in {time.perf_counter() - t0:.1f} s")

@@ -81,6 +81,11 @@ def convert(checkpoint: str | Path, output: str | Path, options: ConvertOptions 
     if opts.loras:
         from .lora_fuse import read_loras
         ckpt = replace(ckpt, loras=tuple(read_loras(ckpt.path, opts.loras)))
+    if opts.embeddings:
+        from .embeddings import read_embeddings
+        ckpt = replace(ckpt, embeddings=tuple(read_embeddings(
+            opts.embeddings, int(ckpt.config("text_encoder").get("hidden_size", 0)),
+            ckpt.load_tokenizer().get_vocab(), opts.allow_pickle)))
     if opts.tiny_vae is not None:
         _check_tiny_matches(ckpt, Path(opts.tiny_vae))
     preview_layers: tuple[PreviewLayer, ...] = ()

@@ -56,6 +56,8 @@ class ConvertOptions:
     feature_cache: bool | None = None
     # LoRAs fused into the UNet and text encoder before export: (file, scale) each
     loras: tuple[tuple[str | Path, float], ...] = ()
+    # textual-inversion embedding files added to the tokenizer and text encoder
+    embeddings: tuple[str | Path, ...] = ()
 
     @classmethod
     def of(cls, options: "ConvertOptions | None", overrides: Mapping[str, Any]

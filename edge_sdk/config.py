@@ -294,12 +294,17 @@ def check_text_options(manifest: Manifest, weighting: Any, long: Any,
         out[name] = default if value is None else value
     text = manifest.components[TEXT_ENCODER]
     if out["long_prompts"] and text.format == "tflite":
-        raise InvalidInputError("long_prompts: this bundle's TFLite models have static shapes "
-                                "that take one window of 77 tokens; leave long_prompts off "
-                                "(longer prompts are truncated) or use an ONNX bundle")
+        raise InvalidInputError(f"long_prompts: this bundle's TFLite models have static shapes "
+                                f"that take one window of {manifest.tokenizer.max_length} "
+                                "tokens; leave long_prompts off (longer prompts are "
+                                "truncated) or use an ONNX bundle")
     layers = next((t.shape[1] for t in text.outputs if t.name == TextEncoderIO.LAYER_STATES),
                   None)
-    skip = _int("clip_skip", 0 if clip_skip is None else clip_skip, 0, MAX_STEPS)
+    skip = 0 if clip_skip is None else clip_skip
+    if isinstance(skip, bool) or not isinstance(skip, numbers.Integral) or skip < 0:
+        raise InvalidInputError(f"clip_skip must be a whole number >= 0 (layers skipped from "
+                                f"the end), got {clip_skip!r}")
+    skip = int(skip)
     if skip and not isinstance(layers, int):
         fix = ("TFLite text encoders do not expose them" if text.format == "tflite" else
                "it was converted before clip skip existed: re-convert the checkpoint with "

@@ -95,10 +95,11 @@ def param_key(name: str) -> str:
     return name[len("text_model."):] if name.startswith("text_model.") else name
 
 
-def read_lora(path: str | Path, params: Mapping[str, Iterable[str]]) -> list[LoraLayer]:
+def read_lora(path: str | Path, params: Mapping[str, Iterable[str]],
+              hint: str = "") -> list[LoraLayer]:
     """The layers of a LoRA file, each matched to a weight of `params` (component -> its
     parameter names). Keys of another kind, or matching no weight, are a LoraError naming a
-    few of them."""
+    few of them (`hint`: what else may explain a key that matches none)."""
     path = Path(path)
     tensors = read_tensors(path)
     indexes = {c: _module_index(names) for c, names in params.items()}
@@ -115,7 +116,7 @@ def read_lora(path: str | Path, params: Mapping[str, Iterable[str]]) -> list[Lor
             unmatched.append(key)
             continue
         groups.setdefault((component, target), {})[part] = value
-    _refuse(path, tensors, unknown, unmatched, params)
+    _refuse(path, tensors, unknown, unmatched, params, hint)
     layers = []
     for (component, module), parts in sorted(groups.items()):
         if "up" not in parts or "down" not in parts:
@@ -147,7 +148,7 @@ def _parse_key(key: str) -> tuple[str, str, str] | None:
 
 
 def _refuse(path: Path, tensors: Mapping[str, np.ndarray], unknown: list[str],
-            unmatched: list[str], params: Mapping[str, Iterable[str]]) -> None:
+            unmatched: list[str], params: Mapping[str, Iterable[str]], hint: str) -> None:
     if not tensors:
         raise LoraError(f"{path}: holds no tensors; not a LoRA")
     if unknown:
@@ -160,7 +161,7 @@ def _refuse(path: Path, tensors: Mapping[str, np.ndarray], unknown: list[str],
         raise LoraError(f"{path}: {len(unmatched)} of its {len(tensors)} keys match no layer "
                         f"of this model's {'/'.join(sorted(params))}, e.g. {unmatched[:3]}: "
                         "the LoRA was made for another model family (e.g. SDXL) or "
-                        "architecture; use one made for this model")
+                        f"architecture; use one made for this model{hint}")
 
 
 def parse_lora_arg(text: str) -> tuple[str, float]:

@@ -69,7 +69,9 @@ def read_loras(bundle: Path, manifest: Manifest, loras: Mapping[str | Path, floa
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
                 or not np.isfinite(scale):
             raise LoraError(f"LoRA {path}: scale {scale!r} is not a finite number")
-        out.append(LoadedLora(Path(path), float(scale), tuple(read_lora(Path(path), params))))
+        out.append(LoadedLora(Path(path), float(scale), tuple(read_lora(
+            Path(path), params, hint=" (or, where it is this model's: the bundle's graphs hold "
+            "those weights folded into others; fuse it at conversion, edge-convert --lora)"))))
     return out
 
 
@@ -86,9 +88,13 @@ def check_loadable(manifest: Manifest) -> None:
                             "FILE[:SCALE]")
 
 
-def overrides(bundle: Path, spec: ComponentSpec, loras: list[LoadedLora]
+def overrides(bundle: Path, spec: ComponentSpec, loras: list[LoadedLora],
+              shared: dict[tuple[str, bool], np.ndarray] | None = None
               ) -> dict[str, np.ndarray]:
-    """The changed initializers of one component (empty: nothing of it changes)."""
+    """The changed initializers of one component (empty: nothing of it changes). `shared`:
+    the arrays already made for other graphs, by (parameter, transposed): a graph that holds
+    the same parameter (the UNet's shallow branch) gets the same array, not a copy."""
+    shared = {} if shared is None else shared
     component = ROLE_COMPONENT.get(spec.name)
     layers = [(lora, layer) for lora in loras for layer in lora.layers
               if layer.component == component]
@@ -98,6 +104,7 @@ def overrides(bundle: Path, spec: ComponentSpec, loras: list[LoadedLora]
     check_external_data(path, {f.path for f in spec.files})
     wmap, inits = weight_map(bundle, spec), float_initializers(path)
     sums: dict[str, np.ndarray] = {}
+    params: dict[str, tuple[str, bool]] = {}
     for lora, layer in layers:
         if layer.param not in wmap:
             if spec.name == N.UNET_SHALLOW:
@@ -113,8 +120,14 @@ def overrides(bundle: Path, spec: ComponentSpec, loras: list[LoadedLora]
         shape = init.shape[::-1] if transposed else init.shape
         delta = layer.delta(lora.scale, tuple(shape), str(lora.path))
         sums[name] = sums.get(name, 0) + (delta.T if transposed else delta)
-    out = {name: (inits[name].read(path.parent).astype(np.float32) + d).astype(
-        inits[name].dtype) for name, d in sums.items()}
+        params[name] = (layer.param, transposed)
+    out = {}
+    for name, d in sums.items():
+        key = params[name]
+        if key not in shared:
+            shared[key] = (inits[name].read(path.parent).astype(np.float32) + d).astype(
+                inits[name].dtype)
+        out[name] = shared[key]
     log.info("LoRA: %d %s weights changed (%.1f MiB)", len(out), spec.name,
              sum(a.nbytes for a in out.values()) / 2**20)
     return out
@@ -123,5 +136,6 @@ def overrides(bundle: Path, spec: ComponentSpec, loras: list[LoadedLora]
 def bundle_overrides(bundle: Path, manifest: Manifest, loras: list[LoadedLora]
                      ) -> dict[str, dict[str, np.ndarray]]:
     """The changed initializers of each component a LoRA can change ({}: unchanged)."""
-    return {role: overrides(bundle, manifest.components[role], loras)
+    shared: dict[tuple[str, bool], np.ndarray] = {}
+    return {role: overrides(bundle, manifest.components[role], loras, shared)
             for role in ROLE_COMPONENT if role in manifest.components}

@@ -22,6 +22,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .errors import InvalidInputError
+
 ROUND_FACTOR = 1.1  # (word)
 SQUARE_FACTOR = 1 / 1.1  # [word]
 COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack: tokens a chunk may give back
@@ -38,9 +40,10 @@ _ATTENTION = re.compile(r"""
 _BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
 
 
-def parse_weights(text: str) -> list[tuple[str, float]]:
+def parse_weights(text: str) -> list[tuple[str, float | None]]:
     """The prompt as (text, weight) fragments, neighbours of equal weight merged; a `BREAK`
-    is the fragment ("BREAK", -1.0)."""
+    is the fragment ("BREAK", None) (A1111 marks it with weight -1, which is also a weight
+    a prompt may give)."""
     res: list[list] = []
     round_open: list[int] = []
     square_open: list[int] = []
@@ -58,7 +61,7 @@ def parse_weights(text: str) -> list[tuple[str, float]]:
         elif piece == "[":
             square_open.append(len(res))
         elif weight is not None and round_open:
-            multiply(round_open.pop(), float(weight))
+            multiply(round_open.pop(), _number(weight, text))
         elif piece == ")" and round_open:
             multiply(round_open.pop(), ROUND_FACTOR)
         elif piece == "]" and square_open:
@@ -66,7 +69,7 @@ def parse_weights(text: str) -> list[tuple[str, float]]:
         else:
             for i, part in enumerate(_BREAK.split(piece)):
                 if i > 0:
-                    res.append([BREAK, -1.0])
+                    res.append([BREAK, None])
                 res.append([part, 1.0])
     for start in round_open:  # unclosed: to the end of the prompt
         multiply(start, ROUND_FACTOR)
@@ -76,11 +79,20 @@ def parse_weights(text: str) -> list[tuple[str, float]]:
         return [("", 1.0)]
     merged = [res[0]]
     for text_, w in res[1:]:
-        if w == merged[-1][1]:
+        if w is not None and w == merged[-1][1]:
             merged[-1][0] += text_
         else:
             merged.append([text_, w])
-    return [(t, float(w)) for t, w in merged]
+    return [(t, None if w is None else float(w)) for t, w in merged]
+
+
+def _number(weight: str, prompt: str) -> float:
+    try:
+        return float(weight)
+    except ValueError:
+        raise InvalidInputError(f"prompt weight {weight!r} is not a number (in "
+                                f"{prompt[:60]!r}); write it as (word:1.2), or escape the "
+                                "brackets as \\( \\) (or prompt_weighting=False)") from None
 
 
 @dataclass(frozen=True)
@@ -91,20 +103,20 @@ class Chunk:
     weights: np.ndarray  # float32 [length], 1.0 on <bos>, <eos> and padding
 
 
-def chunk_prompt(fragments: Sequence[tuple[list[int], float]], *, length: int, bos: int,
+def chunk_prompt(fragments: Sequence[tuple[list[int] | None, float]], *, length: int, bos: int,
                  eos: int, pad: int, comma: int | None, split: bool) -> tuple[list[Chunk], int]:
-    """Token fragments (ids without specials, weight; weight -1 = BREAK) -> chunks of
+    """Token fragments (ids without specials, or None for a BREAK; weight) -> chunks of
     `length` ids, and the number of tokens dropped. `split`: as many chunks as the prompt
     needs (A1111's long prompts); otherwise one, truncated, its BREAKs ignored."""
     room = length - 2
     if not split:
-        flat = [(t, w) for ids, w in fragments if w != -1.0 for t in ids]
+        flat = [(t, w) for ids, w in fragments if ids is not None for t in ids]
         return [_close(flat[:room], length, bos, eos, pad)], max(0, len(flat) - room)
     chunks: list[Chunk] = []
     cur: list[tuple[int, float]] = []
     last_comma = -1
     for ids, w in fragments:
-        if w == -1.0:  # BREAK
+        if ids is None:  # BREAK
             chunks.append(_close(cur, length, bos, eos, pad))
             cur, last_comma = [], -1
             continue
@@ -149,8 +161,8 @@ def apply_weights(hidden: np.ndarray, weights: np.ndarray) -> np.ndarray:
 
 
 def tokenize_weighted(text: str, encode: Callable[[str], list[int]],
-                      weighting: bool) -> list[tuple[list[int], float]]:
+                      weighting: bool) -> list[tuple[list[int] | None, float]]:
     """The prompt's fragments as (token ids, weight): parsed with `parse_weights` when
-    `weighting`, else the whole text at weight 1."""
+    `weighting`, else the whole text at weight 1; ids None for a BREAK."""
     parsed = parse_weights(text) if weighting else [(text, 1.0)]
-    return [([], -1.0) if w == -1.0 else (encode(t), w) for t, w in parsed]
+    return [(None, 1.0) if w is None else (encode(t), w) for t, w in parsed]

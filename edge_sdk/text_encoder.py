@@ -9,7 +9,7 @@ import numpy as np
 
 from .backends import Session
 from .contracts import TextEncoderIO
-from .errors import InferenceError
+from .errors import InferenceError, InvalidInputError
 from .prompt_weights import apply_weights
 from .tokenizer import PromptTokenizer
 
@@ -33,15 +33,6 @@ class TextOptions:
     clip_skip: int = 0  # 0: the last layer's output; N: diffusers' clip_skip=N
 
 
-def layer_count(session: Session) -> int | None:
-    """How many layers' states the text encoder graph exposes for clip skip (None: none,
-    a graph converted before clip skip existed)."""
-    for t in session.outputs:
-        if t.name == TextEncoderIO.LAYER_STATES:
-            return int(t.shape[1]) if isinstance(t.shape[1], int) else None
-    return None
-
-
 def _run(session: Session, ids: np.ndarray, skips: Sequence[int]) -> np.ndarray:
     """The hidden states of each row of `ids`, row i read `skips[i]` layers from the end."""
     names = [TextEncoderIO.HIDDEN_STATES] + ([TextEncoderIO.LAYER_STATES] if any(skips) else [])
@@ -50,6 +41,9 @@ def _run(session: Session, ids: np.ndarray, skips: Sequence[int]) -> np.ndarray:
     if any(skips):
         layers = outs[TextEncoderIO.LAYER_STATES]
         n = layers.shape[1]
+        if not all(0 <= k <= n for k in skips):
+            raise InvalidInputError(f"clip_skip must be in [0, {n}] (this text encoder's "
+                                    f"layers), got {max(skips)}")
         hidden = np.stack([h if k == 0 else layers[i, n - k]
                            for i, (h, k) in enumerate(zip(hidden, skips))])
     if not np.isfinite(hidden).all():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -34,13 +35,19 @@ class PromptTokenizer:
             raise BundleError(f"{path}: not a valid tokenizer.json ({exc}); re-convert the bundle"
                               ) from exc
         self.spec = spec
+        # multi-vector textual inversions: `name` stands for name, name_1 ... (diffusers'
+        # naming; edge-convert --embedding added them as tokens)
+        added = {t.content for t in self._tok.get_added_tokens_decoder().values()
+                 if not t.special}
+        self._multi = {t: " ".join([t] + [f"{t}_{i}" for i in range(1, _count(t, added))])
+                       for t in added if f"{t}_1" in added}
 
     def __call__(self, prompts: Sequence[str], warn: bool = True) -> np.ndarray:
         for p in prompts:
             check_prompt(p)
         L, spec = self.spec.max_length, self.spec
         out = np.full((len(prompts), L), spec.pad_token_id, dtype=np.int64)
-        for row, enc in enumerate(self._tok.encode_batch(list(prompts))):
+        for row, enc in enumerate(self._tok.encode_batch([self.expand(p) for p in prompts])):
             ids = enc.ids
             if len(ids) > L and warn:
                 log.warning("the prompt was truncated to the text encoder's %d tokens: its last "
@@ -68,7 +75,18 @@ class PromptTokenizer:
         return chunks
 
     def _fragment_ids(self, text: str) -> list[int]:
-        return list(self._tok.encode(text, add_special_tokens=False).ids) if text else []
+        return list(self._tok.encode(self.expand(text), add_special_tokens=False).ids) \
+            if text else []
+
+    def expand(self, text: str) -> str:
+        """`text` with each multi-vector embedding's token written out as all its tokens."""
+        if not self._multi:
+            return text
+        found = set(self._tok.encode(text, add_special_tokens=False).tokens)
+        for token in found & self._multi.keys():
+            expanded = self._multi[token]
+            text = re.sub(re.escape(token), lambda _: expanded, text, flags=re.IGNORECASE)
+        return text
 
     def _comma(self) -> int | None:
         ids = self._fragment_ids(",")
@@ -77,6 +95,13 @@ class PromptTokenizer:
     def count(self, prompt: str) -> int:
         """Number of tokens of `prompt`, including <bos> and <eos>."""
         return len(self._tok.encode(prompt).ids)
+
+
+def _count(token: str, added: set[str]) -> int:
+    n = 1
+    while f"{token}_{n}" in added:
+        n += 1
+    return n
 
 
 def check_prompt(prompt: object, what: str = "prompt") -> str:

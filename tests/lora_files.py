@@ -12,7 +12,8 @@ import numpy as np
 
 # (component, module name suffixes a LoRA changes)
 UNET_TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q",
-                "attn2.to_k", "attn2.to_v", "attn2.to_out.0")
+                "attn2.to_k", "attn2.to_v", "attn2.to_out.0",
+                "proj_in", "resnets.0.conv1")  # (convolutions: 1x1 in SD 1.x, and 3x3)
 TEXT_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                 "self_attn.out_proj", "mlp.fc1")
 
@@ -43,8 +44,10 @@ def write_lora(ckpt: Path, out: Path, convention: str, unet: bool = True, text: 
         ([("text_encoder", "lora_te_", TEXT_TARGETS)] if text else [])
     for folder, kohya, targets in parts:
         for module, shape in sorted(modules(ckpt, folder, targets).items()):
-            down = rng.standard_normal((rank, shape[1])).astype(np.float32) * strength
-            up = rng.standard_normal((shape[0], rank)).astype(np.float32) * strength
+            # a convolution's LoRA: down a kxk conv to the rank, up a 1x1 one (kohya/PEFT)
+            down = rng.standard_normal((rank, *shape[1:])).astype(np.float32) * strength
+            up = rng.standard_normal((shape[0], rank, *[1] * (len(shape) - 2))
+                                     ).astype(np.float32) * strength
             # text encoder LoRAs name its modules as transformers 4 did: text_model.encoder.*
             name = module if folder == "unet" or module.startswith("text_model.") \
                 else "text_model." + module
@@ -92,8 +95,10 @@ def _fuse_by_hand(weights: dict[str, np.ndarray], lora: dict[str, np.ndarray],
             if key.endswith(down_suffix) and key[:-len(down_suffix)] in by_name:
                 base = key[:-len(down_suffix)]
                 down, up = lora[key].astype(np.float64), lora[base + up_suffix]
-                alpha = float(lora.get(base + ".alpha", down.shape[0]))
+                rank = down.shape[0]
+                alpha = float(lora.get(base + ".alpha", rank))
                 target = by_name[base]
                 w = weights[target].astype(np.float64)
-                w += scale * alpha / down.shape[0] * (up.astype(np.float64) @ down)
+                product = up.reshape(up.shape[0], rank) @ down.reshape(rank, -1)
+                w += scale * alpha / rank * product.reshape(w.shape)
                 weights[target] = w.astype(weights[target].dtype)

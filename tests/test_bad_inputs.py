@@ -348,6 +348,15 @@ def _load_lora(ctx: Ctx, write: Callable[[Ctx, Path], Any], scale: Any = 0.8) ->
     return Pipeline.load(ctx.bundle, loras={path: scale})
 
 
+def _convert_embedding(ctx: Ctx, name: str, tensors: dict | None) -> Any:
+    path = ctx.tmp / name
+    if tensors is None:
+        path.write_bytes(b"\x80\x04pickle")
+    else:
+        _save(path, tensors)
+    return ctx.convert(ctx.ckpt, "-o", ctx.tmp / "out", "--embedding", path)
+
+
 def _save(path: Path, tensors: dict) -> None:
     from safetensors.numpy import save_file
     save_file(tensors, str(path))
@@ -572,7 +581,10 @@ ROWS: list[Row] = [
     Row("parameter", "prompt_weighting not a bool", lambda c: c.gen(prompt_weighting="no"),
         InvalidInputError, "prompt_weighting must be True or False, got 'no'"),
     Row("parameter", "clip_skip negative", lambda c: c.gen(clip_skip=-1), InvalidInputError,
-        "clip_skip must be in \\[0, 1000\\], got -1"),
+        "clip_skip must be a whole number >= 0 .*got -1"),
+    Row("prompt", "a prompt weight that is not a number: '(red:1.2.3)'",
+        lambda c: c.gen("a (red:1.2.3) circle"), InvalidInputError,
+        "prompt weight '1.2.3' is not a number.*prompt_weighting=False"),
     Row("parameter", "clip_skip beyond the text encoder's layers",
         lambda c: c.gen(clip_skip=3), InvalidInputError,
         "clip_skip=3: this text encoder has 2 layers; clip_skip must be in \\[0, 2\\]"),
@@ -779,6 +791,21 @@ ROWS: list[Row] = [
     Row("conversion", "--lora file missing", lambda c: c.convert(
         c.ckpt, "-o", c.tmp / "out", "--lora", c.tmp / "nope.safetensors:0.5"),
         ConversionError, "--lora .*nope.safetensors: no such file"),
+    Row("conversion", "--embedding whose width does not match the text encoder",
+        lambda c: _convert_embedding(c, "wide.safetensors",
+                                     {"emb_params": np.ones((2, 1024), np.float32)}),
+        ConversionError, "--embedding .*1024 wide, this text encoder's are 32.*another model"),
+    Row("conversion", "--embedding as a .pt pickle without --allow-pickle",
+        lambda c: _convert_embedding(c, "style.pt", None), ConversionError,
+        "--embedding .*style.pt: a pickle file.*--allow-pickle"),
+    Row("conversion", "--embedding whose trigger word is already a word of the vocabulary",
+        lambda c: _convert_embedding(c, "red.safetensors",
+                                     {"emb_params": np.ones((1, 32), np.float32)}),
+        ConversionError, "--embedding .*its token 'red' is already in the tokenizer"),
+    Row("conversion", "--embedding that is not a textual inversion (an SDXL one)",
+        lambda c: _convert_embedding(c, "xl.safetensors", {
+            "clip_l": np.ones((1, 32), np.float32), "clip_g": np.ones((1, 32), np.float32)}),
+        ConversionError, "not a textual-inversion file.*SDXL"),
     Row("conversion", "--default-steps -3", lambda c: c.convert(
         c.ckpt, "-o", c.tmp / "out", "--default-steps", "-3"), ConversionError,
         "--default-steps must be a whole number"),

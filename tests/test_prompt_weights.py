@@ -41,7 +41,12 @@ def test_parse_weights_edge_cases():
     assert parse_weights("a) b") == [("a) b", 1.0)]  # a stray closer is text
     assert parse_weights("(a: 1.5 )") == [("a", 1.5)]
     assert parse_weights("x (y:oops) z") == [("x ", 1.0), ("y:oops", 1.1), (" z", 1.0)]
-    assert parse_weights("one BREAK two") == [("one", 1.0), ("BREAK", -1.0), ("two", 1.0)]
+    assert parse_weights("one BREAK two") == [("one", 1.0), ("BREAK", None), ("two", 1.0)]
+    # a weight of -1 is a weight (A1111's own BREAK marker is -1 too: not confused here)
+    assert parse_weights("a (cat:-1) BREAK b") == [("a ", 1.0), ("cat", -1.0), ("", 1.0),
+                                                   ("BREAK", None), ("b", 1.0)]
+    with pytest.raises(InvalidInputError, match="prompt weight '1.2.3' is not a number"):
+        parse_weights("a (red:1.2.3) b")
 
 
 def _chunks(tokens, split=True, length=8, comma=99):
@@ -61,11 +66,11 @@ def test_chunking_windows_commas_and_breaks():
     assert [c.ids.tolist() for c in chunks] == [[1, 10, 99, 2, 0, 0, 0, 0],
                                                 [1, 11, 12, 13, 14, 15, 2, 0]]
     # not split: one window, the rest counted as dropped, BREAK ignored
-    chunks, dropped = chunk_prompt([([10, 11], 1.0), ([], -1.0), ([12] * 6, 1.0)], length=8,
+    chunks, dropped = chunk_prompt([([10, 11], 1.0), (None, 1.0), ([12] * 6, 1.0)], length=8,
                                    bos=1, eos=2, pad=0, comma=None, split=False)
     assert len(chunks) == 1 and dropped == 2
     assert chunks[0].ids.tolist() == [1, 10, 11, 12, 12, 12, 12, 2]
-    chunks, _ = chunk_prompt([([10], 1.0), ([], -1.0), ([11], 1.0)], length=8, bos=1, eos=2,
+    chunks, _ = chunk_prompt([([10], 1.0), (None, 1.0), ([11], 1.0)], length=8, bos=1, eos=2,
                              pad=0, comma=None, split=True)
     assert [c.ids[:3].tolist() for c in chunks] == [[1, 10, 2], [1, 11, 2]]
 
@@ -115,8 +120,11 @@ def test_long_prompts_are_windows_concatenated(shapes):
     long = _embed(shapes, text, long=True)
     chunks = shapes.tokenizer.chunks(text, False, True)
     assert len(chunks) > 2 and long.shape[0] == len(chunks) * L
-    # a window ends after a comma: it does not cut "at the | top"
-    assert chunks[0].ids[-1] == shapes.tokenizer.spec.pad_token_id
+    # a window ends after a comma (within its last 20 tokens), not mid-phrase
+    first = chunks[0].ids.tolist()
+    eos = first.index(shapes.tokenizer.spec.eos_token_id, 1)
+    assert first[eos - 1] == shapes.tokenizer.chunks(",", False, False)[0].ids[1]
+    assert eos < L - 1  # the window gave its last tokens to the next one
     session = shapes.session("text_encoder")
     windows = session.run({"input_ids": np.stack([c.ids for c in chunks])})
     np.testing.assert_array_equal(long, np.concatenate(list(windows["last_hidden_state"])))

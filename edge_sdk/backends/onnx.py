@@ -59,9 +59,9 @@ class OnnxSession:
             # 1.39 -> 1.35 s; tests/bench/few_step.py).
             so.enable_cpu_mem_arena = False
         check_external_data(path, {f.path for f in spec.files})
-        if weights and spec.precision == "fp16":
-            # above BASIC, ORT's CPU rewrites of fp16 graphs replace the weights before the
-            # ones given here would: they were silently ignored (measured: no change at all)
+        if weights:
+            # above BASIC, ORT's rewrites may replace a weight before the one given here
+            # would: on fp16 graphs they were silently ignored (measured: no change at all)
             level = ort.GraphOptimizationLevel
             if so.graph_optimization_level not in (level.ORT_DISABLE_ALL, level.ORT_ENABLE_BASIC):
                 so.graph_optimization_level = level.ORT_ENABLE_BASIC
