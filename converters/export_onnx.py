@@ -80,9 +80,8 @@ def finish_component(role: str, src: Path, out_dir: Path, precision: str) -> lis
         if precision == "int8":
             return quantize_int8_dynamic(src, out_dir, role)
         return quantize_int4_blockwise(src, out_dir, role, keep=INT4_KEEP_FP32)
-    graph = onnx.load(str(src), load_external_data=True)
-    if precision == "fp16":
-        graph = to_fp16(graph)
+    graph = to_fp16_file(src) if precision == "fp16" else \
+        onnx.load(str(src), load_external_data=True)
     graph.doc_string = f"edge-sdk {role} ({precision})"
     return save_graph(graph, out_dir, role)
 
@@ -102,6 +101,22 @@ def _name_output_dims(graph: Any, wrapper: Any, args: tuple[Any, ...],
                 dim.dim_param = dynamic[i]
             elif dim.dim_param:
                 dim.dim_value = int(tensor.shape[i])
+
+
+def to_fp16_file(src: Path) -> Any:
+    """The fp32 graph file `src` (external data beside it) as an fp16 graph, like to_fp16.
+    Its shapes are inferred from the file: inferring them in memory serializes the whole
+    model, which protobuf refuses above 2 GB (SD 1.5's fp32 UNet: "Failed to serialize
+    proto")."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    inferred = src.with_name(src.stem + ".shapes.onnx")
+    onnx.shape_inference.infer_shapes_path(str(src), str(inferred))
+    try:
+        graph = onnx.load(str(inferred), load_external_data=True)
+    finally:
+        inferred.unlink(missing_ok=True)
+    return convert_float_to_float16(graph, keep_io_types=True, disable_shape_infer=True)
 
 
 def to_fp16(graph: Any) -> Any:
