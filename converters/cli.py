@@ -60,13 +60,7 @@ def _convert_parser() -> argparse.ArgumentParser:
     stages.add_argument("--no-vae-stages", dest="vae_stages", action="store_false",
                         help="no decoder stages: a smaller bundle that decodes whole (more "
                         "memory at large sizes)")
-    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                   help="a LoRA (.safetensors, kohya/A1111 or diffusers/PEFT keys) fused into "
-                   "the UNet and text encoder at SCALE (default 1); repeatable")
-    p.add_argument("--embedding", action="append", default=[], metavar="FILE",
-                   help="a textual-inversion embedding (A1111 .safetensors, or .pt with "
-                   "--allow-pickle; diffusers' learned_embeds) added as new tokens: the "
-                   "file's name is the trigger word (A1111); repeatable")
+    _customization_arguments(p)
     p.add_argument("--allow-pickle", action="store_true",
                    help="also load .bin/.ckpt weights (pickle: only for sources you trust)")
     p.add_argument("--export-cache", default=None, metavar="DIR",
@@ -94,6 +88,17 @@ def _convert_parser() -> argparse.ArgumentParser:
                    "mid-block attention 16 (it runs at the output size)")
     p.add_argument("--debug", action="store_true")
     return p
+
+
+def _customization_arguments(p: argparse.ArgumentParser) -> None:
+    """What is added to the checkpoint's weights: LoRAs and embeddings."""
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="a LoRA (.safetensors, kohya/A1111 or diffusers/PEFT keys) fused into "
+                   "the UNet and text encoder at SCALE (default 1); repeatable")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE",
+                   help="a textual-inversion embedding (A1111 .safetensors, or .pt with "
+                   "--allow-pickle; diffusers' learned_embeds) added as new tokens: the "
+                   "file's name is the trigger word (A1111); repeatable")
 
 
 def _feature_cache_arguments(p: argparse.ArgumentParser) -> None:

@@ -41,27 +41,8 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
 
 def _fields(buf: bytes) -> Iterator[tuple[int, bytes | None]]:
     """(field number, payload) for each field; payload only for length-delimited ones."""
-    pos = 0
-    while pos < len(buf):
-        key, pos = _varint(buf, pos)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            _, pos = _varint(buf, pos)
-            yield field, None
-        elif wire == 1:
-            pos += 8
-            yield field, None
-        elif wire == 2:
-            n, pos = _varint(buf, pos)
-            if pos + n > len(buf):
-                raise ValueError("truncated field")
-            yield field, buf[pos:pos + n]
-            pos += n
-        elif wire == 5:
-            pos += 4
-            yield field, None
-        else:
-            raise ValueError(f"unsupported wire type {wire}")
+    for field, value in _fields_with_ints(buf):
+        yield field, value if isinstance(value, bytes) else None
 
 
 def _tensor_locations(tensor: bytes) -> Iterator[str]:
@@ -147,8 +128,9 @@ class Initializer:
         return data.view(self.dtype).reshape(self.shape)
 
 
-def _fields_with_ints(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
-    """Like _fields, with varint values too (dims and data types are varints)."""
+def _fields_with_ints(buf: bytes) -> Iterator[tuple[int, int | bytes | None]]:
+    """(field number, value) for each field: the payload of a length-delimited one, the
+    value of a varint (dims and data types are varints), None for fixed-width ones."""
     pos = 0
     while pos < len(buf):
         key, pos = _varint(buf, pos)
@@ -158,10 +140,13 @@ def _fields_with_ints(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
             yield field, value
         elif wire == 2:
             n, pos = _varint(buf, pos)
+            if pos + n > len(buf):
+                raise ValueError("truncated field")
             yield field, buf[pos:pos + n]
             pos += n
         elif wire in (1, 5):
             pos += 8 if wire == 1 else 4
+            yield field, None
         else:
             raise ValueError(f"unsupported wire type {wire}")
 

@@ -70,6 +70,29 @@ def cached() -> np.ndarray:
     return np.asarray(Pipeline.load()(PROMPT, seed=SEED, steps=STEPS, cache_interval=2))
 
 
+def lora_file(reference: str) -> str:
+    """The LoRA of the load-time LoRA check, beside the reference file (written there on
+    x86, where the converter's packages are)."""
+    return reference.replace(".npz", "") + ".lora.safetensors"
+
+
+def with_lora(path: str) -> np.ndarray:
+    """The default model with a LoRA applied at load time and a weighted prompt."""
+    from edge_sdk import Pipeline
+    pipe = Pipeline.load(loras={path: 0.8})
+    return np.asarray(pipe("a (red:1.3) circle on a [blue] background", seed=SEED,
+                           steps=STEPS))
+
+
+def write_lora(path: str) -> None:
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    sys.path.insert(0, str(root))
+    from tests.lora_files import write_lora as write
+    write(root / "models" / "shapes" / "checkpoint", Path(path), "kohya", text=True, seed=5,
+          strength=0.2)
+
+
 def seen(image: np.ndarray) -> str:
     """What the shapes evaluator (OpenCV) reads in an image, as text to compare."""
     from edge_sdk.shapes.evaluator import analyse
@@ -81,11 +104,12 @@ def main() -> int:
     onnx_image, latents = generate()
     tflite_image, _ = generate(tflite, backend="tflite")
     source, mask = edit_inputs()
+    write_lora(lora_file(out))
     np.savez(out, onnx=onnx_image, latents=latents, tflite=tflite_image,
              seen=np.array(seen(onnx_image)), source=source, mask=mask,
              img2img=edit(source, None), inpaint=edit(source, mask),
              tiny=decode_tiny(latents), preview=preview(latents), lcm=few_step(),
-             cached=cached())
+             cached=cached(), lora=with_lora(lora_file(out)))
     return 0
 
 

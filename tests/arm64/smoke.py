@@ -7,7 +7,8 @@ aarch64 computes what x86 does, not only that it runs.
 
 Features: the default model on onnxruntime; the shapes evaluator (OpenCV); low memory (the
 VAE decoded in strips, decoder sessions opened per stage); the tiny decoder; the live
-preview's decoder (numpy); feature caching; the few-step model (shapes-lcm); img2img;
+preview's decoder (numpy); feature caching; the few-step model (shapes-lcm); a LoRA applied at
+load time with a weighted prompt; img2img;
 inpainting in low memory (the source encoded in strips); the LiteRT backend; the IoT
 example's service, over HTTP. (The runtime's import boundary is tested natively: this root
 filesystem has no torch to import.) Prints one line per feature with its time and its
@@ -28,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference import (PROMPT, SEED, STEPS, cached, decode_tiny, edit, few_step,  # noqa: E402
-                       generate, preview, seen)
+                       generate, lora_file, preview, seen, with_lora)
 
 # onnxruntime's aarch64 kernels (NEON) round differently from x86's (AVX2): a few /255
 TOLERANCE = 3
@@ -100,6 +101,9 @@ def main() -> int:
     check("feature caching (cache_interval 2)", cached(), ref["cached"], t)
     t = time.perf_counter()
     check("shapes-lcm: 4 LCM steps", few_step(), ref["lcm"], t)
+    t = time.perf_counter()
+    check("LoRA at load time, weighted prompt", with_lora(lora_file(sys.argv[1])),
+          ref["lora"], t)
     t = time.perf_counter()
     check("img2img (strength 0.5)", edit(ref["source"], None), ref["img2img"], t)
     t = time.perf_counter()
