@@ -41,34 +41,27 @@ class PromptTokenizer:
                  if not t.special}
         self._multi = {t: " ".join([t] + [f"{t}_{i}" for i in range(1, _count(t, added))])
                        for t in added if f"{t}_1" in added}
+        comma = self._fragment_ids(",")  # where A1111 prefers to end a long prompt's window
+        self._comma = comma[0] if len(comma) == 1 else None
 
     def __call__(self, prompts: Sequence[str], warn: bool = True) -> np.ndarray:
-        for p in prompts:
-            check_prompt(p)
-        L, spec = self.spec.max_length, self.spec
-        out = np.full((len(prompts), L), spec.pad_token_id, dtype=np.int64)
-        for row, enc in enumerate(self._tok.encode_batch([self.expand(p) for p in prompts])):
-            ids = enc.ids
-            if len(ids) > L and warn:
-                log.warning("the prompt was truncated to the text encoder's %d tokens: its last "
-                            "%d tokens were dropped", L, len(ids) - L)
-            if len(ids) > L:
-                ids = ids[:L - 1] + [spec.eos_token_id]
-            out[row, :len(ids)] = ids
-        return out
+        """Each prompt as plain text (no weighting syntax) in one window: [n, max_length]."""
+        ids = [self.chunks(p, weighting=False, long=False, warn=warn)[0].ids for p in prompts]
+        return np.stack(ids) if ids else np.zeros((0, self.spec.max_length), np.int64)
 
-    def chunks(self, prompt: str, weighting: bool, long: bool) -> list[Chunk]:
+    def chunks(self, prompt: str, weighting: bool, long: bool,
+               warn: bool = True) -> list[Chunk]:
         """`prompt` as text-encoder inputs with per-token weights (edge_sdk.prompt_weights):
         A1111's weighting syntax read when `weighting`, as many 75-token chunks as it
-        needs when `long` (else one, truncated with a logged warning)."""
+        needs when `long` (else one, truncated with a logged warning when `warn`)."""
         check_prompt(prompt)
         spec = self.spec
         fragments = tokenize_weighted(prompt, self._fragment_ids, weighting)
         chunks, dropped = chunk_prompt(fragments, length=spec.max_length,
                                        bos=spec.bos_token_id, eos=spec.eos_token_id,
-                                       pad=spec.pad_token_id, comma=self._comma(),
+                                       pad=spec.pad_token_id, comma=self._comma,
                                        split=long)
-        if dropped:
+        if dropped and warn:
             log.warning("the prompt was truncated to the text encoder's %d tokens: its last "
                         "%d tokens were dropped (long_prompts=True / --long-prompts reads "
                         "them all)", spec.max_length, dropped)
@@ -87,10 +80,6 @@ class PromptTokenizer:
             expanded = self._multi[token]
             text = re.sub(re.escape(token), lambda _: expanded, text, flags=re.IGNORECASE)
         return text
-
-    def _comma(self) -> int | None:
-        ids = self._fragment_ids(",")
-        return ids[0] if len(ids) == 1 else None
 
     def count(self, prompt: str) -> int:
         """Number of tokens of `prompt`, including <bos> and <eos>."""
