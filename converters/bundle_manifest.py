@@ -85,6 +85,7 @@ def build_manifest(ckpt: Checkpoint, opts: ConvertOptions, layout: Layout, sourc
                    preview_decoder: tuple[PreviewLayer, ...] = ()) -> Manifest:
     unet_cfg, vae_cfg, sched = ckpt.config("unet"), ckpt.config("vae"), ckpt.config("scheduler")
     converter = _converter_info(opts)
+    converter["source"] = ckpt.describe()
     if ckpt.loras:  # fused at conversion: the bundle's weights are no longer the checkpoint's
         converter["loras"] = [lora.describe() for lora in ckpt.loras]
     if ckpt.embeddings:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_sdk.errors import ConversionError
+from edge_sdk.manifest import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +33,17 @@ class Checkpoint:
     loras: tuple[Any, ...] = ()
     # textual inversions added to the tokenizer and text encoder (converters.embeddings)
     embeddings: tuple[Any, ...] = ()
+    # --vae FILE: a separately published VAE that replaces the checkpoint's
+    vae_file: Path | None = None
 
     @classmethod
-    def open(cls, path: str | Path, allow_pickle: bool = False) -> "Checkpoint":
+    def open(cls, path: str | Path, allow_pickle: bool = False,
+             vae: str | Path | None = None) -> "Checkpoint":
+        """A diffusers-format folder (single files: converters.single_file)."""
         path = Path(path)
         if path.is_file():
-            raise ConversionError(
-                f"{path} is a single file; edge-convert reads a diffusers-format folder "
-                "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/). "
-                "Convert single-file checkpoints with diffusers' from_single_file first")
+            raise ConversionError(f"{path} is a single file; open it with "
+                                  "converters.single_file.open_single_file")
         index = path / "model_index.json"
         if not index.is_file():
             raise ConversionError(f"{path} has no model_index.json: not a diffusers checkpoint "
@@ -53,7 +56,7 @@ class Checkpoint:
         if missing:
             raise ConversionError(f"{path}: missing component folder(s) {missing}; a Stable "
                                   f"Diffusion checkpoint needs {list(COMPONENT_DIRS)}")
-        ckpt = cls(path, model_index, allow_pickle)
+        ckpt = cls(path, model_index, allow_pickle, vae_file=Path(vae) if vae else None)
         for name in ("unet", "vae", "text_encoder"):
             ckpt._check_weights(name)
         return ckpt
@@ -74,7 +77,7 @@ class Checkpoint:
     # -- configs -------------------------------------------------------------------------
     def config(self, name: str) -> dict[str, Any]:
         fname = "scheduler_config.json" if name == "scheduler" else "config.json"
-        return _read_json(self.path / name / fname)
+        return read_json(self.path / name / fname)
 
     @property
     def pipeline_class(self) -> str:
@@ -91,11 +94,20 @@ class Checkpoint:
             with open(f, "rb") as fh:
                 while block := fh.read(1 << 22):
                     h.update(block)
+        if self.vae_file is not None:
+            h.update(b"--vae\0" + sha256_file(self.vae_file).encode())
         return h.hexdigest()
+
+    def describe(self) -> dict[str, Any]:
+        """What the manifest records of where the weights came from."""
+        out: dict[str, Any] = {"format": "diffusers-folder"}
+        if self.vae_file is not None:
+            out["vae"] = {"file": self.vae_file.name, "sha256": sha256_file(self.vae_file)}
+        return out
 
     def tokenizer_config(self) -> dict[str, Any]:
         p = self.path / "tokenizer" / "tokenizer_config.json"
-        return _read_json(p) if p.is_file() else {}
+        return read_json(p) if p.is_file() else {}
 
     # -- what this converter supports ----------------------------------------------------
     def check_supported(self) -> None:
@@ -132,15 +144,26 @@ class Checkpoint:
                                   f"exceeds the text encoder's max_position_embeddings "
                                   f"({positions}); the components do not belong together")
 
+    def parameter_shapes(self, name: str) -> dict[str, tuple[int, ...]] | None:
+        """{parameter name: shape} of a component (None: only pickle weights to read)."""
+        from .lora_fuse import parameter_shapes
+        return parameter_shapes(self.path / name)
+
     # -- models --------------------------------------------------------------------------
-    def _load(self, cls: Any, name: str) -> Any:
+    def _read_model(self, cls: Any, name: str) -> Any:
+        """Component `name` as a torch module with the checkpoint's weights."""
+        if name == "vae" and self.vae_file is not None:
+            from .single_file_weights import load_vae_file
+            return load_vae_file(self.vae_file, self.config("vae"), self.allow_pickle)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:
-            model = cls.from_pretrained(self.path / name, local_files_only=True,
-                                        use_safetensors=not self.allow_pickle)
+            return cls.from_pretrained(self.path / name, local_files_only=True,
+                                       use_safetensors=not self.allow_pickle)
         except Exception as exc:  # diffusers/transformers raise many kinds; report one
             raise ConversionError(f"cannot load {self.path / name}: {exc}") from exc
-        model = model.float().eval()
+
+    def _load(self, cls: Any, name: str) -> Any:
+        model = self._read_model(cls, name).float().eval()
         if self.loras:
             from .lora_fuse import LORA_COMPONENTS, fuse_loras
             roles = {folder: role for role, folder in LORA_COMPONENTS.items()}
@@ -181,6 +204,39 @@ class Checkpoint:
                                   ) from exc
 
 
+def open_checkpoint(path: str | Path, allow_pickle: bool = False, *,
+                    family: str | None = None, prediction_type: str | None = None,
+                    config: str | Path | None = None,
+                    vae: str | Path | None = None) -> Checkpoint:
+    """A diffusers folder or a single file; the single-file options refused for a folder,
+    which states its own family and prediction type."""
+    path = Path(path)
+    if path.is_file():
+        from .single_file import open_single_file
+        ckpt: Checkpoint = open_single_file(path, allow_pickle, family, prediction_type,
+                                            config, vae)
+    else:
+        ckpt = _open_folder(path, allow_pickle, family, prediction_type, config, vae)
+    if vae is not None:
+        from .single_file_weights import check_vae_file
+        check_vae_file(Path(vae), ckpt.config("vae"), allow_pickle)
+    return ckpt
+
+
+def _open_folder(path: Path, allow_pickle: bool, family: str | None,
+                 prediction_type: str | None, config: str | Path | None,
+                 vae: str | Path | None) -> Checkpoint:
+    given = [flag for flag, value in (("--family", family), ("--config", config),
+                                      ("--prediction-type", prediction_type)) if value]
+    if given and path.is_dir():
+        raise ConversionError(f"{' and '.join(given)}: for single-file checkpoints; the "
+                              f"diffusers folder {path} states its own configs (edit its "
+                              "scheduler/scheduler_config.json to change the prediction type)")
+    if not path.exists():
+        raise ConversionError(f"{path}: no such file or folder")
+    return Checkpoint.open(path, allow_pickle, vae)
+
+
 def _first(value: Any) -> Any:
     return value[0] if isinstance(value, (list, tuple)) else value
 
@@ -192,7 +248,7 @@ def _same(what: str, a: Any, other: str, b: Any) -> None:
                               "checkpoint's configs or use matching weights")
 
 
-def _read_json(p: Path) -> dict[str, Any]:
+def read_json(p: Path) -> dict[str, Any]:
     """A config file as a dict, or a ConversionError naming the file."""
     try:
         data = json.loads(p.read_text())

@@ -37,7 +37,8 @@ def _convert_parser() -> argparse.ArgumentParser:
                                 "(`edge-convert synth --help`: build a random-weight "
                                 "checkpoint.)")
     p.add_argument("--version", action="version", version=f"edge-convert {__version__}")
-    p.add_argument("checkpoint", help="diffusers checkpoint folder (model_index.json, unet/ ...)")
+    p.add_argument("checkpoint", help="diffusers checkpoint folder (model_index.json, unet/ "
+                   "...) or single-file checkpoint (.safetensors; SD 1.x/2.x original layout)")
     p.add_argument("-o", "--output", required=True, help="bundle folder to write")
     p.add_argument("--format", default="onnx", choices=["onnx", "tflite"],
                    help="onnx (onnxruntime; any size) or tflite (LiteRT; static sizes, see "
@@ -60,6 +61,7 @@ def _convert_parser() -> argparse.ArgumentParser:
     stages.add_argument("--no-vae-stages", dest="vae_stages", action="store_false",
                         help="no decoder stages: a smaller bundle that decodes whole (more "
                         "memory at large sizes)")
+    _single_file_arguments(p)
     _customization_arguments(p)
     p.add_argument("--allow-pickle", action="store_true",
                    help="also load .bin/.ckpt weights (pickle: only for sources you trust)")
@@ -88,6 +90,24 @@ def _convert_parser() -> argparse.ArgumentParser:
                    "mid-block attention 16 (it runs at the output size)")
     p.add_argument("--debug", action="store_true")
     return p
+
+
+def _single_file_arguments(p: argparse.ArgumentParser) -> None:
+    """How a single-file checkpoint is read when detection cannot tell, and --vae."""
+    from .single_file import PREDICTION_TYPES
+    from .single_file_layout import FAMILIES
+    g = p.add_argument_group("single-file checkpoints")
+    g.add_argument("--family", choices=FAMILIES, default=None,
+                   help="the file's family, instead of detecting it from the tensors")
+    g.add_argument("--prediction-type", choices=PREDICTION_TYPES, default=None,
+                   help="what the UNet predicts; required for SD 2.x files that do not say "
+                   "(v_prediction: 768-px 2.0/2.1; epsilon: 2.x-base, 2.x inpainting)")
+    g.add_argument("--config", default=None, metavar="DIR",
+                   help="a diffusers-format folder with the unet/, vae/ and text_encoder/ "
+                   "configs (tokenizer/, scheduler/ optional) of another architecture")
+    g.add_argument("--vae", default=None, metavar="FILE",
+                   help="a separately published VAE (.safetensors, original or diffusers "
+                   "layout) replacing the checkpoint's; folders too")
 
 
 def _customization_arguments(p: argparse.ArgumentParser) -> None:
@@ -199,7 +219,9 @@ def _convert(args: argparse.Namespace) -> int:
         attention_chunks=args.attention_chunks, sizes=args.sizes,
         export_cache=args.export_cache,
         calibration=args.calibration, name=args.name,
-        loras=tuple(parse_lora_arg(x) for x in args.lora), embeddings=tuple(args.embedding))
+        loras=tuple(parse_lora_arg(x) for x in args.lora), embeddings=tuple(args.embedding),
+        family=args.family, prediction_type=args.prediction_type, config=args.config,
+        vae=args.vae)
     convert(args.checkpoint, args.output, options,
             progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(f"converted in {time.perf_counter() - t0:.1f} s")

@@ -25,7 +25,7 @@ from edge_sdk.manifest import ComponentSpec, DecoderStage, Manifest, PreviewLaye
 from .attention import use_chunked_attention
 from .bundle import AtomicBundle, file_entries, onnx_io, write_manifest
 from .bundle_manifest import AUTOENCODER_KL_DEFAULT_SCALING, Layout, build_manifest
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, open_checkpoint
 from .export_onnx import export_onnx
 from .options import ConvertOptions, parse_precision, tiny_vae_config
 from .registry import exporter
@@ -76,11 +76,13 @@ def convert(checkpoint: str | Path, output: str | Path, options: ConvertOptions 
     if opts.export_cache is not None:
         from .export_cache import open_cache
         open_cache(opts.export_cache)
-    ckpt = Checkpoint.open(checkpoint, allow_pickle=opts.allow_pickle)
+    ckpt = open_checkpoint(checkpoint, opts.allow_pickle, family=opts.family,
+                           prediction_type=opts.prediction_type, config=opts.config,
+                           vae=opts.vae)
     ckpt.check_supported()
     if opts.loras:
         from .lora_fuse import read_loras
-        ckpt = replace(ckpt, loras=tuple(read_loras(ckpt.path, opts.loras)))
+        ckpt = replace(ckpt, loras=tuple(read_loras(ckpt, opts.loras)))
     if opts.embeddings:
         from .embeddings import read_embeddings
         ckpt = replace(ckpt, embeddings=tuple(read_embeddings(
@@ -94,7 +96,8 @@ def convert(checkpoint: str | Path, output: str | Path, options: ConvertOptions 
         preview_layers = read_preview_decoder(opts.preview_decoder,
                                               ckpt.config("vae").get("latent_channels"))
     layout = Layout.of(ckpt, opts)
-    name = opts.name or Path(checkpoint).absolute().name
+    source = Path(checkpoint).absolute()
+    name = opts.name or (source.stem if source.is_file() else source.name)
     if opts.static_int8:
         from .calibrate import convert_static
         return convert_static(output, opts, say, lambda out, o, s, unet=None: write_bundle(

@@ -52,16 +52,17 @@ def parameter_shapes(folder: Path) -> dict[str, tuple[int, ...]] | None:
     return shapes
 
 
-def read_loras(ckpt_path: Path, specs: Sequence[tuple[str | Path, float]]) -> list[Lora]:
-    """Each (file, scale) read and checked against the checkpoint: every key matched to a
-    weight of the right shape, or a ConversionError naming the problem."""
+def read_loras(ckpt: Any, specs: Sequence[tuple[str | Path, float]]) -> list[Lora]:
+    """Each (file, scale) read and checked against the checkpoint (its
+    `parameter_shapes(folder)`): every key matched to a weight of the right shape, or a
+    ConversionError naming the problem."""
     if not specs:
         return []
     shapes = {}
     for component, folder in LORA_COMPONENTS.items():
-        found = parameter_shapes(ckpt_path / folder)
+        found = ckpt.parameter_shapes(folder)
         if found is None:
-            raise ConversionError(f"--lora: {ckpt_path / folder} has only pickle weights; a "
+            raise ConversionError(f"--lora: {ckpt.path / folder} has only pickle weights; a "
                                   "LoRA is matched against the checkpoint's .safetensors "
                                   "weights: convert them to safetensors first")
         shapes[component] = found

@@ -58,6 +58,13 @@ class ConvertOptions:
     loras: tuple[tuple[str | Path, float], ...] = ()
     # textual-inversion embedding files added to the tokenizer and text encoder
     embeddings: tuple[str | Path, ...] = ()
+    # single-file checkpoints (converters.single_file): the family and prediction type when
+    # detection is not wanted or cannot tell, or a diffusers-format folder of configs
+    family: str | None = None
+    prediction_type: str | None = None
+    config: str | Path | None = None
+    # a separately published VAE replacing the checkpoint's (single file or folder)
+    vae: str | Path | None = None
 
     @classmethod
     def of(cls, options: "ConvertOptions | None", overrides: Mapping[str, Any]
@@ -130,6 +137,7 @@ class ConvertOptions:
             from .preview_fit import read_preview_decoder
             read_preview_decoder(self.preview_decoder)
         _check_loras(self.loras)
+        _check_source(self)
         name = self.name.strip() if self.name is not None else None
         if name == "":
             raise ConversionError("--name must not be empty (leave it out to use the "
@@ -182,6 +190,22 @@ def _check_loras(loras: Any) -> None:
             raise ConversionError(f"--lora {path}: scale {scale!r} is not a finite number")
         if not Path(path).is_file():
             raise ConversionError(f"--lora {path}: no such file")
+
+
+def _check_source(opts: ConvertOptions) -> None:
+    """--family, --prediction-type, --config and --vae, before the checkpoint is read."""
+    from .single_file import PREDICTION_TYPES
+    from .single_file_layout import check_family
+    if opts.family is not None:
+        check_family(opts.family)
+    if opts.prediction_type is not None and opts.prediction_type not in PREDICTION_TYPES:
+        raise ConversionError(f"--prediction-type {opts.prediction_type!r} unknown; choose "
+                              f"one of {list(PREDICTION_TYPES)}")
+    if opts.family is not None and opts.config is not None:
+        raise ConversionError("--family and --config both say which architecture the file "
+                              "holds; give one of them")
+    if opts.vae is not None and not Path(opts.vae).is_file():
+        raise ConversionError(f"--vae {opts.vae}: no such file")
 
 
 def _check_defaults(steps: int | None, guidance: float | None) -> None:

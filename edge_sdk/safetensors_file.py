@@ -25,6 +25,21 @@ MAX_HEADER = 100 << 20  # the format's own limit
 def read_header(path: str | Path) -> tuple[dict[str, Any], int]:
     """The tensor entries of the file's header (metadata left out) and where data begins."""
     path = Path(path)
+    header, start, size = _raw_header(path)
+    header.pop("__metadata__", None)
+    for name, entry in header.items():
+        _check_entry(path, name, entry, size - start)
+    return header, start
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The header's `__metadata__` (free-form strings; empty when there is none)."""
+    meta = _raw_header(Path(path))[0].get("__metadata__")
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+
+def _raw_header(path: Path) -> tuple[dict[str, Any], int, int]:
+    """The header as JSON, where data begins and the file's size."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -42,11 +57,7 @@ def read_header(path: str | Path) -> tuple[dict[str, Any], int]:
                                "the file is damaged, download it again") from exc
     if not isinstance(header, dict):
         raise SafetensorsError(f"{path}: the .safetensors header is not a JSON object")
-    header.pop("__metadata__", None)
-    start = 8 + n
-    for name, entry in header.items():
-        _check_entry(path, name, entry, size - start)
-    return header, start
+    return header, 8 + n, size
 
 
 def _check_entry(path: Path, name: str, entry: Any, room: int) -> None:

@@ -1,0 +1,241 @@
+"""Single-file checkpoints (`edge-convert model.safetensors -o B`) in the original Stable
+Diffusion layout: SD 1.x, SD 2.x (epsilon and v-prediction) and their inpainting variants.
+
+The family is read from the file's tensor names and shapes (converters.single_file_layout);
+its configs ship in `assets/families/` (no hub is reachable), with the variant's edits made
+here; `--config DIR` (a diffusers-format folder) covers any other architecture. The chosen
+configs and a tokenizer are written to a private folder, so that the checkpoint reads like a
+diffusers folder to every later stage; only the weights come from the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from edge_sdk.errors import ConversionError, SafetensorsError
+from edge_sdk.manifest import sha256_file
+from edge_sdk.safetensors_file import read_metadata
+
+from .checkpoint import SAFE_SUFFIX, Checkpoint, read_json
+from .clip_vocab import EOS, write_clip_tokenizer_files
+from .single_file_layout import (FAMILIES, TEXT_OPEN_CLIP, FileLayout, check_family,
+                                 read_layout)
+from .single_file_weights import (LABELS, check_shapes, check_suffix, empty_model, header_shapes,
+                                  load_component)
+
+log = logging.getLogger(__name__)
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+MODEL_CONFIGS = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json"}
+SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
+# SD 2.x v-prediction models are made for 768 px (latent 96), epsilon ones for 512 (64)
+_SD2_SAMPLE_SIZE = {"v_prediction": 96, "epsilon": 64}
+_OPEN_CLIP_PAD = "!"  # SD 2.x's tokenizer pads with "!", SD 1.x's with the end token
+
+
+@dataclass
+class SingleFileCheckpoint(Checkpoint):
+    """A single file read through a folder of the configs chosen for it (`path`)."""
+
+    file: Path = Path()
+    layout: FileLayout | None = None
+    family: str | None = None  # None: the configs came from --config
+    prediction_type: str = "epsilon"
+    # keeps the config folder alive as long as any copy of this checkpoint
+    folder: Any = None
+
+    def _check_weights(self, name: str) -> None:  # the weights are in the file
+        return None
+
+    def _read_model(self, cls: Any, name: str) -> Any:
+        if name == "vae" and self.vae_file is not None:
+            return super()._read_model(cls, name)
+        assert self.layout is not None
+        return load_component(name, self.config(name), self.file, self.layout.text,
+                              self.allow_pickle)
+
+    def parameter_shapes(self, name: str) -> dict[str, tuple[int, ...]] | None:
+        """{parameter name: shape} of a component as the configs build it."""
+        from edge_sdk.lora import param_key
+        model = empty_model(name, self.config(name))
+        return {param_key(k): tuple(v.shape) for k, v in model.state_dict().items()}
+
+    def fingerprint(self) -> str:
+        """sha256 over the file, the configs chosen for it and a --vae file."""
+        h = hashlib.sha256(sha256_file(self.file).encode())
+        for f in sorted(p for p in self.path.rglob("*.json") if p.is_file()):
+            h.update(f.relative_to(self.path).as_posix().encode() + b"\0" + f.read_bytes())
+        if self.vae_file is not None:
+            h.update(b"--vae\0" + sha256_file(self.vae_file).encode())
+        return h.hexdigest()
+
+    def describe(self) -> dict[str, Any]:
+        """What the manifest records of the file and of how it was read."""
+        assert self.layout is not None
+        return {**super().describe(), "format": "single-file", "file": self.file.name,
+                "family": self.family or "--config", "prediction_type": self.prediction_type,
+                "text_encoder": self.layout.text}
+
+
+def open_single_file(path: Path, allow_pickle: bool = False, family: str | None = None,
+                     prediction_type: str | None = None, config: str | Path | None = None,
+                     vae: str | Path | None = None) -> SingleFileCheckpoint:
+    """Read the file's layout, choose its configs and write them to a private folder."""
+    check_suffix(path, allow_pickle, "checkpoint")
+    shapes = header_shapes(path, allow_pickle)
+    layout = read_layout(shapes, str(path))
+    if not layout.has_vae and vae is None:
+        raise ConversionError(f"{path}: no VAE in the file (first_stage_model.*); give the "
+                              "model's VAE with --vae FILE")
+    if config is not None:
+        configs, tokenizer = _user_configs(Path(config)), Path(config) / "tokenizer"
+        chosen = None
+    else:
+        chosen = check_family(family) if family else _detected(layout, path)
+        configs, tokenizer = _family_configs(chosen), None
+        if family and layout.family and family != layout.family:
+            log.warning("%s: the weights look like %s; converting as %s (--family)", path,
+                        layout.family, family)
+    predicted = _prediction_type(path, chosen, configs, prediction_type)
+    apply_variant(configs, chosen, predicted)
+    for name in ("unet", "text_encoder") + (("vae",) if vae is None else ()):
+        check_shapes(name, shapes, configs[name], layout.text, f"{path} ({LABELS[name]})")
+    folder = tempfile.TemporaryDirectory(prefix="edge-convert-single-file-")
+    root = Path(folder.name)
+    _write_configs(root, configs)
+    if tokenizer is not None and tokenizer.is_dir():
+        shutil.copytree(tokenizer, root / "tokenizer")
+    else:
+        write_clip_tokenizer_files(root / "tokenizer", _OPEN_CLIP_PAD
+                                   if layout.text == TEXT_OPEN_CLIP else EOS)
+    log.info("%s: %s, read as %s (%s)", path.name, layout.describe(), chosen or "--config",
+             predicted)
+    return SingleFileCheckpoint(root, configs["model_index"], allow_pickle,
+                                vae_file=Path(vae) if vae is not None else None,
+                                file=path, layout=layout, family=chosen,
+                                prediction_type=predicted, folder=folder)
+
+
+def _detected(layout: FileLayout, path: Path) -> str:
+    family = layout.family
+    if family is None:
+        raise ConversionError(
+            f"{path}: an unknown architecture ({layout.describe()}); the known families are "
+            "sd1 (CLIP text encoder, width 768) and sd2 (OpenCLIP, width 1024), with 4 "
+            "input channels or 9 (inpainting). Give --config DIR, a diffusers-format folder "
+            "with unet/, vae/ and text_encoder/ configs for this one")
+    return family
+
+
+def family_configs(family: str, prediction_type: str = "epsilon"
+                   ) -> dict[str, dict[str, Any]]:
+    """The configs a family's single files are read with (model_index included)."""
+    configs = _family_configs(family)
+    apply_variant(configs, family, prediction_type)
+    return configs
+
+
+def _family_configs(family: str) -> dict[str, dict[str, Any]]:
+    base = resources.files("converters").joinpath("assets/families",
+                                                  family.removesuffix("-inpainting"))
+    configs = {name: json.loads(base.joinpath(name, fname).read_text())
+               for name, fname in MODEL_CONFIGS.items()}
+    configs["scheduler"] = json.loads(base.joinpath(SCHEDULER_CONFIG).read_text())
+    configs["model_index"] = {"_class_name": "StableDiffusionPipeline"}
+    return configs
+
+
+def _user_configs(folder: Path) -> dict[str, dict[str, Any]]:
+    """--config DIR: the three model configs required, scheduler and model index optional."""
+    if not folder.is_dir():
+        raise ConversionError(f"--config {folder}: not a folder; give a diffusers-format "
+                              "folder with unet/, vae/ and text_encoder/ configs")
+    missing = [f"{n}/{f}" for n, f in MODEL_CONFIGS.items() if not (folder / n / f).is_file()]
+    if missing:
+        raise ConversionError(f"--config {folder}: missing {missing}; it must hold the "
+                              "unet/, vae/ and text_encoder/ config.json of the architecture")
+    configs = {n: read_json(folder / n / f) for n, f in MODEL_CONFIGS.items()}
+    sched = folder / SCHEDULER_CONFIG
+    configs["scheduler"] = read_json(sched) if sched.is_file() else \
+        _family_configs("sd1")["scheduler"]
+    index = folder / "model_index.json"
+    configs["model_index"] = read_json(index) if index.is_file() else \
+        {"_class_name": "StableDiffusionPipeline"}
+    return configs
+
+
+def _prediction_type(path: Path, family: str | None, configs: dict[str, dict[str, Any]],
+                     given: str | None) -> str:
+    """--prediction-type, else what the file's metadata or A1111's sidecar config says,
+    else the family's (SD 2.x: ambiguous, refused) or the --config scheduler's."""
+    if given is not None:
+        if given not in PREDICTION_TYPES:
+            raise ConversionError(f"--prediction-type {given!r} unknown; choose one of "
+                                  f"{list(PREDICTION_TYPES)}")
+        return given
+    stated = _stated_prediction_type(path)
+    if stated is not None:
+        return stated
+    if family is None:
+        return str(configs["scheduler"].get("prediction_type", "epsilon"))
+    if family.startswith("sd2"):
+        raise ConversionError(
+            f"{path}: an SD 2.x checkpoint, whose prediction type the weights cannot tell: "
+            "pass --prediction-type v_prediction (768-pixel models such as 2.0 and 2.1) or "
+            "--prediction-type epsilon (512-pixel ones such as 2.x-base and 2.x "
+            "inpainting)")
+    return "epsilon"
+
+
+def _stated_prediction_type(path: Path) -> str | None:
+    """The prediction type a file states: Stability's model-spec metadata
+    (`modelspec.prediction_type`), or the original config beside it (`model.yaml`, A1111's
+    convention: `parameterization: "v"`)."""
+    meta: dict[str, str] = {}
+    if path.suffix == SAFE_SUFFIX:
+        try:
+            meta = read_metadata(path)
+        except SafetensorsError:
+            meta = {}
+    stated = {"v": "v_prediction", "epsilon": "epsilon"}.get(
+        meta.get("modelspec.prediction_type", ""))
+    if stated:
+        return stated
+    sidecar = path.with_suffix(".yaml")
+    if sidecar.is_file():
+        text = sidecar.read_text(errors="replace")
+        v = re.search(r"^\s*parameterization:\s*['\"]?v['\"]?\s*$", text, re.MULTILINE)
+        return "v_prediction" if v else "epsilon"
+    return None
+
+
+def apply_variant(configs: dict[str, dict[str, Any]], family: str | None,
+                   prediction_type: str) -> None:
+    configs["scheduler"]["prediction_type"] = prediction_type
+    if family is None:
+        return
+    unet = configs["unet"]
+    if family.endswith("-inpainting"):
+        unet["in_channels"] = 9
+        configs["model_index"]["_class_name"] = "StableDiffusionInpaintPipeline"
+    if family.startswith("sd2"):
+        unet["sample_size"] = _SD2_SAMPLE_SIZE[prediction_type]
+
+
+def _write_configs(root: Path, configs: dict[str, dict[str, Any]]) -> None:
+    for name, fname in {**MODEL_CONFIGS, "scheduler": "scheduler_config.json"}.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        (root / name / fname).write_text(json.dumps(configs[name], indent=2))
+    (root / "model_index.json").write_text(json.dumps(configs["model_index"], indent=2))
+
+
+__all__ = ["FAMILIES", "PREDICTION_TYPES", "SingleFileCheckpoint", "open_single_file"]

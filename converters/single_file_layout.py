@@ -1,0 +1,127 @@
+"""What a single-file checkpoint holds, read from its tensor names and shapes alone.
+
+Checkpoints in the original Stable Diffusion layout (as trainers and sharing sites publish
+them) keep every component in one file under fixed prefixes: the UNet under
+`model.diffusion_model.`, the VAE under `first_stage_model.`, the text encoder under
+`cond_stage_model.` (SD 1.x: Hugging Face's CLIP layout; SD 2.x: OpenCLIP's). The family
+follows from the text encoder's layout, the UNet's cross-attention width and its input
+channels; what the weights cannot tell (SD 2.x's prediction type) is left to the caller.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from edge_sdk.errors import ConversionError
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x: transformers' CLIPTextModel keys
+OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: OpenCLIP's text tower
+CONV_IN = UNET_PREFIX + "input_blocks.0.0.weight"
+CLIP_TOKENS = CLIP_PREFIX + "text_model.embeddings.token_embedding.weight"
+OPEN_CLIP_TOKENS = OPEN_CLIP_PREFIX + "token_embedding.weight"
+
+TEXT_CLIP, TEXT_OPEN_CLIP = "clip", "open_clip"
+# (text encoder layout, cross-attention width) -> family; inpainting: a 9-channel UNet
+KNOWN = {(TEXT_CLIP, 768): "sd1", (TEXT_OPEN_CLIP, 1024): "sd2"}
+FAMILIES = ("sd1", "sd1-inpainting", "sd2", "sd2-inpainting")
+LATENT_CHANNELS = 4
+INPAINT_CHANNELS = 2 * LATENT_CHANNELS + 1  # latents + mask + masked-image latents
+
+
+@dataclass(frozen=True)
+class FileLayout:
+    """The facts a single file's header gives."""
+
+    text: str  # TEXT_CLIP | TEXT_OPEN_CLIP
+    context_dim: int  # the UNet's cross-attention width
+    in_channels: int  # the UNet's input channels
+    has_vae: bool
+
+    @property
+    def inpainting(self) -> bool:
+        return self.in_channels == INPAINT_CHANNELS
+
+    @property
+    def family(self) -> str | None:
+        """The known family these weights belong to, None when none matches."""
+        base = KNOWN.get((self.text, self.context_dim))
+        if base is None or self.in_channels not in (LATENT_CHANNELS, INPAINT_CHANNELS):
+            return None
+        return base + ("-inpainting" if self.inpainting else "")
+
+    def describe(self) -> str:
+        return (f"{'an OpenCLIP' if self.text == TEXT_OPEN_CLIP else 'a CLIP'} text encoder, "
+                f"a UNet with {self.in_channels} input channels and cross-attention width "
+                f"{self.context_dim}")
+
+
+def read_layout(shapes: Mapping[str, Sequence[int]], where: str) -> FileLayout:
+    """The layout of a single file from its tensors' names and shapes, or a ConversionError
+    naming what was found instead (another kind of file, SDXL, an unknown architecture)."""
+    _refuse_other_files(shapes, where)
+    if CONV_IN not in shapes:
+        raise ConversionError(f"{where}: no Stable Diffusion UNet in the original layout "
+                              f"({CONV_IN} is missing); found {_summary(shapes)}. Convert "
+                              "the diffusers folder of this model instead")
+    if CLIP_TOKENS in shapes:
+        text, width = TEXT_CLIP, shapes[CLIP_TOKENS][-1]
+    elif OPEN_CLIP_TOKENS in shapes:
+        text, width = TEXT_OPEN_CLIP, shapes[OPEN_CLIP_TOKENS][-1]
+    else:
+        raise ConversionError(f"{where}: no text encoder (cond_stage_model.transformer.* or "
+                              f"cond_stage_model.model.*); found {_summary(shapes)}. "
+                              "edge-convert needs the whole model in the file")
+    context = _context_dim(shapes)
+    if context is not None and context != width:
+        raise ConversionError(f"{where}: the UNet's cross-attention width is {context} but "
+                              f"the text encoder's is {width}: the file mixes components of "
+                              "different models")
+    return FileLayout(text, int(width), int(shapes[CONV_IN][1]),
+                      any(k.startswith(VAE_PREFIX) for k in shapes))
+
+
+def _context_dim(shapes: Mapping[str, Sequence[int]]) -> int | None:
+    """The width of the UNet's cross-attention keys (None for a UNet without any)."""
+    for name, shape in shapes.items():
+        if name.startswith(UNET_PREFIX) and name.endswith("attn2.to_k.weight"):
+            return int(shape[-1])
+    return None
+
+
+def _refuse_other_files(shapes: Mapping[str, Sequence[int]], where: str) -> None:
+    """Files that are not a whole SD 1.x/2.x model, named for what they are."""
+    names = list(shapes)
+    if any(n.startswith("conditioner.embedders.") for n in names):
+        raise ConversionError(f"{where}: an SDXL checkpoint (conditioner.embedders.*); "
+                              "edge-convert supports Stable Diffusion 1.x and 2.x single "
+                              "files so far")
+    if any(n.startswith(("lora_unet_", "lora_te")) or ".lora_" in n or "lora_A" in n
+           or "lora_down" in n for n in names):
+        raise ConversionError(f"{where}: a LoRA, not a checkpoint; apply it to a checkpoint "
+                              "with --lora FILE[:SCALE]")
+    if names and all(n.startswith(("encoder.", "decoder.", "quant_conv", "post_quant_conv"))
+                     for n in names):
+        raise ConversionError(f"{where}: a VAE alone, not a checkpoint; give it with --vae "
+                              "FILE beside the model's checkpoint")
+
+
+def _summary(shapes: Mapping[str, Sequence[int]], top: int = 4) -> str:
+    """The commonest name prefixes (two dotted parts) with their tensor counts."""
+    if not shapes:
+        return "no tensors"
+    counts = Counter(".".join(n.split(".")[:2]) for n in shapes)
+    parts = [f"{p}.* ({c})" for p, c in counts.most_common(top)]
+    more = len(counts) - top
+    return f"{len(shapes)} tensors under " + ", ".join(parts) + (f" and {more} more prefixes"
+                                                                if more > 0 else "")
+
+
+def check_family(name: str) -> str:
+    if name not in FAMILIES:
+        raise ConversionError(f"--family {name!r} unknown; choose one of {list(FAMILIES)} "
+                              "(or give --config DIR for another architecture)")
+    return name

@@ -1,0 +1,188 @@
+"""Loading the components of a single-file checkpoint, and a separately published VAE.
+
+The tensors are renamed to diffusers' layout with diffusers' own conversion functions (the
+ones behind `from_single_file`, which would otherwise fetch configs from the hub) and
+assigned to a model built from the component's config without allocating it first. Every
+weight the model needs must come from the file, and every weight renamed must find its
+place: a mismatch is a ConversionError naming a few of the names, never a model left half
+random.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from edge_sdk.errors import ConversionError, SafetensorsError
+from edge_sdk.safetensors_file import read_header
+
+from .checkpoint import PICKLE_SUFFIXES, SAFE_SUFFIX
+from .single_file_layout import (CLIP_PREFIX, OPEN_CLIP_PREFIX, TEXT_OPEN_CLIP, UNET_PREFIX,
+                                 VAE_PREFIX)
+
+# names a converted state may carry that the model has no place for, harmlessly: CLIP's
+# position ids (a buffer) and OpenCLIP's projection and temperature (unused by SD)
+_IGNORED_SUFFIXES = ("position_ids", "text_projection.weight", "logit_scale")
+_SHOW = 4  # names quoted in an error
+
+
+def header_shapes(path: Path, allow_pickle: bool) -> dict[str, tuple[int, ...]]:
+    """Every tensor's name and shape; only the header is read for .safetensors files."""
+    if path.suffix == SAFE_SUFFIX:
+        try:
+            header, _ = read_header(path)
+        except SafetensorsError as exc:
+            raise ConversionError(str(exc)) from exc
+        return {k: tuple(v["shape"]) for k, v in header.items()}
+    return {k: tuple(v.shape) for k, v in read_tensors(path, "", allow_pickle).items()}
+
+
+def check_suffix(path: Path, allow_pickle: bool, what: str) -> None:
+    if path.suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise ConversionError(f"{what} {path}: a pickle file ({path.suffix}), which can "
+                                  "run code when loaded; edge-convert reads .safetensors "
+                                  "only. Convert it to safetensors, or pass --allow-pickle "
+                                  "if you trust the source")
+    elif path.suffix != SAFE_SUFFIX:
+        raise ConversionError(f"{what} {path}: not a checkpoint file; expected "
+                              f"{SAFE_SUFFIX} (or {', '.join(PICKLE_SUFFIXES)} with "
+                              "--allow-pickle)")
+
+
+def read_tensors(path: Path, prefix: str, allow_pickle: bool) -> dict[str, Any]:
+    """The torch tensors whose names start with `prefix` (prefix kept)."""
+    if path.suffix != SAFE_SUFFIX:
+        return {k: v for k, v in _pickled(path, allow_pickle).items() if k.startswith(prefix)}
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    except Exception as exc:  # safetensors raises its own error types
+        raise ConversionError(f"{path}: cannot read its tensors ({exc}); the file is "
+                              "damaged, download it again") from exc
+
+
+def _pickled(path: Path, allow_pickle: bool) -> dict[str, Any]:
+    import torch
+    check_suffix(path, allow_pickle, "checkpoint")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ConversionError(f"{path}: cannot load it ({exc})") from exc
+    data = data.get("state_dict", data) if isinstance(data, dict) else data
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path}: holds {type(data).__name__}, not a state dict")
+    return {k: v for k, v in data.items() if isinstance(k, str) and hasattr(v, "shape")}
+
+
+_PREFIXES = {"unet": UNET_PREFIX, "vae": VAE_PREFIX}
+LABELS = {"unet": "UNet", "vae": "VAE", "text_encoder": "text encoder"}
+
+
+def load_component(name: str, config: Mapping[str, Any], path: Path, text: str,
+                   allow_pickle: bool) -> Any:
+    """The diffusers/transformers model of component `name` with the file's weights."""
+    model = empty_model(name, config)
+    state = converted_state(name, read_tensors(path, _prefix(name, text), allow_pickle),
+                            config, text, model)
+    check_fit(model, state, f"{path} ({LABELS[name]})")
+    return _assign(model, state)
+
+
+def empty_model(name: str, config: Mapping[str, Any]) -> Any:
+    """Component `name` built from its config without allocating its weights."""
+    from accelerate import init_empty_weights
+    with init_empty_weights(include_buffers=False):
+        if name == "unet":
+            from diffusers import UNet2DConditionModel
+            return UNet2DConditionModel.from_config(dict(config))
+        if name == "vae":
+            from diffusers import AutoencoderKL
+            return AutoencoderKL.from_config(dict(config))
+        from transformers import CLIPTextConfig, CLIPTextModel
+        return CLIPTextModel(CLIPTextConfig.from_dict(dict(config)))
+
+
+def converted_state(name: str, state: Mapping[str, Any], config: Mapping[str, Any],
+                    text: str, model: Any) -> dict[str, Any]:
+    """Original-layout tensors renamed to the diffusers/transformers model's names."""
+    from diffusers.loaders import single_file_utils as sfu
+    state, cfg = dict(state), dict(config)
+    if name == "unet":
+        return sfu.convert_ldm_unet_checkpoint(state, cfg)
+    if name == "vae":
+        if any(".down_blocks." in k or ".up_blocks." in k for k in state):
+            return state  # already diffusers' layout (a --vae file)
+        return sfu.convert_ldm_vae_checkpoint(state, cfg)
+    if text == TEXT_OPEN_CLIP:
+        converted = sfu.convert_open_clip_checkpoint(model, state, prefix=OPEN_CLIP_PREFIX)
+    else:
+        converted = sfu.convert_ldm_clip_checkpoint(state)
+    if not hasattr(model, "text_model"):  # transformers >= 5 flattened CLIPTextModel
+        converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+    return converted
+
+
+def load_vae_file(path: Path, cfg: Mapping[str, Any], allow_pickle: bool) -> Any:
+    """--vae FILE: a VAE published on its own replaces the checkpoint's."""
+    check_suffix(path, allow_pickle, "--vae")
+    model = empty_model("vae", cfg)
+    converted = converted_state("vae", _vae_part(read_tensors(path, "", allow_pickle)), cfg,
+                                "", model)
+    check_fit(model, converted, f"--vae {path}")
+    return _assign(model, converted)
+
+
+def check_vae_file(path: Path, cfg: Mapping[str, Any], allow_pickle: bool) -> None:
+    """--vae FILE fits the checkpoint's VAE config (from its header: nothing loaded)."""
+    check_suffix(path, allow_pickle, "--vae")
+    shapes = _vae_part(header_shapes(path, allow_pickle))
+    check_shapes("vae", shapes, cfg, "", f"--vae {path}")
+
+
+def _vae_part(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A VAE file's tensors; a whole checkpoint given as --vae: its VAE's."""
+    if any(k.startswith(UNET_PREFIX) for k in state):
+        return {k: v for k, v in state.items() if k.startswith(VAE_PREFIX)}
+    return dict(state)
+
+
+def check_shapes(name: str, shapes: Mapping[str, Any], config: Mapping[str, Any], text: str,
+                 where: str) -> None:
+    """The file's tensors of component `name` (names and shapes) fit the model the config
+    builds: the conversion run on meta tensors, so a mismatch is found before any export."""
+    import torch
+    prefix = _prefix(name, text) if name != "vae" or any(
+        k.startswith(VAE_PREFIX) for k in shapes) else ""
+    state = {k: torch.empty(tuple(s), device="meta") for k, s in shapes.items()
+             if k.startswith(prefix)}
+    model = empty_model(name, config)
+    check_fit(model, converted_state(name, state, config, text, model), where)
+
+
+def _prefix(name: str, text: str) -> str:
+    return _PREFIXES.get(name) or (OPEN_CLIP_PREFIX if text == TEXT_OPEN_CLIP
+                                   else CLIP_PREFIX)
+
+
+def check_fit(model: Any, state: Mapping[str, Any], where: str) -> None:
+    """Every weight of `model` in `state` with its shape, and nothing else of weight."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    extra = [k for k in state if k not in expected and not k.endswith(_IGNORED_SUFFIXES)]
+    wrong = [f"{k} {tuple(state[k].shape)} (needs {tuple(v.shape)})"
+             for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or extra or wrong:
+        raise ConversionError(
+            f"{where}: the weights do not fit the architecture in the configs: "
+            + "; ".join(f"{what} {len(names)}, e.g. {names[:_SHOW]}"
+                        for what, names in (("missing", missing), ("unexpected", extra),
+                                            ("wrong shape", wrong)) if names)
+            + ". Another architecture? Give --family, or --config DIR with its configs")
+
+
+def _assign(model: Any, state: Mapping[str, Any]) -> Any:
+    model.load_state_dict({k: state[k].contiguous() for k in model.state_dict()},
+                          strict=True, assign=True)
+    return model.float().eval()
