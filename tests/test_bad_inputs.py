@@ -357,6 +357,29 @@ def _convert_embedding(ctx: Ctx, name: str, tensors: dict | None) -> Any:
     return ctx.convert(ctx.ckpt, "-o", ctx.tmp / "out", "--embedding", path)
 
 
+def _single(ctx: Ctx, *args: Any, shapes: dict | None = None,
+            name: str = "m.safetensors") -> Any:
+    """edge-convert on a single file: the tiny checkpoint written out in the original layout,
+    or a sparse file with these tensor shapes."""
+    from .single_files import sparse_file, write_single_file
+    path = ctx.tmp / name
+    if shapes is None:
+        write_single_file(ctx.ckpt, path)
+    else:
+        sparse_file(path, shapes)
+    return ctx.convert(path, "-o", ctx.tmp / "out", *args)
+
+
+def _sparse(ctx: Ctx, name: str, shapes: dict) -> Path:
+    from .single_files import sparse_file
+    return sparse_file(ctx.tmp / name, shapes)
+
+
+def _sd2_shapes(inpainting: bool = False) -> dict:
+    from .single_files import layout_shapes, original_layout
+    return layout_shapes(original_layout("sd2-inpainting" if inpainting else "sd2")[2])
+
+
 def _save(path: Path, tensors: dict) -> None:
     from safetensors.numpy import save_file
     save_file(tensors, str(path))
@@ -795,6 +818,41 @@ ROWS: list[Row] = [
         lambda c: _convert_embedding(c, "wide.safetensors",
                                      {"emb_params": np.ones((2, 1024), np.float32)}),
         ConversionError, "--embedding .*1024 wide, this text encoder's are 32.*another model"),
+    Row("conversion", "single file of an unknown layout (Flux-style blocks, no SD UNet)",
+        lambda c: _single(c, shapes={"double_blocks.0.img_attn.qkv.weight": (96, 32)}),
+        ConversionError, "no Stable Diffusion UNet in the original layout.*double_blocks"),
+    Row("conversion", "single file with a truncated safetensors header",
+        lambda c: c.convert(_write(c, "cut.safetensors", b"\x10\x27" + b"\0" * 6 + b"{"),
+                            "-o", c.tmp / "out"), ConversionError,
+        "not a .safetensors file, or truncated"),
+    Row("conversion", "single file of an SDXL model",
+        lambda c: _single(c, shapes={"conditioner.embedders.1.model.ln_final.weight": (8,)}),
+        ConversionError, "an SDXL checkpoint"),
+    Row("conversion", "single file of an architecture no shipped family has, no --config",
+        lambda c: _single(c), ConversionError,
+        "unknown architecture \\(a CLIP text encoder.*width 32\\).*--config DIR"),
+    Row("conversion", "SD 2.x single file that does not state its prediction type",
+        lambda c: _single(c, shapes=_sd2_shapes()), ConversionError,
+        "SD 2.x.*--prediction-type v_prediction.*--prediction-type epsilon"),
+    Row("conversion", "--family that the file's weights do not fit (sd1 for an SD 2.x file)",
+        lambda c: _single(c, "--family", "sd1", shapes=_sd2_shapes(True)), ConversionError,
+        "\\(UNet\\): the weights do not fit.*wrong shape"),
+    Row("conversion", "a LoRA given as the checkpoint",
+        lambda c: _single(c, shapes={"lora_unet_x.lora_down.weight": (4, 8)}),
+        ConversionError, "a LoRA, not a checkpoint.*--lora"),
+    Row("conversion", "single-file .ckpt (pickle) without --allow-pickle",
+        lambda c: c.convert(_write(c, "m.ckpt", b"\x80\x04pickle"), "-o", c.tmp / "out"),
+        ConversionError, "m.ckpt: a pickle file.*--allow-pickle"),
+    Row("conversion", "--config folder without the model configs",
+        lambda c: _single(c, "--config", c.tmp), ConversionError,
+        "--config .*missing .*unet/config.json"),
+    Row("conversion", "--family given for a diffusers folder",
+        lambda c: c.convert(c.ckpt, "-o", c.tmp / "out", "--family", "sd1"),
+        ConversionError, "--family: for single-file checkpoints"),
+    Row("conversion", "--vae whose weights do not fit the checkpoint's VAE",
+        lambda c: c.convert(c.ckpt, "-o", c.tmp / "out", "--vae", _sparse(
+            c, "vae.safetensors", {"encoder.conv_in.weight": (8, 3, 3, 3)})),
+        ConversionError, "--vae .*weights do not fit.*missing"),
     Row("conversion", "--embedding as a .pt pickle without --allow-pickle",
         lambda c: _convert_embedding(c, "style.pt", None), ConversionError,
         "--embedding .*style.pt: a pickle file.*--allow-pickle"),
