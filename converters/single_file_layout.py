@@ -22,6 +22,8 @@ CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x: transformers' CLIPTextM
 OPEN_CLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: OpenCLIP's text tower
 CONV_IN = UNET_PREFIX + "input_blocks.0.0.weight"
 CLIP_TOKENS = CLIP_PREFIX + "text_model.embeddings.token_embedding.weight"
+# files written with transformers before 4.x's text_model level lack it
+CLIP_TOKENS_OLD = CLIP_PREFIX + "embeddings.token_embedding.weight"
 OPEN_CLIP_TOKENS = OPEN_CLIP_PREFIX + "token_embedding.weight"
 
 TEXT_CLIP, TEXT_OPEN_CLIP = "clip", "open_clip"
@@ -67,8 +69,9 @@ def read_layout(shapes: Mapping[str, Sequence[int]], where: str) -> FileLayout:
         raise ConversionError(f"{where}: no Stable Diffusion UNet in the original layout "
                               f"({CONV_IN} is missing); found {_summary(shapes)}. Convert "
                               "the diffusers folder of this model instead")
-    if CLIP_TOKENS in shapes:
-        text, width = TEXT_CLIP, shapes[CLIP_TOKENS][-1]
+    clip = next((k for k in (CLIP_TOKENS, CLIP_TOKENS_OLD) if k in shapes), None)
+    if clip is not None:
+        text, width = TEXT_CLIP, shapes[clip][-1]
     elif OPEN_CLIP_TOKENS in shapes:
         text, width = TEXT_OPEN_CLIP, shapes[OPEN_CLIP_TOKENS][-1]
     else:

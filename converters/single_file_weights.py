@@ -119,9 +119,11 @@ def converted_state(name: str, state: Mapping[str, Any], config: Mapping[str, An
         converted = sfu.convert_open_clip_checkpoint(model, state, prefix=OPEN_CLIP_PREFIX)
     else:
         converted = sfu.convert_ldm_clip_checkpoint(state)
-    if not hasattr(model, "text_model"):  # transformers >= 5 flattened CLIPTextModel
-        converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
-    return converted
+    # transformers >= 5 flattened CLIPTextModel (no `text_model.` level); old files lack it
+    flat = {k.removeprefix("text_model."): v for k, v in converted.items()}
+    return flat if not hasattr(model, "text_model") else \
+        {("" if k.startswith("text_projection") else "text_model.") + k: v
+         for k, v in flat.items()}
 
 
 def load_vae_file(path: Path, cfg: Mapping[str, Any], allow_pickle: bool) -> Any:

@@ -92,7 +92,8 @@ def _weights(model) -> dict[str, np.ndarray]:
 
 def test_fp16_and_pickle_files_and_diffusers_layout_vae(models, files, tmp_path):
     """Half-precision files load as their values widened; a .ckpt only with allow_pickle;
-    --vae in diffusers' layout, and for a folder checkpoint too."""
+    CLIP keys without transformers' text_model level (older files); --vae in diffusers'
+    layout, and for a folder checkpoint too."""
     import torch
 
     from converters.checkpoint import open_checkpoint
@@ -110,6 +111,13 @@ def test_fp16_and_pickle_files_and_diffusers_layout_vae(models, files, tmp_path)
     with pytest.raises(ConversionError, match="--allow-pickle"):
         open_checkpoint(pickled, config=ckpt)
     got = _weights(open_checkpoint(pickled, True, config=ckpt).load_text_encoder())
+    assert all(np.array_equal(got[k], v) for k, v in _weights(folder.load_text_encoder()
+                                                               ).items())
+    old = {k.replace("transformer.text_model.", "transformer."): v
+           for k, v in load_file(str(files["tiny-sd1"])).items()}  # pre-text_model keys
+    save_file(old, str(tmp_path / "old.safetensors"))
+    got = _weights(open_checkpoint(tmp_path / "old.safetensors", config=ckpt)
+                   .load_text_encoder())
     assert all(np.array_equal(got[k], v) for k, v in _weights(folder.load_text_encoder()
                                                                ).items())
     shifted = {k: v + 0.01 for k, v in load_file(
