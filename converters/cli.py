@@ -174,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _require_convert_extra(args: argparse.Namespace) -> argparse.Namespace:
     """The converter's packages are an extra: say which, not ModuleNotFoundError: torch."""
-    missing = [m for m in ("torch", "diffusers", "transformers", "onnx")
+    missing = [m for m in ("torch", "diffusers", "transformers", "onnx", "accelerate")
                if importlib.util.find_spec(m) is None]
     if missing:
         raise ConversionError(f"edge-convert needs the [convert] extra ({', '.join(missing)} "

@@ -27,10 +27,10 @@ from edge_sdk.safetensors_file import read_metadata
 
 from .checkpoint import SAFE_SUFFIX, Checkpoint, read_json
 from .clip_vocab import EOS, write_clip_tokenizer_files
-from .single_file_layout import (FAMILIES, TEXT_OPEN_CLIP, FileLayout, check_family,
-                                 read_layout)
-from .single_file_weights import (LABELS, check_shapes, check_suffix, empty_model, header_shapes,
-                                  load_component)
+from .single_file_layout import (FAMILIES, INPAINT_CHANNELS, TEXT_OPEN_CLIP, FileLayout,
+                                 check_family, read_layout)
+from .single_file_weights import (LABELS, check_shapes, check_suffix, empty_model,
+                                  header_shapes, load_component)
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,10 @@ SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 # SD 2.x v-prediction models are made for 768 px (latent 96), epsilon ones for 512 (64)
 _SD2_SAMPLE_SIZE = {"v_prediction": 96, "epsilon": 64}
 _OPEN_CLIP_PAD = "!"  # SD 2.x's tokenizer pads with "!", SD 1.x's with the end token
+_EMA_KEYS = 100  # a file with more model_ema.* tensors than this holds EMA weights (diffusers)
+# what the file may state: model-spec metadata values and original-config parameterizations
+_STATED = {"v": "v_prediction", "v_prediction": "v_prediction", "eps": "epsilon",
+           "epsilon": "epsilon"}
 
 
 @dataclass
@@ -72,7 +76,7 @@ class SingleFileCheckpoint(Checkpoint):
     def fingerprint(self) -> str:
         """sha256 over the file, the configs chosen for it and a --vae file."""
         h = hashlib.sha256(sha256_file(self.file).encode())
-        for f in sorted(p for p in self.path.rglob("*.json") if p.is_file()):
+        for f in sorted(p for p in self.path.rglob("*") if p.suffix in (".json", ".txt")):
             h.update(f.relative_to(self.path).as_posix().encode() + b"\0" + f.read_bytes())
         if self.vae_file is not None:
             h.update(b"--vae\0" + sha256_file(self.vae_file).encode())
@@ -97,6 +101,9 @@ def open_single_file(path: Path, allow_pickle: bool = False, family: str | None 
         raise ConversionError(f"{path}: no VAE in the file (first_stage_model.*); give the "
                               "model's VAE with --vae FILE")
     if config is not None:
+        if family is not None:
+            raise ConversionError("--family and --config both say which architecture the "
+                                  "file holds; give one of them")
         configs, tokenizer = _user_configs(Path(config)), Path(config) / "tokenizer"
         chosen = None
     else:
@@ -105,10 +112,14 @@ def open_single_file(path: Path, allow_pickle: bool = False, family: str | None 
         if family and layout.family and family != layout.family:
             log.warning("%s: the weights look like %s; converting as %s (--family)", path,
                         layout.family, family)
-    predicted = _prediction_type(path, chosen, configs, prediction_type)
-    apply_variant(configs, chosen, predicted)
+    apply_variant(configs, chosen, None)
     for name in ("unet", "text_encoder") + (("vae",) if vae is None else ()):
         check_shapes(name, shapes, configs[name], layout.text, f"{path} ({LABELS[name]})")
+    predicted = _prediction_type(path, chosen, configs, prediction_type)
+    apply_variant(configs, chosen, predicted)
+    if sum(k.startswith("model_ema.") for k in shapes) > _EMA_KEYS:
+        log.info("%s: holds EMA weights too; converting the model's own (model.*), as "
+                 "diffusers and A1111 do", path.name)
     folder = tempfile.TemporaryDirectory(prefix="edge-convert-single-file-")
     root = Path(folder.name)
     _write_configs(root, configs)
@@ -198,36 +209,45 @@ def _prediction_type(path: Path, family: str | None, configs: dict[str, dict[str
 
 def _stated_prediction_type(path: Path) -> str | None:
     """The prediction type a file states: Stability's model-spec metadata
-    (`modelspec.prediction_type`), or the original config beside it (`model.yaml`, A1111's
-    convention: `parameterization: "v"`)."""
+    (`modelspec.prediction_type`), or the original config beside it, named as the file with
+    `.yaml` (A1111's convention: `parameterization: "v"`; none means "eps")."""
     meta: dict[str, str] = {}
     if path.suffix == SAFE_SUFFIX:
         try:
             meta = read_metadata(path)
         except SafetensorsError:
             meta = {}
-    stated = {"v": "v_prediction", "epsilon": "epsilon"}.get(
-        meta.get("modelspec.prediction_type", ""))
-    if stated:
-        return stated
+    spec = meta.get("modelspec.prediction_type")
+    if spec is not None:
+        if spec in _STATED:
+            return _STATED[spec]
+        log.warning("%s: modelspec.prediction_type %r is not one this reads (%s); ignored",
+                    path.name, spec, sorted(_STATED))
     sidecar = path.with_suffix(".yaml")
-    if sidecar.is_file():
-        text = sidecar.read_text(errors="replace")
-        v = re.search(r"^\s*parameterization:\s*['\"]?v['\"]?\s*$", text, re.MULTILINE)
-        return "v_prediction" if v else "epsilon"
-    return None
+    if not sidecar.is_file():
+        return None
+    found = re.search(r"^\s*parameterization:\s*['\"]?(\w+)",
+                      sidecar.read_text(errors="replace"), re.MULTILINE)
+    if found is None:  # the original configs' default: "eps"
+        return "epsilon"
+    if found.group(1) not in _STATED:
+        raise ConversionError(f"{sidecar}: parameterization {found.group(1)!r} is not eps "
+                              "or v; pass --prediction-type")
+    return _STATED[found.group(1)]
 
 
 def apply_variant(configs: dict[str, dict[str, Any]], family: str | None,
-                   prediction_type: str) -> None:
-    configs["scheduler"]["prediction_type"] = prediction_type
-    if family is None:
-        return
+                   prediction_type: str | None) -> None:
+    """A family's edits of its base configs (None: --config's, left as they are); the
+    prediction type's once it is known (it changes no weight's shape)."""
     unet = configs["unet"]
-    if family.endswith("-inpainting"):
-        unet["in_channels"] = 9
+    if family is not None and family.endswith("-inpainting"):
+        unet["in_channels"] = INPAINT_CHANNELS
         configs["model_index"]["_class_name"] = "StableDiffusionInpaintPipeline"
-    if family.startswith("sd2"):
+    if prediction_type is None:
+        return
+    configs["scheduler"]["prediction_type"] = prediction_type
+    if family is not None and family.startswith("sd2"):
         unet["sample_size"] = _SD2_SAMPLE_SIZE[prediction_type]
 
 

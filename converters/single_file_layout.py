@@ -64,44 +64,64 @@ class FileLayout:
 def read_layout(shapes: Mapping[str, Sequence[int]], where: str) -> FileLayout:
     """The layout of a single file from its tensors' names and shapes, or a ConversionError
     naming what was found instead (another kind of file, SDXL, an unknown architecture)."""
-    _refuse_other_files(shapes, where)
+    _refuse_other_models(shapes, where)
     if CONV_IN not in shapes:
+        _refuse_other_files(shapes, where)
         raise ConversionError(f"{where}: no Stable Diffusion UNet in the original layout "
                               f"({CONV_IN} is missing); found {_summary(shapes)}. Convert "
                               "the diffusers folder of this model instead")
     clip = next((k for k in (CLIP_TOKENS, CLIP_TOKENS_OLD) if k in shapes), None)
     if clip is not None:
-        text, width = TEXT_CLIP, shapes[clip][-1]
+        text, width = TEXT_CLIP, _dim(shapes, clip, 1, 2, where)
     elif OPEN_CLIP_TOKENS in shapes:
-        text, width = TEXT_OPEN_CLIP, shapes[OPEN_CLIP_TOKENS][-1]
+        text, width = TEXT_OPEN_CLIP, _dim(shapes, OPEN_CLIP_TOKENS, 1, 2, where)
     else:
         raise ConversionError(f"{where}: no text encoder (cond_stage_model.transformer.* or "
                               f"cond_stage_model.model.*); found {_summary(shapes)}. "
                               "edge-convert needs the whole model in the file")
-    context = _context_dim(shapes)
+    context = _context_dim(shapes, where)
     if context is not None and context != width:
         raise ConversionError(f"{where}: the UNet's cross-attention width is {context} but "
                               f"the text encoder's is {width}: the file mixes components of "
                               "different models")
-    return FileLayout(text, int(width), int(shapes[CONV_IN][1]),
+    return FileLayout(text, width, _dim(shapes, CONV_IN, 1, 4, where),
                       any(k.startswith(VAE_PREFIX) for k in shapes))
 
 
-def _context_dim(shapes: Mapping[str, Sequence[int]]) -> int | None:
+def _dim(shapes: Mapping[str, Sequence[int]], name: str, axis: int, rank: int,
+         where: str) -> int:
+    """Dimension `axis` of tensor `name`, which must have `rank` dimensions."""
+    shape = tuple(shapes[name])
+    if len(shape) != rank:
+        raise ConversionError(f"{where}: tensor {name} has shape {shape}, not {rank} "
+                              "dimensions: not a Stable Diffusion checkpoint, or a damaged one")
+    return int(shape[axis])
+
+
+def _context_dim(shapes: Mapping[str, Sequence[int]], where: str) -> int | None:
     """The width of the UNet's cross-attention keys (None for a UNet without any)."""
-    for name, shape in shapes.items():
+    for name in shapes:
         if name.startswith(UNET_PREFIX) and name.endswith("attn2.to_k.weight"):
-            return int(shape[-1])
+            return _dim(shapes, name, 1, 2, where)
     return None
 
 
+# models in the original layout that share SD's prefixes but are other architectures
+_OTHER_MODELS = ((("conditioner.embedders.",), "an SDXL checkpoint (conditioner.embedders.*); "
+                  "edge-convert supports Stable Diffusion 1.x and 2.x single files so far"),
+                 (("embedder.", "noise_augmentor."), "an unCLIP (image variation) checkpoint "
+                  "(embedder.*, noise_augmentor.*), which edge-convert does not support"))
+
+
+def _refuse_other_models(shapes: Mapping[str, Sequence[int]], where: str) -> None:
+    for prefixes, what in _OTHER_MODELS:
+        if any(n.startswith(prefixes) for n in shapes):
+            raise ConversionError(f"{where}: {what}")
+
+
 def _refuse_other_files(shapes: Mapping[str, Sequence[int]], where: str) -> None:
-    """Files that are not a whole SD 1.x/2.x model, named for what they are."""
+    """Files without a UNet that are no checkpoint, named for what they are."""
     names = list(shapes)
-    if any(n.startswith("conditioner.embedders.") for n in names):
-        raise ConversionError(f"{where}: an SDXL checkpoint (conditioner.embedders.*); "
-                              "edge-convert supports Stable Diffusion 1.x and 2.x single "
-                              "files so far")
     if any(n.startswith(("lora_unet_", "lora_te")) or ".lora_" in n or "lora_A" in n
            or "lora_down" in n for n in names):
         raise ConversionError(f"{where}: a LoRA, not a checkpoint; apply it to a checkpoint "

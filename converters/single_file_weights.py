@@ -10,6 +10,7 @@ random.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -64,8 +65,14 @@ def read_tensors(path: Path, prefix: str, allow_pickle: bool) -> dict[str, Any]:
 
 
 def _pickled(path: Path, allow_pickle: bool) -> dict[str, Any]:
-    import torch
     check_suffix(path, allow_pickle, "checkpoint")
+    return _unpickled(str(path), path.stat().st_mtime_ns)
+
+
+@lru_cache(maxsize=1)  # a .ckpt is read whole; once, not once per component
+def _unpickled(name: str, _mtime: int) -> dict[str, Any]:
+    import torch
+    path = Path(name)
     try:
         data = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
@@ -91,17 +98,23 @@ def load_component(name: str, config: Mapping[str, Any], path: Path, text: str,
 
 
 def empty_model(name: str, config: Mapping[str, Any]) -> Any:
-    """Component `name` built from its config without allocating its weights."""
+    """Component `name` built from its config without allocating its weights (a
+    ConversionError when the config does not describe a model)."""
     from accelerate import init_empty_weights
-    with init_empty_weights(include_buffers=False):
-        if name == "unet":
-            from diffusers import UNet2DConditionModel
-            return UNet2DConditionModel.from_config(dict(config))
-        if name == "vae":
-            from diffusers import AutoencoderKL
-            return AutoencoderKL.from_config(dict(config))
-        from transformers import CLIPTextConfig, CLIPTextModel
-        return CLIPTextModel(CLIPTextConfig.from_dict(dict(config)))
+    try:
+        with init_empty_weights(include_buffers=False):
+            if name == "unet":
+                from diffusers import UNet2DConditionModel
+                return UNet2DConditionModel.from_config(dict(config))
+            if name == "vae":
+                from diffusers import AutoencoderKL
+                return AutoencoderKL.from_config(dict(config))
+            from transformers import CLIPTextConfig, CLIPTextModel
+            return CLIPTextModel(CLIPTextConfig.from_dict(dict(config)))
+    except Exception as exc:  # diffusers/transformers validate configs in many ways
+        raise ConversionError(f"the {LABELS[name]} config does not describe a model "
+                              f"diffusers can build ({type(exc).__name__}: {exc}); fix the "
+                              "config.json given with --config") from exc
 
 
 def converted_state(name: str, state: Mapping[str, Any], config: Mapping[str, Any],
@@ -113,7 +126,7 @@ def converted_state(name: str, state: Mapping[str, Any], config: Mapping[str, An
         return sfu.convert_ldm_unet_checkpoint(state, cfg)
     if name == "vae":
         if any(".down_blocks." in k or ".up_blocks." in k for k in state):
-            return state  # already diffusers' layout (a --vae file)
+            return _renamed_legacy_vae(state)  # already diffusers' layout (a --vae file)
         return sfu.convert_ldm_vae_checkpoint(state, cfg)
     if text == TEXT_OPEN_CLIP:
         converted = sfu.convert_open_clip_checkpoint(model, state, prefix=OPEN_CLIP_PREFIX)
@@ -124,6 +137,21 @@ def converted_state(name: str, state: Mapping[str, Any], config: Mapping[str, An
     return flat if not hasattr(model, "text_model") else \
         {("" if k.startswith("text_projection") else "text_model.") + k: v
          for k, v in flat.items()}
+
+
+# diffusers' VAE attention before it became `Attention` (files saved then keep these names)
+_LEGACY_VAE = ((".query.", ".to_q."), (".key.", ".to_k."), (".value.", ".to_v."),
+               (".proj_attn.", ".to_out.0."))
+
+
+def _renamed_legacy_vae(state: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in state.items():
+        if ".attentions." in k:
+            for old, new in _LEGACY_VAE:
+                k = k.replace(old, new)
+        out[k] = v
+    return out
 
 
 def load_vae_file(path: Path, cfg: Mapping[str, Any], allow_pickle: bool) -> Any:
@@ -160,7 +188,16 @@ def check_shapes(name: str, shapes: Mapping[str, Any], config: Mapping[str, Any]
     state = {k: torch.empty(tuple(s), device="meta") for k, s in shapes.items()
              if k.startswith(prefix)}
     model = empty_model(name, config)
-    check_fit(model, converted_state(name, state, config, text, model), where)
+    converted = converted_state(name, state, config, text, model)
+    check_fit(model, converted, where)
+    if name == "unet":  # its conversion moves tensors, so what it left out is visible
+        used = {id(v) for v in converted.values()}
+        left = [k for k, v in state.items() if id(v) not in used]
+        if left:
+            raise ConversionError(
+                f"{where}: {len(left)} of the file's UNet weights have no place in this "
+                f"architecture, e.g. {left[:_SHOW]}: another architecture (give --config DIR "
+                "with its configs) or a damaged file")
 
 
 def _prefix(name: str, text: str) -> str:

@@ -22,7 +22,7 @@ def _have(module: str) -> bool:
         return False
 
 
-HAVE_CONVERT = _have("torch") and _have("diffusers") and _have("onnx")
+HAVE_CONVERT = _have("torch") and _have("diffusers") and _have("onnx") and _have("accelerate")
 needs_convert = pytest.mark.skipif(not HAVE_CONVERT, reason="needs the [convert] extra")
 HAVE_TFLITE_CONVERT = HAVE_CONVERT and _have("litert_torch") and _have("ai_edge_quantizer")
 

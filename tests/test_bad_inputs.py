@@ -834,7 +834,7 @@ ROWS: list[Row] = [
     Row("conversion", "SD 2.x single file that does not state its prediction type",
         lambda c: _single(c, shapes=_sd2_shapes()), ConversionError,
         "SD 2.x.*--prediction-type v_prediction.*--prediction-type epsilon"),
-    Row("conversion", "--family that the file's weights do not fit (sd1 for an SD 2.x file)",
+    Row("conversion", "--family that the file's weights do not fit (sd1 for SD 2.x inpainting)",
         lambda c: _single(c, "--family", "sd1", shapes=_sd2_shapes(True)), ConversionError,
         "\\(UNet\\): the weights do not fit.*wrong shape"),
     Row("conversion", "a LoRA given as the checkpoint",

@@ -5,6 +5,7 @@ fit the full-size layouts; detection, ambiguity and every refusal."""
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 
 import numpy as np
@@ -45,10 +46,11 @@ def files(models, tmp_path_factory):
                                     text) for arch, text in TEXT.items()}
 
 
-@pytest.mark.parametrize("arch", ["tiny-sd2", "tiny-inpaint"])
+@pytest.mark.parametrize("arch", ["tiny-sd1", "tiny-sd2", "tiny-inpaint"])
 def test_single_file_gives_the_folders_image(models, files, tmp_path, arch):
-    """SD 2.x v-prediction (OpenCLIP text encoder, linear projections) and a 9-channel
-    inpainting UNet, read with --config (the tiny architectures are no shipped family)."""
+    """SD 1.x, SD 2.x v-prediction (OpenCLIP text encoder, linear projections) and a
+    9-channel inpainting UNet, read with --config (the tiny architectures are no shipped
+    family)."""
     from converters.convert import convert
     ckpt = models.checkpoint(arch)
     # compared with the session's default bundles (shared with other tests); inpainting
@@ -123,9 +125,13 @@ def test_fp16_and_pickle_files_and_diffusers_layout_vae(models, files, tmp_path)
     shifted = {k: v + 0.01 for k, v in load_file(
         str(ckpt / "vae" / "diffusion_pytorch_model.safetensors")).items()}
     save_file(shifted, str(tmp_path / "vae.safetensors"))
-    for source in (ckpt, files["tiny-sd1"]):
+    legacy = {k.replace("to_q.", "query.").replace("to_k.", "key.").replace("to_v.", "value.")
+              .replace("to_out.0.", "proj_attn."): v for k, v in shifted.items()}
+    assert legacy != shifted  # (diffusers' VAE attention names before `Attention`)
+    save_file(legacy, str(tmp_path / "legacy.safetensors"))
+    for source, file in ((ckpt, "vae"), (files["tiny-sd1"], "vae"), (ckpt, "legacy")):
         vae = _weights(open_checkpoint(source, config=None if source == ckpt else ckpt,
-                                       vae=tmp_path / "vae.safetensors").load_vae())
+                                       vae=tmp_path / f"{file}.safetensors").load_vae())
         assert all(np.array_equal(vae[k], v) for k, v in shifted.items())
 
 
@@ -137,13 +143,16 @@ def test_shipped_configs_fit_the_full_size_layouts(family, prediction):
     device: no memory), written out in the original layout: detected as their family, and
     every converted weight fits."""
     from converters.single_file_layout import read_layout
-    from converters.single_file_weights import check_fit, converted_state
-    configs, models, original = original_layout(family, prediction)
-    assert read_layout(layout_shapes(original), family).family == family
+    from converters.single_file_weights import check_shapes
+    configs, _, original = original_layout(family, prediction)
+    shapes = layout_shapes(original)
+    assert read_layout(shapes, family).family == family
     text = "open_clip" if family.startswith("sd2") else "clip"
-    for name, model in models.items():
-        check_fit(model, converted_state(name, original[name], configs[name], text, model),
-                  name)
+    for name in original:  # every weight fits, and none of the UNet's is left over
+        check_shapes(name, shapes, configs[name], text, name)
+    with pytest.raises(ConversionError, match="no place in this architecture.*label_emb"):
+        check_shapes("unet", {**shapes, "model.diffusion_model.label_emb.0.0.weight": (8, 8)},
+                     configs["unet"], text, "unet")
 
 
 SD2_SHAPES = {"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
@@ -167,11 +176,19 @@ def test_sd2_prediction_type_is_asked_for_or_read_from_what_the_file_states(tmp_
     stated = sparse_file(tmp_path / "spec.safetensors", full,
                         {"modelspec.prediction_type": "v"})
     assert open_checkpoint(stated).prediction_type == "v_prediction"
-    (tmp_path / "sd2.yaml").write_text("model:\n  params:\n    parameterization: \"v\"\n")
+    (tmp_path / "sd2.yaml").write_text("model:\n  params:\n    parameterization: \"v\"  # v\n")
     assert open_checkpoint(plain).prediction_type == "v_prediction"
+    (tmp_path / "sd2.yaml").write_text("model:\n  params:\n    parameterization: x0\n")
+    with pytest.raises(ConversionError, match="parameterization 'x0'.*--prediction-type"):
+        open_checkpoint(plain)
     (tmp_path / "sd2.yaml").write_text("model:\n  params:\n    linear_start: 0.00085\n")
     base = open_checkpoint(plain)
     assert base.prediction_type == "epsilon" and base.config("unet")["sample_size"] == 64
+    tok = base.load_tokenizer()  # the shipped family's: CLIP's vocabulary, SD 2.x's padding
+    assert (len(tok), tok.pad_token, tok.model_max_length) == (49408, "!", 77)
+    sd1 = open_checkpoint(sparse_file(tmp_path / "sd1.safetensors",
+                                      layout_shapes(original_layout("sd1")[2])))
+    assert (sd1.family, sd1.load_tokenizer().pad_token) == ("sd1", "<|endoftext|>")
     inpaint = layout_shapes(original_layout("sd2-inpainting")[2])
     ckpt = open_checkpoint(sparse_file(tmp_path / "in.safetensors", inpaint),
                            prediction_type="epsilon")
@@ -184,6 +201,9 @@ def test_sd2_prediction_type_is_asked_for_or_read_from_what_the_file_states(tmp_
 
 @pytest.mark.parametrize("shapes,message", [
     ({"conditioner.embedders.0.transformer.x": (1,), **SD2_SHAPES}, "SDXL"),
+    ({"embedder.model.visual.proj": (1280, 1024), **SD2_SHAPES}, "unCLIP"),
+    ({**SD2_SHAPES, "model.diffusion_model.input_blocks.0.0.weight": (320,)},
+     "input_blocks.0.0.weight has shape \\(320,\\), not 4 dimensions"),
     ({"lora_unet_down_blocks_0_attn1_to_q.lora_down.weight": (4, 320)}, "--lora"),
     ({"encoder.conv_in.weight": (128, 3, 3, 3), "decoder.conv_out.weight": (3, 128, 3, 3)},
      "--vae"),
@@ -212,6 +232,14 @@ def test_unknown_architecture_and_option_refusals(files, models, tmp_path):
         open_checkpoint(files["tiny-sd1"], config=tmp_path)
     with pytest.raises(ConversionError, match="weights do not fit.*wrong shape"):
         open_checkpoint(files["tiny-sd1"], config=models.checkpoint("tiny-sd2")).load_unet()
+    bad = tmp_path / "bad-config"
+    shutil.copytree(models.checkpoint("tiny-sd1"), bad)
+    unet = json.loads((bad / "unet" / "config.json").read_text())
+    (bad / "unet" / "config.json").write_text(json.dumps(
+        dict(unet, down_block_types=["NoSuchBlock2D", "CrossAttnDownBlock2D"])))
+    with pytest.raises(ConversionError, match="UNet config does not describe a model.*"
+                                              "NoSuchBlock2D"):
+        open_checkpoint(files["tiny-sd1"], config=bad)
     (tmp_path / "model.bin").write_bytes(b"\0" * 16)
     with pytest.raises(ConversionError, match="pickle.*--allow-pickle"):
         open_checkpoint(tmp_path / "model.bin")

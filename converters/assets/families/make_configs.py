@@ -37,7 +37,8 @@ FAMILIES = {
         # OpenCLIP ViT-H/14 has 24 layers; SD 2.x uses the penultimate one's output, so the
         # text encoder keeps 23 (the file's 24th block is left out, as diffusers does)
         unet=dict(_UNET, sample_size=96, cross_attention_dim=1024,
-                  attention_head_dim=(5, 10, 20, 20), use_linear_projection=True),
+                  attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
+                  upcast_attention=True),
         vae=dict(_VAE, sample_size=768),
         text=dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
                   num_hidden_layers=23, projection_dim=512, hidden_act="gelu"),
