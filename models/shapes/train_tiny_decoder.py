@@ -3,11 +3,14 @@
     python models/shapes/train_tiny_decoder.py --checkpoint models/shapes/checkpoint \
         -o tiny0 --cache pools.pt [--seed 0]
     python models/shapes/train_tiny_decoder.py --checkpoint models/shapes/checkpoint \
-        -o models/shapes/tiny_decoder --cache pools.pt --init tiny0 --steps 2000 --lr 5e-4 \
-        --mask-weight 8
+        -o tiny1 --cache pools.pt --init tiny0 --steps 2000 --lr 5e-4 --mask-weight 8
+    python models/shapes/train_tiny_decoder.py --checkpoint models/shapes/checkpoint \
+        -o models/shapes/tiny_decoder --cache pools.pt --init tiny1 --steps 1500 --lr 3e-4 \
+        --mask-weight 8 --crop 16 --batch 16
 
 (the shipped one: trained from scratch, then fine-tuned with a loss on the objects'
-silhouettes as the evaluator finds them, which is what tells its shapes apart).
+silhouettes as the evaluator finds them, which is what tells its shapes apart, first on
+8x8-latent crops, then on whole 16x16-latent images).
 
 The student is a diffusers `AutoencoderTiny` (TAESD's architecture) whose decoder learns to
 reproduce the full VAE decoder's output from the same latents: the teacher's images are the
