@@ -155,15 +155,16 @@ def distill(teacher, text, tok, latents, scenes, args) -> torch.nn.Module:
     return target
 
 
-def save(out: Path, teacher_dir: Path, unet) -> None:
-    """The teacher's checkpoint with the student UNet and an LCMScheduler."""
+def save(out: Path, teacher_dir: Path, unet, ddim_steps: int) -> None:
+    """The teacher's checkpoint with the student UNet and an LCMScheduler whose
+    `original_inference_steps` is the skipping schedule it was distilled on."""
     from diffusers import LCMScheduler
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(teacher_dir, out, ignore=shutil.ignore_patterns("unet", "scheduler",
                                                                    "training.json"))
     unet.to(torch.float16).save_pretrained(out / "unet", safe_serialization=True)
-    LCMScheduler(**NOISE_SCHEDULE, original_inference_steps=50,
+    LCMScheduler(**NOISE_SCHEDULE, original_inference_steps=ddim_steps,
                  timestep_scaling=TIMESTEP_SCALING).save_pretrained(out / "scheduler")
     index = json.loads((teacher_dir / "model_index.json").read_text())
     index["_class_name"] = "LatentConsistencyModelPipeline"
@@ -211,7 +212,7 @@ def main() -> None:
     latents = latents / scaling * vae.config.scaling_factor
     log.info("pool of %d scenes encoded in %.0f s", len(scenes), time.perf_counter() - t0)
     unet = distill(teacher, text, tok, latents, scenes, args)
-    save(args.out, args.teacher, unet)
+    save(args.out, args.teacher, unet, args.ddim_steps)
     info = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     info.update(minutes=round((time.perf_counter() - t0) / 60, 1), torch=torch.__version__,
                 embed_dim=EMBED_DIM, noise_schedule=NOISE_SCHEDULE)
