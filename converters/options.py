@@ -194,16 +194,8 @@ def _check_loras(loras: Any) -> None:
 
 def _check_source(opts: ConvertOptions) -> None:
     """--family, --prediction-type, --config and --vae, before the checkpoint is read."""
-    from .single_file import PREDICTION_TYPES
-    from .single_file_layout import check_family
-    if opts.family is not None:
-        check_family(opts.family)
-    if opts.prediction_type is not None and opts.prediction_type not in PREDICTION_TYPES:
-        raise ConversionError(f"--prediction-type {opts.prediction_type!r} unknown; choose "
-                              f"one of {list(PREDICTION_TYPES)}")
-    if opts.family is not None and opts.config is not None:
-        raise ConversionError("--family and --config both say which architecture the file "
-                              "holds; give one of them")
+    from .single_file import check_source_options
+    check_source_options(opts.family, opts.prediction_type, opts.config)
     if opts.vae is not None and not Path(opts.vae).is_file():
         raise ConversionError(f"--vae {opts.vae}: no such file")
 

@@ -74,13 +74,10 @@ class SingleFileCheckpoint(Checkpoint):
         return {param_key(k): tuple(v.shape) for k, v in model.state_dict().items()}
 
     def fingerprint(self) -> str:
-        """sha256 over the file, the configs chosen for it and a --vae file."""
-        h = hashlib.sha256(sha256_file(self.file).encode())
-        for f in sorted(p for p in self.path.rglob("*") if p.suffix in (".json", ".txt")):
-            h.update(f.relative_to(self.path).as_posix().encode() + b"\0" + f.read_bytes())
-        if self.vae_file is not None:
-            h.update(b"--vae\0" + sha256_file(self.vae_file).encode())
-        return h.hexdigest()
+        """sha256 over the file and the folder's fingerprint (the configs and tokenizer
+        chosen for it, a --vae file)."""
+        return hashlib.sha256((sha256_file(self.file) + super().fingerprint()).encode()
+                              ).hexdigest()
 
     def describe(self) -> dict[str, Any]:
         """What the manifest records of the file and of how it was read."""
@@ -90,10 +87,24 @@ class SingleFileCheckpoint(Checkpoint):
                 "text_encoder": self.layout.text}
 
 
+def check_source_options(family: str | None, prediction_type: str | None,
+                         config: str | Path | None) -> None:
+    """--family, --prediction-type and --config by themselves, before any file is read."""
+    if family is not None:
+        check_family(family)
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise ConversionError(f"--prediction-type {prediction_type!r} unknown; choose one of "
+                              f"{list(PREDICTION_TYPES)}")
+    if family is not None and config is not None:
+        raise ConversionError("--family and --config both say which architecture the file "
+                              "holds; give one of them")
+
+
 def open_single_file(path: Path, allow_pickle: bool = False, family: str | None = None,
                      prediction_type: str | None = None, config: str | Path | None = None,
                      vae: str | Path | None = None) -> SingleFileCheckpoint:
     """Read the file's layout, choose its configs and write them to a private folder."""
+    check_source_options(family, prediction_type, config)
     check_suffix(path, allow_pickle, "checkpoint")
     shapes = header_shapes(path, allow_pickle)
     layout = read_layout(shapes, str(path))
@@ -101,13 +112,10 @@ def open_single_file(path: Path, allow_pickle: bool = False, family: str | None 
         raise ConversionError(f"{path}: no VAE in the file (first_stage_model.*); give the "
                               "model's VAE with --vae FILE")
     if config is not None:
-        if family is not None:
-            raise ConversionError("--family and --config both say which architecture the "
-                                  "file holds; give one of them")
         configs, tokenizer = _user_configs(Path(config)), Path(config) / "tokenizer"
         chosen = None
     else:
-        chosen = check_family(family) if family else _detected(layout, path)
+        chosen = family or _detected(layout, path)
         configs, tokenizer = _family_configs(chosen), None
         if family and layout.family and family != layout.family:
             log.warning("%s: the weights look like %s; converting as %s (--family)", path,
@@ -119,7 +127,7 @@ def open_single_file(path: Path, allow_pickle: bool = False, family: str | None 
     apply_variant(configs, chosen, predicted)
     if sum(k.startswith("model_ema.") for k in shapes) > _EMA_KEYS:
         log.info("%s: holds EMA weights too; converting the model's own (model.*), as "
-                 "diffusers and A1111 do", path.name)
+                 "diffusers does by default", path.name)
     folder = tempfile.TemporaryDirectory(prefix="edge-convert-single-file-")
     root = Path(folder.name)
     _write_configs(root, configs)
@@ -188,10 +196,7 @@ def _prediction_type(path: Path, family: str | None, configs: dict[str, dict[str
                      given: str | None) -> str:
     """--prediction-type, else what the file's metadata or A1111's sidecar config says,
     else the family's (SD 2.x: ambiguous, refused) or the --config scheduler's."""
-    if given is not None:
-        if given not in PREDICTION_TYPES:
-            raise ConversionError(f"--prediction-type {given!r} unknown; choose one of "
-                                  f"{list(PREDICTION_TYPES)}")
+    if given is not None:  # (checked by check_source_options)
         return given
     stated = _stated_prediction_type(path)
     if stated is not None:

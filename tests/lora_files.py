@@ -18,7 +18,8 @@ TEXT_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                 "self_attn.out_proj", "mlp.fc1")
 
 
-def _weights(ckpt: Path, folder: str) -> dict[str, np.ndarray]:
+def folder_weights(ckpt: Path, folder: str) -> dict[str, np.ndarray]:
+    """Every tensor of a checkpoint component folder's safetensors files."""
     from safetensors.numpy import load_file
     out: dict[str, np.ndarray] = {}
     for f in sorted((ckpt / folder).glob("*.safetensors")):
@@ -28,7 +29,7 @@ def _weights(ckpt: Path, folder: str) -> dict[str, np.ndarray]:
 
 def modules(ckpt: Path, folder: str, targets: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
     """{module name: weight shape} of the checkpoint's modules ending in a target."""
-    return {k[:-len(".weight")]: v.shape for k, v in _weights(ckpt, folder).items()
+    return {k[:-len(".weight")]: v.shape for k, v in folder_weights(ckpt, folder).items()
             if k.endswith(".weight") and k[:-len(".weight")].endswith(targets)}
 
 

@@ -17,6 +17,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .lora_files import folder_weights
+
 _UNET_RESNET = (("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."),
                 ("norm2.", "out_layers.0."), ("conv2.", "out_layers.3."),
                 ("time_emb_proj.", "emb_layers.1."), ("conv_shortcut.", "skip_connection."))
@@ -195,14 +197,6 @@ def sparse_file(path: Path, shapes: Mapping[str, tuple[int, ...]],
     return path
 
 
-def _read(folder: Path) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-    out: dict[str, np.ndarray] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
-
 def write_single_file(ckpt: Path, out: Path, text: str = "clip", dtype: Any = None,
                       metadata: Mapping[str, str] | None = None, vae: bool = True,
                       extra_text_layers: int = 0) -> Path:
@@ -211,10 +205,10 @@ def write_single_file(ckpt: Path, out: Path, text: str = "clip", dtype: Any = No
     unused blocks; `dtype`: cast floats)."""
     from safetensors.numpy import save_file
     cfg = {n: json.loads((ckpt / n / "config.json").read_text()) for n in ("unet", "vae")}
-    tensors = unet_to_original(_read(ckpt / "unet"), cfg["unet"])
+    tensors = unet_to_original(folder_weights(ckpt, "unet"), cfg["unet"])
     if vae:
-        tensors.update(vae_to_original(_read(ckpt / "vae"), cfg["vae"]))
-    te = _read(ckpt / "text_encoder")
+        tensors.update(vae_to_original(folder_weights(ckpt, "vae"), cfg["vae"]))
+    te = folder_weights(ckpt, "text_encoder")
     if text == "clip":
         tensors.update(clip_to_original(te))
     else:
