@@ -41,7 +41,7 @@ class AtomicBundle:
             self.target.parent.mkdir(parents=True, exist_ok=True)
             _remove_stale(self.target)
             if self.staging.exists():
-                shutil.rmtree(self.staging)
+                _discard(self.staging)
             self.staging.mkdir()
             (self.staging / STAGING_MARK).write_text(f"{os.getpid()}\n")
         except OSError as exc:
@@ -50,15 +50,18 @@ class AtomicBundle:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if exc_type is not None:
-            shutil.rmtree(self.staging, ignore_errors=True)
+            _discard(self.staging)
             return
         try:
             self.staging.chmod(0o755)
-            (self.staging / STAGING_MARK).unlink()  # the bundle itself carries no mark
             _fsync_tree(self.staging)
+            # the bundle itself carries no mark; from here on the sweep knows the staging
+            # folder by its manifest (a kill during the fsync above left it marked)
+            (self.staging / STAGING_MARK).unlink()
+            _fsync_dir(self.staging)
             if self.target.exists() and _exchange(self.staging, self.target):
                 # one atomic step: at no instant is there no bundle at `target`
-                shutil.rmtree(self.staging, ignore_errors=True)  # now holds the old bundle
+                _discard(self.staging)  # now holds the old bundle
             else:
                 old = None
                 if self.target.exists():  # no renameat2: a short window without a bundle
@@ -66,11 +69,11 @@ class AtomicBundle:
                     os.rename(self.target, old)
                 os.rename(self.staging, self.target)
                 if old is not None:
-                    shutil.rmtree(old, ignore_errors=True)
+                    _discard(old)
             _fsync_dir(self.target.parent)
-        except OSError as exc:
-            shutil.rmtree(self.staging, ignore_errors=True)
-            raise ConversionError(f"cannot move the bundle into {self.target}: {exc}") from exc
+        except OSError as err:
+            _discard(self.staging)
+            raise ConversionError(f"cannot move the bundle into {self.target}: {err}") from err
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -98,11 +101,20 @@ def _remove_stale(target: Path) -> None:
     target that carry our mark, and `target`'s own moved-aside old bundle; only when the
     process that made them is gone, and never anything that is not ours."""
     for p in target.parent.glob(".*.partial-*"):
-        if (p / STAGING_MARK).is_file() and _dead(p.name.rpartition("-")[2]):
+        if _is_staging(p) and _dead(p.name.rpartition("-")[2]):
             _remove(p)
     for p in target.parent.glob(f".{target.name}.old-*"):
-        if (p / N.MANIFEST_FILE).is_file() and _dead(p.name.rpartition("-")[2]):
+        if _is_staging(p) and _dead(p.name.rpartition("-")[2]):
             _remove(p)
+
+
+def _is_staging(p: Path) -> bool:
+    """A folder of ours: marked (while written, and while discarded), holding a manifest (the
+    mark is removed just before the rename), or empty (killed before the mark was written)."""
+    if not p.is_dir() or p.is_symlink():
+        return False
+    return ((p / STAGING_MARK).is_file() or (p / N.MANIFEST_FILE).is_file()
+            or not any(p.iterdir()))
 
 
 def _dead(pid: str) -> bool:
@@ -111,7 +123,26 @@ def _dead(pid: str) -> bool:
 
 def _remove(p: Path) -> None:
     log.warning("removing %s, left by an interrupted conversion", p)
-    shutil.rmtree(p, ignore_errors=True)
+    _discard(p)
+
+
+def _discard(p: Path) -> None:
+    """Delete one of our folders so that a kill at any point leaves it still recognisable
+    (marked, or empty) for the next conversion's sweep: mark first, the mark last."""
+    mark = p / STAGING_MARK
+    try:
+        mark.write_text(f"{os.getpid()}\n")
+        for f in p.iterdir():
+            if f.name == STAGING_MARK:
+                continue
+            if f.is_dir() and not f.is_symlink():
+                shutil.rmtree(f, ignore_errors=True)
+            else:
+                f.unlink(missing_ok=True)
+        mark.unlink(missing_ok=True)
+        p.rmdir()
+    except OSError:
+        shutil.rmtree(p, ignore_errors=True)  # best effort, as before
 
 
 def _alive(pid: int) -> bool:

@@ -84,9 +84,19 @@ def test_a_conversion_sweeps_what_killed_ones_left_for_any_target(tmp_path):
         (folder / "unet.onnx").write_bytes(b"half")
     for folder in (dead, live):
         (folder / STAGING_MARK).write_text("1\n")
+    # killed in the last instants: the mark already removed, the bundle complete; killed
+    # right after mkdir; killed while discarding a replaced bundle (only the mark is left)
+    done = tmp_path / f".model.partial-{2**22 + 2}"
+    empty = tmp_path / f".model.partial-{2**22 + 3}"
+    discarded = tmp_path / f".bundle.old-{2**22 + 4}"
+    for folder in (done, empty, discarded):
+        folder.mkdir()
+    (done / "manifest.json").write_text("{}")
+    (discarded / STAGING_MARK).write_text("1\n")
     with AtomicBundle(tmp_path / "bundle") as stage:
         (stage / "manifest.json").write_text("{}")
     assert not dead.exists() and live.exists() and unmarked.exists() and not_ours.exists()
+    assert not done.exists() and not empty.exists() and not discarded.exists()
     assert sorted(p.name for p in (tmp_path / "bundle").iterdir()) == ["manifest.json"]
 
 
