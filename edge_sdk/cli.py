@@ -23,6 +23,7 @@ from .config import MAX_IMAGES, add_arguments, config_from_arguments
 from .errors import EdgeSDKError, InvalidInputError
 from .cli_common import MODEL_HELP, add_backend_args, add_memory_arg, backend_kwargs
 from .cli_evaluate import cmd_evaluate, evaluate_parser
+from .cli_serve import cmd_serve, serve_parser
 from .progress import ProgressBar
 
 
@@ -39,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--debug", action="store_true")
     _bench_parser(sub.add_parser("bench", help="time one generation per stage and per UNet "
                                  "step, with peak RSS and peak private memory"))
+    serve_parser(sub.add_parser("serve", help="serve images over HTTP: AUTOMATIC1111's and "
+                                "OpenAI's APIs (the [serve] extra)"))
     s = sub.add_parser("schedulers", help="list the accepted --scheduler names")
     s.add_argument("--debug", action="store_true")
     t = sub.add_parser("selftest", help="generate with the shipped model and check the image "
@@ -285,7 +288,8 @@ def cmd_schedulers(a: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "generate": cmd_generate, "evaluate": cmd_evaluate, "info": cmd_info,
-    "selftest": cmd_selftest, "bench": cmd_bench, "schedulers": cmd_schedulers}
+    "selftest": cmd_selftest, "bench": cmd_bench, "schedulers": cmd_schedulers,
+    "serve": cmd_serve}
 
 
 class Terminated(KeyboardInterrupt):

@@ -20,6 +20,11 @@ __all__ = [
     "ConversionError",
     "CancelledError",
     "CallbackError",
+    "UnknownModelError",
+    "RequestTooLargeError",
+    "AuthenticationError",
+    "BusyError",
+    "UnavailableError",
 ]
 
 
@@ -74,3 +79,29 @@ class CancelledError(EdgeSDKError):
 
 class CallbackError(EdgeSDKError):
     """The caller's step callback raised; the original exception is the `__cause__`."""
+
+
+# -- `edge-sdk serve` (edge_sdk.serve maps each to its HTTP status) ---------------------------
+
+class UnknownModelError(InvalidInputError):
+    """A request names a model that is not among the server's bundles (HTTP 404)."""
+
+
+class RequestTooLargeError(InvalidInputError):
+    """A request body, or an image in it, is over the server's limit (HTTP 413)."""
+
+
+class AuthenticationError(EdgeSDKError):
+    """A request to the server carries no credentials, or wrong ones (HTTP 401)."""
+
+
+class BusyError(EdgeSDKError):
+    """The server's queue is full: try again after `retry_after` seconds (HTTP 429)."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class UnavailableError(EdgeSDKError):
+    """The server is shutting down or its worker has stopped (HTTP 503)."""

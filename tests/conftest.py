@@ -25,6 +25,10 @@ def _have(module: str) -> bool:
 HAVE_CONVERT = _have("torch") and _have("diffusers") and _have("onnx") and _have("accelerate")
 needs_convert = pytest.mark.skipif(not HAVE_CONVERT, reason="needs the [convert] extra")
 HAVE_TFLITE_CONVERT = HAVE_CONVERT and _have("litert_torch") and _have("ai_edge_quantizer")
+# `edge-sdk serve` and the real clients it is tested with (the [serve] and [test] extras)
+HAVE_SERVE = all(_have(m) for m in ("starlette", "uvicorn", "python_multipart", "openai", "webuiapi"))
+needs_serve = pytest.mark.skipif(not HAVE_SERVE, reason="needs the [serve] extra and the "
+                                 "openai and webuiapi clients")
 
 
 class Models:
@@ -72,9 +76,11 @@ RUNTIME_ONLY = os.environ.get("EDGE_SDK_RUNTIME_ONLY") == "1"
 
 
 def _needs_convert(item: pytest.Item) -> bool:
+    """Needs what the runtime-only stage does not install: the converter, or the server's
+    extra and its clients."""
+    extras = (needs_convert.kwargs["reason"], needs_serve.kwargs["reason"])
     return "models" in getattr(item, "fixturenames", ()) or any(
-        m.kwargs.get("reason") == needs_convert.kwargs["reason"]
-        for m in item.iter_markers("skipif"))
+        m.kwargs.get("reason") in extras for m in item.iter_markers("skipif"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -100,3 +106,21 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
     if not HAVE_CONVERT:
         pytest.skip("needs the [convert] extra (torch, diffusers, onnx)")
     return Models(tmp_path_factory.mktemp("models"))
+
+
+SERVE_KEY = "test-key-0123456789"
+SERVE_USER, SERVE_PASSWORD = "alice", "secret-pass"
+
+
+@pytest.fixture(scope="session")
+def live_server(tmp_path_factory: pytest.TempPathFactory):
+    """One `edge-sdk serve` for the session, on the shipped models: an API key and an
+    --api-auth pair, a queue of one (so a third request finds it full), a 1 MiB body limit."""
+    if not HAVE_SERVE:
+        pytest.skip(needs_serve.kwargs["reason"])
+    from tests.serve_helpers import LiveServer
+    server = LiveServer(["--api-key", SERVE_KEY, "--api-auth", f"{SERVE_USER}:{SERVE_PASSWORD}",
+                         "--max-queue", "1", "--max-body-mb", "1"],
+                        tmp_path_factory.mktemp("serve") / "server.log")
+    yield server
+    server.stop()
