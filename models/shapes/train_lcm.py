@@ -98,7 +98,9 @@ def load_student(init: Path) -> torch.nn.Module:
     return student.train()
 
 
-def distill(teacher, text, tok, latents, scenes, args) -> torch.nn.Module:
+def distill(teacher, text, tok, latents, scenes, args, snapshot=None) -> torch.nn.Module:
+    """The target network after `args.steps` steps; `snapshot(step, target)` is called
+    every `args.save_every` steps (to pick a stopping point on the validation prompts)."""
     sched = Schedule(args.ddim_steps)
     student = load_student(args.init) if args.init else make_student(teacher)
     target = copy.deepcopy(student).eval().requires_grad_(False)
@@ -149,6 +151,9 @@ def distill(teacher, text, tok, latents, scenes, args) -> torch.nn.Module:
             pt, ps = list(target.parameters()), [p.detach() for p in student.parameters()]
             torch._foreach_mul_(pt, args.ema)
             torch._foreach_add_(pt, ps, alpha=1 - args.ema)
+        if snapshot and args.save_every and (step + 1) % args.save_every == 0 \
+                and step + 1 < args.steps:
+            snapshot(step + 1, target)
         if step % 100 == 0 or step == args.steps - 1:
             log.info("step %d/%d loss %.5f (%.0f s)", step, args.steps, loss.item(),
                      time.perf_counter() - t0)
@@ -193,6 +198,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--init", type=Path, default=None,
                     help="continue from an earlier run's checkpoint (default: the teacher)")
+    ap.add_argument("--save-every", type=int, default=0,
+                    help="also save the student every N steps, as OUT-stepN")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -211,7 +218,12 @@ def main() -> None:
     # the teacher's scaling, not the pool's own estimate: the UNet was trained on it
     latents = latents / scaling * vae.config.scaling_factor
     log.info("pool of %d scenes encoded in %.0f s", len(scenes), time.perf_counter() - t0)
-    unet = distill(teacher, text, tok, latents, scenes, args)
+    def snapshot(step: int, target) -> None:
+        where = args.out.with_name(f"{args.out.name}-step{step}")
+        save(where, args.teacher, copy.deepcopy(target), args.ddim_steps)
+        log.info("step %d saved -> %s", step, where)
+
+    unet = distill(teacher, text, tok, latents, scenes, args, snapshot)
     save(args.out, args.teacher, unet, args.ddim_steps)
     info = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     info.update(minutes=round((time.perf_counter() - t0) / 60, 1), torch=torch.__version__,
