@@ -28,10 +28,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # The dependencies first, in a layer of their own that a change to edge-sdk's code keeps.
 # --only-binary: a dependency without a wheel for this platform fails the build instead of
 # compiling for an hour on a board. LiteRT comes too (TFLite bundles, --backend tflite).
-COPY docker/requirements-runtime.txt docker/requirements-tflite.txt /tmp/
+# `edge-sdk serve` comes too (pure Python: Starlette, uvicorn on h11).
+COPY docker/requirements-runtime.txt docker/requirements-tflite.txt docker/requirements-serve.txt /tmp/
 RUN pip install --no-cache-dir --only-binary=:all: -r /tmp/requirements-runtime.txt \
-    -r /tmp/requirements-tflite.txt \
- && rm /tmp/requirements-runtime.txt /tmp/requirements-tflite.txt
+    -r /tmp/requirements-tflite.txt -r /tmp/requirements-serve.txt \
+ && rm /tmp/requirements-runtime.txt /tmp/requirements-tflite.txt /tmp/requirements-serve.txt
 COPY docker/entrypoint.sh /usr/local/bin/edge-sdk-entrypoint
 # The image starts as root only so that its entry point can hand an empty, root-owned /out
 # (what `docker run -v "$PWD/out:/out"` makes of a missing folder) to the user `edge`
@@ -42,5 +43,7 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/tmp/wheels \
  && useradd --create-home --uid 1000 edge \
  && mkdir -p /out && chown edge:edge /out
 WORKDIR /out
+# `docker run -p 7860:7860 IMAGE serve --host 0.0.0.0 --api-key-file /run/secrets/key`
+EXPOSE 7860
 ENTRYPOINT ["edge-sdk-entrypoint"]
 CMD ["generate", "a red circle on a blue background", "-o", "/out/out.png"]

@@ -49,6 +49,8 @@ def test_openai_client_generates_the_pipelines_images(live_server, pipes):
     assert np.array_equal(decode(lcm.data[0].b64_json),
                           _pixels(pipes["shapes-lcm"]("a red circle", seed=3)))
     assert sorted(m.id for m in client.models.list()) == ["shapes", "shapes-lcm"]
+    log = live_server.log.read_text()
+    assert "POST /v1/images/generations 200" in log and "two green squares" not in log
 
 
 def test_openai_edit_inpaints_where_the_mask_is_transparent(live_server, pipes):
@@ -199,7 +201,7 @@ def test_models_options_samplers_and_health(live_server):
 
 
 def test_sigterm_drains_the_running_generation_and_refuses_the_queued(tmp_path):
-    server = LiveServer([], tmp_path / "server.log")
+    server = LiveServer(["--log-prompts"], tmp_path / "server.log")
     try:
         first, out1 = _post_async(server, "/sdapi/v1/txt2img", {**LONG, "steps": 60})
         _wait_running(server)
@@ -213,6 +215,7 @@ def test_sigterm_drains_the_running_generation_and_refuses_the_queued(tmp_path):
     assert not json.loads(out1[0][2]["info"])["interrupted"]
     assert out2[0][0] == 503 and "shutting down" in out2[0][2]["detail"]
     assert code in (0, 143), code
+    assert "prompt='a red circle'" in server.log.read_text()  # --log-prompts
 
 
 def test_beyond_loopback_it_refuses_to_start_without_credentials():

@@ -78,7 +78,9 @@ def endpoint(server: Server, handler: Handler, *, style: str, body: str | None =
         except ClientGone:
             response, note = Response(status_code=499), " (the client left)"
         except EdgeSDKError as exc:
-            response, note = error_response(exc, style), f" {type(exc).__name__}: {exc}"
+            # an error's message may quote the prompt: logged only with --log-prompts
+            response, note = error_response(exc, style), f" {type(exc).__name__}" + (
+                f": {exc}" if server.log_prompts else "")
         except Exception as exc:  # noqa: BLE001 - a bug of ours: logged whole, answered short
             log.exception("%s %s failed", request.method, request.url.path)
             response = error_response(exc, style)

@@ -15,6 +15,7 @@ from .security import Credentials, Limits
 from .worker import Worker
 
 log = logging.getLogger("edge_sdk.serve")
+CONNECTIONS_PER_PLACE, SPARE_CONNECTIONS = 2, 32
 
 
 def build_server(registry: Registry, load: Callable[[Any], Any], *, model: str | None = None,
@@ -57,7 +58,11 @@ def run(server: Server, host: str = "127.0.0.1", port: int = 7860) -> None:
     config = uvicorn.Config(create_app(server), host=host, port=port, http="h11",
                             loop="asyncio", lifespan="off", access_log=False,
                             log_level="warning", server_header=False,
-                            timeout_graceful_shutdown=None)
+                            timeout_graceful_shutdown=None,
+                            # open connections beyond this get uvicorn's 503 at once: those
+                            # waiting for the queue, progress pollers, and a margin
+                            limit_concurrency=CONNECTIONS_PER_PLACE * (server.worker.max_queue
+                                                                       + 1) + SPARE_CONNECTIONS)
     try:
         _DrainingServer(config, server).run()
     finally:

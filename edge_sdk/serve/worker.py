@@ -227,8 +227,8 @@ class Worker:
 
     def _failed(self, job: Job, exc: BaseException) -> None:
         job.error, job.state = exc, "failed"
-        if isinstance(exc, EdgeSDKError):
-            log.info("job %d failed: %s: %s", job.id, type(exc).__name__, exc)
+        if isinstance(exc, EdgeSDKError):  # its client gets the message (it may quote the
+            log.info("job %d failed: %s", job.id, type(exc).__name__)  # prompt: not logged)
         else:
             log.error("job %d failed", job.id, exc_info=exc)
 

@@ -8,7 +8,8 @@ set -euo pipefail
 CACHE=${ARM_CACHE:-/var/cache/edge-sdk-arm64}; R=$CACHE/rootfs
 HERE=$(cd "$(dirname "$0")" && pwd); ROOT=$(cd "$HERE/../.." && pwd)
 # the runtime's pinned wheels (the same list the Docker image installs), LiteRT, the test runner
-REQS="$(cat "$ROOT/docker/requirements-runtime.txt" "$ROOT/docker/requirements-tflite.txt" |
+REQS="$(cat "$ROOT/docker/requirements-runtime.txt" "$ROOT/docker/requirements-tflite.txt" \
+          "$ROOT/docker/requirements-serve.txt" |
         grep -v '^#' | tr '\n' ' ') pytest==9.2.0"
 export QEMU_CPU=${QEMU_CPU:-cortex-a72}   # Pi 4 (cortex-a76 = Pi 5); "max" gives spurious FP warnings
 if ! command -v qemu-aarch64-static >/dev/null || ! command -v mmdebstrap >/dev/null; then

@@ -9,8 +9,8 @@ Features: the default model on onnxruntime; the shapes evaluator (OpenCV); low m
 VAE decoded in strips, decoder sessions opened per stage); the tiny decoder; the live
 preview's decoder (numpy); feature caching; the few-step model (shapes-lcm); a LoRA applied at
 load time with a weighted prompt; img2img;
-inpainting in low memory (the source encoded in strips); the LiteRT backend; the IoT
-example's service, over HTTP. (The runtime's import boundary is tested natively: this root
+inpainting in low memory (the source encoded in strips); the LiteRT backend; `edge-sdk serve`
+(embedded), one image over HTTP. (The runtime's import boundary is tested natively: this root
 filesystem has no torch to import.) Prints one line per feature with its time and its
 difference from x86; exits 1 on any miss.
 """
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -56,29 +55,36 @@ def low_memory(latents: np.ndarray, want: np.ndarray) -> None:
     check("low memory: VAE decoded in strips", pixels, want, t)
 
 
-def iot_service(want: np.ndarray) -> None:
-    from http.server import ThreadingHTTPServer
+def serve(want: np.ndarray) -> None:
+    """`edge-sdk serve` embedded in this process (uvicorn on a socket bound here), one
+    txt2img over A1111's API: the same generation as the first check."""
+    import base64
+    import io
+    import socket
+
+    import uvicorn
+    from PIL import Image
 
     from edge_sdk import Pipeline
-    from PIL import Image
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
-    import iot_service as svc
+    from edge_sdk.serve import Registry, build_server, create_app
     t = time.perf_counter()
-    with tempfile.TemporaryDirectory() as out:
-        service = svc.Service(Pipeline.load(), Path(out))
-        server = ThreadingHTTPServer(("127.0.0.1", 0), svc.make_handler(service))
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        base = f"http://127.0.0.1:{server.server_address[1]}"
-        body = json.dumps({"prompt": PROMPT, "seed": SEED, "steps": STEPS}).encode()
-        job = json.loads(urllib.request.urlopen(base + "/generate", body).read())["job"]
-        while (status := json.loads(urllib.request.urlopen(f"{base}/jobs/{job}").read())
-               )["state"] in ("queued", "running"):
-            time.sleep(0.2)
-        server.shutdown()
-        service.stop()
-        got = np.asarray(Image.open(status["path"]).convert("RGB")) if "path" in status \
-            else np.zeros(0, np.uint8)
-    check("IoT example: a job over HTTP", got, want, t)
+    server = build_server(Registry(), lambda path: Pipeline.load(path))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)  # listening now: a request made before uvicorn runs waits in the backlog
+    http = uvicorn.Server(uvicorn.Config(create_app(server), http="h11", loop="asyncio",
+                                         lifespan="off", log_level="warning"))
+    thread = threading.Thread(target=http.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    body = json.dumps({"prompt": PROMPT, "seed": SEED, "steps": STEPS}).encode()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}/sdapi/v1/txt2img"
+    reply = json.loads(urllib.request.urlopen(url, body, timeout=600).read())
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(reply["images"][0])))
+                     .convert("RGB"))
+    http.should_exit = True
+    thread.join(60)
+    server.worker.stop(timeout=60)
+    check("edge-sdk serve: txt2img over HTTP", got, want, t)
 
 
 def main() -> int:
@@ -112,7 +118,7 @@ def main() -> int:
     t = time.perf_counter()
     check("LiteRT: the default model", generate(sys.argv[2], backend="tflite")[0],
           ref["tflite"], t)
-    iot_service(ref["onnx"])
+    serve(ref["onnx"])
     print("arm64 smoke " + (f"FAILED: {', '.join(failures)}" if failures else "passed"))
     return 1 if failures else 0
 

@@ -2,7 +2,8 @@
 # The container CI stage: builds docker/runtime.Dockerfile, unchanged, for linux/amd64 and
 # linux/arm64 (emulated through qemu's binfmt handler) with podman, runs `edge-sdk selftest`
 # inside each image, prints each image's size, and runs docker/README.md's quick start (an
-# empty root-owned out/, as docker makes a missing bind-mount source, on /out) on amd64.
+# empty root-owned out/, as docker makes a missing bind-mount source, on /out) and
+# `edge-sdk serve` (one image requested from it inside the container) on amd64.
 # No registry is reachable from CI, so:
 #  - the Dockerfile's base image (FROM) is made here, per platform, from Debian bookworm
 #    packages (tests/docker/base.sh) and given the FROM name;
@@ -19,12 +20,37 @@ set -euo pipefail
 start=$SECONDS
 DOCKERFILE=$ROOT/docker/runtime.Dockerfile
 export POD_TIMEOUT=${POD_TIMEOUT:-900}  # s for one podman command: a hung emulation fails
-REQS=(-r "$ROOT/docker/requirements-runtime.txt" -r "$ROOT/docker/requirements-tflite.txt")
+REQS=(-r "$ROOT/docker/requirements-runtime.txt" -r "$ROOT/docker/requirements-tflite.txt"
+      -r "$ROOT/docker/requirements-serve.txt")
 NOTHING_HEAVY='import importlib.util as u, shutil, sys
 bad = [m for m in ("torch", "diffusers", "transformers", "onnx", "litert_torch") if u.find_spec(m)]
 bad += [c for c in ("gcc", "cc", "g++", "clang", "make") if shutil.which(c)]
 print("in the image: no torch, converter stack or compiler" if not bad else f"in the image: {bad}")
 sys.exit(bool(bad))'
+
+# `edge-sdk serve` in the image: health, then one txt2img over A1111's API, checked as a PNG
+SERVE_CLIENT='import base64, io, json, time, urllib.request
+from PIL import Image
+url, t = "http://127.0.0.1:7860", time.time()
+while True:
+    try:
+        if json.load(urllib.request.urlopen(url + "/health"))["status"] == "ok": break
+    except OSError: pass
+    assert time.time() - t < 120, "serve did not become healthy"; time.sleep(0.5)
+req = urllib.request.Request(url + "/sdapi/v1/txt2img", headers={"Authorization": "Bearer ci-key",
+    "Content-Type": "application/json"}, data=json.dumps({"prompt": "a red circle on a blue background",
+    "steps": 4, "width": 64, "height": 64, "seed": 1}).encode())
+img = Image.open(io.BytesIO(base64.b64decode(json.load(urllib.request.urlopen(req))["images"][0])))
+assert img.size == (64, 64) and "Seed: 1" in img.info["parameters"], (img.size, img.info)
+print(f"serve in the image: healthy, then a 64x64 PNG over /sdapi/v1/txt2img, {time.time() - t:.1f} s")'
+
+serve_check() {  # serve_check RUN...: the image serving (detached), a client inside it, a stop
+  local arch=$1 cid; shift
+  cid=$("$@" -d "edge-sdk:$arch" serve --host 0.0.0.0 --api-key ci-key)
+  pod "$arch" exec "$cid" python3 -c "$SERVE_CLIENT" || { pod "$arch" logs "$cid" | tail -20
+    pod "$arch" stop -t 5 "$cid" >/dev/null; return 1; }
+  pod "$arch" stop -t 30 "$cid" >/dev/null  # SIGTERM: drains, exits
+}
 
 check() {  # check ARCH: build the runtime image for linux/ARCH and run selftest in it
   local arch=$1 t=$SECONDS w run out owner
@@ -47,6 +73,7 @@ check() {  # check ARCH: build the runtime image for linux/ARCH and run selftest
     owner=$(stat -c %u "$out/out.png" 2>/dev/null || echo none); rm -rf "$out"
     [ "$owner" = 1000 ] || { echo "quick start: out/out.png owner $owner, not uid 1000"; return 1; }
     echo "quick start into an empty root-owned out/: out.png written by uid $owner"
+    serve_check "$arch" "${run[@]}"
   fi
   release_image "$arch" "edge-sdk:$arch" "$DOCKERFILE"
   echo "linux/$arch: selftest passed in the image, $((SECONDS - t)) s"
