@@ -98,8 +98,9 @@ def _exchange(a: Path, b: Path) -> bool:
 
 def _remove_stale(target: Path) -> None:
     """Remove what killed conversions left in `target`'s folder: staging folders of any
-    target that carry our mark, and `target`'s own moved-aside old bundle; only when the
-    process that made them is gone, and never anything that is not ours."""
+    target (`.NAME.partial-PID`) that are ours by `_is_staging` — marked, holding a manifest,
+    or empty — and `target`'s own moved-aside old bundle; only when the process PID is
+    gone. A user's folder of that name holding other files is never touched."""
     for p in target.parent.glob(".*.partial-*"):
         if _is_staging(p) and _dead(p.name.rpartition("-")[2]):
             _remove(p)

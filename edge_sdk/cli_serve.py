@@ -68,6 +68,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     logging.getLogger("edge_sdk").setLevel(logging.DEBUG if a.debug else logging.INFO)
     server = build_server(Registry(a.models), lambda path: Pipeline.load(path, **load_args),
                           model=a.model, credentials=credentials, limits=limits,
-                          max_queue=a.max_queue, log_prompts=a.log_prompts)
+                          max_queue=a.max_queue, log_prompts=a.log_prompts,
+                          loopback_only=is_loopback(a.host))
     run(server, a.host, a.port)
     return 0

@@ -23,6 +23,8 @@ __all__ = [
     "UnknownModelError",
     "RequestTooLargeError",
     "AuthenticationError",
+    "ForbiddenError",
+    "RequestTimeoutError",
     "BusyError",
     "UnavailableError",
 ]
@@ -93,6 +95,15 @@ class RequestTooLargeError(InvalidInputError):
 
 class AuthenticationError(EdgeSDKError):
     """A request to the server carries no credentials, or wrong ones (HTTP 401)."""
+
+
+class ForbiddenError(EdgeSDKError):
+    """A request the server refuses whoever sends it: its Host header does not name this
+    machine while the server listens on loopback (a web page's DNS rebinding) (HTTP 403)."""
+
+
+class RequestTimeoutError(InvalidInputError):
+    """A request body did not arrive in time (HTTP 408)."""
 
 
 class BusyError(EdgeSDKError):

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from edge_sdk import Pipeline
 from tests.conftest import SERVE_KEY, SERVE_PASSWORD, SERVE_USER, needs_serve
@@ -103,6 +103,15 @@ def test_webuiapi_txt2img_and_img2img_match_the_pipeline(live_server, pipes):
     ref = shapes("a red circle", seed=4, steps=6, guidance_scale=3, image=source,
                  mask_image=mask, strength=0.9, scheduler="euler_a")
     assert np.array_equal(_pixels(masked.image), _pixels(ref))
+    # webuiapi's defaults: the mask blurred by 4, only the masked region repainted
+    # ("inpaint_full_res", padding 0), at the request's size: diffusers' padding_mask_crop
+    default = api.img2img(images=[source], mask_image=mask, prompt="a red circle", seed=4,
+                          steps=6, width=64, height=64, cfg_scale=3, denoising_strength=0.9,
+                          override_settings=SHAPES)
+    ref = shapes("a red circle", seed=4, steps=6, guidance_scale=3, image=source,
+                 mask_image=mask.filter(ImageFilter.GaussianBlur(4)), strength=0.9,
+                 scheduler="euler_a", padding_mask_crop=0, width=64, height=64)
+    assert np.array_equal(_pixels(default.image), _pixels(ref))
 
 
 def _post_async(server: LiveServer, path: str, body: dict) -> tuple[threading.Thread, list]:
@@ -113,14 +122,22 @@ def _post_async(server: LiveServer, path: str, body: dict) -> tuple[threading.Th
     return t, out
 
 
-def _wait_running(server: LiveServer, min_step: int = 1, timeout: float = 60) -> dict:
+def _wait_running(server: LiveServer, min_step: int = 1, timeout: float = 60,
+                  preview: bool = False) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         _, _, p = server.request("GET", "/sdapi/v1/progress", key=SERVE_KEY)
-        if p["state"]["sampling_step"] >= min_step:
+        if p["state"]["sampling_step"] >= min_step and (p["current_image"] or not preview):
             return p
         time.sleep(0.02)
     raise AssertionError("no generation started")
+
+
+def _wait_queued(server: LiveServer, n: int = 1, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while server.request("GET", "/health")[2]["queued"] < n:
+        assert time.monotonic() < deadline, "nothing was queued"
+        time.sleep(0.01)
 
 
 LONG = {"prompt": "a red circle", "steps": 150, "width": 256, "height": 256, "seed": 1,
@@ -129,7 +146,7 @@ LONG = {"prompt": "a red circle", "steps": 150, "width": 256, "height": 256, "se
 
 def test_progress_preview_and_interrupt(live_server):
     thread, out = _post_async(live_server, "/sdapi/v1/txt2img", LONG)
-    p = _wait_running(live_server, min_step=10)  # a live preview every 10 steps (A1111's)
+    p = _wait_running(live_server, min_step=10, preview=True)  # every 10 steps (A1111's)
     assert 0 < p["progress"] < 1 and p["state"]["sampling_steps"] == 150
     assert decode(p["current_image"]).shape == (256, 256, 3)
     assert live_server.request("POST", "/sdapi/v1/interrupt", key=SERVE_KEY)[0] == 200
@@ -149,7 +166,7 @@ def test_a_client_that_leaves_frees_the_worker(live_server):
     body = (b'{"prompt": "a red circle", "steps": 150, "width": 256, "height": 256, '
             b'"override_settings": {"sd_model_checkpoint": "shapes"}}')
     sock = socket.create_connection((host, int(port)))
-    sock.sendall(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nContent-Type: "
+    sock.sendall(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
                  b"application/json\r\nAuthorization: Bearer " + SERVE_KEY.encode() +
                  b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
     _wait_running(live_server, min_step=2)
@@ -160,6 +177,23 @@ def test_a_client_that_leaves_frees_the_worker(live_server):
         time.sleep(0.02)
     log = live_server.log.read_text()
     assert "stopping (disconnected)" in log and "(the client left)" in log
+    # a queued request whose client leaves is dropped before it runs
+    first, out = _post_async(live_server, "/sdapi/v1/txt2img", LONG)
+    _wait_running(live_server)
+    queued = socket.create_connection((host, int(port)))
+    queued.sendall(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                   b"application/json\r\nAuthorization: Bearer " + SERVE_KEY.encode() +
+                   b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    _wait_queued(live_server)
+    queued.close()
+    deadline = time.monotonic() + 30
+    while live_server.request("GET", "/health")[2]["queued"]:
+        assert time.monotonic() < deadline, "the queued request stayed after its client left"
+        time.sleep(0.02)
+    assert "dropped (disconnected)" in live_server.log.read_text()
+    live_server.request("POST", "/sdapi/v1/interrupt", key=SERVE_KEY)
+    first.join(60)
+    assert out[0][0] == 200
     status, _, _ = live_server.request("POST", "/v1/images/generations", {
         "prompt": "a square", "size": "64x64", "steps": 4}, key=SERVE_KEY)
     assert status == 200
@@ -169,10 +203,7 @@ def test_a_full_queue_answers_429_with_retry_after(live_server):
     first, out1 = _post_async(live_server, "/sdapi/v1/txt2img", LONG)
     _wait_running(live_server)
     second, out2 = _post_async(live_server, "/sdapi/v1/txt2img", {**LONG, "steps": 4})
-    deadline = time.monotonic() + 30
-    while live_server.request("GET", "/health")[2]["queued"] < 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    _wait_queued(live_server)
     status, headers, body = live_server.request("POST", "/v1/images/generations", {
         "prompt": "a square", "size": "64x64"}, key=SERVE_KEY)
     assert status == 429 and int(headers["retry-after"]) >= 1
@@ -206,10 +237,12 @@ def test_sigterm_drains_the_running_generation_and_refuses_the_queued(tmp_path):
         first, out1 = _post_async(server, "/sdapi/v1/txt2img", {**LONG, "steps": 60})
         _wait_running(server)
         second, out2 = _post_async(server, "/sdapi/v1/txt2img", {**LONG, "steps": 4})
-        while server.request("GET", "/health")[2]["queued"] < 1:
-            time.sleep(0.01)
+        _wait_queued(server)
     finally:
         code = server.stop()
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    with pytest.raises(OSError):  # it no longer listens
+        socket.create_connection((host, int(port)), timeout=5)
     first.join(60), second.join(60)
     assert out1[0][0] == 200 and len(out1[0][2]["images"]) == 1  # finished, whole
     assert not json.loads(out1[0][2]["info"])["interrupted"]

@@ -60,6 +60,31 @@ def test_credentials(live_server, headers, expected):
     _healthy(live_server)
 
 
+# every endpoint but /health needs the credentials
+GUARDED = [("POST", "/sdapi/v1/interrupt"), ("GET", "/sdapi/v1/progress"),
+           ("GET", "/sdapi/v1/options"), ("POST", "/sdapi/v1/options"),
+           ("GET", "/sdapi/v1/sd-models"), ("GET", "/sdapi/v1/samplers"),
+           ("POST", "/sdapi/v1/img2img"), ("GET", "/v1/models"), ("POST", "/v1/images/edits")]
+
+
+@pytest.mark.parametrize("method,path", GUARDED)
+def test_every_endpoint_needs_the_credentials(live_server, method, path):
+    status, _, out = live_server.request(method, path, {} if method == "POST" else None)
+    assert status == 401, out
+
+
+def test_a_web_page_cannot_reach_the_loopback_server(live_server):
+    """No DNS rebinding (a Host that does not name this machine) and no form-encoded or
+    text/plain POST (which a page sends without a preflight)."""
+    status, _, out = live_server.request("POST", TXT2IMG, SMALL, key=SERVE_KEY,
+                                         headers={"Host": "evil.example:7860"})
+    assert status == 403 and out["error"] == "ForbiddenError"
+    status, _, out = live_server.request("POST", TXT2IMG, SMALL, key=SERVE_KEY,
+                                         headers={"Content-Type": "text/plain"})
+    assert status == 422 and "Content-Type: application/json" in out["detail"]
+    _healthy(live_server)
+
+
 A1111_BAD = [
     ("malformed JSON", b'{"prompt": "a", ', 422, "not valid JSON"),
     ("not an object", b'[1, 2]', 422, "JSON object"),
@@ -148,13 +173,13 @@ def _complete(data: bytes) -> bool:
 def test_a_body_over_the_limit_is_413(live_server):
     auth = f"Authorization: Bearer {SERVE_KEY}\nContent-Type: application/json\n"
     for path in (TXT2IMG, OPENAI):  # refused from Content-Length, before the body is read
-        status, out = _raw(live_server, f"POST {path} HTTP/1.1\nHost: x\n{auth}"
+        status, out = _raw(live_server, f"POST {path} HTTP/1.1\nHost: 127.0.0.1\n{auth}"
                            f"Content-Length: {2 * 1024 * 1024}\n", [])
         assert status == 413, out
     # chunked, no Content-Length: refused while reading, once over 1 MiB
     part = b"a" * (300 * 1024)
     chunks = [b"%x\r\n%s\r\n" % (len(c), c) for c in [b'{"prompt": "'] + [part] * 5]
-    status, out = _raw(live_server, f"POST {TXT2IMG} HTTP/1.1\nHost: x\n{auth}"
+    status, out = _raw(live_server, f"POST {TXT2IMG} HTTP/1.1\nHost: 127.0.0.1\n{auth}"
                        "Transfer-Encoding: chunked\n", chunks)
     assert status == 413 and out["error"] == "RequestTooLargeError", out
     _healthy(live_server)
@@ -164,7 +189,7 @@ def test_a_body_over_the_limit_is_413(live_server):
 MALFORMED = [(b, None) for b in (
     b"42", b"null", b'"abc"', b"[]", b"{", b"\xff\xfe", b'{"prompt": 5}',
     b'{"prompt": "x", "steps": "many"}', b'{"prompt": "x", "steps": 1e9}',
-    b'{"prompt": "x", "width": -64}', b'{"prompt": "x", "width": 100}',
+    b'{"prompt": "x", "width": -64}', b'{"prompt": "x", "width": 4}',
     b'{"prompt": "x", "scheduler": 5}', b'{"prompt": "x", "sampler_name": "nope"}',
     b'{"prompt": "x", "cfg_scale": "high"}', b'{"prompt": "x", "seed": true}',
     b'{"prompt": "' + b"x" * 20000 + b'"}', b'{"prompt": "x", "negative_prompt": 3}',
@@ -176,10 +201,12 @@ MALFORMED = [(b, None) for b in (
 def test_malformed_bodies_byte_for_byte(live_server):
     auth = f"Authorization: Bearer {SERVE_KEY}\nContent-Type: application/json\n"
     for body, length in MALFORMED:
-        head = (f"POST {TXT2IMG} HTTP/1.1\nHost: x\n{auth}"
+        head = (f"POST {TXT2IMG} HTTP/1.1\nHost: 127.0.0.1\n{auth}"
                 f"Content-Length: {length if length is not None else len(body)}\n")
         status, out = _raw(live_server, head, [] if length is not None else [body])
         assert 400 <= status < 500 and out["error"].endswith("Error"), (body[:40], out)
+        if length != "abc":  # (uvicorn's own plain-text 400: a broken Content-Length)
+            assert out["error"] != "HTTPError", (body[:40], out)
     _healthy(live_server)
 
 
@@ -207,3 +234,38 @@ def test_unknown_paths_and_methods_are_json(live_server):
     assert status == 404 and "not an endpoint" in out["detail"]
     status, _, out = live_server.request("GET", TXT2IMG, key=SERVE_KEY)
     assert status == 405 and "not an endpoint" in out["detail"]
+
+
+def _multipart(fields: dict[str, str], files: dict[str, bytes]) -> tuple[bytes, str]:
+    boundary = "edge-sdk-test-boundary"
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'
+             .encode() for k, v in fields.items()]
+    parts += [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"; '
+              f'filename="{k}.png"\r\nContent-Type: image/png\r\n\r\n'.encode() + v + b"\r\n"
+              for k, v in files.items()]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), \
+        f"multipart/form-data; boundary={boundary}"
+
+
+def test_bad_edits(live_server):
+    small = _png_claiming(64, 64)
+    cases = [
+        ({"prompt": "a"}, {"image": _png_claiming(20000, 20000)}, 413, "pixels"),
+        ({"prompt": "a"}, {"image": _png_claiming(5000, 5000)}, 413, "5000x5000"),
+        ({"prompt": "a"}, {"image": b"not an image"}, 400, "not a PNG"),
+        ({"prompt": "a", "size": "\u00b2x\u00b2"}, {"image": small}, 400, "WIDTHxHEIGHT"),
+        ({"prompt": "a", "n": "many"}, {"image": small}, 400, "n must be a whole number"),
+        ({"prompt": "a"}, {}, 400, "send one image file"),
+        ({"prompt": "a", "model": "../x"}, {"image": small}, 404, "is not on this server"),
+    ]
+    for fields, files, status, words in cases:
+        body, ctype = _multipart(fields, files)
+        got, _, out = live_server.request("POST", "/v1/images/edits", raw=body, key=SERVE_KEY,
+                                          headers={"Content-Type": ctype})
+        assert got == status and words in out["error"]["message"], (fields, out)
+    for body, ctype in ((b"--x\r\nbroken", "multipart/form-data; boundary=x"),
+                        (b'{"prompt": "a"}', "application/json")):
+        got, _, out = live_server.request("POST", "/v1/images/edits", raw=body, key=SERVE_KEY,
+                                          headers={"Content-Type": ctype})
+        assert got == 400 and out["error"]["type"] == "InvalidInputError", out
+    _healthy(live_server)

@@ -4,6 +4,7 @@ jobs, A1111's interrupt, draining, a failing job, a model that does not load."""
 from __future__ import annotations
 
 import threading
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,6 +22,8 @@ class FakePipe:
         self.path, self.fail = path, fail
         self.release, self.started = threading.Event(), threading.Event()
         self.prompts: list[str] = []
+        self.released: list[str] = []  # components done with
+        self.components = SimpleNamespace(done_with=self.released.append)
 
     def generate(self, prompt, config, *, image, mask_image, callback, preview, preview_every):
         self.prompts.append(prompt)
@@ -90,6 +93,7 @@ def test_a_running_job_stops_at_its_next_step(worker):
     assert worker.interrupt()
     assert interrupted.wait(10) and interrupted.state == "done"
     assert len(interrupted.partial) == 1 and interrupted.partial[0].size == (16, 16)
+    assert fake.released == ["vae_decoder"]  # the decoder of the partial image let go
     assert not worker.interrupt()  # nothing running
 
 

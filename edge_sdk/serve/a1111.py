@@ -2,12 +2,14 @@
 
 Fields keep A1111's names and meanings. What a field asks for that edge-sdk does not do
 (hires fix, face restoration, tiling, variation seeds, scripts, styles, other resize modes)
-is refused with a 422 naming the field, unless it has its "off" value, as clients such as
-webuiapi send by default; fields with no bearing here (eta, s_churn, save_images ...) and
-unknown ones are ignored, as A1111's own API ignores unknown fields. Differences: without
-`sampler_name` the model's own scheduler is used (A1111: its default sampler); width/height
-default to the model's size (A1111: 512); an interrupted generation returns the image of its
-latents at that step, as A1111 does.
+is refused with a 422 naming the field, unless it has its "off" value (or null), as clients
+such as webuiapi send by default; fields with no bearing here (eta, s_churn, save_images,
+inpainting_fill: the masked area always starts from the source) and unknown ones are
+ignored, as A1111's own API ignores unknown fields. Differences: an omitted sampler_name,
+steps or cfg_scale is the model's own (A1111: its defaults); an omitted width/height the
+model's size, or the source's for img2img (A1111: 512); a model in override_settings is for
+that request only; an interrupted generation returns the image of its latents at that step,
+as A1111 does (none for an inpainting of a cropped region).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from PIL import ImageFilter, ImageOps
+from PIL import Image, ImageFilter, ImageOps
 from starlette.requests import Request
 
 from .. import __version__
@@ -53,6 +55,11 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "resize_mode": (0,), "image_cfg_scale": None,  # None: any value (pix2pix only)
 }
 MAX_BATCH = 100  # A1111's own bound of batch_size and n_iter
+SIZE_MULTIPLE = 8  # A1111 rounds width and height down to a multiple of 8
+MAX_CLIP_STOP = 12  # CLIP_stop_at_last_layers: A1111's slider's range, 1-12
+MASK_BLUR, MAX_MASK_BLUR = 4, 64  # A1111's default mask_blur; ours bounds its cost
+FULL_RES_PADDING, MAX_PADDING = 32, 4096  # A1111's default inpaint_full_res_padding
+MAX_PREVIEW_EVERY = 1000
 
 
 def sampler_scheduler(body: dict[str, Any]) -> str | None:
@@ -78,7 +85,8 @@ def sampler_scheduler(body: dict[str, Any]) -> str | None:
 
 def _refuse_unsupported(body: dict[str, Any]) -> None:
     for name, off in UNSUPPORTED.items():
-        if off is not None and name in body and body[name] not in off:
+        # (null is "off" too: A1111 >= 1.6 sends restore_faces and tiling as null)
+        if off is not None and body.get(name) is not None and body[name] not in off:
             raise InvalidInputError(f"{name}={body[name]!r}: edge-sdk does not do this; leave "
                                     f"{name} at {off[0]!r}")
     for script, spec in F.get_dict(body, "alwayson_scripts").items():
@@ -93,12 +101,14 @@ def _config(server: Server, body: dict[str, Any], override: dict[str, Any]) -> G
         F.get_int(body, "n_iter", 1, lo=1, hi=MAX_BATCH)
     seed = F.get_int(body, "seed", -1, lo=-1)
     clip = F.get_int(override, "CLIP_stop_at_last_layers",
-                     server.options["CLIP_stop_at_last_layers"], lo=1, hi=12)
+                     server.options["CLIP_stop_at_last_layers"], lo=1, hi=MAX_CLIP_STOP)
+    width, height = (F.get_int(body, side, lo=SIZE_MULTIPLE) for side in ("width", "height"))
     return GenerationConfig(
         negative_prompt=F.get_str(body, "negative_prompt") or None,
         steps=F.get_int(body, "steps", lo=1), seed=None if seed == -1 else seed,
         guidance_scale=F.get_float(body, "cfg_scale", lo=0),
-        width=F.get_int(body, "width", lo=8), height=F.get_int(body, "height", lo=8),
+        width=width and width - width % SIZE_MULTIPLE,
+        height=height and height - height % SIZE_MULTIPLE,
         scheduler=sampler_scheduler(body), num_images=n, clip_skip=clip - 1 or None)
 
 
@@ -106,7 +116,10 @@ def _job(server: Server, body: dict[str, Any]) -> Job:
     _refuse_unsupported(body)
     override = F.get_dict(body, "override_settings")
     name = override.get("sd_model_checkpoint")
-    model = server.registry.get(name) if name is not None else server.worker.model
+    # a model named here is for this request only (A1111's default restores its settings
+    # afterwards); None: the selected one (POST /sdapi/v1/options) when the job runs
+    model = server.registry.get(name) if name is not None else None
+    F.get_bool(body, "send_images", True)  # (checked now, used in the response)
     every = int(server.options["show_progress_every_n_steps"])
     return Job(model, F.get_str(body, "prompt", ""), _config(server, body, override),
                preview_every=max(0, every))
@@ -114,7 +127,7 @@ def _job(server: Server, body: dict[str, Any]) -> Job:
 
 async def txt2img(server: Server, request: Request, body: dict[str, Any]) -> dict[str, Any]:
     job = await generate(server, request, _job(server, body))
-    return _response(server, job, body)
+    return await server.encode(_response, server, job, body)
 
 
 async def img2img(server: Server, request: Request, body: dict[str, Any]) -> dict[str, Any]:
@@ -123,21 +136,30 @@ async def img2img(server: Server, request: Request, body: dict[str, Any]) -> dic
     if len(images) != 1:
         raise InvalidInputError(f"init_images holds {len(images)} images; send exactly one "
                                 "(base64)")
-    pixels = server.limits.max_image_pixels
-    job.image = rgb(decode_b64(images[0], "init_images[0]", pixels))
     strength = F.get_float(body, "denoising_strength", 0.75, lo=0, hi=1)
-    padding = None
-    if body.get("mask") is not None:
-        mask = decode_b64(body["mask"], "mask", pixels).convert("L")
-        if F.get_bool(body, "inpainting_mask_invert"):
-            mask = ImageOps.invert(mask)
-        blur = F.get_int(body, "mask_blur", 4, lo=0, hi=64)
-        job.mask = mask.filter(ImageFilter.GaussianBlur(blur)) if blur else mask
-        if F.get_bool(body, "inpaint_full_res", True):  # A1111's "only masked"
-            padding = F.get_int(body, "inpaint_full_res_padding", 32, lo=0, hi=4096)
+    padding, invert = None, F.get_bool(body, "inpainting_mask_invert")
+    blur = F.get_int(body, "mask_blur", MASK_BLUR, lo=0, hi=MAX_MASK_BLUR)
+    if body.get("mask") is not None and F.get_bool(body, "inpaint_full_res", True):
+        padding = F.get_int(body, "inpaint_full_res_padding", FULL_RES_PADDING, lo=0,
+                            hi=MAX_PADDING)  # A1111's "only masked"
+    job.image, job.mask = await server.decode(_read_images, images[0], body.get("mask"),
+                                              invert, blur, server.limits.max_image_pixels)
     job.config = replace(job.config, strength=strength, padding_mask_crop=padding)
     job = await generate(server, request, job)
-    return _response(server, job, body, strength)
+    return await server.encode(_response, server, job, body, strength)
+
+
+def _read_images(image: Any, mask: Any, invert: bool, blur: int, pixels: int
+                 ) -> tuple[Image.Image, Image.Image | None]:
+    """The source image (RGB) and the mask as the pipeline takes it (white = repaint:
+    inverted if asked, blurred by mask_blur, as A1111 does before its own use of it)."""
+    source = rgb(decode_b64(image, "init_images[0]", pixels))
+    if mask is None:
+        return source, None
+    gray = decode_b64(mask, "mask", pixels).convert("L")
+    if invert:
+        gray = ImageOps.invert(gray)
+    return source, gray.filter(ImageFilter.GaussianBlur(blur)) if blur else gray
 
 
 def _response(server: Server, job: Job, body: dict[str, Any],
@@ -176,7 +198,10 @@ def _sampler_name(server: Server, cfg: GenerationConfig) -> str:
 def _infotext(job: Job, cfg: GenerationConfig, sampler: str, seed: int,
               strength: float | None) -> str:
     """A1111's generation parameters text (its PNG `parameters` chunk)."""
-    items = [("Steps", cfg.steps), ("Sampler", sampler), ("CFG scale", cfg.guidance_scale),
+    karras = str(cfg.scheduler).endswith("_karras")
+    items = [("Steps", cfg.steps), ("Sampler", sampler.removesuffix(" Karras")),
+             ("Schedule type", "Karras" if karras else None),
+             ("CFG scale", cfg.guidance_scale),
              ("Seed", seed), ("Size", f"{cfg.width}x{cfg.height}"),
              ("Model hash", job.model.short_hash), ("Model", job.model.name),
              ("Denoising strength", strength),
@@ -236,7 +261,7 @@ async def scripts(server: Server, request: Request, _: Any) -> dict[str, list[st
 
 
 async def get_options(server: Server, request: Request, _: Any) -> dict[str, Any]:
-    model = server.worker.model
+    model = server.worker.selected
     return {**server.options, "sd_model_checkpoint": model.title if model else None,
             "sd_checkpoint_hash": model.sha256 if model else None, "samples_format": "png",
             "live_previews_enable": server.options["show_progress_every_n_steps"] > 0}
@@ -245,11 +270,11 @@ async def get_options(server: Server, request: Request, _: Any) -> dict[str, Any
 async def set_options(server: Server, request: Request, body: dict[str, Any]) -> None:
     """The settings a client may change: the model (loaded now, in the worker's turn), the
     live-preview interval and the clip skip. Other A1111 settings are ignored."""
-    every = F.get_int(body, "show_progress_every_n_steps", lo=-1, hi=1000)
-    clip = F.get_int(body, "CLIP_stop_at_last_layers", lo=1, hi=12)
+    every = F.get_int(body, "show_progress_every_n_steps", lo=-1, hi=MAX_PREVIEW_EVERY)
+    clip = F.get_int(body, "CLIP_stop_at_last_layers", lo=1, hi=MAX_CLIP_STOP)
     if body.get("sd_model_checkpoint") is not None:
         entry = server.registry.get(body["sd_model_checkpoint"])
-        if entry != server.worker.model:
+        if entry != server.worker.selected or entry != server.worker.model:
             await run_job(server, request, Job(entry))
     if every is not None:
         server.options["show_progress_every_n_steps"] = every

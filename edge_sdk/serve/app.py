@@ -24,9 +24,12 @@ from starlette.routing import Route
 
 from .. import __version__
 from ..config import GenerationConfig
-from ..errors import (AuthenticationError, BusyError, EdgeSDKError, InvalidInputError,
-                      RequestTooLargeError, UnavailableError, UnknownModelError)
+from ..errors import (AuthenticationError, BusyError, EdgeSDKError, ForbiddenError,
+                      InvalidInputError, RequestTimeoutError, RequestTooLargeError,
+                      UnavailableError, UnknownModelError)
+from ..estimate import check_fits
 from ..manifest import Manifest
+from ..memory import MODES
 from .registry import Registry
 from .security import Credentials, Limits, read_body
 from .worker import Job, Worker
@@ -36,9 +39,18 @@ log = logging.getLogger("edge_sdk.serve")
 # the HTTP status of each error type (the first that matches); other EdgeSDKErrors (a bundle
 # that fails to load, an inference failure) are the server's: 500, with their type and message
 STATUS: tuple[tuple[type[EdgeSDKError], int], ...] = (
-    (AuthenticationError, 401), (UnknownModelError, 404), (RequestTooLargeError, 413),
-    (BusyError, 429), (UnavailableError, 503), (InvalidInputError, 422))
+    (AuthenticationError, 401), (ForbiddenError, 403), (UnknownModelError, 404),
+    (RequestTimeoutError, 408), (RequestTooLargeError, 413), (BusyError, 429),
+    (UnavailableError, 503), (InvalidInputError, 422))
 MAX_FORM_FILES, MAX_FORM_FIELDS = 4, 64  # OpenAI's edits: an image (or a few), a mask
+BODY_TIMEOUT_S = 60  # a body that has not arrived by then holds its connection no longer
+DECODES_AT_ONCE = 2  # images decoded side by side (each can be 4096x4096: memory)
+LOG_NOTE_CHARS, JSON_ERROR_CHARS = 300, 200
+LOWEST_MODE = MODES[-1]  # the planner's mode that needs the least memory
+PREVIEW_EVERY = 10  # A1111's show_progress_every_n_steps default
+# Host headers a loopback-bound server answers (with any port): other names reach it only
+# through a web page's DNS rebinding
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
 
 
 class ClientGone(Exception):
@@ -54,9 +66,23 @@ class Server:
     credentials: Credentials
     limits: Limits
     log_prompts: bool = False
+    loopback_only: bool = True  # listening on loopback: Host must name this machine
     # A1111's settings a client may change (POST /sdapi/v1/options)
     options: dict[str, Any] = field(default_factory=lambda: {
-        "show_progress_every_n_steps": 10, "CLIP_stop_at_last_layers": 1})
+        "show_progress_every_n_steps": PREVIEW_EVERY, "CLIP_stop_at_last_layers": 1})
+    decoding: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(
+        DECODES_AT_ONCE))
+
+    async def decode(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """A request's images decoded off the event loop, a few at a time, and only while
+        the queue has room (a request that would be refused is refused before)."""
+        self.worker.check_room()
+        return await self.encode(fn, *args)
+
+    async def encode(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """A response's images encoded off the event loop, a few at a time."""
+        async with self.decoding:
+            return await run_in_threadpool(fn, *args)
 
 
 Handler = Callable[[Server, Request, Any], Awaitable[Any]]
@@ -70,6 +96,8 @@ def endpoint(server: Server, handler: Handler, *, style: str, body: str | None =
     async def run(request: Request) -> Response:
         t0, note = time.perf_counter(), ""
         try:
+            if server.loopback_only:
+                _check_host(request.headers.get("host", ""))
             if auth:
                 server.credentials.check(request.headers)
             payload = await _payload(request, body, server.limits.max_body)
@@ -86,7 +114,8 @@ def endpoint(server: Server, handler: Handler, *, style: str, body: str | None =
             response = error_response(exc, style)
         prompt = getattr(request.state, "prompt", None)
         log.info("%s %s %d %.0f ms%s%s", request.method, request.url.path,
-                 response.status_code, (time.perf_counter() - t0) * 1000, note[:300],
+                 response.status_code, (time.perf_counter() - t0) * 1000,
+                 note[:LOG_NOTE_CHARS],
                  f" prompt={prompt!r}" if server.log_prompts and prompt is not None else "")
         return response
     return run
@@ -116,17 +145,34 @@ def error_response(exc: BaseException, style: str) -> JSONResponse:
 async def _payload(request: Request, kind: str | None, limit: int) -> Any:
     if kind is None:
         return None
-    raw = await read_body(request.headers, request.receive, limit)
+    if kind == "json" and "json" not in request.headers.get("content-type", ""):
+        # (a web page can send a text/plain POST without asking first; not JSON)
+        raise InvalidInputError("send the body as JSON, with Content-Type: application/json")
+    try:
+        raw = await asyncio.wait_for(read_body(request.headers, request.receive, limit),
+                                     BODY_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise RequestTimeoutError(f"the request body did not arrive within {BODY_TIMEOUT_S} "
+                                  "s") from None
     if kind == "form":
         return await _form(request, raw, limit)
     try:
         value = json.loads(raw or b"null", parse_constant=_no_constant)
     except (ValueError, RecursionError) as exc:
-        raise InvalidInputError(f"the body is not valid JSON: {str(exc)[:200]}") from exc
+        raise InvalidInputError(f"the body is not valid JSON: {str(exc)[:JSON_ERROR_CHARS]}"
+                                ) from exc
     if not isinstance(value, dict):
         raise InvalidInputError(f"the body must be a JSON object, got "
                                 f"{type(value).__name__}")
     return value
+
+
+def _check_host(host: str) -> None:
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    if host not in LOOPBACK_HOSTS and name not in LOOPBACK_HOSTS:
+        raise ForbiddenError(f"Host {host[:100]!r} does not name this machine; a server on "
+                             "127.0.0.1 answers 127.0.0.1 or localhost (for other names, "
+                             "listen with --host and an API key)")
 
 
 def _no_constant(name: str) -> Any:
@@ -185,8 +231,10 @@ async def _disconnected(request: Request) -> None:
 async def health(server: Server, request: Request, _: Any) -> Response:
     """The truth: the worker thread alive, a model loaded, not draining; the queue."""
     w = server.worker
-    ok = w.alive and w.pipe is not None and not w.draining
-    return JSONResponse({"status": "ok" if ok else "draining" if w.draining else "down",
+    ok = w.alive and (w.pipe is not None or w.switching) and not w.draining
+    status = "draining" if w.draining else "down" if not ok else \
+        "loading" if w.switching else "ok"
+    return JSONResponse({"status": status,
                          "worker_alive": w.alive, "model": w.model.name if w.model else None,
                          "model_loaded": w.pipe is not None, "running": w.running is not None,
                          "queued": w.queued, "max_queue": w.max_queue,
@@ -228,9 +276,12 @@ async def generate(server: Server, request: Request, job: Job) -> Job:
 
 
 def _check(worker: Worker, job: Job) -> None:
-    pipe, model = worker.pipe, worker.model
-    if pipe is not None and model == job.model:
+    pipe, loaded, target = worker.pipe, worker.model, job.model or worker.selected
+    if pipe is not None and loaded == target:
         pipe.check(job.prompt, job.config, image=job.image, mask_image=job.mask)
-    else:  # another model: what its manifest alone decides; the rest when it is loaded
+    elif target is not None:  # another model: what its manifest decides, and whether it
+        # could fit at all (its lowest memory mode); the rest once it is loaded
+        manifest = Manifest.load(target.path)
         kind = None if job.image is None else "img2img" if job.mask is None else "inpaint"
-        (job.config or GenerationConfig()).resolve(Manifest.load(job.model.path), kind)
+        cfg = (job.config or GenerationConfig()).resolve(manifest, kind)
+        check_fits(manifest, cfg, LOWEST_MODE)

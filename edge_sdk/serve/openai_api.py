@@ -31,29 +31,30 @@ from .images import decode_bytes, encode_png, rgb
 from .worker import Job
 
 MAX_N = 10  # OpenAI's bound of n
+MAX_WORD, MAX_NAME = 40, 400  # lengths of an option's value, of a model or scheduler name
 ALPHA_EDIT = 0  # OpenAI: alpha 0 marks the area to edit
 
 
 def _size(body: Mapping[str, Any]) -> tuple[int | None, int | None]:
-    size = F.get_str(body, "size", "auto", max_len=40)
+    size = F.get_str(body, "size", "auto", max_len=MAX_WORD)
     if size == "auto":
         return None, None
     w, sep, h = size.lower().partition("x")
-    if not sep or not w.isdigit() or not h.isdigit():
+    if not sep or not (w.isascii() and w.isdigit() and h.isascii() and h.isdigit()):
         raise InvalidInputError(f"size {size!r} is not WIDTHxHEIGHT (e.g. 512x512) or auto")
     return int(w), int(h)
 
 
 def _check_format(body: Mapping[str, Any]) -> None:
-    fmt = F.get_str(body, "response_format", "b64_json", max_len=40)
+    fmt = F.get_str(body, "response_format", "b64_json", max_len=MAX_WORD)
     if fmt == "url":
         raise InvalidInputError("response_format 'url' is not offered: this server keeps no "
                                 "files to link to; use 'b64_json' (the default)")
     if fmt != "b64_json":
         raise InvalidInputError(f"response_format {fmt!r}: use 'b64_json'")
-    if F.get_str(body, "output_format", "png", max_len=40) != "png":
+    if F.get_str(body, "output_format", "png", max_len=MAX_WORD) != "png":
         raise InvalidInputError("output_format: only 'png' is offered")
-    if F.get_str(body, "background", "auto", max_len=40) == "transparent":
+    if F.get_str(body, "background", "auto", max_len=MAX_WORD) == "transparent":
         raise InvalidInputError("background 'transparent' is not offered; use 'opaque'")
 
 
@@ -62,8 +63,8 @@ def _job(server: Server, body: Mapping[str, Any], text: bool = False) -> Job:
     prompt = F.get_str(body, "prompt")
     if prompt is None:
         raise InvalidInputError("prompt is required")
-    name = F.get_str(body, "model", max_len=400)
-    model = server.registry.get(name) if name is not None else server.worker.model
+    name = F.get_str(body, "model", max_len=MAX_NAME)
+    model = server.registry.get(name) if name is not None else None  # None: the selected
     width, height = _size(body)
     cfg = GenerationConfig(
         num_images=F.get_int(body, "n", 1, lo=1, hi=MAX_N, text=text),
@@ -71,14 +72,14 @@ def _job(server: Server, body: Mapping[str, Any], text: bool = False) -> Job:
         steps=F.get_int(body, "steps", lo=1, text=text),
         guidance_scale=F.get_float(body, "guidance_scale", lo=0, text=text),
         negative_prompt=F.get_str(body, "negative_prompt") or None,
-        scheduler=F.get_str(body, "scheduler", max_len=100))
+        scheduler=F.get_str(body, "scheduler", max_len=MAX_NAME))
     return Job(model, prompt, cfg)
 
 
 async def generations(server: Server, request: Request, body: dict[str, Any]
                       ) -> dict[str, Any]:
     job = await generate(server, request, _job(server, body))
-    return _response(job)
+    return await server.encode(_response, job)
 
 
 async def edits(server: Server, request: Request, form: FormData) -> dict[str, Any]:
@@ -89,18 +90,24 @@ async def edits(server: Server, request: Request, form: FormData) -> dict[str, A
     if len(uploads) != 1:
         raise InvalidInputError(f"send one image file (got {len(uploads)}); several images "
                                 "per edit are not offered")
-    pixels = server.limits.max_image_pixels
-    image = decode_bytes(await uploads[0].read(), "image", pixels)
     mask_file = form.get("mask")
-    if isinstance(mask_file, UploadFile):
-        job.mask = edit_mask(decode_bytes(await mask_file.read(), "mask", pixels))
-    elif _has_transparency(image):
-        job.mask = edit_mask(image)
-    job.image = rgb(image)
+    mask = await mask_file.read() if isinstance(mask_file, UploadFile) else None
     strength = F.get_float(body, "strength", lo=0, hi=1, text=True)
+    job.image, job.mask = await server.decode(_read_images, await uploads[0].read(), mask,
+                                              server.limits.max_image_pixels)
     job.config = replace(job.config, strength=strength)
     job = await generate(server, request, job)
-    return _response(job)
+    return await server.encode(_response, job)
+
+
+def _read_images(image: bytes, mask: bytes | None, pixels: int
+                 ) -> tuple[Image.Image, Image.Image | None]:
+    """The source (RGB) and the mask as the pipeline takes it (white = repaint): the mask
+    file's, or the image's own transparent pixels, or none (img2img)."""
+    source = decode_bytes(image, "image", pixels)
+    if mask is not None:
+        return rgb(source), edit_mask(decode_bytes(mask, "mask", pixels))
+    return rgb(source), edit_mask(source) if _has_transparency(source) else None
 
 
 def edit_mask(mask: Image.Image) -> Image.Image:

@@ -15,6 +15,7 @@ from ..errors import BundleError, UnknownModelError
 from ..models import DEFAULT_MODEL, SHIPPED_MODELS, shipped_bundle
 
 HASH_CHARS = 10  # A1111's short hash: the first 10 hex digits of the sha256
+SHOWN_CHARS = 200  # of an unknown name, in its error
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,8 @@ class Registry:
             for entry in self.entries.values():
                 if name in (entry.title, entry.short_hash, entry.sha256):
                     return entry
-        shown = name if isinstance(name, str) and len(name) <= 200 else type(name).__name__
+        shown = name if isinstance(name, str) and len(name) <= SHOWN_CHARS else \
+            type(name).__name__
         raise UnknownModelError(f"model {shown!r} is not on this server; choose one of "
                                 f"{self.names} (GET /v1/models or /sdapi/v1/sd-models)")
 

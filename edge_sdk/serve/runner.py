@@ -5,6 +5,7 @@ answered 503, the running generation finished), then exit."""
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any, Callable
 
 import uvicorn
@@ -15,16 +16,20 @@ from .security import Credentials, Limits
 from .worker import Worker
 
 log = logging.getLogger("edge_sdk.serve")
-CONNECTIONS_PER_PLACE, SPARE_CONNECTIONS = 2, 32
+# open connections beyond max(MIN_CONNECTIONS, CONNECTIONS_PER_PLACE x places) get uvicorn's
+# own 503 at once (idle keep-alive ones count): a bound on sockets, far above the queue's
+CONNECTIONS_PER_PLACE, MIN_CONNECTIONS = 8, 128
 
 
 def build_server(registry: Registry, load: Callable[[Any], Any], *, model: str | None = None,
                  credentials: Credentials = Credentials(), limits: Limits = Limits(),
-                 max_queue: int = 8, log_prompts: bool = False) -> Server:
-    """A Server whose worker has loaded `model` (a name in `registry`; None: its default)."""
+                 max_queue: int = 8, log_prompts: bool = False,
+                 loopback_only: bool = True) -> Server:
+    """A Server whose worker has loaded `model` (a name in `registry`; None: its default).
+    `loopback_only`: it listens on loopback, so requests must name this machine as Host."""
     worker = Worker(registry, load, max_queue)
     worker.start(registry.default(model))
-    return Server(worker, registry, credentials, limits, log_prompts)
+    return Server(worker, registry, credentials, limits, log_prompts, loopback_only)
 
 
 class _DrainingServer(uvicorn.Server):
@@ -39,7 +44,9 @@ class _DrainingServer(uvicorn.Server):
         if not self.edge.worker.draining:
             log.info("signal %d: draining (the running generation finishes, queued requests "
                      "get 503)", sig)
-        self.edge.worker.drain()
+        # drained from another thread: this handler may have interrupted the event loop
+        # inside the worker's lock, which it would then take again re-entrantly
+        threading.Thread(target=self.edge.worker.drain, name="edge-sdk-drain").start()
         super().handle_exit(sig, frame)
 
     async def startup(self, sockets: Any = None) -> None:
@@ -59,10 +66,8 @@ def run(server: Server, host: str = "127.0.0.1", port: int = 7860) -> None:
                             loop="asyncio", lifespan="off", access_log=False,
                             log_level="warning", server_header=False,
                             timeout_graceful_shutdown=None,
-                            # open connections beyond this get uvicorn's 503 at once: those
-                            # waiting for the queue, progress pollers, and a margin
-                            limit_concurrency=CONNECTIONS_PER_PLACE * (server.worker.max_queue
-                                                                       + 1) + SPARE_CONNECTIONS)
+                            limit_concurrency=max(MIN_CONNECTIONS, CONNECTIONS_PER_PLACE *
+                                                  (server.worker.max_queue + 1)))
     try:
         _DrainingServer(config, server).run()
     finally:

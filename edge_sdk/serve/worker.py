@@ -23,6 +23,7 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
+from .. import names as N
 from ..config import GenerationConfig
 from ..errors import BusyError, CancelledError, EdgeSDKError, UnavailableError
 from ..generation import Generation
@@ -38,9 +39,12 @@ RECENT = 8  # generations whose durations estimate a queue's wait (Retry-After)
 @dataclass(eq=False)
 class Job:
     """A request for the worker: generate (prompt, config, optional source image and mask)
-    or, with `prompt` None, only switch to `model`."""
+    or, with `prompt` None, only switch to `model` and make it the selected one (A1111's
+    `sd_model_checkpoint` option). `model` None: the selected model, whatever it is when the
+    job runs; a model named by one request (OpenAI's `model`, A1111's `override_settings`)
+    is used for that request only."""
 
-    model: ModelEntry
+    model: ModelEntry | None
     prompt: str | None = None
     config: GenerationConfig | None = None
     image: Image.Image | None = None
@@ -75,8 +79,10 @@ class Worker:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.registry, self._load, self.max_queue, self._clock = registry, load, max_queue, clock
         self.pipe: Any = None
-        self.model: ModelEntry | None = None
+        self.model: ModelEntry | None = None  # the one loaded (None while switching)
+        self.selected: ModelEntry | None = None  # what requests naming no model get
         self.draining = False
+        self.switching = False  # between releasing one model and loading the next
         self._queue: collections.deque[Job] = collections.deque()
         self._running: Job | None = None
         self._cond = threading.Condition()
@@ -89,6 +95,7 @@ class Worker:
         """Load the first model (here: a model that cannot load stops the server before it
         listens) and start the thread."""
         self._switch(model)
+        self.selected = model
         self._thread.start()
 
     @property
@@ -98,18 +105,27 @@ class Worker:
     def submit(self, job: Job, on_done: Callable[[], None] | None = None) -> Job:
         """Queue a job; BusyError when the queue is full, UnavailableError when draining."""
         with self._cond:
-            if self.draining or not self.alive:
-                raise UnavailableError("the server is shutting down" if self.draining else
-                                       "the server's worker has stopped; restart the server")
-            if len(self._queue) >= self.max_queue:
-                raise BusyError(f"the queue is full ({self.max_queue} waiting, one running); "
-                                "retry later", self._retry_after())
+            self._refuse_if_full()
             job.id = next(self._ids)
             if on_done is not None:
                 job._on_done.append(on_done)
             self._queue.append(job)
             self._cond.notify()
         return job
+
+    def check_room(self) -> None:
+        """What `submit` would refuse now (BusyError, UnavailableError), before a request's
+        images are decoded."""
+        with self._cond:
+            self._refuse_if_full()
+
+    def _refuse_if_full(self) -> None:
+        if self.draining or not self.alive:
+            raise UnavailableError("the server is shutting down" if self.draining else
+                                   "the server's worker has stopped; restart the server")
+        if sum(1 for j in self._queue if j is not None) >= self.max_queue:
+            raise BusyError(f"the queue is full ({self.max_queue} waiting, one running); "
+                            "retry later", self._retry_after())
 
     def cancel(self, job: Job, reason: str) -> None:
         """Stop a job: a queued one leaves the queue now, a running one at its next step."""
@@ -136,7 +152,7 @@ class Worker:
         """Refuse new jobs and drop the queued ones; the running one finishes."""
         with self._cond:
             self.draining = True
-            dropped = list(self._queue)
+            dropped = [job for job in self._queue if job is not None]
         for job in dropped:
             self.cancel(job, "draining")
 
@@ -183,9 +199,12 @@ class Worker:
                     self._finish(job, job.state if job.state != "running" else "done")
 
     def _run(self, job: Job) -> None:
-        if job.model != self.model:
-            self._switch(job.model)
-        if job.prompt is None:  # a model switch only
+        model = job.model or self.selected
+        if model != self.model:
+            self._switch(model)
+        job.model = model  # (the response names the model that made the image)
+        if job.prompt is None:  # a model switch, chosen from now on
+            self.selected = model
             return
         t0 = self._clock()
         try:
@@ -196,8 +215,11 @@ class Worker:
                 if job.preview_every else None, preview_every=job.preview_every or 1)
         except CancelledError:
             if job.cancel == "interrupted" and job._latents is not None:
-                # A1111 answers an interrupted generation with the image so far
-                job.partial = to_pil(self.pipe.decode_latents(job._latents))
+                # A1111 answers an interrupted generation with the image so far (not for
+                # an inpainting of a cropped region: its latents are the crop's)
+                if job.config is None or job.config.padding_mask_crop is None:
+                    job.partial = to_pil(self.pipe.decode_latents(job._latents))
+                    self.pipe.components.done_with(N.VAE_DECODER)
                 job.state = "done"
             else:
                 job.state = "cancelled"
@@ -214,6 +236,7 @@ class Worker:
         """Load another model; the old one is released first (a board holds one), and loaded
         again if the new one fails."""
         old = self.model
+        self.switching = True
         self.pipe = self.model = None
         gc.collect()
         try:
@@ -223,6 +246,8 @@ class Worker:
                 log.warning("model %s did not load; back to %s", entry.name, old.name)
                 self.pipe, self.model = self._load(old.path), old
             raise
+        finally:
+            self.switching = False
         log.info("model %s loaded from %s", entry.name, entry.path)
 
     def _failed(self, job: Job, exc: BaseException) -> None:
@@ -237,4 +262,7 @@ class Worker:
         job.state = state
         job._done.set()
         for fn in job._on_done:
-            fn()
+            try:
+                fn()
+            except RuntimeError:  # its event loop has closed: nobody waits any more
+                log.debug("job %d: its waiter is gone", job.id)

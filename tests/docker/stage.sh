@@ -44,12 +44,16 @@ img = Image.open(io.BytesIO(base64.b64decode(json.load(urllib.request.urlopen(re
 assert img.size == (64, 64) and "Seed: 1" in img.info["parameters"], (img.size, img.info)
 print(f"serve in the image: healthy, then a 64x64 PNG over /sdapi/v1/txt2img, {time.time() - t:.1f} s")'
 
-serve_check() {  # serve_check RUN...: the image serving (detached), a client inside it, a stop
-  local arch=$1 cid; shift
-  cid=$("$@" -d "edge-sdk:$arch" serve --host 0.0.0.0 --api-key ci-key)
+serve_check() {  # serve_check ARCH RUN...: the image serving (detached), a client inside it,
+  local arch=$1 cid code a run=(); shift  # then SIGTERM: it must drain and exit by itself
+  for a in "$@"; do [ "$a" = --rm ] || run+=("$a"); done  # kept, to read its exit code
+  cid=$("${run[@]}" -d "edge-sdk:$arch" serve --host 0.0.0.0 --api-key ci-key)
   pod "$arch" exec "$cid" python3 -c "$SERVE_CLIENT" || { pod "$arch" logs "$cid" | tail -20
-    pod "$arch" stop -t 5 "$cid" >/dev/null; return 1; }
-  pod "$arch" stop -t 30 "$cid" >/dev/null  # SIGTERM: drains, exits
+    pod "$arch" rm -f "$cid" >/dev/null; return 1; }
+  pod "$arch" stop -t 30 "$cid" >/dev/null  # SIGTERM; SIGKILL (137) after 30 s would fail
+  code=$(pod "$arch" inspect -f '{{.State.ExitCode}}' "$cid"); pod "$arch" rm -f "$cid" >/dev/null
+  case $code in 0|143) echo "serve stopped by SIGTERM: drained, exit $code" ;;
+    *) echo "serve: exit $code after SIGTERM, not 0 or 143"; return 1 ;; esac
 }
 
 check() {  # check ARCH: build the runtime image for linux/ARCH and run selftest in it
