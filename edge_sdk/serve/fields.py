@@ -8,11 +8,12 @@ booleans from their spelling there.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from ..errors import InvalidInputError
 
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+SHOWN = 40  # characters of a wrong value quoted in its error
 
 
 def _missing(body: Mapping[str, Any], name: str) -> bool:
@@ -37,11 +38,7 @@ def get_int(body: Mapping[str, Any], name: str, default: int | None = None, *,
         return default
     value = body[name]
     if text and isinstance(value, str):
-        try:
-            value = int(value.strip())
-        except ValueError:
-            raise InvalidInputError(f"{name} must be a whole number, got {value[:40]!r}") \
-                from None
+        value = _parsed(value, int, name, "a whole number")
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
@@ -58,10 +55,7 @@ def get_float(body: Mapping[str, Any], name: str, default: float | None = None, 
         return default
     value = body[name]
     if text and isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise InvalidInputError(f"{name} must be a number, got {value[:40]!r}") from None
+        value = _parsed(value, float, name, "a number")
     if isinstance(value, bool) or not isinstance(value, (int, float)) \
             or not math.isfinite(value):
         raise InvalidInputError(f"{name} must be a finite number, got {_kind(value)}")
@@ -102,9 +96,17 @@ def get_list(body: Mapping[str, Any], name: str) -> list[Any]:
     return value
 
 
+def _parsed(text: str, parse: Callable[[str], Any], name: str, what: str) -> Any:
+    """A form field's text read as a number."""
+    try:
+        return parse(text.strip())
+    except ValueError:
+        raise InvalidInputError(f"{name} must be {what}, got {text[:SHOWN]!r}") from None
+
+
 def _kind(value: Any) -> str:
     shown = repr(value)
-    return f"{type(value).__name__} {shown[:40]}{'...' if len(shown) > 40 else ''}"
+    return f"{type(value).__name__} {shown[:SHOWN]}{'...' if len(shown) > SHOWN else ''}"
 
 
 def _range(lo: float | None, hi: float | None) -> str:
