@@ -78,7 +78,8 @@ def serve(want: np.ndarray) -> None:
     thread.start()
     body = json.dumps({"prompt": PROMPT, "seed": SEED, "steps": STEPS}).encode()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}/sdapi/v1/txt2img"
-    reply = json.loads(urllib.request.urlopen(url, body, timeout=600).read())
+    req = urllib.request.Request(url, body, headers={"Content-Type": "application/json"})
+    reply = json.loads(urllib.request.urlopen(req, timeout=600).read())
     got = np.asarray(Image.open(io.BytesIO(base64.b64decode(reply["images"][0])))
                      .convert("RGB"))
     http.should_exit = True
