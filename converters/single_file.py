@@ -120,11 +120,10 @@ def open_single_file(path: Path, allow_pickle: bool = False, family: str | None 
         if family and layout.family and family != layout.family:
             log.warning("%s: the weights look like %s; converting as %s (--family)", path,
                         layout.family, family)
-    apply_variant(configs, chosen, None)
     for name in ("unet", "text_encoder") + (("vae",) if vae is None else ()):
         check_shapes(name, shapes, configs[name], layout.text, f"{path} ({LABELS[name]})")
     predicted = _prediction_type(path, chosen, configs, prediction_type)
-    apply_variant(configs, chosen, predicted)
+    apply_prediction_type(configs, chosen, predicted)
     if sum(k.startswith("model_ema.") for k in shapes) > _EMA_KEYS:
         log.info("%s: holds EMA weights too; converting the model's own (model.*), as "
                  "diffusers does by default", path.name)
@@ -159,17 +158,22 @@ def family_configs(family: str, prediction_type: str = "epsilon"
                    ) -> dict[str, dict[str, Any]]:
     """The configs a family's single files are read with (model_index included)."""
     configs = _family_configs(family)
-    apply_variant(configs, family, prediction_type)
+    apply_prediction_type(configs, family, prediction_type)
     return configs
 
 
 def _family_configs(family: str) -> dict[str, dict[str, Any]]:
+    """The shipped base configs of a family, with its variant's edit (inpainting: the
+    UNet's 9 input channels)."""
     base = resources.files("converters").joinpath("assets/families",
                                                   family.removesuffix("-inpainting"))
     configs = {name: json.loads(base.joinpath(name, fname).read_text())
                for name, fname in MODEL_CONFIGS.items()}
     configs["scheduler"] = json.loads(base.joinpath(SCHEDULER_CONFIG).read_text())
     configs["model_index"] = {"_class_name": "StableDiffusionPipeline"}
+    if family.endswith("-inpainting"):
+        configs["unet"]["in_channels"] = INPAINT_CHANNELS
+        configs["model_index"]["_class_name"] = "StableDiffusionInpaintPipeline"
     return configs
 
 
@@ -241,19 +245,13 @@ def _stated_prediction_type(path: Path) -> str | None:
     return _STATED[found.group(1)]
 
 
-def apply_variant(configs: dict[str, dict[str, Any]], family: str | None,
-                   prediction_type: str | None) -> None:
-    """A family's edits of its base configs (None: --config's, left as they are); the
-    prediction type's once it is known (it changes no weight's shape)."""
-    unet = configs["unet"]
-    if family is not None and family.endswith("-inpainting"):
-        unet["in_channels"] = INPAINT_CHANNELS
-        configs["model_index"]["_class_name"] = "StableDiffusionInpaintPipeline"
-    if prediction_type is None:
-        return
+def apply_prediction_type(configs: dict[str, dict[str, Any]], family: str | None,
+                          prediction_type: str) -> None:
+    """The prediction type, once known (it changes no weight's shape, so the shapes are
+    checked before it is asked for); an SD 2.x family's native size follows it."""
     configs["scheduler"]["prediction_type"] = prediction_type
     if family is not None and family.startswith("sd2"):
-        unet["sample_size"] = _SD2_SAMPLE_SIZE[prediction_type]
+        configs["unet"]["sample_size"] = _SD2_SAMPLE_SIZE[prediction_type]
 
 
 def _write_configs(root: Path, configs: dict[str, dict[str, Any]]) -> None:

@@ -25,7 +25,7 @@ from .errors import InvalidInputError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ImageSource", "SourceImage", "read_image", "read_mask", "default_size",
+__all__ = ["ImageSource", "SourceImage", "read_image", "read_mask", "decoded", "default_size",
            "crop_region", "resize", "image_array", "mask_array", "overlay"]
 
 ImageSource = Union[str, Path, Image.Image, np.ndarray]
@@ -204,16 +204,23 @@ def _read_file(path: str | Path, what: str) -> tuple[Image.Image, str]:
     try:
         data = p.read_bytes()
         with Image.open(p) as img:
-            img.load()
-            if img.mode in SIXTEEN_BIT:
-                log.info("%s %s is 16-bit: scaled to 8 bits", what, p)
-                img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round()
-                                      .clip(0, 255).astype(np.uint8), mode="L")
-            _check_depth(img, what)
-            return ImageOps.exif_transpose(img), hashlib.sha256(data).hexdigest()
+            return decoded(img, what), hashlib.sha256(data).hexdigest()
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError,
             SyntaxError) as exc:
         raise InvalidInputError(f"{what} {str(p)!r} is not a readable image: {exc}") from exc
+
+
+def decoded(img: Image.Image, what: str) -> Image.Image:
+    """An opened image file's pixels as load_image reads them: decoded, a 16-bit grayscale
+    one scaled to 8 bits, other wide modes refused, its EXIF orientation applied. (PIL's
+    errors on damaged data pass through.)"""
+    img.load()
+    if img.mode in SIXTEEN_BIT:
+        log.info("%s is 16-bit: scaled to 8 bits", what)
+        img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round()
+                              .clip(0, 255).astype(np.uint8), mode="L")
+    _check_depth(img, what)
+    return ImageOps.exif_transpose(img)
 
 
 def _check_depth(img: Image.Image, what: str) -> None:

@@ -161,14 +161,20 @@ def test_progress_preview_and_interrupt(live_server):
     assert status == 200 and not json.loads(body["info"])["interrupted"]
 
 
+def _open_post(host: str, port: int, body: bytes) -> socket.socket:
+    """A txt2img request sent by hand on a socket left open (to be closed mid-request)."""
+    sock = socket.create_connection((host, port))
+    sock.sendall(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                 b"application/json\r\nAuthorization: Bearer " + SERVE_KEY.encode() +
+                 b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    return sock
+
+
 def test_a_client_that_leaves_frees_the_worker(live_server):
     host, port = live_server.url.removeprefix("http://").rsplit(":", 1)
     body = (b'{"prompt": "a red circle", "steps": 150, "width": 256, "height": 256, '
             b'"override_settings": {"sd_model_checkpoint": "shapes"}}')
-    sock = socket.create_connection((host, int(port)))
-    sock.sendall(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
-                 b"application/json\r\nAuthorization: Bearer " + SERVE_KEY.encode() +
-                 b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    sock = _open_post(host, int(port), body)
     _wait_running(live_server, min_step=2)
     sock.close()
     deadline = time.monotonic() + 30
@@ -180,10 +186,7 @@ def test_a_client_that_leaves_frees_the_worker(live_server):
     # a queued request whose client leaves is dropped before it runs
     first, out = _post_async(live_server, "/sdapi/v1/txt2img", LONG)
     _wait_running(live_server)
-    queued = socket.create_connection((host, int(port)))
-    queued.sendall(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
-                   b"application/json\r\nAuthorization: Bearer " + SERVE_KEY.encode() +
-                   b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    queued = _open_post(host, int(port), body)
     _wait_queued(live_server)
     queued.close()
     deadline = time.monotonic() + 30

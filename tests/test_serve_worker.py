@@ -53,7 +53,7 @@ def worker():
         pipes.append(FakePipe(path))
         return pipes[-1]
     registry = Registry()
-    w = Worker(registry, load, max_queue=1)
+    w = Worker(load, max_queue=1)
     w.start(registry.default(None))
     w.fakes = pipes
     yield w

@@ -74,13 +74,12 @@ def sampler_scheduler(body: dict[str, Any]) -> str | None:
     if ours is None:
         raise SchedulerError(f"Sampler not found: {name[:80]!r}; this server has "
                              f"{list(SAMPLERS)} (GET /sdapi/v1/samplers)")
-    if schedule == "karras" and ours in KARRAS:
-        return KARRAS[ours]
-    if schedule not in AUTOMATIC + ("karras",) or (schedule == "karras" and
-                                                   ours not in KARRAS.values()):
-        raise SchedulerError(f"scheduler {schedule!r} with sampler {name!r} is not available "
-                             "here; use 'Automatic' (or 'Karras' with DPM++ 2M)")
-    return ours
+    if schedule in AUTOMATIC:
+        return ours
+    if schedule == "karras" and (ours in KARRAS or ours in KARRAS.values()):
+        return KARRAS.get(ours, ours)
+    raise SchedulerError(f"scheduler {schedule!r} with sampler {name!r} is not available "
+                         "here; use 'Automatic' (or 'Karras' with DPM++ 2M)")
 
 
 def _refuse_unsupported(body: dict[str, Any]) -> None:
@@ -164,13 +163,11 @@ def _read_images(image: Any, mask: Any, invert: bool, blur: int, pixels: int
 
 def _response(server: Server, job: Job, body: dict[str, Any],
               strength: float | None = None) -> dict[str, Any]:
-    result, cfg = job.result, job.config
-    images = result.images if result is not None else job.partial
-    if result is not None:
-        cfg = result.config
+    result, images = job.result, job.images
+    cfg = result.config if result is not None else job.config
     seeds = result.seeds if result is not None else \
         [int(cfg.seed or 0) + k for k in range(len(images))]
-    sampler = F.get_str(body, "sampler_name") or _sampler_name(server, cfg)
+    sampler = F.get_str(body, "sampler_name") or _sampler_name(cfg)
     texts = [_infotext(job, cfg, sampler, s, strength) for s in seeds]
     send = F.get_bool(body, "send_images", True)
     info = {"prompt": job.prompt, "all_prompts": [job.prompt] * len(images),
@@ -188,7 +185,7 @@ def _response(server: Server, job: Job, body: dict[str, Any],
             "parameters": echo, "info": json.dumps(info)}
 
 
-def _sampler_name(server: Server, cfg: GenerationConfig) -> str:
+def _sampler_name(cfg: GenerationConfig) -> str:
     """A1111's name of the scheduler a generation used (its own name when A1111 has none)."""
     ours = str(cfg.scheduler)
     return next((k for k, (v, _) in SAMPLERS.items() if v == ours), None) or \
@@ -221,7 +218,7 @@ async def progress(server: Server, request: Request, _: Any) -> dict[str, Any]:
     done = job.step / job.total if job is not None and job.total else 0.0
     elapsed = time.monotonic() - job.started if job is not None and job.started else 0.0
     eta = elapsed / done - elapsed if done > 0 else None
-    preview = job.preview if job is not None and not skip_image else None
+    preview = job.preview if job is not None and not skip_image else None  # (base64)
     return {"progress": round(done, 4), "eta_relative": round(eta, 2) if eta else 0.0,
             "state": {"skipped": False, "interrupted": job is not None and
                       job.cancel == "interrupted", "stopping_generation": False,
@@ -229,7 +226,7 @@ async def progress(server: Server, request: Request, _: Any) -> dict[str, Any]:
                       "job_timestamp": "0", "job_no": 0,
                       "sampling_step": job.step if job else 0,
                       "sampling_steps": job.total if job else 0},
-            "current_image": encode_png(preview) if preview is not None else None,
+            "current_image": preview,
             "textinfo": None, "current_task": f"task({job.id})" if job else None}
 
 

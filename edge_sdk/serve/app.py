@@ -28,7 +28,6 @@ from ..errors import (AuthenticationError, BusyError, EdgeSDKError, ForbiddenErr
                       InvalidInputError, RequestTimeoutError, RequestTooLargeError,
                       UnavailableError, UnknownModelError)
 from ..estimate import check_fits
-from ..manifest import Manifest
 from ..memory import MODES
 from .registry import Registry
 from .security import Credentials, Limits, read_body
@@ -70,7 +69,7 @@ class Server:
     # A1111's settings a client may change (POST /sdapi/v1/options)
     options: dict[str, Any] = field(default_factory=lambda: {
         "show_progress_every_n_steps": PREVIEW_EVERY, "CLIP_stop_at_last_layers": 1})
-    decoding: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(
+    image_work: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(
         DECODES_AT_ONCE))
 
     async def decode(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -81,7 +80,7 @@ class Server:
 
     async def encode(self, fn: Callable[..., Any], *args: Any) -> Any:
         """A response's images encoded off the event loop, a few at a time."""
-        async with self.decoding:
+        async with self.image_work:
             return await run_in_threadpool(fn, *args)
 
 
@@ -271,17 +270,18 @@ async def generate(server: Server, request: Request, job: Job) -> Job:
                                     f"server's limit of {limits.max_images} "
                                     "(edge-sdk serve --max-images)")
     request.state.prompt = job.prompt
-    await run_in_threadpool(_check, server.worker, job)
+    await run_in_threadpool(_check, server, job)
     return await run_job(server, request, job)
 
 
-def _check(worker: Worker, job: Job) -> None:
+def _check(server: Server, job: Job) -> None:
+    worker = server.worker
     pipe, loaded, target = worker.pipe, worker.model, job.model or worker.selected
     if pipe is not None and loaded == target:
         pipe.check(job.prompt, job.config, image=job.image, mask_image=job.mask)
     elif target is not None:  # another model: what its manifest decides, and whether it
         # could fit at all (its lowest memory mode); the rest once it is loaded
-        manifest = Manifest.load(target.path)
+        manifest = server.registry.manifest(target)
         kind = None if job.image is None else "img2img" if job.mask is None else "inpaint"
         cfg = (job.config or GenerationConfig()).resolve(manifest, kind)
         check_fits(manifest, cfg, LOWEST_MODE)

@@ -11,9 +11,10 @@ import binascii
 import io
 from typing import Any
 
-from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from ..errors import InvalidInputError, RequestTooLargeError
+from ..image_input import decoded
 
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP")  # what a client may send; never a PDF, EPS or SVG
 
@@ -50,8 +51,9 @@ def decode_bytes(raw: bytes, what: str, max_pixels: int) -> Image.Image:
                                    f"{max_pixels:,} pixels (--max-image-pixels); send it "
                                    "smaller")
     try:
-        img.load()
-        return ImageOps.exif_transpose(img)
+        return decoded(img, what)  # as a file given to the pipeline is read
+    except InvalidInputError:
+        raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise InvalidInputError(f"{what} could not be decoded: {exc}") from exc
 

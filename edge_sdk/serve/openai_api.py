@@ -104,34 +104,34 @@ def _read_images(image: bytes, mask: bytes | None, pixels: int
                  ) -> tuple[Image.Image, Image.Image | None]:
     """The source (RGB) and the mask as the pipeline takes it (white = repaint): the mask
     file's, or the image's own transparent pixels, or none (img2img)."""
-    source = decode_bytes(image, "image", pixels)
+    source = _with_alpha(decode_bytes(image, "image", pixels))
     if mask is not None:
         return rgb(source), edit_mask(decode_bytes(mask, "mask", pixels))
-    return rgb(source), edit_mask(source) if _has_transparency(source) else None
+    transparent = "A" in source.getbands() and \
+        source.getchannel("A").getextrema()[0] == ALPHA_EDIT
+    return rgb(source), edit_mask(source) if transparent else None
 
 
 def edit_mask(mask: Image.Image) -> Image.Image:
     """OpenAI's mask (transparent = edit) as edge-sdk's (white = repaint); a mask with no
     alpha is taken as already white = repaint."""
+    mask = _with_alpha(mask)
     if "A" in mask.getbands():
-        alpha = mask.getchannel("A")
-        return alpha.point(lambda a: 255 if a == ALPHA_EDIT else 0)
-    if mask.mode == "P" and "transparency" in mask.info:
-        return edit_mask(mask.convert("RGBA"))
+        return mask.getchannel("A").point(lambda a: 255 if a == ALPHA_EDIT else 0)
     return mask.convert("L")
 
 
-def _has_transparency(image: Image.Image) -> bool:
+def _with_alpha(image: Image.Image) -> Image.Image:
+    """A palette image with a transparent colour as RGBA (its transparency as alpha)."""
     if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    return "A" in image.getbands() and image.getchannel("A").getextrema()[0] == ALPHA_EDIT
+        return image.convert("RGBA")
+    return image
 
 
 def _response(job: Job) -> dict[str, Any]:
-    images = job.result.images if job.result is not None else job.partial
     return {"created": int(time.time()),
             "data": [{"b64_json": encode_png(im), "revised_prompt": job.prompt}
-                     for im in images]}
+                     for im in job.images]}
 
 
 async def models(server: Server, request: Request, _: Any) -> dict[str, Any]:

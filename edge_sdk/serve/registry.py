@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .. import names as N
 from ..errors import BundleError, UnknownModelError
+from ..manifest import Manifest
 from ..models import DEFAULT_MODEL, SHIPPED_MODELS, shipped_bundle
 
 HASH_CHARS = 10  # A1111's short hash: the first 10 hex digits of the sha256
@@ -57,6 +58,13 @@ class Registry:
                               "manifest.json (made by edge-convert)")
         self.entries = {name: ModelEntry(name, path.resolve(), _sha256(path / N.MANIFEST_FILE))
                         for name, path in found.items()}
+        self._manifests: dict[str, Manifest] = {}
+
+    def manifest(self, entry: ModelEntry) -> Manifest:
+        """An entry's manifest, read on first use, once."""
+        if entry.name not in self._manifests:
+            self._manifests[entry.name] = Manifest.load(entry.path)
+        return self._manifests[entry.name]
 
     @property
     def names(self) -> list[str]:

@@ -27,7 +27,7 @@ def build_server(registry: Registry, load: Callable[[Any], Any], *, model: str |
                  loopback_only: bool = True) -> Server:
     """A Server whose worker has loaded `model` (a name in `registry`; None: its default).
     `loopback_only`: it listens on loopback, so requests must name this machine as Host."""
-    worker = Worker(registry, load, max_queue)
+    worker = Worker(load, max_queue)
     worker.start(registry.default(model))
     return Server(worker, registry, credentials, limits, log_prompts, loopback_only)
 

@@ -28,7 +28,8 @@ from ..config import GenerationConfig
 from ..errors import BusyError, CancelledError, EdgeSDKError, UnavailableError
 from ..generation import Generation
 from ..image import to_pil
-from .registry import ModelEntry, Registry
+from .images import encode_png
+from .registry import ModelEntry
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class Job:
     step: int = 0
     total: int = 0
     started: float | None = None
-    preview: Image.Image | None = None
+    preview: str | None = None  # the latest live preview, a base64 PNG (encoded once)
     cancel: str | None = None  # why it is being stopped: interrupted, disconnected, draining
     result: Generation | None = None
     partial: list[Image.Image] = field(default_factory=list)  # an interrupted job's images
@@ -63,6 +64,11 @@ class Job:
     _latents: np.ndarray | None = None
     _done: threading.Event = field(default_factory=threading.Event)
     _on_done: list[Callable[[], None]] = field(default_factory=list)
+
+    @property
+    def images(self) -> list[Image.Image]:
+        """What the job made: its result's images, or an interrupted job's so far."""
+        return self.result.images if self.result is not None else self.partial
 
     @property
     def finished(self) -> bool:
@@ -75,13 +81,14 @@ class Job:
 class Worker:
     """Runs jobs one at a time in a thread; every method is safe from any thread."""
 
-    def __init__(self, registry: Registry, load: Loader, max_queue: int = 8,
+    def __init__(self, load: Loader, max_queue: int = 8,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.registry, self._load, self.max_queue, self._clock = registry, load, max_queue, clock
+        self._load, self.max_queue, self._clock = load, max_queue, clock
         self.pipe: Any = None
         self.model: ModelEntry | None = None  # the one loaded (None while switching)
         self.selected: ModelEntry | None = None  # what requests naming no model get
         self.draining = False
+        self._stopping = False  # the thread ends once the queue is empty
         self.switching = False  # between releasing one model and loading the next
         self._queue: collections.deque[Job] = collections.deque()
         self._running: Job | None = None
@@ -123,7 +130,7 @@ class Worker:
         if self.draining or not self.alive:
             raise UnavailableError("the server is shutting down" if self.draining else
                                    "the server's worker has stopped; restart the server")
-        if sum(1 for j in self._queue if j is not None) >= self.max_queue:
+        if len(self._queue) >= self.max_queue:
             raise BusyError(f"the queue is full ({self.max_queue} waiting, one running); "
                             "retry later", self._retry_after())
 
@@ -152,14 +159,14 @@ class Worker:
         """Refuse new jobs and drop the queued ones; the running one finishes."""
         with self._cond:
             self.draining = True
-            dropped = [job for job in self._queue if job is not None]
+            dropped = list(self._queue)
         for job in dropped:
             self.cancel(job, "draining")
 
     def stop(self, timeout: float | None = None) -> None:
         self.drain()
         with self._cond:
-            self._queue.append(None)  # type: ignore[arg-type]  # the thread's end
+            self._stopping = True
             self._cond.notify()
         self._thread.join(timeout)
 
@@ -171,7 +178,7 @@ class Worker:
     @property
     def queued(self) -> int:
         with self._cond:
-            return sum(1 for j in self._queue if j is not None)
+            return len(self._queue)
 
     def _retry_after(self) -> int:
         """Seconds until a place is likely free: a place frees when the running generation
@@ -183,11 +190,11 @@ class Worker:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._queue:
+                while not self._queue and not self._stopping:
                     self._cond.wait()
-                job = self._queue.popleft()
-                if job is None:
+                if not self._queue:
                     return
+                job = self._queue.popleft()
                 self._running, job.state, job.started = job, "running", self._clock()
             try:
                 self._run(job)
@@ -211,7 +218,7 @@ class Worker:
             job.result = self.pipe.generate(
                 job.prompt, job.config, image=job.image, mask_image=job.mask,
                 callback=lambda i, n, latents: self._step(job, i, n, latents),
-                preview=(lambda i, img: setattr(job, "preview", img))
+                preview=(lambda i, img: setattr(job, "preview", encode_png(img)))
                 if job.preview_every else None, preview_every=job.preview_every or 1)
         except CancelledError:
             if job.cancel == "interrupted" and job._latents is not None:
