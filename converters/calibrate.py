@@ -7,11 +7,14 @@ bundle over a prompt list with the edge_sdk runtime and record every UNet input.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -49,7 +52,7 @@ def read_prompts(path: str | Path | None) -> list[str]:
 
 
 class _Recorder:
-    """A Session that records what it is fed (the calibration data)."""
+    """A Session that records what it is fed (the calibration data), one image at a time."""
 
     def __init__(self, inner: Any, feeds: list[dict[str, np.ndarray]]) -> None:
         self.inner, self.inputs, self.outputs = inner, inner.inputs, inner.outputs
@@ -57,20 +60,29 @@ class _Recorder:
 
     def run(self, feeds: Mapping[str, np.ndarray],
             outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        self.feeds.append({k: np.array(v, copy=True) for k, v in feeds.items()})
+        batch = len(next(iter(feeds.values())))
+        # batch 1 each: an NPU graph's shapes, and half the activations held while
+        # calibrating a guided step
+        self.feeds += [{k: np.array(v[i:i + 1], copy=True) for k, v in feeds.items()}
+                       for i in range(batch)]
         return self.inner.run(feeds, outputs)
 
 
 def unet_trajectories(bundle: Path, prompts: Sequence[str], steps: int | None = None,
-                      seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """The UNet inputs of generating each prompt with the fp32 `bundle` (its defaults; the
-    k-th prompt with seed `seed + k`), recorded from the runtime's own generation."""
+                      seed: int = 0, size: tuple[int, int] | None = None
+                      ) -> list[dict[str, np.ndarray]]:
+    """The UNet inputs of generating each prompt with the fp32 `bundle` (its defaults, at
+    `size` (height, width) if given; the k-th prompt with seed `seed + k`), recorded from
+    the runtime's own generation, one image (batch 1) a feed. They are small (the latents
+    and the prompt's embedding: 0.3 MB a feed for SD 1.5 at 512x512)."""
     pipe = Pipeline.load(bundle)
     feeds: list[dict[str, np.ndarray]] = []
     pipe.components.wrap(N.UNET, lambda session: _Recorder(session, feeds))
+    height, width = size if size else (None, None)
     for k, prompt in enumerate(prompts):
-        pipe.generate(prompt, GenerationConfig(steps=steps, seed=seed + k))
-    log.info("calibration: %d UNet calls from %d prompts", len(feeds), len(prompts))
+        pipe.generate(prompt, GenerationConfig(steps=steps, seed=seed + k, height=height,
+                                               width=width))
+    log.info("calibration: %d UNet inputs from %d prompts", len(feeds), len(prompts))
     return feeds
 
 
@@ -80,50 +92,137 @@ WriteBundle = Callable[..., Manifest]
 
 def convert_static(output: str | Path, opts: ConvertOptions, say: Callable[[str], None],
                    write: WriteBundle) -> Manifest:
-    """Static int8 as its own step: an fp32 bundle converted aside, the runtime's generations
-    over the calibration prompts recorded, then the bundle written with its UNet quantized
-    from the fp32 graph with those activation ranges."""
+    """Static QDQ as its own step: an fp32 bundle converted aside, the runtime's generations
+    over the calibration prompts recorded, activation ranges accumulated over them, then the
+    bundle written with its UNet quantized from the fp32 graph with those ranges. With
+    --sizes (an NPU's bundle) the UNet graph's shapes are fixed first (converters.npu_graph)."""
     from .export_onnx import INT4_KEEP_FP32
+    scheme = opts.static_qdq or "w8a8"
     prompts = read_prompts(opts.calibration)
     parent = Path(output).resolve().parent
     with tempfile.TemporaryDirectory(dir=parent, prefix=".edge-convert-calib-") as tmp:
         ref = Path(tmp) / "fp32"
-        say("static int8: converting an fp32 reference for calibration")
+        say(f"{scheme}: converting an fp32 reference for calibration")
         write(ref, replace(opts, precision="fp32", vae_encoder=False, vae_stages=False,
-                           tiny_vae=None, feature_cache=False,
+                           tiny_vae=None, feature_cache=False, sizes=None,
                            overwrite=False), lambda m: say(f"  (fp32 reference) {m}"))
-        say(f"static int8: calibrating on {len(prompts)} prompts")
-        feeds = unet_trajectories(ref, prompts)
-        return write(output, opts, say, lambda stage: quantize_int8_static(
-            ref / f"{N.UNET}.onnx", stage, N.UNET, feeds, keep=INT4_KEEP_FP32))
+        graph, size = ref / f"{N.UNET}.onnx", _static_size(opts, ref)
+        if size is not None:
+            graph = _static_graph(ref, graph, size, say)
+        say(f"{scheme}: calibrating on {len(prompts)} prompts")
+        feeds = unet_trajectories(ref, prompts, size=size)
+        npu = opts.precisions[N.UNET] in N.QDQ_PRECISIONS
+        ranges = activation_ranges(graph, feeds, Path(tmp), scheme, npu, say)
+        del feeds
+        return write(output, opts, say, lambda stage: quantize_qdq(
+            graph, stage, N.UNET, ranges, scheme, npu, keep=INT4_KEEP_FP32 + STATIC_FLOAT))
 
 
-def quantize_int8_static(graph: Path, out_dir: Path, name: str,
-                         feeds: Sequence[Mapping[str, np.ndarray]],
-                         keep: tuple[str, ...] = ()) -> list[str]:
-    """QDQ int8: per-channel int8 weights, uint8 activations with ranges from `feeds`
-    (percentile calibration, robust to the rare extreme activations of early steps). Nodes
-    whose name contains a string of `keep` stay fp32."""
+def _static_size(opts: ConvertOptions, ref: Path) -> tuple[int, int] | None:
+    """The (height, width) of an NPU bundle's --sizes, or None."""
+    if not opts.sizes:
+        return None
+    from .export_tflite import parse_sizes
+    m = Manifest.load(ref)
+    return parse_sizes(opts.sizes, m.unet.sample_size * m.vae.scale_factor,
+                       m.unet.size_multiple)[0]
+
+
+def _static_graph(ref: Path, graph: Path, size: tuple[int, int],
+                  say: Callable[[str], None]) -> Path:
+    from edge_sdk.contracts import DIM_BATCH, DIM_HEIGHT, DIM_WIDTH, DIM_SEQUENCE
+    from .npu_graph import make_static
+    m = Manifest.load(ref)
+    factor = m.vae.scale_factor
+    dims = {DIM_BATCH: 1, DIM_HEIGHT: size[0] // factor, DIM_WIDTH: size[1] // factor,
+            DIM_SEQUENCE: m.tokenizer.max_length}
+    say(f"static shapes for the NPU: {size[1]}x{size[0]} px, batch 1")
+    return make_static(graph, graph.with_name("unet_static.onnx"), dims)
+
+
+# Where a CPU runs the graph (dynamic-shape static int8), only the heavy ops are quantized: the
+# rest stays float between them. An NPU wants every op it can take quantized.
+CPU_OPS = ["Conv", "MatMul", "Gemm"]
+# Kept float by static quantization: the sinusoidal timestep embedding, whose arguments span
+# 0..999 rad: 8-bit activations (3.9 rad a step) made the UNet's output wrong by 46-66 %
+# (relative L2) at some timesteps, fine at others
+STATIC_FLOAT = ("/time_proj/",)
+# Left float on the NPU (its fp16 units run them): the HTP refused a quantized LayerNorm with
+# int8 weights (onnxruntime-qnn 2.7, error 3110)
+NPU_FLOAT = ("LayerNormalization",)
+# Percentile of the activation histograms kept: 8-bit activations clip the rare extremes of
+# early steps to keep resolution for the rest; 16-bit ones have resolution to spare.
+PERCENTILE = {"w8a8": 99.99, "w8a16": 99.999}
+
+
+def _qnn_config(graph: Path, scheme: str, npu: bool, keep: tuple[str, ...]) -> Any:
+    """onnxruntime's QDQ configuration made for Qualcomm's QNN (the op types it takes, the
+    fixed ranges some ops need), int8 symmetric weights, uint8 or uint16 activations; nodes
+    named by `keep` stay float. Weights are per-channel for a CPU; per-tensor for the NPU:
+    with per-channel ones the HTP's UNet output drifted from the same graph on the CPU EP
+    (relative L2 up to 0.19 at t=999, 0.005 per-tensor; onnxruntime-qnn 2.7 emulator)."""
     import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod,
-                                          QuantFormat, QuantType, quantize_static)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self._it: Iterator[Mapping[str, np.ndarray]] = iter(feeds)
-
-        def get_next(self) -> Mapping[str, np.ndarray] | None:
-            return next(self._it, None)
-
+    from onnxruntime.quantization import CalibrationMethod, QuantType
+    from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
     exclude = [n.name for n in onnx.load(str(graph), load_external_data=False).graph.node
                if any(k in n.name for k in keep)]
+    cfg = get_qnn_qdq_config(
+        str(graph), None, calibrate_method=CalibrationMethod.Percentile,
+        activation_type=QuantType.QUInt16 if scheme == "w8a16" else QuantType.QUInt8,
+        weight_type=QuantType.QInt8, per_channel=not npu, weight_symmetric=True,
+        op_types_to_quantize=None if npu else CPU_OPS, nodes_to_exclude=exclude)
+    cfg.op_types_to_quantize = [t for t in cfg.op_types_to_quantize if t not in NPU_FLOAT]
+    return cfg
+
+
+def activation_ranges(graph: Path, feeds: Sequence[Mapping[str, np.ndarray]], scratch: Path,
+                      scheme: str, npu: bool, say: Callable[[str], None]) -> Path:
+    """The activation ranges of `graph` over `feeds`, accumulated as per-tensor histograms
+    one feed at a time (never every activation of every feed kept: what onnxruntime's own
+    calibration does, which does not scale to a 512x512 SD 1.5 UNet), cut at a percentile;
+    written as onnxruntime's calibration cache, whose path is returned."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+    class One(CalibrationDataReader):
+        def __init__(self, feed: Mapping[str, np.ndarray]) -> None:
+            self._feed: Mapping[str, np.ndarray] | None = feed
+
+        def get_next(self) -> Mapping[str, np.ndarray] | None:
+            feed, self._feed = self._feed, None
+            return feed
+
+    cfg = _qnn_config(graph, scheme, npu, ())
+    calibrator = create_calibrator(
+        graph, cfg.op_types_to_quantize, augmented_model_path=str(scratch / "augmented.onnx"),
+        calibrate_method=CalibrationMethod.Percentile, use_external_data_format=True,
+        extra_options={"symmetric": False, "percentile": PERCENTILE[scheme]})
+    t0 = time.perf_counter()
+    for i, feed in enumerate(feeds, 1):
+        with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime prints per call
+            calibrator.collect_data(One(feed))  # histograms updated, activations dropped
+        if i % 50 == 0 or i == len(feeds):
+            say(f"  calibrated {i}/{len(feeds)} UNet inputs ({time.perf_counter() - t0:.0f} s)")
+    path = scratch / "ranges.json"
+    with contextlib.redirect_stdout(io.StringIO()):
+        save_tensors_data(calibrator.compute_data(), path)
+    del calibrator
+    return path
+
+
+def quantize_qdq(graph: Path, out_dir: Path, name: str, ranges: Path, scheme: str,
+                 npu: bool, keep: tuple[str, ...] = ()) -> list[str]:
+    """`graph` as QDQ (`scheme` w8a8 or w8a16) with the activation ranges `ranges`
+    (activation_ranges). Nodes whose name contains a string of `keep` stay float."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
+    cfg = _qnn_config(graph, scheme, npu, keep)
     model = run_ort_quantizer(
         lambda raw: quantize_static(
-            str(graph), raw, Reader(), quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=["Conv", "MatMul", "Gemm"], per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            nodes_to_exclude=exclude, use_external_data_format=True,
+            str(graph), raw, None, quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=cfg.op_types_to_quantize, per_channel=cfg.per_channel,
+            activation_type=cfg.activation_type, weight_type=cfg.weight_type,
+            nodes_to_exclude=cfg.nodes_to_exclude, use_external_data_format=True,
             calibrate_method=CalibrationMethod.Percentile,
-            extra_options={"MatMulConstBOnly": True, "CalibPercentile": 99.99,
-                           "CalibTensorRangeSymmetric": False}), out_dir)
+            extra_options={**cfg.extra_options, "MatMulConstBOnly": not npu},
+            calibration_cache_path=ranges), out_dir)
     return save_graph(model, out_dir, name)

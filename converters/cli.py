@@ -1,6 +1,7 @@
 """`edge-convert`: convert a diffusers checkpoint into an edge-sdk bundle.
 
     edge-convert CHECKPOINT -o BUNDLE [--format onnx] [--precision fp32|fp16|unet=fp16,...]
+    edge-convert verify BUNDLE --reference REF [--providers qnn]
     edge-convert synth --arch tiny-sd1|tiny-sd2|tiny-inpaint|tiny-lcm|sd15|sd15-lcm -o DIR
 """
 
@@ -45,10 +46,13 @@ def _convert_parser() -> argparse.ArgumentParser:
                    "--sizes; needs the [tflite-convert] extra)")
     p.add_argument("--sizes", default=None, metavar="WxH,...",
                    help="tflite: image sizes the UNet and VAE are exported for, e.g. "
-                   "512x512,512x768 (default: the model's native size)")
+                   "512x512,512x768 (default: the model's native size); with w8a8/w8a16: "
+                   "the one size an NPU's UNet is compiled for (static shapes, batch 1)")
     p.add_argument("--precision", default="fp32",
                    help="fp32 | fp16 | int8 (text encoder + UNet; the VAE stays fp32) | int4 "
-                   "(UNet int4, text encoder int8, VAE fp32), or per component: "
+                   "(UNet int4, text encoder int8, VAE fp32) | w8a16, w8a8 (the UNet as "
+                   "static QDQ for NPUs: int8 weights, 16- or 8-bit activations calibrated "
+                   "on the model's own denoising; the rest fp32), or per component: "
                    "unet=int4,text_encoder=int8,vae=fp16")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
@@ -79,10 +83,11 @@ def _convert_parser() -> argparse.ArgumentParser:
     _feature_cache_arguments(p)
     p.add_argument("--int8-method", choices=["dynamic", "static"], default="dynamic",
                    help="int8 UNet: dynamic (weights only, activations quantized at run time) "
-                   "or static QDQ calibrated on the model's own denoising trajectories")
+                   "or static QDQ calibrated on the model's own denoising trajectories (w8a8 "
+                   "with dynamic shapes, for CPUs)")
     p.add_argument("--calibration", default=None, metavar="PROMPTS.txt",
-                   help="prompts for static int8 calibration, one per line (default: a "
-                   "built-in set)")
+                   help="prompts for static quantization's calibration (w8a8, w8a16, int8 "
+                   "static), one per line (default: a built-in set of 12)")
     p.add_argument("--attention-chunks", default="auto", metavar="N|auto",
                    help="compute the UNet's self-attention in N query slices (peak attention "
                    "memory / N); auto: slices of 256 tokens for UNets with >= 2,048 tokens "
@@ -157,6 +162,9 @@ def _verify_parser() -> argparse.ArgumentParser:
     p.add_argument("--evaluate", action="store_true",
                    help="also score both bundles on the shapes model's held-out prompts "
                    "(edge-sdk evaluate) and report the whole-prompt accuracy of each")
+    p.add_argument("--providers", default=None, metavar="EP",
+                   help="also report where a plugin execution provider (qnn, openvino) "
+                   "places each component's nodes and which op types fall back to the CPU")
     p.add_argument("--debug", action="store_true")
     return p
 
@@ -191,7 +199,7 @@ def _verify(args: argparse.Namespace) -> int:
     if args.prompts:
         prompts = [ln.strip() for ln in Path(args.prompts).read_text().splitlines() if ln.strip()]
     report = verify(args.bundle, args.reference, prompts=prompts, steps=args.steps,
-                    evaluate=args.evaluate)
+                    evaluate=args.evaluate, providers=args.providers)
     print(format_report(report))
     print(f"written to {Path(args.bundle) / 'quality.json'}")
     return 0

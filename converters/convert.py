@@ -98,7 +98,7 @@ def convert(checkpoint: str | Path, output: str | Path, options: ConvertOptions 
     layout = Layout.of(ckpt, opts)
     source = Path(checkpoint).absolute()
     name = opts.name or (source.stem if source.is_file() else source.name)
-    if opts.static_int8:
+    if opts.static_qdq is not None:
         from .calibrate import convert_static
         return convert_static(output, opts, say, lambda out, o, s, unet=None: write_bundle(
             ckpt, out, o, layout, name, s, unet, preview_layers))
@@ -121,7 +121,7 @@ def write_bundle(ckpt: Checkpoint, output: str | Path, opts: ConvertOptions, lay
     `preview_layers`: the --preview-decoder's, read and checked by `convert`."""
     from .export_tflite import parse_sizes
     sizes = parse_sizes(opts.sizes, layout.native, layout.size_multiple) \
-        if opts.fmt == "tflite" else None
+        if opts.fmt == "tflite" or opts.sizes else None  # ONNX: an NPU UNet's one size
     cache = _feature_cache(ckpt, opts) and unet_source is None
     opts = replace(opts, feature_cache=cache)
     plan = [N.TEXT_ENCODER, N.UNET] + ([N.UNET_SHALLOW] if cache else []) + [N.VAE_DECODER] \
@@ -158,7 +158,7 @@ def _export_role(role: str, ckpt: Checkpoint, stage: Path, opts: ConvertOptions,
     exp, precision = _exporter(role, opts), opts.precisions[role]
     if source is not None:
         files = source(stage)
-    elif sizes is not None:
+    elif opts.fmt == "tflite" and sizes is not None:
         from .export_tflite import export_tflite, tflite_io
         model = _load(role, ckpt, layout, opts)
         cache = None

@@ -20,6 +20,9 @@ INT8_METHODS = ("dynamic", "static")
 _BARE: dict[str, dict[str, str]] = {
     "int8": {N.TEXT_ENCODER: "int8", N.UNET: "int8"},
     "int4": {N.TEXT_ENCODER: "int8", N.UNET: "int4"},
+    # static QDQ is for the NPU, which runs the UNet; the rest runs on the CPU beside it
+    "w8a8": {N.UNET: "w8a8"},
+    "w8a16": {N.UNET: "w8a16"},
 }
 
 
@@ -36,12 +39,13 @@ class ConvertOptions:
     default_guidance: float | None = None
     vae_encoder: bool = True
     int8_method: str = "dynamic"  # "dynamic" | "static" (QDQ, calibrated)
-    calibration: str | Path | None = None  # prompts file for static int8
+    calibration: str | Path | None = None  # prompts file for static QDQ (w8a8, w8a16)
     # also export the decoder as stages for exact tiled decoding, which the low-memory modes
     # need at 512 px and above; None: yes for ONNX, no for TFLite (a pure TFLite bundle)
     vae_stages: bool | None = None
     attention_chunks: int | str = "auto"
-    sizes: str | None = None  # TFLite: "512x512,512x768"
+    # TFLite: "512x512,512x768"; ONNX static QDQ: one size, the UNet's shapes fixed for NPUs
+    sizes: str | None = None
     name: str | None = None  # the model's name in the manifest
     # TFLite: a folder of fp32 exports reused across conversions (converters.export_cache)
     export_cache: str | Path | None = None
@@ -89,12 +93,17 @@ class ConvertOptions:
         """Feature caching asked for or left to the default (which may still skip a UNet
         that cannot be split)."""
         if self.feature_cache is None:
-            return self.fmt == "onnx" and not self.static_int8
+            return self.fmt == "onnx" and self.static_qdq is None
         return self.feature_cache
 
     @property
-    def static_int8(self) -> bool:
-        return self.int8_method == "static" and self.precisions[N.UNET] == "int8"
+    def static_qdq(self) -> str | None:
+        """The UNet's calibrated QDQ scheme: "w8a8" or "w8a16" (int8 with the static method
+        is w8a8 with dynamic shapes), or None."""
+        unet = self.precisions[N.UNET]
+        if unet in N.QDQ_PRECISIONS:
+            return unet
+        return "w8a8" if self.int8_method == "static" and unet == "int8" else None
 
     def validate(self) -> "ConvertOptions":
         """Every option checked now, before a checkpoint is read; returns the options with
@@ -108,8 +117,7 @@ class ConvertOptions:
         if self.fmt == "tflite" and self.int8_method == "static":
             raise ConversionError("static int8 is ONNX-only; TFLite int8 is dynamic "
                                   "(drop --int8-method static)")
-        if self.fmt == "onnx" and self.sizes:
-            raise ConversionError("--sizes is for --format tflite (ONNX graphs take any size)")
+        _check_qdq(self)
         if self.fmt == "onnx" and self.export_cache is not None:
             raise ConversionError("--export-cache is for --format tflite (it keeps litert-torch's "
                                   "fp32 exports); drop it for ONNX")
@@ -121,16 +129,16 @@ class ConvertOptions:
         if self.int8_method == "static" and unet != "int8":
             raise ConversionError(f"--int8-method static quantizes an int8 UNet, but the UNet "
                                   f"is {unet} here; add --precision int8 or drop the option")
-        if self.calibration is not None and not self.static_int8:
-            raise ConversionError("--calibration is for static int8 (--precision int8 "
-                                  "--int8-method static); without it the file would be ignored")
+        if self.calibration is not None and self.static_qdq is None:
+            raise ConversionError("--calibration is for static quantization (--precision w8a8 "
+                                  "or w8a16); without it the file would be ignored")
         if self.feature_cache and self.fmt == "tflite":
             raise ConversionError("--feature-cache is ONNX-only (TFLite bundles run every "
                                   "step whole); drop it or convert with --format onnx")
-        if self.feature_cache and self.static_int8:
-            raise ConversionError("--feature-cache is not available with static int8 (its "
-                                  "calibrated UNet graph has no deep-features output); use "
-                                  "dynamic int8 or drop --feature-cache")
+        if self.feature_cache and self.static_qdq is not None:
+            raise ConversionError("--feature-cache is not available with static quantization "
+                                  "(its calibrated UNet graph has no deep-features output); "
+                                  "use dynamic int8 or drop --feature-cache")
         if self.tiny_vae is not None:
             _check_tiny_vae(Path(self.tiny_vae), self.allow_pickle)
         if self.preview_decoder is not None:
@@ -198,6 +206,29 @@ def _check_source(opts: ConvertOptions) -> None:
     check_source_options(opts.family, opts.prediction_type, opts.config)
     if opts.vae is not None and not Path(opts.vae).is_file():
         raise ConversionError(f"--vae {opts.vae}: no such file")
+
+
+def _check_qdq(opts: ConvertOptions) -> None:
+    """w8a8 / w8a16 name the UNet of an ONNX bundle; ONNX takes --sizes (one) only there."""
+    prec = opts.precisions
+    wrong = [c for c in N.COMPONENTS if c not in (N.UNET, N.UNET_SHALLOW)
+             and prec[c] in N.QDQ_PRECISIONS]
+    if wrong:
+        raise ConversionError(f"{prec[wrong[0]]} is a static quantization of the UNet (what "
+                              f"an NPU runs); {wrong[0]} cannot take it: use fp32, fp16 or "
+                              "int8 there")
+    if opts.fmt == "tflite" and prec[N.UNET] in N.QDQ_PRECISIONS:
+        raise ConversionError(f"{prec[N.UNET]} is ONNX's static QDQ; for TFLite use "
+                              "--precision int8 (dynamic) or convert with --format onnx")
+    if opts.fmt != "onnx" or not opts.sizes:
+        return
+    if prec[N.UNET] not in N.QDQ_PRECISIONS:
+        raise ConversionError("--sizes fixes the shapes of an NPU's UNet (--precision w8a8 or "
+                              "w8a16) or of TFLite graphs; other ONNX graphs take any size")
+    from .export_tflite import parse_sizes
+    if len(parse_sizes(opts.sizes, 0, 8)) != 1:  # the syntax now, the multiple at export
+        raise ConversionError(f"--sizes {opts.sizes}: an ONNX NPU bundle has one size (its "
+                              "UNet is compiled for it); convert one bundle per size")
 
 
 def _check_defaults(steps: int | None, guidance: float | None) -> None:

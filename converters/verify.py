@@ -127,11 +127,12 @@ def evaluate_both(test: Pipeline, ref: Pipeline, limit: int | None = None) -> di
 
 
 def verify(bundle: str | Path, reference: str | Path, prompts: list[str] | None = None,
-           steps: int | None = None, write: bool = True,
-           evaluate: bool = False) -> dict[str, Any]:
+           steps: int | None = None, write: bool = True, evaluate: bool = False,
+           providers: str | None = None) -> dict[str, Any]:
     """Compare `bundle` with `reference` (a bundle, or a checkpoint converted to fp32 here);
     `evaluate=True` adds both bundles' held-out scores from the shapes evaluator (meaningful
-    for the shipped shapes model and models trained like it)."""
+    for the shipped shapes model and models trained like it); `providers` (a plugin EP:
+    "qnn") adds where it places each component's nodes (edge_sdk.backends.readiness)."""
     bundle, reference = Path(bundle), Path(reference)
     if evaluate:  # before converting the reference and comparing (minutes), not after
         from edge_sdk.shapes import require_shapes_model
@@ -150,6 +151,10 @@ def verify(bundle: str | Path, reference: str | Path, prompts: list[str] | None 
                   "end_to_end": compare_images(test, ref, prompts or DEFAULT_PROMPTS, steps)}
         if evaluate:
             report["evaluation"] = evaluate_both(test, ref)
+    if providers:
+        from edge_sdk.backends.readiness import bundle_readiness
+        report["placement"] = {"provider": providers, "components": bundle_readiness(
+            bundle, Manifest.load(bundle), providers)}
     if write:
         path = bundle / QUALITY_FILE
         tmp_path = path.with_suffix(f".tmp{os.getpid()}")
@@ -177,5 +182,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"held-out prompts ({report['evaluation']['test']['prompts']}), whole prompt "
                      f"met: {t['whole']:.1f} % vs {r['whole']:.1f} % (reference); "
                      + ", ".join(f"{k} {t[k]:.1f} vs {r[k]:.1f}" for k in t if k != "whole"))
+    if "placement" in report:
+        lines.append(f"placement on {report['placement']['provider']}:")
+        lines += ["  " + line for line in report["placement"]["components"]]
     return "\n".join(lines)
 

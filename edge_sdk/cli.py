@@ -37,6 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="describe a bundle")
     i.add_argument("bundle", nargs="?", help=MODEL_HELP)
     i.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    i.add_argument("--providers", default=None, metavar="EP", help="also report where a "
+                   "plugin execution provider (qnn, openvino) places each component's nodes "
+                   "and which op types fall back to the CPU (compiles the graphs)")
+    i.add_argument("--provider-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option for --providers (repeatable)")
     i.add_argument("--debug", action="store_true")
     _bench_parser(sub.add_parser("bench", help="time one generation per stage and per UNet "
                                  "step, with peak RSS and peak private memory"))
@@ -225,6 +230,13 @@ def cmd_info(a: argparse.Namespace) -> int:
         print(m.to_json(), end="")
         return 0
     print("\n".join(describe(m, path)))
+    if a.providers:
+        from .backends.readiness import bundle_readiness
+        from .cli_common import pairs
+        print(f"placement on {a.providers}")
+        for line in bundle_readiness(path, m, a.providers,
+                                     pairs(a.provider_option, "--provider-option")):
+            print("  " + line)
     return 0
 
 
@@ -247,7 +259,7 @@ def describe(m: Any, path: Path) -> list[str]:
         f"{sched.get('beta_schedule')} betas, spacing {sched.get('timestep_spacing')}, "
         f"steps_offset {sched.get('steps_offset', 0)})",
         f"defaults    {d.width}x{d.height}, {d.steps} steps, guidance {d.guidance_scale}"
-        + (", static sizes (TFLite) " + ", ".join(f"{w}x{h}" for h, w in m.static_sizes)
+        + (", static sizes " + ", ".join(f"{w}x{h}" for h, w in m.static_sizes)
            if m.static_sizes else ""),
         f"vae         scaling {m.vae.scaling_factor}"
         + (f", shift {m.vae.shift_factor}" if m.vae.shift_factor is not None else "")

@@ -10,7 +10,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .backends import BackendOptions, Session, check_backend, open_session
+from .backends import BackendOptions, Session, check_backend, open_session, plugins, provider_name
+from .backends.npu import runs_on_npu
 from .contracts import COMPUTE_BOUND_KINDS
 from .errors import BundleError, InvalidInputError
 from .manifest import Manifest
@@ -123,3 +124,9 @@ def check_accelerator_options(manifest: Manifest, providers: Sequence[str] | Non
     if providers and "onnx" not in formats:
         raise InvalidInputError("ONNX Runtime execution providers were given but this bundle "
                                 "is TFLite; use a delegate (delegate= / --delegate PATH.so)")
+    npu = [p for p in providers or () if plugins.is_npu(provider_name(p))]
+    if npu and not any(runs_on_npu(c) for c in manifest.components.values()):
+        raise InvalidInputError(f"execution provider {npu[0]!r} is an NPU, which runs "
+                                "statically quantized graphs, and this bundle has none; "
+                                "convert one with `edge-convert CHECKPOINT -o BUNDLE "
+                                "--precision w8a16 --sizes WxH` (or w8a8)")

@@ -142,9 +142,9 @@ class GenerationConfig:
         static = manifest.static_sizes
         if static and (height, width) not in static:
             raise InvalidInputError(
-                f"{width}x{height}: this bundle's TFLite models have static shapes, exported "
-                f"for {', '.join(f'{w}x{h}' for h, w in static)}; choose one of those sizes, "
-                "or re-convert with `edge-convert --format tflite --sizes WxH,...`")
+                f"{width}x{height}: this bundle's models have static shapes (TFLite, or an "
+                f"NPU's UNet), made for {', '.join(f'{w}x{h}' for h, w in static)}; choose "
+                "one of those sizes, or re-convert with `edge-convert --sizes WxH`")
         if self.negative_prompt is not None:
             check_prompt(self.negative_prompt, "negative_prompt")
             refuse_negative_prompt_if_embedded(manifest, self.negative_prompt)

@@ -30,7 +30,10 @@ ROLE_KINDS = {VAE_DECODER_TINY: VAE_DECODER}  # standard roles whose kind has an
 # Tokenizer roles: the tokenizer that feeds each text encoder.
 TOKENIZER = "tokenizer"
 
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
+# w8a8 / w8a16: static QDQ graphs (int8 weights; uint8 / uint16 activations, calibrated),
+# what NPUs take: ONNX UNets only
+QDQ_PRECISIONS = ("w8a8", "w8a16")
+PRECISIONS = ("fp32", "fp16", "int8", "int4") + QDQ_PRECISIONS
 DECODERS = ("full", "tiny", "auto")  # which decoder a generation uses (auto: tiny in low)
 BACKEND_FORMATS = ("onnx", "tflite")
 

@@ -65,12 +65,15 @@ class Pipeline:
              threads: int | None = None, providers: Sequence[str] | None = None,
              verify: bool = True, memory: str = "fast", delegate: str | None = None,
              delegate_options: Mapping[str, str] | None = None,
-             loras: Mapping[str | Path, float] | None = None) -> "Pipeline":
+             loras: Mapping[str | Path, float] | None = None,
+             provider_options: Mapping[str, str] | None = None) -> "Pipeline":
         """Open a bundle folder, or a shipped model by name ("shapes", "shapes-lcm"; None =
         the default model).
 
         `backend`: "auto" (each component's own format), "onnx" or "tflite". `providers`:
-        ONNX Runtime execution providers in order (e.g. ["xnnpack"], ["qnn"]); `delegate`:
+        ONNX Runtime execution providers in order (e.g. ["xnnpack"], ["qnn"]), plugin ones
+        (QNN, OpenVINO) with `provider_options`; under an NPU's ("qnn") a w8a8/w8a16 UNet
+        runs on it with the CPU fallback disabled, the rest on the CPU; `delegate`:
         a TFLite external delegate library (.so) with its `delegate_options`. What is asked
         for and missing is an error naming what to install, not a silent fallback.
         `verify=True` checks every file's sha256 against the manifest before loading (turn it
@@ -81,7 +84,7 @@ class Pipeline:
         manifest = Manifest.load(path)
         manifest.verify_files(path, checksums=verify)
         options = BackendOptions.checked(backend, threads, providers, False, delegate,
-                                         delegate_options)
+                                         delegate_options, provider_options)
         check_accelerator_options(manifest, options.providers, options.delegate)
         # a budget is planned for the model's own default generation now, and again for
         # each generation's size (a larger one may need a lower mode)

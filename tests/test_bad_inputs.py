@@ -552,9 +552,12 @@ ROWS: list[Row] = [
         InvalidInputError, "finite"),
     Row("parameter", "threads 0", lambda c: L(c, c.bundle, threads=0), InvalidInputError,
         "threads"),
-    Row("parameter", "an execution provider that is not installed (qnn)",
-        lambda c: L(c, c.bundle, providers=["qnn"]), BackendUnavailableError,
-        "onnxruntime-qnn"),
+    Row("parameter", "an execution provider not in this onnxruntime (cann)",
+        lambda c: L(c, c.bundle, providers=["cann"]), BackendUnavailableError,
+        "'cann' is not available in this onnxruntime build"),
+    Row("parameter", "an NPU provider (qnn) for a bundle with no w8a8/w8a16 UNet",
+        lambda c: L(c, c.bundle, providers=["qnn"]), InvalidInputError,
+        "is an NPU, which runs statically quantized graphs, and this bundle has none"),
     Row("parameter", "an unknown backend", lambda c: L(c, c.bundle, backend="warp"),
         InvalidInputError, "backend 'warp' is unknown"),
     Row("parameter", "the TFLite backend asked of an ONNX bundle",
@@ -782,7 +785,7 @@ ROWS: list[Row] = [
     Row("conversion", "--calibration without static int8",
         lambda c: (c.tmp / "p.txt").write_text("a cat\n") and c.convert(
             c.ckpt, "-o", c.tmp / "out", "--calibration", c.tmp / "p.txt"), ConversionError,
-        "--calibration is for static int8"),
+        "--calibration is for static quantization"),
     Row("conversion", "--int8-method static with --precision fp16",
         lambda c: c.convert(c.ckpt, "-o", c.tmp / "out", "--precision", "fp16",
                             "--int8-method", "static"), ConversionError,
@@ -974,11 +977,26 @@ ROWS: list[Row] = [
         ConversionError, "--feature-cache is ONNX-only"),
     Row("conversion", "--feature-cache with static int8", lambda c: c.convert(
         c.ckpt, "-o", c.tmp / "out", "--precision", "int8", "--int8-method", "static",
-        "--feature-cache"), ConversionError, "not available with static int8"),
+        "--feature-cache"), ConversionError, "not available with static quantization"),
     Row("conversion", "--feature-cache on a UNet that cannot be split",
         lambda c: c.convert(_edited(c, {"unet": {"center_input_sample": True}}), "-o",
                             c.tmp / "out", "--feature-cache"), ConversionError,
         "this UNet cannot be split \\(it centres its input sample"),
+    Row("conversion", "w8a8 for the text encoder (static QDQ is the UNet's)",
+        lambda c: c.convert(c.ckpt, "-o", c.tmp / "out", "--precision", "text_encoder=w8a8"),
+        ConversionError, "static quantization of the UNet"),
+    Row("conversion", "w8a16 with --format tflite", lambda c: c.convert(
+        c.ckpt, "-o", c.tmp / "out", "--format", "tflite", "--precision", "w8a16"),
+        ConversionError, "ONNX's static QDQ"),
+    Row("conversion", "--sizes for an fp32 ONNX bundle", lambda c: c.convert(
+        c.ckpt, "-o", c.tmp / "out", "--sizes", "64x64"), ConversionError,
+        "--sizes fixes the shapes of an NPU's UNet"),
+    Row("conversion", "two --sizes for a w8a16 (NPU) bundle", lambda c: c.convert(
+        c.ckpt, "-o", c.tmp / "out", "--precision", "w8a16", "--sizes", "64x64,64x128"),
+        ConversionError, "an ONNX NPU bundle has one size"),
+    Row("conversion", "a malformed --sizes for a w8a8 bundle", lambda c: c.convert(
+        c.ckpt, "-o", c.tmp / "out", "--precision", "w8a8", "--sizes", "64by64"),
+        ConversionError, "is not WIDTHxHEIGHT"),
     Row("conversion", "empty calibration file",
         lambda c: (c.tmp / "p.txt").write_text("# nothing\n") and c.convert(
             c.ckpt, "-o", c.tmp / "out", "--precision", "int8", "--int8-method", "static",

@@ -14,6 +14,7 @@ import numpy as np
 from .. import contracts as C
 from ..errors import BackendUnavailableError, BundleError, InferenceError, InvalidInputError
 from ..manifest import ComponentSpec, TensorSpec
+from . import plugins
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +43,14 @@ class BackendOptions:
     low_memory: bool = False  # keep weights mapped, skip memory-hungry rewrites
     delegate: str | None = None  # TFLite external delegate library (.so), e.g. a vendor NPU's
     delegate_options: tuple[tuple[str, str], ...] = ()  # passed to that delegate
+    # passed to the plugin execution providers (QNN: e.g. soc_model, htp_performance_mode)
+    provider_options: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def checked(cls, backend: Any = "auto", threads: Any = None, providers: Any = None,
                 low_memory: bool = False, delegate: Any = None,
-                delegate_options: Any = None) -> "BackendOptions":
+                delegate_options: Any = None, provider_options: Any = None
+                ) -> "BackendOptions":
         """The options from a caller's arguments, each checked: a typed error for a wrong
         type, and more threads than usable cores capped (with a warning): extra threads on
         busy cores only slow every one down (32 on 2 cores ran 4.8x slower than 2)."""
@@ -71,12 +75,15 @@ class BackendOptions:
                                     f"got {providers!r}")
         if delegate is not None and not isinstance(delegate, (str, os.PathLike)):
             raise InvalidInputError(f"delegate must be a path to a .so, got {delegate!r}")
-        if delegate_options is not None and not isinstance(delegate_options, Mapping):
-            raise InvalidInputError(f"delegate_options must be a mapping of option names to "
-                                    f"values, got {delegate_options!r}")
+        for what, given in (("delegate_options", delegate_options),
+                            ("provider_options", provider_options)):
+            if given is not None and not isinstance(given, Mapping):
+                raise InvalidInputError(f"{what} must be a mapping of option names to "
+                                        f"values, got {given!r}")
         return cls(backend, threads, tuple(p.strip() for p in providers) if providers else None,
                    low_memory, str(delegate) if delegate else None,
-                   tuple((str(k), str(v)) for k, v in (delegate_options or {}).items()))
+                   tuple((str(k), str(v)) for k, v in (delegate_options or {}).items()),
+                   tuple((str(k), str(v)) for k, v in (provider_options or {}).items()))
 
 
 def usable_cores() -> int:
@@ -171,24 +178,35 @@ def check_io(spec: ComponentSpec, what: str, got_in: set[str], got_out: set[str]
                           f"{sorted(want_out)}); re-convert the bundle")
 
 
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider", "xnnpack": "XnnpackExecutionProvider",
+    "qnn": "QNNExecutionProvider", "nnapi": "NnapiExecutionProvider",
+    "coreml": "CoreMLExecutionProvider", "cann": "CANNExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def provider_name(name: str) -> str:
+    """An execution provider's full name from its short one ("qnn"), or as given."""
+    return PROVIDER_ALIASES.get(name.lower(), name)
+
+
 def select_providers(requested: Sequence[str] | None, available: Sequence[str]) -> list[str]:
     """The execution providers to use, in order, always ending with the CPU one.
 
     A requested provider that is not available is an error (not a silent fallback): the
-    caller asked for specific hardware.
+    caller asked for specific hardware. A plugin EP (edge_sdk.backends.plugins: QNN,
+    OpenVINO) is never in `available`: its library is registered here when it is asked for.
     """
-    aliases = {"cpu": "CPUExecutionProvider", "xnnpack": "XnnpackExecutionProvider",
-               "qnn": "QNNExecutionProvider", "nnapi": "NnapiExecutionProvider",
-               "coreml": "CoreMLExecutionProvider", "cann": "CANNExecutionProvider",
-               "openvino": "OpenVINOExecutionProvider", "cuda": "CUDAExecutionProvider"}
     chosen: list[str] = []
     for name in requested or ():
-        full = aliases.get(name.lower(), name)
-        if full not in available:
+        full = provider_name(name)
+        if full not in available and plugins.plugin(full) is not None:
+            plugins.devices(full)  # a plugin EP: registered, or a typed error naming it
+        elif full not in available:
             raise BackendUnavailableError(
                 f"execution provider {name!r} is not available in this onnxruntime build "
                 f"(available: {list(available)}); install the onnxruntime package built for "
-                "that hardware (e.g. onnxruntime-qnn, onnxruntime-openvino)")
+                "that hardware")
         if full not in chosen:
             chosen.append(full)
     if "CPUExecutionProvider" not in chosen:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -12,7 +12,8 @@ from ..contracts import COMPUTE_BOUND_KINDS
 from ..errors import BackendUnavailableError, BundleError, InferenceError
 from ..manifest import ComponentSpec
 from ..names import VAE_DECODER_TINY
-from . import BackendOptions, check_io, output_names, prepare_feeds, select_providers
+from . import BackendOptions, check_io, output_names, plugins, prepare_feeds, select_providers
+from .npu import runs_on_npu
 from .onnx_files import check_external_data
 
 log = logging.getLogger(__name__)
@@ -72,14 +73,19 @@ class OnnxSession:
         for name, value in zip(weights or {}, self._weights):
             so.add_initializer(name, value)
         providers = select_providers(options.providers, ort.get_available_providers())
-        try:
-            self._session = ort.InferenceSession(str(path), so, providers=providers)
-        except Exception as exc:  # ORT raises its own exception types (Fail, InvalidProtobuf...)
-            raise BundleError(f"{path}: onnxruntime cannot load it ({type(exc).__name__}: "
-                              f"{str(exc).strip()[:300]}); the file is corrupted or was not "
-                              "written by edge-convert — re-convert or copy the bundle again"
-                              ) from exc
+        if not runs_on_npu(spec) and any(plugins.is_npu(p) for p in providers):
+            log.info("%s is %s: the NPU runs statically quantized graphs; it runs on the "
+                     "CPU", spec.name, spec.precision)
+            providers = [p for p in providers if not plugins.is_npu(p)]
+        self.providers = providers
+        if any(plugins.plugin(p) for p in providers):
+            from .npu import plugin_session
+            self._session = plugin_session(ort, path, spec, so, providers,
+                                           dict(options.provider_options))
+        else:
+            self._session = _open(ort, path, so, providers)
         self._check_io()
+        self._batch = _static_batch(self._session)
 
     def _check_io(self) -> None:
         check_io(self.spec, "graph", {i.name for i in self._session.get_inputs()},
@@ -89,10 +95,36 @@ class OnnxSession:
             outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         cast = prepare_feeds(self.spec, feeds)
         names = output_names(self.spec, outputs)
+        batch = len(next(iter(cast.values()))) if cast else 0
+        step = self._batch if self._batch and batch > self._batch \
+            and batch % self._batch == 0 else batch
+        parts: list[list[np.ndarray]] = []
         try:
-            result = self._session.run(names, cast)
+            for i in range(0, max(batch, 1), max(step, 1)):  # a static-batch graph: in parts
+                parts.append(self._session.run(
+                    names, {k: v[i:i + step] for k, v in cast.items()} if step < batch
+                    else cast))
         except Exception as exc:
             shapes = {k: v.shape for k, v in cast.items()}
             raise InferenceError(f"{self.spec.name}: onnxruntime failed on inputs {shapes}: "
                                  f"{str(exc).strip()[:300]}") from exc
-        return dict(zip(names, result))
+        if len(parts) == 1:
+            return dict(zip(names, parts[0]))
+        return {n: np.concatenate([p[j] for p in parts]) for j, n in enumerate(names)}
+
+
+def _open(ort: Any, path: Path, so: Any, providers: list[str]) -> Any:
+    try:
+        return ort.InferenceSession(str(path), so, providers=providers)
+    except Exception as exc:  # ORT raises its own exception types (Fail, InvalidProtobuf...)
+        raise BundleError(f"{path}: onnxruntime cannot load it ({type(exc).__name__}: "
+                          f"{str(exc).strip()[:300]}); the file is corrupted or was not "
+                          "written by edge-convert — re-convert or copy the bundle again"
+                          ) from exc
+
+
+def _static_batch(session: Any) -> int | None:
+    """The batch of a graph whose inputs all have the same fixed first dimension (an NPU's
+    graph, compiled for batch 1); None when the batch is dynamic."""
+    dims = [i.shape[0] if i.shape else None for i in session.get_inputs()]
+    return dims[0] if dims and all(isinstance(d, int) and d == dims[0] for d in dims) else None
