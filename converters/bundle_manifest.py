@@ -82,9 +82,12 @@ def build_manifest(ckpt: Checkpoint, opts: ConvertOptions, layout: Layout, sourc
                    stages: tuple[tuple[DecoderStage, ...], tuple[DecoderStage, ...]],
                    static_sizes: tuple[tuple[int, int], ...] | None,
                    latent_rgb: tuple[tuple[float, ...], ...] = (),
-                   preview_decoder: tuple[PreviewLayer, ...] = ()) -> Manifest:
+                   preview_decoder: tuple[PreviewLayer, ...] = (),
+                   extra: Mapping[str, Any] | None = None) -> Manifest:
+    """The manifest; `extra`: more of what the converter did (static quantization's
+    calibration and float layers), under `converter`."""
     unet_cfg, vae_cfg, sched = ckpt.config("unet"), ckpt.config("vae"), ckpt.config("scheduler")
-    converter = _converter_info(opts)
+    converter = {**_converter_info(opts), **(extra or {})}
     converter["source"] = ckpt.describe()
     if ckpt.loras:  # fused at conversion: the bundle's weights are no longer the checkpoint's
         converter["loras"] = [lora.describe() for lora in ckpt.loras]

@@ -109,13 +109,50 @@ def convert_static(output: str | Path, opts: ConvertOptions, say: Callable[[str]
         graph, size = ref / f"{N.UNET}.onnx", _static_size(opts, ref)
         if size is not None:
             graph = _static_graph(ref, graph, size, say)
+        if scheme == "w8a16":  # 16-bit QuantizeLinear is opset 21's
+            from .npu_graph import with_opset
+            graph = with_opset(graph, 21)
         say(f"{scheme}: calibrating on {len(prompts)} prompts")
         feeds = unet_trajectories(ref, prompts, size=size)
         npu = opts.precisions[N.UNET] in N.QDQ_PRECISIONS
         ranges = activation_ranges(graph, feeds, Path(tmp), scheme, npu, say)
+        keep = INT4_KEEP_FP32 + STATIC_FLOAT
+        info: dict[str, Any] = {"scheme": scheme, "calibration_inputs": len(feeds),
+                                "float_layers": list(keep)}
+        extra: tuple[str, ...] = ()
+        if opts.target_psnr is not None:
+            extra = _fallback(graph, ranges, scheme, npu, keep, feeds, opts.target_psnr,
+                              Path(tmp), say, info)
         del feeds
-        return write(output, opts, say, lambda stage: quantize_qdq(
-            graph, stage, N.UNET, ranges, scheme, npu, keep=INT4_KEEP_FP32 + STATIC_FLOAT))
+
+        def source(stage: Path) -> list[str]:
+            return quantize_qdq(graph, stage, N.UNET, ranges, scheme, npu, keep, extra)
+        source.manifest_info = {"static_quantization": info}  # type: ignore[attr-defined]
+        return write(output, opts, say, source)
+
+
+def _fallback(graph: Path, ranges: Path, scheme: str, npu: bool, keep: tuple[str, ...],
+              feeds: Sequence[Mapping[str, np.ndarray]], target: float, scratch: Path,
+              say: Callable[[str], None], info: dict[str, Any]) -> tuple[str, ...]:
+    """--target-psnr: the layers left float (converters.sensitivity), on up to
+    SENSITIVITY_INPUTS calibration inputs spread over the trajectories."""
+    from .sensitivity import search
+    step = max(1, len(feeds) // SENSITIVITY_INPUTS)
+    sample = list(feeds[::step])[:SENSITIVITY_INPUTS]
+    runs = iter(range(10**6))
+
+    def quantize(extra: tuple[str, ...]) -> Path:
+        out = scratch / f"q{next(runs)}"
+        out.mkdir()
+        quantize_qdq(graph, out, N.UNET, ranges, scheme, npu, keep, extra)
+        return out / f"{N.UNET}.onnx"
+
+    say(f"{scheme}: per-layer fallback to {target:.1f} dB on {len(sample)} UNet inputs")
+    found = search(graph, quantize, sample, target, say)
+    info.update(target_psnr=target, output_psnr=round(found.psnr, 2),
+                output_psnr_all_quantized=round(found.first_psnr, 2),
+                fallback_layers=list(found.nodes))
+    return found.nodes
 
 
 def _static_size(opts: ConvertOptions, ref: Path) -> tuple[int, int] | None:
@@ -143,6 +180,11 @@ def _static_graph(ref: Path, graph: Path, size: tuple[int, int],
 # Where a CPU runs the graph (dynamic-shape static int8), only the heavy ops are quantized: the
 # rest stays float between them. An NPU wants every op it can take quantized.
 CPU_OPS = ["Conv", "MatMul", "Gemm"]
+# Activations one calibration pass may hold (one UNet call, one group of tensors): SD 1.5's
+# at 512x512 are ~12 GB, so ~3 passes a feed with its weights (3.4 GB) in ~8 GB
+ACTIVATION_BUDGET = 4 << 30
+# --target-psnr's search measures on this many calibration inputs (spread over them)
+SENSITIVITY_INPUTS = 8
 # Kept float by static quantization: the sinusoidal timestep embedding, whose arguments span
 # 0..999 rad: 8-bit activations (3.9 rad a step) made the UNet's output wrong by 46-66 %
 # (relative L2) at some timesteps, fine at others
@@ -155,7 +197,8 @@ NPU_FLOAT = ("LayerNormalization",)
 PERCENTILE = {"w8a8": 99.99, "w8a16": 99.999}
 
 
-def _qnn_config(graph: Path, scheme: str, npu: bool, keep: tuple[str, ...]) -> Any:
+def _qnn_config(graph: Path, scheme: str, npu: bool, keep: tuple[str, ...],
+                exact: tuple[str, ...] = ()) -> Any:
     """onnxruntime's QDQ configuration made for Qualcomm's QNN (the op types it takes, the
     fixed ranges some ops need), int8 symmetric weights, uint8 or uint16 activations; nodes
     named by `keep` stay float. Weights are per-channel for a CPU; per-tensor for the NPU:
@@ -164,8 +207,9 @@ def _qnn_config(graph: Path, scheme: str, npu: bool, keep: tuple[str, ...]) -> A
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantType
     from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config
+    exact_set = set(exact)
     exclude = [n.name for n in onnx.load(str(graph), load_external_data=False).graph.node
-               if any(k in n.name for k in keep)]
+               if any(k in n.name for k in keep) or n.name in exact_set]
     cfg = get_qnn_qdq_config(
         str(graph), None, calibrate_method=CalibrationMethod.Percentile,
         activation_type=QuantType.QUInt16 if scheme == "w8a16" else QuantType.QUInt8,
@@ -177,45 +221,104 @@ def _qnn_config(graph: Path, scheme: str, npu: bool, keep: tuple[str, ...]) -> A
 
 def activation_ranges(graph: Path, feeds: Sequence[Mapping[str, np.ndarray]], scratch: Path,
                       scheme: str, npu: bool, say: Callable[[str], None]) -> Path:
-    """The activation ranges of `graph` over `feeds`, accumulated as per-tensor histograms
-    one feed at a time (never every activation of every feed kept: what onnxruntime's own
-    calibration does, which does not scale to a 512x512 SD 1.5 UNet), cut at a percentile;
-    written as onnxruntime's calibration cache, whose path is returned."""
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod
-    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
-
-    class One(CalibrationDataReader):
-        def __init__(self, feed: Mapping[str, np.ndarray]) -> None:
-            self._feed: Mapping[str, np.ndarray] | None = feed
-
-        def get_next(self) -> Mapping[str, np.ndarray] | None:
-            feed, self._feed = self._feed, None
-            return feed
-
+    """The activation ranges of `graph` over `feeds`, written as onnxruntime's calibration
+    cache (whose path is returned): per-tensor histograms accumulated one feed at a time and
+    cut at a percentile. onnxruntime's own calibrator keeps every activation of every feed;
+    one UNet call's alone are ~12 GB for SD 1.5 at 512x512 (its calibrator peaked at 19 GB
+    before we stopped it), so the tensors are split into groups of at most
+    ACTIVATION_BUDGET bytes for one call, and the feeds run once per group, each group
+    through a graph that outputs only its tensors (the weights' file shared)."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import (HistogramCollector, TensorsData,
+                                                    save_tensors_data)
     cfg = _qnn_config(graph, scheme, npu, ())
-    calibrator = create_calibrator(
-        graph, cfg.op_types_to_quantize, augmented_model_path=str(scratch / "augmented.onnx"),
-        calibrate_method=CalibrationMethod.Percentile, use_external_data_format=True,
-        extra_options={"symmetric": False, "percentile": PERCENTILE[scheme]})
+    groups = _tensor_groups(graph, cfg.op_types_to_quantize, feeds[0], ACTIVATION_BUDGET)
+    collector = HistogramCollector(method="percentile", symmetric=False, num_bins=2048,
+                                   num_quantized_bins=128, percentile=PERCENTILE[scheme],
+                                   scenario="same")
     t0 = time.perf_counter()
-    for i, feed in enumerate(feeds, 1):
-        with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime prints per call
-            calibrator.collect_data(One(feed))  # histograms updated, activations dropped
-        if i % 50 == 0 or i == len(feeds):
-            say(f"  calibrated {i}/{len(feeds)} UNet inputs ({time.perf_counter() - t0:.0f} s)")
-    path = scratch / "ranges.json"
+    for g, names in enumerate(groups, 1):
+        path = _with_outputs(graph, names, f"calib{g}")
+        so = ort.SessionOptions()
+        so.enable_cpu_mem_arena = False  # each run's activations freed, not pooled
+        so.add_session_config_entry("session.disable_prepacking", "1")
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        for i, feed in enumerate(feeds, 1):
+            got = sess.run(names, dict(feed))
+            with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime prints per call
+                collector.collect({n: [a] for n, a in zip(names, got)})
+            del got
+            if i % 10 == 0 or i == len(feeds):
+                say(f"  calibrated {i}/{len(feeds)} UNet inputs, tensor group {g}/"
+                    f"{len(groups)} ({time.perf_counter() - t0:.0f} s)")
+        del sess
+        path.unlink()
+    out = scratch / "ranges.json"
     with contextlib.redirect_stdout(io.StringIO()):
-        save_tensors_data(calibrator.compute_data(), path)
-    del calibrator
+        save_tensors_data(TensorsData(CalibrationMethod.Percentile,
+                                      collector.compute_collection_result()), out)
+    return out
+
+
+def _tensor_groups(graph: Path, op_types: Sequence[str], feed: Mapping[str, np.ndarray],
+                   budget: int) -> list[list[str]]:
+    """The float activations around the ops to quantize (as onnxruntime's calibrator picks
+    them), in groups of at most `budget` bytes for one call on `feed`'s shapes."""
+    import onnx
+    from onnxruntime.tools.onnx_model_utils import make_input_shape_fixed
+    model = onnx.load(str(graph), load_external_data=False)
+    for i in model.graph.input:
+        if i.name in feed:
+            make_input_shape_fixed(model.graph, i.name, list(feed[i.name].shape))
+    model = onnx.shape_inference.infer_shapes(model)
+    infos = {v.name: v for v in list(model.graph.value_info) + list(model.graph.output)
+             + list(model.graph.input)}
+    consts = {t.name for t in model.graph.initializer}
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+    sizes: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type not in op_types:
+            continue
+        for name in list(node.input) + list(node.output):
+            vi = infos.get(name)
+            if name in sizes or name in consts or vi is None \
+                    or vi.type.tensor_type.elem_type not in floats:
+                continue
+            dims = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+            sizes[name] = 4 * int(np.prod(dims)) if all(dims) else budget // 8
+    groups: list[list[str]] = [[]]
+    used = 0
+    for name, size in sizes.items():
+        if groups[-1] and used + size > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += size
+    return groups
+
+
+def _with_outputs(graph: Path, names: Sequence[str], stem: str) -> Path:
+    """`graph` with `names` as its outputs, saved beside it (its weights' file shared)."""
+    import onnx
+    from onnx import helper
+    model = onnx.load(str(graph), load_external_data=False)
+    del model.graph.output[:]
+    model.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names)
+    path = graph.with_name(f"{graph.stem}.{stem}.onnx")
+    onnx.save(model, str(path))
     return path
 
 
 def quantize_qdq(graph: Path, out_dir: Path, name: str, ranges: Path, scheme: str,
-                 npu: bool, keep: tuple[str, ...] = ()) -> list[str]:
+                 npu: bool, keep: tuple[str, ...] = (), exact: tuple[str, ...] = ()
+                 ) -> list[str]:
     """`graph` as QDQ (`scheme` w8a8 or w8a16) with the activation ranges `ranges`
-    (activation_ranges). Nodes whose name contains a string of `keep` stay float."""
+    (activation_ranges). Nodes whose name contains a string of `keep`, or is one of
+    `exact`, stay float."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
-    cfg = _qnn_config(graph, scheme, npu, keep)
+    cfg = _qnn_config(graph, scheme, npu, keep, exact)
     model = run_ort_quantizer(
         lambda raw: quantize_static(
             str(graph), raw, None, quant_format=QuantFormat.QDQ,

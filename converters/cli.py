@@ -88,6 +88,10 @@ def _convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", default=None, metavar="PROMPTS.txt",
                    help="prompts for static quantization's calibration (w8a8, w8a16, int8 "
                    "static), one per line (default: a built-in set of 12)")
+    p.add_argument("--target-psnr", type=float, default=None, metavar="DB",
+                   help="static quantization: keep the most sensitive layers float until the "
+                   "UNet's output holds this PSNR against fp32 on calibration inputs (the "
+                   "layers are listed in the manifest and the verify report)")
     p.add_argument("--attention-chunks", default="auto", metavar="N|auto",
                    help="compute the UNet's self-attention in N query slices (peak attention "
                    "memory / N); auto: slices of 256 tokens for UNets with >= 2,048 tokens "
@@ -224,6 +228,7 @@ def _convert(args: argparse.Namespace) -> int:
         default_guidance=args.default_guidance, vae_encoder=not args.no_vae_encoder,
         tiny_vae=args.tiny_vae, preview_decoder=args.preview_decoder,
         feature_cache=args.feature_cache, int8_method=args.int8_method, vae_stages=args.vae_stages,
+        target_psnr=args.target_psnr,
         attention_chunks=args.attention_chunks, sizes=args.sizes,
         export_cache=args.export_cache,
         calibration=args.calibration, name=args.name,

@@ -145,7 +145,8 @@ def write_bundle(ckpt: Checkpoint, output: str | Path, opts: ConvertOptions, lay
         say("previews: latent-to-RGB map fitted against the VAE"
             + (f"; preview decoder of {len(previews[1])} layers" if previews[1] else ""))
         manifest = build_manifest(ckpt, opts, layout, name, components, tok, stages,
-                                  tuple(sizes) if sizes else None, *previews)
+                                  tuple(sizes) if sizes else None, *previews,
+                                  extra=getattr(unet_source, "manifest_info", None))
         write_manifest(stage, manifest)
     say(f"bundle written to {Path(output)}")
     return manifest

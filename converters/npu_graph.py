@@ -134,3 +134,19 @@ def _matmul_letters(node: object) -> tuple[str, str, str, tuple[str, str, str, s
     if not (len(batch) == len(summed) == len(free_a) == len(free_b) == 1):
         return None
     return a, b, o, (batch[0], summed[0], free_a[0], free_b[0])
+
+
+def with_opset(src: Path, opset: int) -> Path:
+    """`src` converted to `opset` (16-bit QDQ needs 21) by onnx's version converter, beside it
+    with its weights' file shared: the converter serializes the whole model, which fails
+    above protobuf's 2 GB with the weights loaded (SD 1.5's UNet is 3.4 GB), so it is run
+    on the graph without them. `src` itself when it is at `opset` or newer."""
+    import onnx
+    model = onnx.load(str(src), load_external_data=False)
+    have = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if have >= opset:
+        return src
+    model = onnx.version_converter.convert_version(model, opset)
+    dst = src.with_name(f"{src.stem}.opset{opset}.onnx")
+    onnx.save(model, str(dst))
+    return dst

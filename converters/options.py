@@ -40,6 +40,9 @@ class ConvertOptions:
     vae_encoder: bool = True
     int8_method: str = "dynamic"  # "dynamic" | "static" (QDQ, calibrated)
     calibration: str | Path | None = None  # prompts file for static QDQ (w8a8, w8a16)
+    # static QDQ: leave the most sensitive layers float until the UNet's output PSNR against
+    # fp32 reaches this (dB) on calibration inputs (converters.sensitivity)
+    target_psnr: float | None = None
     # also export the decoder as stages for exact tiled decoding, which the low-memory modes
     # need at 512 px and above; None: yes for ONNX, no for TFLite (a pure TFLite bundle)
     vae_stages: bool | None = None
@@ -129,6 +132,12 @@ class ConvertOptions:
         if self.int8_method == "static" and unet != "int8":
             raise ConversionError(f"--int8-method static quantizes an int8 UNet, but the UNet "
                                   f"is {unet} here; add --precision int8 or drop the option")
+        if self.target_psnr is not None and (
+                self.static_qdq is None or isinstance(self.target_psnr, bool)
+                or not isinstance(self.target_psnr, (int, float))
+                or not math.isfinite(self.target_psnr) or self.target_psnr <= 0):
+            raise ConversionError(f"--target-psnr {self.target_psnr!r}: a positive number of "
+                                  "dB, for static quantization (--precision w8a8 or w8a16)")
         if self.calibration is not None and self.static_qdq is None:
             raise ConversionError("--calibration is for static quantization (--precision w8a8 "
                                   "or w8a16); without it the file would be ignored")

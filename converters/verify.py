@@ -151,6 +151,8 @@ def verify(bundle: str | Path, reference: str | Path, prompts: list[str] | None 
                   "end_to_end": compare_images(test, ref, prompts or DEFAULT_PROMPTS, steps)}
         if evaluate:
             report["evaluation"] = evaluate_both(test, ref)
+        if "static_quantization" in test.manifest.converter:
+            report["static_quantization"] = test.manifest.converter["static_quantization"]
     if providers:
         from edge_sdk.backends.readiness import bundle_readiness
         report["placement"] = {"provider": providers, "components": bundle_readiness(
@@ -182,8 +184,21 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"held-out prompts ({report['evaluation']['test']['prompts']}), whole prompt "
                      f"met: {t['whole']:.1f} % vs {r['whole']:.1f} % (reference); "
                      + ", ".join(f"{k} {t[k]:.1f} vs {r[k]:.1f}" for k in t if k != "whole"))
+    if "static_quantization" in report:
+        lines.append(describe_static(report["static_quantization"]))
     if "placement" in report:
         lines.append(f"placement on {report['placement']['provider']}:")
         lines += ["  " + line for line in report["placement"]["components"]]
     return "\n".join(lines)
 
+
+def describe_static(q: dict[str, Any]) -> str:
+    """One line on a static QDQ UNet: calibration, the layers left float, the PSNR."""
+    line = (f"static quantization: {q.get('scheme')}, calibrated on "
+            f"{q.get('calibration_inputs')} UNet inputs; float: "
+            f"{', '.join(q.get('float_layers', []))}")
+    if "target_psnr" in q:
+        line += (f"; target {q['target_psnr']} dB: {q.get('output_psnr')} dB with "
+                 f"{len(q.get('fallback_layers', []))} more layers float (all quantized: "
+                 f"{q.get('output_psnr_all_quantized')} dB)")
+    return line

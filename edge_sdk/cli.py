@@ -275,6 +275,13 @@ def describe(m: Any, path: Path) -> list[str]:
                         for t in comp.outputs)
         lines.append(f"  {comp.name:<13} {comp.format} {comp.precision:<5} {size:8.1f} MB  "
                      f"{ios} -> {outs}")
+    static = m.converter.get("static_quantization")
+    if isinstance(static, dict):
+        lines.append(f"static QDQ  {static.get('scheme')}, {static.get('calibration_inputs')} "
+                     f"calibration inputs" + (
+                         f", {len(static.get('fallback_layers', []))} layers float for "
+                         f"{static['target_psnr']} dB (reached {static.get('output_psnr')})"
+                         if "target_psnr" in static else ""))
     quality = path / N.QUALITY_FILE
     if quality.is_file():
         try:

@@ -997,6 +997,9 @@ ROWS: list[Row] = [
     Row("conversion", "a malformed --sizes for a w8a8 bundle", lambda c: c.convert(
         c.ckpt, "-o", c.tmp / "out", "--precision", "w8a8", "--sizes", "64by64"),
         ConversionError, "is not WIDTHxHEIGHT"),
+    Row("conversion", "--target-psnr without static quantization", lambda c: c.convert(
+        c.ckpt, "-o", c.tmp / "out", "--target-psnr", "30"), ConversionError,
+        "a positive number of dB, for static quantization"),
     Row("conversion", "empty calibration file",
         lambda c: (c.tmp / "p.txt").write_text("# nothing\n") and c.convert(
             c.ckpt, "-o", c.tmp / "out", "--precision", "int8", "--int8-method", "static",

@@ -197,3 +197,29 @@ def test_a_missing_plugin_package_is_a_typed_error_naming_it(monkeypatch):
         select_providers(["qnn"], ["CPUExecutionProvider"])
     with pytest.raises(BackendUnavailableError, match="onnxruntime-ep-openvino"):
         select_providers(["openvino"], ["CPUExecutionProvider"])
+
+
+@needs_convert
+def test_target_psnr_keeps_the_most_sensitive_layers_float(models, tmp_path):
+    """--target-psnr: the search leaves layers float until the UNet's output reaches the
+    target on calibration inputs, and says which, in the manifest and verify's report."""
+    from converters.convert import convert
+    from converters.verify import describe_static
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na cat on a table\n")
+    plain = convert(models.checkpoint("tiny-sd1"), tmp_path / "plain", precision="w8a8",
+                    calibration=prompts, default_steps=4, vae_encoder=False)
+    q = plain.converter["static_quantization"]
+    assert q["scheme"] == "w8a8" and q["calibration_inputs"] == 2 * 4 * 2  # guided: x2
+    assert "/time_proj/" in q["float_layers"] and "target_psnr" not in q
+    m = convert(models.checkpoint("tiny-sd1"), tmp_path / "tuned", precision="w8a8",
+                calibration=prompts, default_steps=4, vae_encoder=False, target_psnr=60.0)
+    q = m.converter["static_quantization"]
+    assert q["target_psnr"] == 60.0 and q["fallback_layers"], q
+    assert q["output_psnr"] > q["output_psnr_all_quantized"], q
+    import onnx
+    graph = onnx.load(str(tmp_path / "tuned" / "unet.onnx"), load_external_data=False).graph
+    names = {n.name for n in graph.node}
+    assert set(q["fallback_layers"]) <= names  # left float: still there by their names
+    assert f"target 60.0 dB: {q['output_psnr']} dB with {len(q['fallback_layers'])} more" \
+        in describe_static(q)

@@ -72,18 +72,7 @@ class OnnxSession:
                          for a in (weights or {}).values()]
         for name, value in zip(weights or {}, self._weights):
             so.add_initializer(name, value)
-        providers = select_providers(options.providers, ort.get_available_providers())
-        if not runs_on_npu(spec) and any(plugins.is_npu(p) for p in providers):
-            log.info("%s is %s: the NPU runs statically quantized graphs; it runs on the "
-                     "CPU", spec.name, spec.precision)
-            providers = [p for p in providers if not plugins.is_npu(p)]
-        self.providers = providers
-        if any(plugins.plugin(p) for p in providers):
-            from .npu import plugin_session
-            self._session = plugin_session(ort, path, spec, so, providers,
-                                           dict(options.provider_options))
-        else:
-            self._session = _open(ort, path, so, providers)
+        self.providers, self._session = _create(ort, path, spec, so, options)
         self._check_io()
         self._batch = _static_batch(self._session)
 
@@ -111,6 +100,23 @@ class OnnxSession:
         if len(parts) == 1:
             return dict(zip(names, parts[0]))
         return {n: np.concatenate([p[j] for p in parts]) for j, n in enumerate(names)}
+
+
+def _create(ort: Any, path: Path, spec: ComponentSpec, so: Any, options: BackendOptions
+            ) -> tuple[list[str], Any]:
+    """(the providers, the InferenceSession): an NPU provider takes only the statically
+    quantized components (the rest runs on the CPU beside it); plugin EPs are added by
+    device (edge_sdk.backends.npu), compiled-in ones by name."""
+    providers = select_providers(options.providers, ort.get_available_providers())
+    if not runs_on_npu(spec) and any(plugins.is_npu(p) for p in providers):
+        log.info("%s is %s: the NPU runs statically quantized graphs; it runs on the CPU",
+                 spec.name, spec.precision)
+        providers = [p for p in providers if not plugins.is_npu(p)]
+    if any(plugins.plugin(p) for p in providers):
+        from .npu import plugin_session
+        return providers, plugin_session(ort, path, spec, so, providers,
+                                         dict(options.provider_options))
+    return providers, _open(ort, path, so, providers)
 
 
 def _open(ort: Any, path: Path, so: Any, providers: list[str]) -> Any:

@@ -1,7 +1,7 @@
 """The native (x86) side of the emulated-aarch64 stage: the generations tests/arm64/smoke.py
 makes on arm64, made here, saved for it to compare with.
 
-    python tests/arm64/reference.py TFLITE_BUNDLE OUT.npz
+    python tests/arm64/reference.py TFLITE_BUNDLE OUT.npz W8A8_BUNDLE
 """
 
 from __future__ import annotations
@@ -100,12 +100,13 @@ def seen(image: np.ndarray) -> str:
 
 
 def main() -> int:
-    tflite, out = sys.argv[1], sys.argv[2]
+    tflite, out, w8a8 = sys.argv[1], sys.argv[2], sys.argv[3]
     onnx_image, latents = generate()
     tflite_image, _ = generate(tflite, backend="tflite")
+    w8a8_image, _ = generate(w8a8)
     source, mask = edit_inputs()
     write_lora(lora_file(out))
-    np.savez(out, onnx=onnx_image, latents=latents, tflite=tflite_image,
+    np.savez(out, onnx=onnx_image, latents=latents, tflite=tflite_image, w8a8=w8a8_image,
              seen=np.array(seen(onnx_image)), source=source, mask=mask,
              img2img=edit(source, None), inpaint=edit(source, mask),
              tiny=decode_tiny(latents), preview=preview(latents), lcm=few_step(),

@@ -2,8 +2,8 @@
 # The emulated aarch64 CI stage: on arm64 Debian bookworm (Python 3.11, as Raspberry Pi OS
 # 64-bit) with only the runtime's aarch64 wheels, one process (tests/arm64/smoke.py) makes one
 # small generation per feature — onnxruntime, low memory with the VAE in tiles, the tiny and
-# preview decoders, feature caching, shapes-lcm, img2img, inpainting, LiteRT, the IoT example
-# over HTTP — and compares each with the same generation made natively here
+# preview decoders, feature caching, shapes-lcm, img2img, inpainting, LiteRT, the W8A8 (NPU)
+# bundle on the CPU, the IoT example over HTTP — and compares each with the same generation made natively here
 # (tests/arm64/reference.py).
 # Budget: 5 min with the cache warm. Exit non-zero on failure.
 set -euo pipefail
@@ -29,9 +29,21 @@ if [ ! -f "$CACHE/tflite-$KEY/manifest.json" ]; then
      >"$CACHE/convert.log" 2>&1) || { tail -20 "$CACHE/convert.log"; exit 1; }
 fi
 rm -rf "${ROOT:?}/$TFL" && cp -r "$CACHE/tflite-$KEY" "$ROOT/$TFL"
-(cd "$ROOT" && python tests/arm64/reference.py "$TFL" "$TFL/reference.npz")
+# The default model with its UNet as W8A8 static QDQ (the NPU bundle: 128x128, batch 1),
+# cached the same way (~70 s to convert and calibrate)
+W8=.arm64-w8a8-bundle
+if [ ! -f "$CACHE/w8a8-$KEY/manifest.json" ]; then
+  rm -rf "$CACHE"/w8a8-*
+  (cd "$ROOT" && python -m converters.cli models/shapes/checkpoint -o "$CACHE/w8a8-$KEY" \
+     --precision w8a8 --sizes 128x128 --name shapes-w8a8 --no-vae-encoder --no-vae-stages \
+     --default-steps 20 --default-guidance 2 \
+     >"$CACHE/convert-w8a8.log" 2>&1) || { tail -20 "$CACHE/convert-w8a8.log"; exit 1; }
+fi
+rm -rf "${ROOT:?}/$W8" && cp -r "$CACHE/w8a8-$KEY" "$ROOT/$W8"
+(cd "$ROOT" && python tests/arm64/reference.py "$TFL" "$TFL/reference.npz" "$W8")
 echo "== emulated arm64 stage (QEMU_CPU=${QEMU_CPU:-cortex-a72}), prepared in $((SECONDS - start)) s"
 bash "$HERE/run.sh" /bin/sh -ec "
   echo \"machine: \$(uname -m)\"
-  EDGE_SDK_CACHE_DIR=/tmp python tests/arm64/smoke.py /src/$TFL/reference.npz /src/$TFL"
+  EDGE_SDK_CACHE_DIR=/tmp python tests/arm64/smoke.py /src/$TFL/reference.npz /src/$TFL \
+    /src/$W8"
 echo "== emulated arm64 stage passed in $((SECONDS - start)) s"
