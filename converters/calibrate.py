@@ -96,7 +96,12 @@ def convert_static(output: str | Path, opts: ConvertOptions, say: Callable[[str]
     over the calibration prompts recorded, activation ranges accumulated over them, then the
     bundle written with its UNet quantized from the fp32 graph with those ranges. With
     --sizes (an NPU's bundle) the UNet graph's shapes are fixed first (converters.npu_graph)."""
+    from edge_sdk.osmem import return_freed_memory
+
     from .export_onnx import INT4_KEEP_FP32
+    # freed activations and graphs go back to the system, not into the peak of what follows
+    # (calibration's 8.6 GB of SD 1.5 stayed resident under the final quantization's)
+    return_freed_memory()
     scheme = opts.static_qdq or "w8a8"
     prompts = read_prompts(opts.calibration)
     parent = Path(output).resolve().parent
@@ -118,7 +123,8 @@ def convert_static(output: str | Path, opts: ConvertOptions, say: Callable[[str]
         ranges = activation_ranges(graph, feeds, Path(tmp), scheme, npu, say)
         keep = INT4_KEEP_FP32 + STATIC_FLOAT
         info: dict[str, Any] = {"scheme": scheme, "calibration_inputs": len(feeds),
-                                "float_layers": list(keep)}
+                                "float_layers": list(keep),
+                                "float_ops": list(NPU_FLOAT) if npu else []}
         extra: tuple[str, ...] = ()
         if opts.target_psnr is not None:
             extra = _fallback(graph, ranges, scheme, npu, keep, feeds, opts.target_psnr,
@@ -183,6 +189,8 @@ CPU_OPS = ["Conv", "MatMul", "Gemm"]
 # Activations one calibration pass may hold (one UNet call, one group of tensors): SD 1.5's
 # at 512x512 are ~12 GB, so ~3 passes a feed with its weights (3.4 GB) in ~8 GB
 ACTIVATION_BUDGET = 4 << 30
+# A tensor's histogram is kept under this many bins (2048 at its first input)
+MAX_BINS = 16 * 2048
 # --target-psnr's search measures on this many calibration inputs (spread over them)
 SENSITIVITY_INPUTS = 8
 # Kept float by static quantization: the sinusoidal timestep embedding, whose arguments span
@@ -247,9 +255,11 @@ def activation_ranges(graph: Path, feeds: Sequence[Mapping[str, np.ndarray]], sc
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         for i, feed in enumerate(feeds, 1):
             got = sess.run(names, dict(feed))
+            arrays = dict(zip(names, got))
+            bound_bins(collector.histogram_dict, arrays, MAX_BINS)
             with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime prints per call
-                collector.collect({n: [a] for n, a in zip(names, got)})
-            del got
+                collector.collect({n: [a] for n, a in arrays.items()})
+            del got, arrays
             if i % 10 == 0 or i == len(feeds):
                 say(f"  calibrated {i}/{len(feeds)} UNet inputs, tensor group {g}/"
                     f"{len(groups)} ({time.perf_counter() - t0:.0f} s)")
@@ -260,6 +270,33 @@ def activation_ranges(graph: Path, feeds: Sequence[Mapping[str, np.ndarray]], sc
         save_tensors_data(TensorsData(CalibrationMethod.Percentile,
                                       collector.compute_collection_result()), out)
     return out
+
+
+def bound_bins(histograms: dict[str, tuple], arrays: Mapping[str, np.ndarray],
+               limit: int) -> None:
+    """Called before onnxruntime's collector takes `arrays`: it widens a histogram at its
+    first input's bin width when a later input reaches further (its own calibrator sees all
+    inputs at once; we feed one at a time), so a tensor near zero in its first input would
+    grow millions of bins (63 million, measured: numpy refuses). A histogram the new input
+    would widen past `limit` bins is first re-binned coarser over its same range (counts
+    spread evenly within each old bin), so it ends near `limit`. In place; both of its
+    layouts are kept: (hist, edges, min, max[, threshold])."""
+    for name, arr in arrays.items():
+        value = histograms.get(name)
+        if value is None or arr.size == 0:
+            continue
+        hist, edges = value[0], value[1]
+        reach = float(np.nanmax(np.abs(arr)))
+        top = float(edges[-1])
+        grown = len(hist) * max(1.0, reach / top) if top > 0 else float("inf")
+        if grown <= limit or top <= 0:
+            continue
+        bins = max(2, int(len(hist) * limit / grown) // 2 * 2)
+        new_edges = np.linspace(edges[0], edges[-1], bins + 1).astype(edges.dtype)
+        cdf = np.concatenate([[0.0], np.cumsum(hist, dtype=np.float64)])
+        new_cdf = np.rint(np.interp(new_edges.astype(np.float64), edges.astype(np.float64),
+                                    cdf)).astype(np.int64)  # onnxruntime adds int counts
+        histograms[name] = (np.diff(new_cdf), new_edges, *value[2:])
 
 
 def _tensor_groups(graph: Path, op_types: Sequence[str], feed: Mapping[str, np.ndarray],

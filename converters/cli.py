@@ -167,7 +167,7 @@ def _verify_parser() -> argparse.ArgumentParser:
                    help="also score both bundles on the shapes model's held-out prompts "
                    "(edge-sdk evaluate) and report the whole-prompt accuracy of each")
     p.add_argument("--providers", default=None, metavar="EP",
-                   help="also report where a plugin execution provider (qnn, openvino) "
+                   help="also report where a plugin execution provider (qnn) "
                    "places each component's nodes and which op types fall back to the CPU")
     p.add_argument("--debug", action="store_true")
     return p

@@ -8,11 +8,14 @@ nodes that make and use the 1, 2, 4 ... worst are left float, the graph re-quant
 output compared with the fp32 graph's, until the PSNR holds (or every quantized tensor is
 float). The PSNR is of the UNet's output (the predicted noise) against the fp32 graph's,
 over the inputs given: 10 log10(range^2 / MSE), range = the fp32 output's max - min.
+The ranking holds every quantized activation of one call at once (with its dequantized
+twin): fine for the small models, ~2x a call's activations for SD 1.5 (not bounded yet).
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -103,16 +106,19 @@ def search(graph: Path, quantize: Callable[[tuple[str, ...]], Path], feeds: Feed
     until the output PSNR reaches `target`. `quantize(extra_float_nodes)` writes the QDQ
     graph and returns its path."""
     reference = run_outputs(graph, feeds)
-    qdq = quantize(())
+    qdq = quantize(())  # each in a folder of its own, removed once measured
     first = output_psnr(reference, qdq, feeds)
     say(f"  output PSNR {first:.1f} dB with every layer quantized (target {target:.1f} dB)")
     if first >= target:
         return Fallback((), first, first, target)
     ranked = ranked_tensors(qdq, qdq.parent, feeds)
+    shutil.rmtree(qdq.parent, ignore_errors=True)
     k, psnr, nodes = 1, first, ()
     while True:
         nodes = tuple(nodes_of(graph, ranked[:k]))
-        psnr = output_psnr(reference, quantize(nodes), feeds)
+        trial = quantize(nodes)
+        psnr = output_psnr(reference, trial, feeds)
+        shutil.rmtree(trial.parent, ignore_errors=True)
         say(f"  {len(nodes)} layers float (around the {k} worst tensors): {psnr:.1f} dB")
         if psnr >= target or k >= len(ranked):
             break

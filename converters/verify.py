@@ -197,8 +197,12 @@ def describe_static(q: dict[str, Any]) -> str:
     line = (f"static quantization: {q.get('scheme')}, calibrated on "
             f"{q.get('calibration_inputs')} UNet inputs; float: "
             f"{', '.join(q.get('float_layers', []))}")
+    if q.get("float_ops"):
+        line += f"; float op types: {', '.join(q['float_ops'])}"
     if "target_psnr" in q:
+        more = q.get("fallback_layers", [])
         line += (f"; target {q['target_psnr']} dB: {q.get('output_psnr')} dB with "
-                 f"{len(q.get('fallback_layers', []))} more layers float (all quantized: "
-                 f"{q.get('output_psnr_all_quantized')} dB)")
+                 f"{len(more)} more layers float (all quantized: "
+                 f"{q.get('output_psnr_all_quantized')} dB): {', '.join(more[:12])}"
+                 + (f" (+{len(more) - 12} more)" if len(more) > 12 else ""))
     return line

@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("bundle", nargs="?", help=MODEL_HELP)
     i.add_argument("--json", action="store_true", help="print the manifest as JSON")
     i.add_argument("--providers", default=None, metavar="EP", help="also report where a "
-                   "plugin execution provider (qnn, openvino) places each component's nodes "
+                   "plugin execution provider (qnn) places each component's nodes "
                    "and which op types fall back to the CPU (compiles the graphs)")
     i.add_argument("--provider-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an option for --providers (repeatable)")

@@ -15,9 +15,9 @@ import secrets
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Mapping
 
-from .contracts import TextEncoderIO
+from .contracts import TextEncoderIO, UnetIO
 from .errors import InvalidInputError
-from .names import DECODERS, TEXT_ENCODER, UNET_SHALLOW
+from .names import DECODERS, TEXT_ENCODER, UNET, UNET_SHALLOW
 from .manifest import Manifest
 from .schedulers import resolve_scheduler
 from .tokenizer import check_prompt
@@ -292,12 +292,14 @@ def check_text_options(manifest: Manifest, weighting: Any, long: Any,
         if value is not None and not isinstance(value, bool):
             raise InvalidInputError(f"{name} must be True or False, got {value!r}")
         out[name] = default if value is None else value
-    text = manifest.components[TEXT_ENCODER]
-    if out["long_prompts"] and text.format == "tflite":
-        raise InvalidInputError(f"long_prompts: this bundle's TFLite models have static shapes "
+    text, unet = manifest.components[TEXT_ENCODER], manifest.components.get(UNET)
+    context = next((t for t in unet.inputs if t.name == UnetIO.CONTEXT), None) if unet else None
+    fixed = context is not None and isinstance(context.shape[1], int)  # an NPU's UNet
+    if out["long_prompts"] and (text.format == "tflite" or fixed):
+        raise InvalidInputError(f"long_prompts: this bundle's models have static shapes "
                                 f"that take one window of {manifest.tokenizer.max_length} "
                                 "tokens; leave long_prompts off (longer prompts are "
-                                "truncated) or use an ONNX bundle")
+                                "truncated) or use a bundle with dynamic shapes")
     layers = next((t.shape[1] for t in text.outputs if t.name == TextEncoderIO.LAYER_STATES),
                   None)
     skip = 0 if clip_skip is None else clip_skip

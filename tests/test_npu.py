@@ -22,11 +22,12 @@ SIZE = "128x128"  # the default model's native size
 
 # How far the HTP's UNet output may be from the CPU EP's on the same QDQ graph and inputs
 # (relative L2, per call). The HTP computes in fixed point where the CPU EP dequantizes to
-# float, so the two round differently; measured on the shipped model's bundles over a
-# 4-step generation: w8a16 <= 0.0018, w8a8 <= 0.067 (as far as either is from fp32: the
-# CPU EP's w8a8 is 0.03-0.06 from it). Per-channel weights, before they were made
-# per-tensor for the NPU, gave 0.19.
-HTP_TOLERANCE = {"w8a16": 0.01, "w8a8": 0.1}
+# float, so the two round differently; measured over a 4-step generation on the bundles
+# calibrated on the built-in 12 prompts: w8a16 <= 0.0018, w8a8 <= 0.067 (as far as either is
+# from fp32: the CPU EP's w8a8 is 0.03-0.06 from it); on this test's 2-prompt bundles
+# 0.0089 and 0.050. Per-channel weights, before they were made per-tensor for the NPU,
+# gave 0.19.
+HTP_TOLERANCE = {"w8a16": 0.02, "w8a8": 0.1}
 
 
 @pytest.fixture(scope="session", params=["w8a8", "w8a16"])
@@ -79,6 +80,8 @@ def test_npu_bundle_is_static_and_close_on_the_cpu(npu_bundle):
     assert np.mean(psnrs) > (22 if scheme == "w8a8" else 35), psnrs
     with pytest.raises(InvalidInputError, match="128x128"):
         pipe.generate("x", GenerationConfig(steps=1, width=64, height=64))
+    with pytest.raises(InvalidInputError, match="static shapes"):  # one window of tokens
+        pipe.generate("x", GenerationConfig(steps=1, long_prompts=True))
 
 
 @needs_convert
@@ -98,9 +101,9 @@ def test_the_unet_runs_whole_on_the_htp_and_matches_the_cpu(npu_bundle, caplog):
     assert "QNNExecutionProvider" not in htp.components.session("text_encoder").providers
     cpu = Pipeline.load(npu_bundle)
     feeds = unet_trajectories(npu_bundle, ["three purple triangles at the bottom"], steps=3)
-    worst = 0.0
+    worst, htp_unet = 0.0, htp.components.session("unet")
     for feed in feeds:
-        a = htp.components.session("unet").run(feed)["out_sample"]
+        a = htp_unet.run(feed)["out_sample"]
         b = cpu.components.session("unet").run(feed)["out_sample"]
         worst = max(worst, float(np.linalg.norm(a - b) / np.linalg.norm(b)))
     assert worst <= HTP_TOLERANCE[scheme], (scheme, worst)
@@ -111,10 +114,16 @@ def test_the_unet_runs_whole_on_the_htp_and_matches_the_cpu(npu_bundle, caplog):
     del htp
     caplog.set_level(logging.INFO, logger="edge_sdk.backends.npu")
     t0 = time.perf_counter()
-    Pipeline.load(npu_bundle, providers=["qnn"]).components.session("unet")
+    again = Pipeline.load(npu_bundle, providers=["qnn"]).components.session("unet")
+    cached_s = time.perf_counter() - t0
     assert "loading the compiled" in caplog.text
-    print(f"{scheme}: HTP load {first:.1f} s compiling, {time.perf_counter() - t0:.1f} s "
-          f"cached; UNet HTP vs CPU EP relative L2 {worst:.4f}")
+    np.testing.assert_array_equal(again.run(feeds[0])["out_sample"],
+                                  htp_unet.run(feeds[0])["out_sample"])
+    cached[0].write_bytes(b"not a graph")  # damaged (or made by another onnxruntime)
+    Pipeline.load(npu_bundle, providers=["qnn"]).components.session("unet")
+    assert "does not load" in caplog.text and cached[0].read_bytes() != b"not a graph"
+    print(f"{scheme}: HTP load {first:.1f} s compiling, {cached_s:.1f} s cached; UNet HTP "
+          f"vs CPU EP relative L2 {worst:.4f}")
 
 
 @needs_convert
@@ -157,7 +166,6 @@ def test_readiness_report_names_what_falls_back(tmp_path):
 
 @needs_convert
 def test_einsum_rewrite_computes_the_same():
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
@@ -208,18 +216,49 @@ def test_target_psnr_keeps_the_most_sensitive_layers_float(models, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na cat on a table\n")
     plain = convert(models.checkpoint("tiny-sd1"), tmp_path / "plain", precision="w8a8",
-                    calibration=prompts, default_steps=4, vae_encoder=False)
+                    calibration=prompts, default_steps=4, vae_encoder=False, target_psnr=1.0)
     q = plain.converter["static_quantization"]
-    assert q["scheme"] == "w8a8" and q["calibration_inputs"] == 2 * 4 * 2  # guided: x2
-    assert "/time_proj/" in q["float_layers"] and "target_psnr" not in q
+    assert q["scheme"] == "w8a8" and q["calibration_inputs"] >= 2 * 4 * 2  # guided: x2
+    assert "/time_proj/" in q["float_layers"] and q["fallback_layers"] == []  # 1 dB: held
+    target = round(q["output_psnr_all_quantized"] + 1.0, 1)
     m = convert(models.checkpoint("tiny-sd1"), tmp_path / "tuned", precision="w8a8",
-                calibration=prompts, default_steps=4, vae_encoder=False, target_psnr=60.0)
+                calibration=prompts, default_steps=4, vae_encoder=False, target_psnr=target)
     q = m.converter["static_quantization"]
-    assert q["target_psnr"] == 60.0 and q["fallback_layers"], q
-    assert q["output_psnr"] > q["output_psnr_all_quantized"], q
+    assert q["target_psnr"] == target and q["fallback_layers"], q
+    assert q["output_psnr"] >= target, q
     import onnx
-    graph = onnx.load(str(tmp_path / "tuned" / "unet.onnx"), load_external_data=False).graph
-    names = {n.name for n in graph.node}
-    assert set(q["fallback_layers"]) <= names  # left float: still there by their names
-    assert f"target 60.0 dB: {q['output_psnr']} dB with {len(q['fallback_layers'])} more" \
-        in describe_static(q)
+    quantized = [sum(n.op_type == "QuantizeLinear" for n in onnx.load(
+        str(tmp_path / b / "unet.onnx"), load_external_data=False).graph.node)
+        for b in ("plain", "tuned")]
+    assert quantized[1] < quantized[0], quantized  # those layers' activations left float
+    assert f"target {target} dB: {q['output_psnr']} dB with {len(q['fallback_layers'])} " \
+        "more" in describe_static(q)
+
+
+@needs_convert
+def test_streamed_histograms_stay_bounded_and_match_all_at_once():
+    """A tensor near zero in its first input and large later: fed one input at a time,
+    onnxruntime's collector would need 63 million bins (numpy refuses); bounded, the
+    percentile range is within 1 % of collecting every input at once."""
+    import contextlib
+    import io
+
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    from converters.calibrate import bound_bins
+    rng = np.random.default_rng(0)
+    data = [rng.standard_normal(10000).astype(np.float32) * 1e-4] + [
+        rng.standard_normal(10000).astype(np.float32) * 3 for _ in range(5)]
+    make = lambda: HistogramCollector(method="percentile", symmetric=False,  # noqa: E731
+                                      num_bins=2048, num_quantized_bins=128,
+                                      percentile=99.99, scenario="same")
+    streamed, whole = make(), make()
+    with contextlib.redirect_stdout(io.StringIO()):
+        for d in data:
+            bound_bins(streamed.histogram_dict, {"t": d}, 32768)
+            streamed.collect({"t": [d]})
+        whole.collect({"t": data})
+        got, want = (c.compute_collection_result()["t"] for c in (streamed, whole))
+    assert len(streamed.histogram_dict["t"][0]) <= 32768
+    np.testing.assert_allclose([float(got[0]), float(got[1])],
+                               [float(want[0]), float(want[1])], rtol=0.01)

@@ -80,6 +80,11 @@ class BackendOptions:
             if given is not None and not isinstance(given, Mapping):
                 raise InvalidInputError(f"{what} must be a mapping of option names to "
                                         f"values, got {given!r}")
+        if provider_options and not any(plugins.plugin(provider_name(p.strip()))
+                                        for p in providers or ()):
+            raise InvalidInputError("provider_options are for a plugin execution provider "
+                                    f"({', '.join(sorted(plugins.PLUGINS))}), and none was "
+                                    "asked for; add providers=['qnn'] (--providers qnn)")
         return cls(backend, threads, tuple(p.strip() for p in providers) if providers else None,
                    low_memory, str(delegate) if delegate else None,
                    tuple((str(k), str(v)) for k, v in (delegate_options or {}).items()),

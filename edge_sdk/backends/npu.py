@@ -2,7 +2,7 @@
 
 An NPU compiles a graph for itself when a session is created (QNN: a "context binary";
 seconds for our small UNet, minutes for SD 1.5's on the emulator). The compiled graph is
-kept beside the bundle (`<bundle>/.npu-cache/`, or the user's cache folder when the bundle
+kept beside the bundle (`<bundle>/.npu-cache/`, or under $EDGE_SDK_CACHE_DIR when the bundle
 is read-only) and loaded instead the next time (measured on the shapes UNet under the HTP
 emulator: 3.0 s to compile, 0.1 s to load the cached one).
 """
@@ -37,64 +37,82 @@ def runs_on_npu(spec: ComponentSpec) -> bool:
 
 def plugin_session(ort: Any, path: Path, spec: ComponentSpec, so: Any,
                    providers: list[str], given: Mapping[str, str]) -> Any:
-    """An InferenceSession on the plugin EPs among `providers` (the CPU after them). On an
-    NPU the CPU fallback is disabled: a graph it cannot run whole is an error, not a slow
-    half-CPU run."""
-    npu = False
+    """An InferenceSession on the plugin EPs among `providers` (the CPU after them; the
+    options `given` go to the first plugin EP). On an NPU the CPU fallback is disabled: a
+    graph it cannot run whole is an error, not a slow half-CPU run."""
+    eps = [p for p in providers if plugins.plugin(p) is not None]
     for name in providers:
-        if plugins.plugin(name) is None:
-            if name != "CPUExecutionProvider":
-                log.warning("%s is not a plugin EP and cannot be combined with one; skipped",
-                            name)
-            continue
-        so.add_provider_for_devices(plugins.devices(name), plugins.options(name, given))
-        npu = npu or plugins.is_npu(name)
-    if not npu:
-        return ort.InferenceSession(str(path), so)
+        if name not in eps and name != "CPUExecutionProvider":
+            log.warning("%s is not a plugin EP and cannot be combined with one; skipped", name)
+    for name in eps:
+        so.add_provider_for_devices(plugins.devices(name),
+                                    plugins.options(name, given if name == eps[0] else {}))
+    npu = next((p for p in eps if plugins.is_npu(p)), None)
+    if npu is None:
+        try:
+            return ort.InferenceSession(str(path), so)
+        except Exception as exc:  # ORT raises its own types
+            raise BackendUnavailableError(
+                f"{spec.name}: {eps[0]} could not load it ({type(exc).__name__}: "
+                f"{str(exc).strip()[:300]}); try without --providers") from exc
     so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-    ep = next(p for p in providers if plugins.is_npu(p))
-    key = _cache_key(spec, ep, plugins.options(ep, given))
-    cached = _find_cached(path.parent, spec.name, key)
+    key = _cache_key(ort, spec, npu, plugins.options(npu, given if npu == eps[0] else {}))
     try:
-        if cached is not None:
-            log.info("%s: loading the compiled %s graph from %s", spec.name, ep, cached)
-            return ort.InferenceSession(str(cached), so)
-        return _compile(ort, path, spec, so, key)
+        return _cached(ort, path, spec, so, key) or _compile(ort, path, spec, so, key)
     except Exception as exc:  # ORT raises its own types
         raise BackendUnavailableError(
-            f"{spec.name}: {ep} cannot run this graph whole with the CPU fallback disabled "
+            f"{spec.name}: {npu} cannot run this graph whole with the CPU fallback disabled "
             f"({type(exc).__name__}: {str(exc).strip()[:300]}); see which operators fall "
             "back with `edge-sdk info BUNDLE --providers qnn`, or convert for the NPU with "
             "`edge-convert --precision w8a16 --sizes WxH`") from exc
 
 
-def _cache_key(spec: ComponentSpec, ep: str, options: Mapping[str, str]) -> str:
+def _cached(ort: Any, path: Path, spec: ComponentSpec, so: Any, key: str) -> Any:
+    """The session of the cached compiled graph, or None. One that does not load (another
+    onnxruntime, a damaged file) is removed, to be compiled again."""
+    for root in _cache_roots(path.parent):
+        folder = root / f"{spec.name}-{key}"
+        if not (folder / _CONTEXT_FILE).is_file():
+            continue
+        try:
+            session = ort.InferenceSession(str(folder / _CONTEXT_FILE), so)
+            log.info("%s: loading the compiled graph from %s", spec.name, folder)
+            return session
+        except Exception as exc:  # ORT raises its own types
+            log.warning("%s: the cached compiled graph in %s does not load (%s); compiling "
+                        "again", spec.name, folder, str(exc).strip()[:200])
+            shutil.rmtree(folder, ignore_errors=True)
+    return None
+
+
+def _cache_key(ort: Any, spec: ComponentSpec, ep: str, options: Mapping[str, str]) -> str:
     """What the compiled graph depends on: the graph's files, the EP and its options, the
-    plugin's version."""
+    plugin's and onnxruntime's versions, the CPU architecture. (Not the SoC: a compiled graph
+    that does not load on another one is compiled again, see _cached.)"""
     import importlib.metadata as md
+    import platform
     mod = plugins.PLUGINS[ep].module.replace("_", "-")
     try:
         version = md.version(mod)
     except md.PackageNotFoundError:
-        version = "?"
+        version = "unknown"
     blob = json.dumps({"files": [(f.path, f.size, f.sha256) for f in spec.files], "ep": ep,
-                       "options": dict(sorted(options.items())), "version": version},
+                       "options": dict(sorted(options.items())), "version": version,
+                       "onnxruntime": ort.__version__, "machine": platform.machine()},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _cache_roots(bundle: Path) -> list[Path]:
-    user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-sdk" \
-        / "npu" / hashlib.sha256(str(bundle.resolve()).encode()).hexdigest()[:16]
-    return [bundle / CACHE_DIR, user]
-
-
-def _find_cached(bundle: Path, name: str, key: str) -> Path | None:
-    for root in _cache_roots(bundle):
-        ctx = root / f"{name}-{key}" / _CONTEXT_FILE
-        if ctx.is_file():
-            return ctx
-    return None
+    """Beside the bundle, then under $EDGE_SDK_CACHE_DIR (default ~/.cache/edge-sdk)."""
+    roots = [bundle / CACHE_DIR]
+    try:
+        base = Path(os.environ.get("EDGE_SDK_CACHE_DIR") or Path.home() / ".cache" / "edge-sdk")
+        roots.append(base / "npu" / hashlib.sha256(str(bundle.resolve()).encode())
+                     .hexdigest()[:16])
+    except RuntimeError:  # no home folder: beside the bundle only
+        pass
+    return roots
 
 
 def _compile(ort: Any, path: Path, spec: ComponentSpec, so: Any, key: str) -> Any:

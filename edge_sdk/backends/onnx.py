@@ -104,19 +104,26 @@ class OnnxSession:
 
 def _create(ort: Any, path: Path, spec: ComponentSpec, so: Any, options: BackendOptions
             ) -> tuple[list[str], Any]:
-    """(the providers, the InferenceSession): an NPU provider takes only the statically
-    quantized components (the rest runs on the CPU beside it); plugin EPs are added by
-    device (edge_sdk.backends.npu), compiled-in ones by name."""
-    providers = select_providers(options.providers, ort.get_available_providers())
+    """(the providers the session uses, the session): an NPU provider takes only the
+    statically quantized components (the rest runs on the CPU beside it); plugin EPs are
+    added by device (edge_sdk.backends.npu), compiled-in ones by name."""
+    available = ort.get_available_providers()
+    providers = select_providers(options.providers, available)
     if not runs_on_npu(spec) and any(plugins.is_npu(p) for p in providers):
         log.info("%s is %s: the NPU runs statically quantized graphs; it runs on the CPU",
                  spec.name, spec.precision)
         providers = [p for p in providers if not plugins.is_npu(p)]
-    if any(plugins.plugin(p) for p in providers):
+    # an EP compiled into this onnxruntime build (onnxruntime-qnn 1.x on Windows) is taken by
+    # name, as before plugins, when its plugin package is not installed (a registered plugin
+    # is listed as available too, but taken by name it silently ran on the CPU: measured)
+    if any(plugins.plugin(p) and (plugins.installed(p) or p not in available)
+           for p in providers):
         from .npu import plugin_session
-        return providers, plugin_session(ort, path, spec, so, providers,
-                                         dict(options.provider_options))
-    return providers, _open(ort, path, so, providers)
+        session = plugin_session(ort, path, spec, so, providers,
+                                 dict(options.provider_options))
+    else:
+        session = _open(ort, path, so, providers)
+    return list(session.get_providers()), session
 
 
 def _open(ort: Any, path: Path, so: Any, providers: list[str]) -> Any:

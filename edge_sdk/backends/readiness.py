@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,9 +90,19 @@ class _Failed(Exception):
         self.message, self.text = message, text
 
 
+_capture = threading.Lock()
+
+
 def _stderr_of(fn: Any) -> str:
     """What `fn` writes to file descriptor 2 (onnxruntime's logger writes there, below
-    Python's sys.stderr), captured in a temporary file."""
+    Python's sys.stderr), captured in a temporary file. The descriptor is the process's:
+    one capture at a time, and what other threads write meanwhile is captured too (a
+    report tool's cost, not a serving path's)."""
+    with _capture:
+        return _captured(fn)
+
+
+def _captured(fn: Any) -> str:
     sys.stderr.flush()
     saved = os.dup(2)
     with tempfile.TemporaryFile() as f:
@@ -146,9 +157,9 @@ def bundle_readiness(bundle: Path, manifest: Any, provider: str,
     from . import provider_name
     from .npu import runs_on_npu
     ep = provider_name(provider)
-    if plugins.plugin(ep) is None:
-        raise InvalidInputError(f"{provider!r} is not a plugin execution provider; the "
-                                f"readiness report is for {sorted(plugins.PLUGINS)}")
+    if ep != plugins.QNN:
+        raise InvalidInputError(f"the readiness report reads the QNN EP's verdict on each "
+                                f"node, which {provider!r} does not log; use --providers qnn")
     lines = []
     for spec in manifest.components.values():
         if spec.kind not in ("text_encoder", "unet", "vae_decoder"):

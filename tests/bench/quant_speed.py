@@ -95,7 +95,8 @@ def _convert_all(args: argparse.Namespace, exe: list[str], ckpt: Path, work: Pat
                 method = ["--sizes", f"{args.size}x{args.size}", "--default-steps",
                           str(args.calib_steps)] + (
                     ["--calibration", args.calibration] if args.calibration else [])
-            secs, rss = _run(exe + [str(ckpt), "-o", str(out), "--precision", p.split("-")[0],
+            secs, rss = _run(exe + [str(ckpt), "-o", str(out), "--precision",
+                                    p.split("+")[0].split("-")[0],
                                     "--no-vae-encoder", *method])
             rows[p] = {"convert_s": secs, "convert_peak_rss_gb": rss}
         else:
