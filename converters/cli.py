@@ -169,6 +169,8 @@ def _verify_parser() -> argparse.ArgumentParser:
     p.add_argument("--providers", default=None, metavar="EP",
                    help="also report where a plugin execution provider (qnn) "
                    "places each component's nodes and which op types fall back to the CPU")
+    p.add_argument("--provider-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option for --providers (repeatable)")
     p.add_argument("--debug", action="store_true")
     return p
 
@@ -198,12 +200,15 @@ def _require_convert_extra(args: argparse.Namespace) -> argparse.Namespace:
 def _verify(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from edge_sdk.cli_common import pairs
+
     from .verify import format_report, verify
     prompts = None
     if args.prompts:
         prompts = [ln.strip() for ln in Path(args.prompts).read_text().splitlines() if ln.strip()]
     report = verify(args.bundle, args.reference, prompts=prompts, steps=args.steps,
-                    evaluate=args.evaluate, providers=args.providers)
+                    evaluate=args.evaluate, providers=args.providers,
+                    provider_options=pairs(args.provider_option, "--provider-option"))
     print(format_report(report))
     print(f"written to {Path(args.bundle) / 'quality.json'}")
     return 0

@@ -128,12 +128,16 @@ def evaluate_both(test: Pipeline, ref: Pipeline, limit: int | None = None) -> di
 
 def verify(bundle: str | Path, reference: str | Path, prompts: list[str] | None = None,
            steps: int | None = None, write: bool = True, evaluate: bool = False,
-           providers: str | None = None) -> dict[str, Any]:
+           providers: str | None = None,
+           provider_options: dict[str, str] | None = None) -> dict[str, Any]:
     """Compare `bundle` with `reference` (a bundle, or a checkpoint converted to fp32 here);
     `evaluate=True` adds both bundles' held-out scores from the shapes evaluator (meaningful
     for the shipped shapes model and models trained like it); `providers` (a plugin EP:
     "qnn") adds where it places each component's nodes (edge_sdk.backends.readiness)."""
     bundle, reference = Path(bundle), Path(reference)
+    if providers:  # refused now, not after minutes of comparison
+        from edge_sdk.backends.readiness import check_provider
+        check_provider(providers)
     if evaluate:  # before converting the reference and comparing (minutes), not after
         from edge_sdk.shapes import require_shapes_model
         require_shapes_model(Manifest.load(bundle), "edge-convert verify --evaluate")
@@ -156,7 +160,7 @@ def verify(bundle: str | Path, reference: str | Path, prompts: list[str] | None 
     if providers:
         from edge_sdk.backends.readiness import bundle_readiness
         report["placement"] = {"provider": providers, "components": bundle_readiness(
-            bundle, Manifest.load(bundle), providers)}
+            bundle, Manifest.load(bundle), providers, provider_options)}
     if write:
         path = bundle / QUALITY_FILE
         tmp_path = path.with_suffix(f".tmp{os.getpid()}")

@@ -149,17 +149,23 @@ def _read(text: str, report: Placement) -> None:
     report.reasons = reasons[:8]
 
 
-def bundle_readiness(bundle: Path, manifest: Any, provider: str,
-                     given: Mapping[str, str] | None = None) -> list[str]:
-    """The readiness report of a bundle on a plugin EP, one line a main component: where the
-    EP places the nodes of those it runs; the others are said to run on the CPU."""
+def check_provider(provider: str) -> str:
+    """The full name of a provider the report can read (QNN), or an InvalidInputError."""
     from ..errors import InvalidInputError
     from . import provider_name
-    from .npu import runs_on_npu
     ep = provider_name(provider)
     if ep != plugins.QNN:
         raise InvalidInputError(f"the readiness report reads the QNN EP's verdict on each "
                                 f"node, which {provider!r} does not log; use --providers qnn")
+    return ep
+
+
+def bundle_readiness(bundle: Path, manifest: Any, provider: str,
+                     given: Mapping[str, str] | None = None) -> list[str]:
+    """The readiness report of a bundle on a plugin EP, one line a main component: where the
+    EP places the nodes of those it runs; the others are said to run on the CPU."""
+    from .npu import runs_on_npu
+    ep = check_provider(provider)
     lines = []
     for spec in manifest.components.values():
         if spec.kind not in ("text_encoder", "unet", "vae_decoder"):
