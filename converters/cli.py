@@ -32,6 +32,21 @@ def _decoder_arguments(p: argparse.ArgumentParser) -> None:
                         "of the linear map fitted at conversion")
 
 
+def _calibration_arguments(p: argparse.ArgumentParser) -> None:
+    """Static quantization's options: the int8 method, the prompts, the target PSNR."""
+    p.add_argument("--int8-method", choices=["dynamic", "static"], default="dynamic",
+                   help="int8 UNet: dynamic (weights only, activations quantized at run time) "
+                   "or static QDQ calibrated on the model's own denoising trajectories (w8a8 "
+                   "with dynamic shapes, for CPUs)")
+    p.add_argument("--calibration", default=None, metavar="PROMPTS.txt",
+                   help="prompts for static quantization's calibration (w8a8, w8a16, int8 "
+                   "static), one per line (default: a built-in set of 12)")
+    p.add_argument("--target-psnr", type=float, default=None, metavar="DB",
+                   help="static quantization: keep the most sensitive layers float until the "
+                   "UNet's output holds this PSNR against fp32 on calibration inputs (the "
+                   "layers are listed in the manifest and the verify report)")
+
+
 def _convert_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-convert", description="Convert a diffusers-format "
                                 "Stable Diffusion checkpoint folder into an edge-sdk bundle. "
@@ -81,17 +96,7 @@ def _convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--default-guidance", type=float, default=None)
     p.add_argument("--no-vae-encoder", action="store_true", help="skip the VAE encoder")
     _feature_cache_arguments(p)
-    p.add_argument("--int8-method", choices=["dynamic", "static"], default="dynamic",
-                   help="int8 UNet: dynamic (weights only, activations quantized at run time) "
-                   "or static QDQ calibrated on the model's own denoising trajectories (w8a8 "
-                   "with dynamic shapes, for CPUs)")
-    p.add_argument("--calibration", default=None, metavar="PROMPTS.txt",
-                   help="prompts for static quantization's calibration (w8a8, w8a16, int8 "
-                   "static), one per line (default: a built-in set of 12)")
-    p.add_argument("--target-psnr", type=float, default=None, metavar="DB",
-                   help="static quantization: keep the most sensitive layers float until the "
-                   "UNet's output holds this PSNR against fp32 on calibration inputs (the "
-                   "layers are listed in the manifest and the verify report)")
+    _calibration_arguments(p)
     p.add_argument("--attention-chunks", default="auto", metavar="N|auto",
                    help="compute the UNet's self-attention in N query slices (peak attention "
                    "memory / N); auto: slices of 256 tokens for UNets with >= 2,048 tokens "

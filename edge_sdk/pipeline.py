@@ -71,9 +71,8 @@ class Pipeline:
         the default model).
 
         `backend`: "auto" (each component's own format), "onnx" or "tflite". `providers`:
-        ONNX Runtime execution providers in order (e.g. ["xnnpack"], ["qnn"]), plugin ones
-        (QNN, OpenVINO) with `provider_options`; under an NPU's ("qnn") a w8a8/w8a16 UNet
-        runs on it with the CPU fallback disabled, the rest on the CPU; `delegate`:
+        ONNX Runtime execution providers in order (e.g. ["xnnpack"]; ["qnn"]: a w8a8/w8a16
+        UNet on the NPU), plugin ones with `provider_options`; `delegate`:
         a TFLite external delegate library (.so) with its `delegate_options`. What is asked
         for and missing is an error naming what to install, not a silent fallback.
         `verify=True` checks every file's sha256 against the manifest before loading (turn it
