@@ -1,15 +1,17 @@
 """Run on an NPU or other accelerator when the board has one, on the CPU otherwise.
 
     python examples/npu_select.py "a red circle on a blue background" -o out.png
-    python examples/npu_select.py "..." --require qnn      # fail unless the Qualcomm NPU is there
+    python examples/npu_select.py "..." --model npu-bundle --require qnn   # the Qualcomm NPU
 
-ONNX Runtime reaches accelerators through execution providers, each shipped in its own
-onnxruntime build: `onnxruntime-qnn` (Qualcomm Hexagon NPU), `onnxruntime-openvino` (Intel
-NPU/GPU), `onnxruntime-cann` (Huawei Ascend), NNAPI (Android), CoreML (Apple), and XNNPACK
-(optimised ARM CPU kernels, in the default build on some platforms). This example takes the
-first one of a preference list that the installed onnxruntime offers and falls back to the
-CPU; `--require NAME` instead insists on one, and shows the SDK's typed error (naming the
-package to install) when it is missing. The chosen providers are printed.
+ONNX Runtime reaches accelerators through execution providers. Some are compiled into an
+onnxruntime build (XNNPACK's ARM kernels, NNAPI, CoreML, CANN); others are plugins for a
+stock onnxruntime, found only once their package is installed: `onnxruntime-qnn`
+(Qualcomm's HTP NPU, the `[qnn]` extra) and `onnxruntime-ep-openvino` (Intel, `[openvino]`).
+An NPU runs statically quantized graphs only: a bundle made with `edge-convert CKPT -o B
+--precision w8a16 --sizes 512x512` (or w8a8) runs its UNet there and the rest on the CPU.
+This example takes the first accelerator of a preference list that is there (the NPU only
+for such a bundle) and falls back to the CPU; `--require NAME` insists on one and shows the
+SDK's typed error, naming the fix, when it cannot be used. The chosen providers are printed.
 
 TFLite bundles (`edge-convert --format tflite`) reach NPUs through the vendor's LiteRT
 delegate instead: `--delegate /path/libvendor_delegate.so --delegate-option key=value`.
@@ -34,12 +36,27 @@ FULL_NAMES = {"qnn": "QNNExecutionProvider", "cann": "CANNExecutionProvider",
               "nnapi": "NnapiExecutionProvider", "xnnpack": "XnnpackExecutionProvider"}
 
 
-def pick_providers(available: list[str]) -> list[str]:
-    """The first accelerator of PREFERENCE that onnxruntime offers; [] means CPU only."""
+def pick_providers(available: list[str], npu_bundle: bool = True) -> list[str]:
+    """The first accelerator of PREFERENCE that is available ([] means CPU only); the NPU
+    only for a bundle with a statically quantized (w8a8/w8a16) UNet."""
     for name in PREFERENCE:
-        if FULL_NAMES[name] in available:
+        if FULL_NAMES[name] in available and (npu_bundle or name != "qnn"):
             return [name]
     return []
+
+
+def available_providers() -> list[str]:
+    """Compiled-in providers, and the plugin ones whose package is installed."""
+    from edge_sdk.backends import plugins
+    return ort.get_available_providers() + [ep for ep in plugins.PLUGINS
+                                            if plugins.installed(ep)]
+
+
+def has_npu_unet(model: str | None) -> bool:
+    from edge_sdk import Manifest
+    from edge_sdk.models import default_bundle, resolve_model
+    manifest = Manifest.load(resolve_model(model) if model else default_bundle())
+    return manifest.components["unet"].precision in ("w8a8", "w8a16")
 
 
 def main() -> int:
@@ -53,8 +70,9 @@ def main() -> int:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 
-    available = ort.get_available_providers()
-    providers = [args.require] if args.require else pick_providers(available)
+    available = available_providers()
+    providers = [args.require] if args.require else pick_providers(
+        available, has_npu_unet(args.model))
     print(f"onnxruntime {ort.__version__} offers {available}")
     options = dict(o.split("=", 1) for o in args.delegate_option)
     try:

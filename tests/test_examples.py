@@ -59,7 +59,7 @@ def test_convert_and_deploy_script_runs_as_written(tmp_path):
     assert (tmp_path / "out.png").is_file() and "PSNR" in proc.stdout
 
 
-def test_npu_example_falls_back_to_cpu_and_names_the_package_for_a_missing_npu(
+def test_npu_example_falls_back_to_cpu_and_names_the_fix_for_an_unusable_npu(
         tmp_path, monkeypatch, capsys):
     npu = _load("npu_select")
     assert npu.pick_providers(["CPUExecutionProvider"]) == []
@@ -71,9 +71,12 @@ def test_npu_example_falls_back_to_cpu_and_names_the_package_for_a_missing_npu(
     assert npu.main() == 0
     seen = analyse(np.asarray(Image.open(out).convert("RGB")))
     assert seen.colour == "red" and seen.background == "blue"
+    assert npu.pick_providers(["QNNExecutionProvider", "CPUExecutionProvider"],
+                              npu_bundle=False) == []  # a float bundle: not the NPU
+    # the NPU asked of the shipped (float) model: refused, naming the conversion it needs
     monkeypatch.setattr("sys.argv", ["npu_select.py", "x", "--require", "qnn"])
     assert npu.main() == 3
-    assert "onnxruntime-qnn" in capsys.readouterr().err
+    assert "--precision w8a16 --sizes WxH" in capsys.readouterr().err
     # a TFLite delegate on the shipped (ONNX) model: refused, naming what applies instead
     monkeypatch.setattr("sys.argv", ["npu_select.py", "x", "--delegate", "/x/libnpu.so"])
     assert npu.main() == 3
