@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import logging
 import tempfile
 import time
@@ -111,9 +112,10 @@ def convert_static(output: str | Path, opts: ConvertOptions, say: Callable[[str]
         write(ref, replace(opts, precision="fp32", vae_encoder=False, vae_stages=False,
                            tiny_vae=None, feature_cache=False, sizes=None,
                            overwrite=False), lambda m: say(f"  (fp32 reference) {m}"))
-        graph, size = ref / f"{N.UNET}.onnx", _static_size(opts, ref)
+        m = Manifest.load(ref)
+        graph, size = ref / f"{N.UNET}.onnx", _static_size(opts, m)
         if size is not None:
-            graph = _static_graph(ref, graph, size, say)
+            graph = _static_graph(m, graph, size, say)
         if scheme == "w8a16":  # 16-bit QuantizeLinear is opset 21's
             from .npu_graph import with_opset
             graph = with_opset(graph, 21)
@@ -145,7 +147,7 @@ def _fallback(graph: Path, ranges: Path, scheme: str, npu: bool, keep: tuple[str
     from .sensitivity import search
     step = max(1, len(feeds) // SENSITIVITY_INPUTS)
     sample = list(feeds[::step])[:SENSITIVITY_INPUTS]
-    runs = iter(range(10**6))
+    runs = itertools.count()
 
     def quantize(extra: tuple[str, ...]) -> Path:
         out = scratch / f"q{next(runs)}"
@@ -161,21 +163,19 @@ def _fallback(graph: Path, ranges: Path, scheme: str, npu: bool, keep: tuple[str
     return found.nodes
 
 
-def _static_size(opts: ConvertOptions, ref: Path) -> tuple[int, int] | None:
+def _static_size(opts: ConvertOptions, m: Manifest) -> tuple[int, int] | None:
     """The (height, width) of an NPU bundle's --sizes, or None."""
     if not opts.sizes:
         return None
     from .export_tflite import parse_sizes
-    m = Manifest.load(ref)
     return parse_sizes(opts.sizes, m.unet.sample_size * m.vae.scale_factor,
                        m.unet.size_multiple)[0]
 
 
-def _static_graph(ref: Path, graph: Path, size: tuple[int, int],
+def _static_graph(m: Manifest, graph: Path, size: tuple[int, int],
                   say: Callable[[str], None]) -> Path:
     from edge_sdk.contracts import DIM_BATCH, DIM_HEIGHT, DIM_WIDTH, DIM_SEQUENCE
     from .npu_graph import make_static
-    m = Manifest.load(ref)
     factor = m.vae.scale_factor
     dims = {DIM_BATCH: 1, DIM_HEIGHT: size[0] // factor, DIM_WIDTH: size[1] // factor,
             DIM_SEQUENCE: m.tokenizer.max_length}

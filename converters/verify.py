@@ -160,7 +160,7 @@ def verify(bundle: str | Path, reference: str | Path, prompts: list[str] | None 
     if providers:
         from edge_sdk.backends.readiness import bundle_readiness
         report["placement"] = {"provider": providers, "components": bundle_readiness(
-            bundle, Manifest.load(bundle), providers, provider_options)}
+            bundle, test.manifest, providers, provider_options)}
     if write:
         path = bundle / QUALITY_FILE
         tmp_path = path.with_suffix(f".tmp{os.getpid()}")

@@ -58,11 +58,6 @@ class Placement:
             line += " (" + ", ".join(f"{op} x{n}" for op, n in self.cpu_ops.most_common()) + ")"
         return line
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"component": self.component, "ep": self.ep, "nodes": self.nodes,
-                "on_ep": self.on_ep, "on_cpu": self.on_cpu, "cpu_ops": dict(self.cpu_ops),
-                "reasons": self.reasons, "error": self.error}
-
 
 def placement(path: Path, component: str, ep: str,
               given: Mapping[str, str] | None = None) -> Placement:
