@@ -87,6 +87,16 @@ def unet_trajectories(bundle: Path, prompts: Sequence[str], steps: int | None = 
     return feeds
 
 
+def spread(items: Sequence[Any], most: int) -> list[Any]:
+    """At most `most` of `items`, drawn without replacement (fixed seed), in their order.
+    Not every k-th: a guided step records two inputs (unconditional, then the prompt's),
+    and an even stride would keep only the unconditional ones."""
+    if len(items) <= most:
+        return list(items)
+    picks = np.sort(np.random.default_rng(0).choice(len(items), most, replace=False))
+    return [items[int(i)] for i in picks]
+
+
 # (output, options, progress, UNet source or None) -> the bundle written
 WriteBundle = Callable[..., Manifest]
 
@@ -145,8 +155,7 @@ def _fallback(graph: Path, ranges: Path, scheme: str, npu: bool, keep: tuple[str
     """--target-psnr: the layers left float (converters.sensitivity), on up to
     SENSITIVITY_INPUTS calibration inputs spread over the trajectories."""
     from .sensitivity import search
-    step = max(1, len(feeds) // SENSITIVITY_INPUTS)
-    sample = list(feeds[::step])[:SENSITIVITY_INPUTS]
+    sample = spread(feeds, SENSITIVITY_INPUTS)
     runs = itertools.count()
 
     def quantize(extra: tuple[str, ...]) -> Path:
