@@ -40,7 +40,7 @@ def _calibration_arguments(p: argparse.ArgumentParser) -> None:
                    "with dynamic shapes, for CPUs)")
     p.add_argument("--calibration", default=None, metavar="PROMPTS.txt",
                    help="prompts for static quantization's calibration (w8a8, w8a16, int8 "
-                   "static), one per line (default: a built-in set of 12)")
+                   "static, int8-full), one per line (default: a built-in set of 12)")
     p.add_argument("--target-psnr", type=float, default=None, metavar="DB",
                    help="static quantization: keep the most sensitive layers float until the "
                    "UNet's output holds this PSNR against fp32 on calibration inputs (the "
@@ -67,7 +67,9 @@ def _convert_parser() -> argparse.ArgumentParser:
                    help="fp32 | fp16 | int8 (text encoder + UNet; the VAE stays fp32) | int4 "
                    "(UNet int4, text encoder int8, VAE fp32) | w8a16, w8a8 (the UNet as "
                    "static QDQ for NPUs: int8 weights, 16- or 8-bit activations calibrated "
-                   "on the model's own denoising; the rest fp32), or per component: "
+                   "on the model's own denoising; the rest fp32) | int8-full (--format "
+                   "tflite: the UNet full integer, int8 weights and activations, float at "
+                   "its edges, for Edge TPU / NNAPI-style delegates), or per component: "
                    "unet=int4,text_encoder=int8,vae=fp16")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle")

@@ -98,10 +98,12 @@ def convert(checkpoint: str | Path, output: str | Path, options: ConvertOptions 
     layout = Layout.of(ckpt, opts)
     source = Path(checkpoint).absolute()
     name = opts.name or (source.stem if source.is_file() else source.name)
-    if opts.static_qdq is not None:
+    if opts.static_qdq is not None or opts.full_int:
         from .calibrate import convert_static
-        return convert_static(output, opts, say, lambda out, o, s, unet=None: write_bundle(
-            ckpt, out, o, layout, name, s, unet, preview_layers))
+        from .full_integer import convert_full_int
+        return (convert_full_int if opts.full_int else convert_static)(
+            output, opts, say, lambda out, o, s, unet=None: write_bundle(
+                ckpt, out, o, layout, name, s, unet, preview_layers))
     return write_bundle(ckpt, output, opts, layout, name, say, preview_layers=preview_layers)
 
 
@@ -160,7 +162,7 @@ def _export_role(role: str, ckpt: Checkpoint, stage: Path, opts: ConvertOptions,
     if source is not None:
         files = source(stage)
     elif opts.fmt == "tflite" and sizes is not None:
-        from .export_tflite import export_tflite, tflite_io
+        from .export_tflite import export_tflite
         model = _load(role, ckpt, layout, opts)
         cache = None
         if opts.export_cache is not None:  # sizes: for the components traced per size
@@ -168,12 +170,14 @@ def _export_role(role: str, ckpt: Checkpoint, stage: Path, opts: ConvertOptions,
             cache = (Path(opts.export_cache),
                      export_key(role, model, sizes if exp.sized else None, layout))
         files = export_tflite(role, exp, model, stage, precision, sizes, layout.shapes, cache)
-        return ComponentSpec(role, exp.contract.kind, "tflite", files[0], precision,
-                             file_entries(stage, files), *tflite_io(stage / files[0],
-                                                                    exp.contract))
     else:
         files = export_onnx(role, exp, lambda: _load(role, ckpt, layout, opts), stage,
                             precision, layout.shapes, opts.opset)
+    if files[0].endswith(".tflite"):
+        from .export_tflite import tflite_io
+        return ComponentSpec(role, exp.contract.kind, "tflite", files[0], precision,
+                             file_entries(stage, files), *tflite_io(stage / files[0],
+                                                                    exp.contract))
     weight_map = next((f for f in files if f.endswith(N.WEIGHT_MAP_SUFFIX)), None)
     return ComponentSpec(role, exp.contract.kind, "onnx", files[0], precision,
                          file_entries(stage, files), *onnx_io(stage / files[0]), weight_map)

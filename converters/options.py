@@ -23,6 +23,7 @@ _BARE: dict[str, dict[str, str]] = {
     # static QDQ is for the NPU, which runs the UNet; the rest runs on the CPU beside it
     "w8a8": {N.UNET: "w8a8"},
     "w8a16": {N.UNET: "w8a16"},
+    N.FULL_INT: {N.UNET: N.FULL_INT},
 }
 
 
@@ -108,6 +109,11 @@ class ConvertOptions:
             return unet
         return "w8a8" if self.int8_method == "static" and unet == "int8" else None
 
+    @property
+    def full_int(self) -> bool:
+        """Whether the UNet is TFLite's full integer (calibrated like the QDQ schemes)."""
+        return self.fmt == "tflite" and self.precisions[N.UNET] == N.FULL_INT
+
     def validate(self) -> "ConvertOptions":
         """Every option checked now, before a checkpoint is read; returns the options with
         `name` stripped (a shell's stray spaces are no name)."""
@@ -118,8 +124,8 @@ class ConvertOptions:
             raise ConversionError(f"int8 method {self.int8_method!r} unknown; use dynamic or "
                                   "static")
         if self.fmt == "tflite" and self.int8_method == "static":
-            raise ConversionError("static int8 is ONNX-only; TFLite int8 is dynamic "
-                                  "(drop --int8-method static)")
+            raise ConversionError("--int8-method static is ONNX's; TFLite's static int8 is "
+                                  "--precision int8-full (drop --int8-method static)")
         _check_qdq(self)
         if self.fmt == "onnx" and self.export_cache is not None:
             raise ConversionError("--export-cache is for --format tflite (it keeps litert-torch's "
@@ -138,9 +144,10 @@ class ConvertOptions:
                 or not math.isfinite(self.target_psnr) or self.target_psnr <= 0):
             raise ConversionError(f"--target-psnr {self.target_psnr!r}: a positive number of "
                                   "dB, for static quantization (--precision w8a8 or w8a16)")
-        if self.calibration is not None and self.static_qdq is None:
+        if self.calibration is not None and self.static_qdq is None and not self.full_int:
             raise ConversionError("--calibration is for static quantization (--precision w8a8 "
-                                  "or w8a16); without it the file would be ignored")
+                                  "or w8a16, or int8-full for TFLite); without it the file "
+                                  "would be ignored")
         if self.feature_cache and self.fmt == "tflite":
             raise ConversionError("--feature-cache is ONNX-only (TFLite bundles run every "
                                   "step whole); drop it or convert with --format onnx")
@@ -218,17 +225,23 @@ def _check_source(opts: ConvertOptions) -> None:
 
 
 def _check_qdq(opts: ConvertOptions) -> None:
-    """w8a8 / w8a16 name the UNet of an ONNX bundle; ONNX takes --sizes (one) only there."""
+    """w8a8 / w8a16 name the UNet of an ONNX bundle, int8-full that of a TFLite one; ONNX
+    takes --sizes (one) only with w8a8 / w8a16."""
     prec = opts.precisions
+    static = N.QDQ_PRECISIONS + (N.FULL_INT,)
     wrong = [c for c in N.COMPONENTS if c not in (N.UNET, N.UNET_SHALLOW)
-             and prec[c] in N.QDQ_PRECISIONS]
+             and prec[c] in static]
     if wrong:
         raise ConversionError(f"{prec[wrong[0]]} is a static quantization of the UNet (what "
                               f"an NPU runs); {wrong[0]} cannot take it: use fp32, fp16 or "
                               "int8 there")
     if opts.fmt == "tflite" and prec[N.UNET] in N.QDQ_PRECISIONS:
         raise ConversionError(f"{prec[N.UNET]} is ONNX's static QDQ; for TFLite use "
-                              "--precision int8 (dynamic) or convert with --format onnx")
+                              "--precision int8-full (static, full integer) or int8 "
+                              "(dynamic), or convert with --format onnx")
+    if opts.fmt == "onnx" and prec[N.UNET] == N.FULL_INT:
+        raise ConversionError("int8-full is TFLite's full-integer UNet; add --format tflite, "
+                              "or for ONNX use --precision w8a8 (static QDQ)")
     if opts.fmt != "onnx" or not opts.sizes:
         return
     if prec[N.UNET] not in N.QDQ_PRECISIONS:

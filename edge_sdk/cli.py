@@ -277,7 +277,8 @@ def describe(m: Any, path: Path) -> list[str]:
                      f"{ios} -> {outs}")
     static = m.converter.get("static_quantization")
     if isinstance(static, dict):
-        lines.append(f"static QDQ  {static.get('scheme')}, {static.get('calibration_inputs')} "
+        kind = "full int" if static.get("scheme") == N.FULL_INT else "static QDQ"
+        lines.append(f"{kind:<10} {static.get('scheme')}, {static.get('calibration_inputs')} "
                      f"calibration inputs" + (
                          f", {len(static.get('fallback_layers', []))} layers float for "
                          f"{static['target_psnr']} dB (reached {static.get('output_psnr')})"

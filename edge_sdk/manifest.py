@@ -55,7 +55,7 @@ class ComponentSpec:
     kind: str  # its I/O contract: edge_sdk.contracts.CONTRACTS
     format: str  # "onnx" | "tflite"
     path: str  # the graph file, relative to the bundle
-    precision: str  # "fp32" | "fp16" | "int8" | "int4"
+    precision: str  # one of edge_sdk.names.PRECISIONS
     files: tuple[FileEntry, ...]  # the graph, its external data, its weight map
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]

@@ -33,7 +33,9 @@ TOKENIZER = "tokenizer"
 # w8a8 / w8a16: static QDQ graphs (int8 weights; uint8 / uint16 activations, calibrated),
 # what NPUs take: ONNX UNets only
 QDQ_PRECISIONS = ("w8a8", "w8a16")
-PRECISIONS = ("fp32", "fp16", "int8", "int4") + QDQ_PRECISIONS
+# TFLite's full-integer UNet: int8 weights and activations, float at its edges
+FULL_INT = "int8-full"
+PRECISIONS = ("fp32", "fp16", "int8", "int4") + QDQ_PRECISIONS + (FULL_INT,)
 DECODERS = ("full", "tiny", "auto")  # which decoder a generation uses (auto: tiny in low)
 BACKEND_FORMATS = ("onnx", "tflite")
 

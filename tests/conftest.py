@@ -57,7 +57,8 @@ class Models:
         if key not in self._cache:
             from converters.convert import convert
             out = self.root / "-".join(["bundle", arch, precision, fmt,
-                                        *(f"{k}{v}".replace(",", "_") for k, v in extra)])
+                                        *(f"{k}{Path(v).name if k == 'calibration' else v}"
+                                          .replace(",", "_") for k, v in extra)])
             # TFLite: the tiny models' fp32 exports are shared across this session's
             # conversions (edge-convert --export-cache): another precision costs only its
             # quantization. The shapes model's (converted once) take the default path.

@@ -991,6 +991,17 @@ ROWS: list[Row] = [
     Row("conversion", "w8a16 with --format tflite", lambda c: c.convert(
         c.ckpt, "-o", c.tmp / "out", "--format", "tflite", "--precision", "w8a16"),
         ConversionError, "ONNX's static QDQ"),
+    Row("conversion", "int8-full for an ONNX bundle (it is TFLite's)", lambda c: c.convert(
+        c.ckpt, "-o", c.tmp / "out", "--precision", "int8-full"), ConversionError,
+        "int8-full is TFLite's full-integer UNet; add --format tflite"),
+    Row("conversion", "int8-full for the VAE decoder (full integer is the UNet's)",
+        lambda c: c.convert(c.ckpt, "-o", c.tmp / "out", "--format", "tflite",
+                            "--precision", "vae_decoder=int8-full"), ConversionError,
+        "static quantization of the UNet"),
+    Row("conversion", "--int8-method static with --format tflite", lambda c: c.convert(
+        c.ckpt, "-o", c.tmp / "out", "--format", "tflite", "--precision", "int8",
+        "--int8-method", "static"), ConversionError, "TFLite's static int8 is --precision "
+        "int8-full"),
     Row("conversion", "--sizes for an fp32 ONNX bundle", lambda c: c.convert(
         c.ckpt, "-o", c.tmp / "out", "--sizes", "64x64"), ConversionError,
         "--sizes fixes the shapes of an NPU's UNet"),

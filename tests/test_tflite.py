@@ -282,3 +282,35 @@ def test_export_cache_reuses_identical_exports_and_only_those(models, tmp_path, 
     with pytest.raises(RuntimeError):
         cached_export(open_cache(tmp_path / "c"), "unet", key, fails)
     assert list((tmp_path / "c").iterdir()) == []
+
+
+@needs_tflite
+def test_full_integer_unet_is_int8_inside_float_at_its_edges(models):
+    """--precision int8-full: every convolution and fully connected layer of the UNet takes
+    and makes int8 (calibrated on the runtime's own trajectories, at each size), its inputs
+    and outputs stay float, and both sizes' images stay near the fp32 TFLite bundle's."""
+    from ai_edge_litert.interpreter import Interpreter
+    prompts = models.root / "calibration-2.txt"  # 2 prompts, shared out over the 2 sizes
+    prompts.write_text("a red circle on a blue background\ntwo small green squares\n")
+    bundle = models.bundle("tiny-sd1", "int8-full", fmt="tflite", calibration=prompts,
+                           **STATIC_STAGED)
+    pipe = Pipeline.load(bundle)
+    unet = pipe.manifest.components["unet"]
+    q = pipe.manifest.converter["static_quantization"]
+    assert unet.precision == "int8-full" and q["scheme"] == "int8-full"
+    assert 0 < q["calibration_inputs"] <= 48
+    assert {t.dtype for t in unet.inputs + unet.outputs} == {"float32"}
+    it = Interpreter(str(bundle / unet.path))
+    tensors = {t["index"]: t for t in it.get_tensor_details()}
+    heavy = [o for o in it._get_ops_details() if o["op_name"] in ("CONV_2D", "FULLY_CONNECTED")]
+    assert len(heavy) > 10
+    for op in heavy:  # input, weight and output all integer
+        assert [tensors[i]["dtype"].__name__ for i in op["inputs"][:2]] == ["int8", "int8"]
+        assert tensors[op["outputs"][0]]["dtype"].__name__ == "int8", op["op_name"]
+    ref = Pipeline.load(models.bundle("tiny-sd1", fmt="tflite", **STATIC_STAGED))
+    for shape in ((1, 4, 8, 8), (1, 4, 9, 13)):
+        lat = np.random.default_rng(9).standard_normal(shape).astype(np.float32)
+        got, want = _images(pipe, lat, steps=3), _images(ref, lat, steps=3)
+        assert got.shape == want.shape
+        # random tiny weights, 3 steps: 8.8/255 and 10.2/255 measured
+        assert np.abs(got - want).mean() < 12, np.abs(got - want).mean()
