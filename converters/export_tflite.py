@@ -31,6 +31,9 @@ from .registry import Exporter, Shapes
 
 log = logging.getLogger(__name__)
 
+# what a TFLite component can be converted to (int8-full: the UNet, converters.full_integer)
+TFLITE_PRECISIONS = ("fp32", "fp16", "int8", "int4", N.FULL_INT)
+
 
 def require_litert_torch() -> Any:
     try:
@@ -176,7 +179,7 @@ def quantize_tflite(src: Path, dst: Path, precision: str) -> None:
                 compute_precision=qtyping.ComputePrecision.FLOAT, explicit_dequantize=True))
     else:
         raise ConversionError(f"precision {precision!r} is not supported for TFLite; choose "
-                              f"one of {list(N.PRECISIONS)}")
+                              f"one of {list(TFLITE_PRECISIONS)}")
     q.quantize().export_model(str(dst), overwrite=True)
 
 

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 # torch module path): the sinusoidal timestep embedding, whose arguments span 0..999 rad,
 # which 8-bit activations cannot hold: quantized, the default model's UNet output was 0.63
 # from fp32's (relative L2; 0.060 with it float), as on ONNX (calibrate.STATIC_FLOAT). It
-# is a few hundred multiply-adds, run on the CPU beside an accelerator.
+# is one multiply, a SIN and a COS per channel, for the CPU beside an accelerator.
 FULL_INT_FLOAT = (".*time_proj.*",)
 # Calibration inputs used, spread over the recorded trajectories (each is one UNet call
 # run with every activation kept, as LiteRT's interpreter keeps them for calibration)
@@ -58,6 +58,7 @@ def convert_full_int(output: str | Path, opts: ConvertOptions, say: Callable[[st
                            tiny_vae=None, overwrite=False),
               lambda m: say(f"  (fp32 reference) {m}"))
         m = Manifest.load(ref)
+        check_calibration_fits(ref / m.components[N.UNET].path)
         sizes = m.static_sizes or ((m.unet.sample_size * m.vae.scale_factor,) * 2,)
         say(f"int8-full: calibrating on {len(prompts)} prompts over {len(sizes)} size(s)")
         feeds: list[dict[str, np.ndarray]] = []
@@ -66,12 +67,13 @@ def convert_full_int(output: str | Path, opts: ConvertOptions, say: Callable[[st
             feeds += spread(unet_trajectories(ref, share, size=(int(size[0]), int(size[1]))),
                             max(1, FULL_INT_INPUTS // len(sizes)))
         info: dict[str, Any] = {"scheme": N.FULL_INT, "calibration_inputs": len(feeds),
-                                "float_layers": list(FULL_INT_FLOAT), "float_ops": []}
+                                "float_layers": list(FULL_INT_FLOAT)}
         fp32 = ref / m.components[N.UNET].path
 
         def source(stage: Path) -> list[str]:
             name = f"{N.UNET}.tflite"
             quantize_full_int(fp32, stage / name, feeds, FULL_INT_FLOAT, say)
+            info["float_ops"] = float_ops(stage / name)  # what the quantizer left float
             return [name]
         source.manifest_info = {"static_quantization": info}  # type: ignore[attr-defined]
         return write(output, opts, say, source)
@@ -91,9 +93,10 @@ def signature_data(path: Path, feeds: Sequence[Mapping[str, np.ndarray]]
                     for f in feeds
                     if set(f) == set(details)
                     and all(tuple(v.shape) == tuple(details[k]["shape"]) for k, v in f.items())]
-        if not out[key]:
-            raise ConversionError(f"int8-full: no calibration input fits signature {key!r} "
-                                  f"of {path.name}; give more --calibration prompts")
+        if not out[key]:  # every size has prompts: the runtime fed other names or shapes
+            raise ConversionError(f"int8-full: no recorded UNet input fits signature {key!r} "
+                                  f"of {path.name} (inputs {sorted(details)}); this is a bug "
+                                  "of edge-convert: please report it with the command line")
     return out
 
 
@@ -177,3 +180,37 @@ def merge_ranges(into: dict[str, dict[str, np.ndarray]],
             continue
         have["min"] = np.minimum(have["min"], qsv["min"])
         have["max"] = np.maximum(have["max"], qsv["max"])
+
+
+def float_ops(path: Path) -> list[str]:
+    """The op types of the TFLite model at `path` that still make float outputs, the
+    DEQUANTIZE of its outputs aside (sorted, each once)."""
+    from ai_edge_litert.interpreter import Interpreter
+    it = Interpreter(str(path))
+    tensors = {t["index"]: t for t in it.get_tensor_details()}
+    ends = {d["index"] for d in it.get_output_details()}
+    return sorted({op["op_name"] for op in it._get_ops_details()
+                   if any(tensors[i]["dtype"].__name__.startswith("float")
+                          for i in op["outputs"] if i in tensors)
+                   and not (op["op_name"] == "DEQUANTIZE" and set(op["outputs"]) <= ends)})
+
+
+def check_calibration_fits(path: Path) -> None:
+    """Calibration runs the fp32 UNet with every tensor kept: refuse, before it runs, a
+    UNet whose tensors would not fit in the memory available (SD 1.5 at 512x512: ~12 GB),
+    rather than be killed for it."""
+    from ai_edge_litert.interpreter import Interpreter
+    from edge_sdk.estimate import available_bytes
+    have = available_bytes()
+    if have is None:
+        return
+    it = Interpreter(str(path))
+    need = max(sum(int(np.prod(t["shape"])) * np.dtype(t["dtype"]).itemsize
+                   for t in it.get_tensor_details(graph))
+               for graph in range(it.num_subgraphs()))
+    if need > have:
+        raise ConversionError(f"int8-full: calibration keeps every tensor of one UNet call, "
+                              f"{need / 1e9:.1f} GB for {path.name}, and {have / 1e9:.1f} GB "
+                              "are available; convert at smaller --sizes, on a machine with "
+                              "more memory, or use ONNX --precision w8a8 (its calibration "
+                              "is streamed)")

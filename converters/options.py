@@ -40,7 +40,8 @@ class ConvertOptions:
     default_guidance: float | None = None
     vae_encoder: bool = True
     int8_method: str = "dynamic"  # "dynamic" | "static" (QDQ, calibrated)
-    calibration: str | Path | None = None  # prompts file for static QDQ (w8a8, w8a16)
+    # prompts file for static quantization (w8a8, w8a16, int8 static; TFLite's int8-full)
+    calibration: str | Path | None = None
     # static QDQ: leave the most sensitive layers float until the UNet's output PSNR against
     # fp32 reaches this (dB) on calibration inputs (converters.sensitivity)
     target_psnr: float | None = None
@@ -143,7 +144,8 @@ class ConvertOptions:
                 or not isinstance(self.target_psnr, (int, float))
                 or not math.isfinite(self.target_psnr) or self.target_psnr <= 0):
             raise ConversionError(f"--target-psnr {self.target_psnr!r}: a positive number of "
-                                  "dB, for static quantization (--precision w8a8 or w8a16)")
+                                  "dB, for ONNX static quantization (--precision w8a8 or "
+                                  "w8a16; TFLite's int8-full has no per-layer fallback)")
         if self.calibration is not None and self.static_qdq is None and not self.full_int:
             raise ConversionError("--calibration is for static quantization (--precision w8a8 "
                                   "or w8a16, or int8-full for TFLite); without it the file "

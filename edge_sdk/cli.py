@@ -278,7 +278,7 @@ def describe(m: Any, path: Path) -> list[str]:
     static = m.converter.get("static_quantization")
     if isinstance(static, dict):
         kind = "full int" if static.get("scheme") == N.FULL_INT else "static QDQ"
-        lines.append(f"{kind:<10} {static.get('scheme')}, {static.get('calibration_inputs')} "
+        lines.append(f"{kind:<10}  {static.get('scheme')}, {static.get('calibration_inputs')} "
                      f"calibration inputs" + (
                          f", {len(static.get('fallback_layers', []))} layers float for "
                          f"{static['target_psnr']} dB (reached {static.get('output_psnr')})"

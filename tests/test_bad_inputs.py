@@ -1013,7 +1013,7 @@ ROWS: list[Row] = [
         ConversionError, "is not WIDTHxHEIGHT"),
     Row("conversion", "--target-psnr without static quantization", lambda c: c.convert(
         c.ckpt, "-o", c.tmp / "out", "--target-psnr", "30"), ConversionError,
-        "a positive number of dB, for static quantization"),
+        "a positive number of dB, for ONNX static quantization"),
     Row("conversion", "empty calibration file",
         lambda c: (c.tmp / "p.txt").write_text("# nothing\n") and c.convert(
             c.ckpt, "-o", c.tmp / "out", "--precision", "int8", "--int8-method", "static",

@@ -290,6 +290,8 @@ def test_full_integer_unet_is_int8_inside_float_at_its_edges(models):
     and makes int8 (calibrated on the runtime's own trajectories, at each size), its inputs
     and outputs stay float, and both sizes' images stay near the fp32 TFLite bundle's."""
     from ai_edge_litert.interpreter import Interpreter
+
+    from converters.full_integer import FULL_INT_INPUTS
     prompts = models.root / "calibration-2.txt"  # 2 prompts, shared out over the 2 sizes
     prompts.write_text("a red circle on a blue background\ntwo small green squares\n")
     bundle = models.bundle("tiny-sd1", "int8-full", fmt="tflite", calibration=prompts,
@@ -298,15 +300,26 @@ def test_full_integer_unet_is_int8_inside_float_at_its_edges(models):
     unet = pipe.manifest.components["unet"]
     q = pipe.manifest.converter["static_quantization"]
     assert unet.precision == "int8-full" and q["scheme"] == "int8-full"
-    assert 0 < q["calibration_inputs"] <= 48
+    assert 0 < q["calibration_inputs"] <= FULL_INT_INPUTS
     assert {t.dtype for t in unet.inputs + unet.outputs} == {"float32"}
     it = Interpreter(str(bundle / unet.path))
     tensors = {t["index"]: t for t in it.get_tensor_details()}
-    heavy = [o for o in it._get_ops_details() if o["op_name"] in ("CONV_2D", "FULLY_CONNECTED")]
+    ops = it._get_ops_details()
+    heavy = [o for o in ops if o["op_name"] in ("CONV_2D", "FULLY_CONNECTED")]
     assert len(heavy) > 10
     for op in heavy:  # input, weight and output all integer
         assert [tensors[i]["dtype"].__name__ for i in op["inputs"][:2]] == ["int8", "int8"]
         assert tensors[op["outputs"][0]]["dtype"].__name__ == "int8", op["op_name"]
+    # every other op integer too: float only in the timestep embedding and the output's
+    # DEQUANTIZE, and the manifest says which op types those are
+    floats = [(o["op_name"], tensors[o["outputs"][0]]["name"]) for o in ops
+              if tensors[o["outputs"][0]]["dtype"].__name__.startswith("float")]
+    assert all("time_proj" in name or op == "DEQUANTIZE" for op, name in floats), floats
+    assert sorted({op for op, name in floats if "time_proj" in name}) == q["float_ops"]
+    assert sum(op == "DEQUANTIZE" for op, _ in floats) == 1
+    from edge_sdk.cli import describe
+    assert any(line.startswith("full int    int8-full, ") for line in describe(pipe.manifest,
+                                                                           bundle))
     ref = Pipeline.load(models.bundle("tiny-sd1", fmt="tflite", **STATIC_STAGED))
     for shape in ((1, 4, 8, 8), (1, 4, 9, 13)):
         lat = np.random.default_rng(9).standard_normal(shape).astype(np.float32)
@@ -314,3 +327,17 @@ def test_full_integer_unet_is_int8_inside_float_at_its_edges(models):
         assert got.shape == want.shape
         # random tiny weights, 3 steps: 8.8/255 and 10.2/255 measured
         assert np.abs(got - want).mean() < 12, np.abs(got - want).mean()
+
+
+@needs_tflite
+def test_full_integer_calibration_that_would_not_fit_is_refused_first(models, monkeypatch):
+    """int8-full's calibration keeps every tensor of a UNet call: a UNet whose tensors pass
+    the memory available is refused, naming the way out, before any of it runs."""
+    from converters.full_integer import check_calibration_fits
+    from edge_sdk.errors import ConversionError
+    unet = models.bundle("tiny-sd1", fmt="tflite", **STATIC_STAGED) / "unet.tflite"
+    check_calibration_fits(unet)  # this machine has room for the tiny UNet
+    monkeypatch.setattr("edge_sdk.estimate.available_bytes", lambda: 1 << 20)
+    with pytest.raises(ConversionError, match="keeps every tensor of one UNet call.*0.0 GB "
+                       "are available; convert at smaller --sizes"):
+        check_calibration_fits(unet)
