@@ -99,11 +99,12 @@ def convert(checkpoint: str | Path, output: str | Path, options: ConvertOptions 
     source = Path(checkpoint).absolute()
     name = opts.name or (source.stem if source.is_file() else source.name)
     if opts.static_qdq is not None or opts.full_int:
-        from .calibrate import convert_static
-        from .full_integer import convert_full_int
-        return (convert_full_int if opts.full_int else convert_static)(
-            output, opts, say, lambda out, o, s, unet=None: write_bundle(
-                ckpt, out, o, layout, name, s, unet, preview_layers))
+        if opts.full_int:
+            from .full_integer import convert_full_int as calibrated
+        else:
+            from .calibrate import convert_static as calibrated
+        return calibrated(output, opts, say, lambda out, o, s, unet=None: write_bundle(
+            ckpt, out, o, layout, name, s, unet, preview_layers))
     return write_bundle(ckpt, output, opts, layout, name, say, preview_layers=preview_layers)
 
 

@@ -58,7 +58,8 @@ def convert_full_int(output: str | Path, opts: ConvertOptions, say: Callable[[st
                            tiny_vae=None, overwrite=False),
               lambda m: say(f"  (fp32 reference) {m}"))
         m = Manifest.load(ref)
-        check_calibration_fits(ref / m.components[N.UNET].path)
+        fp32 = ref / m.components[N.UNET].path
+        check_calibration_fits(fp32)
         sizes = m.static_sizes or ((m.unet.sample_size * m.vae.scale_factor,) * 2,)
         say(f"int8-full: calibrating on {len(prompts)} prompts over {len(sizes)} size(s)")
         feeds: list[dict[str, np.ndarray]] = []
@@ -68,7 +69,6 @@ def convert_full_int(output: str | Path, opts: ConvertOptions, say: Callable[[st
                             max(1, FULL_INT_INPUTS // len(sizes)))
         info: dict[str, Any] = {"scheme": N.FULL_INT, "calibration_inputs": len(feeds),
                                 "float_layers": list(FULL_INT_FLOAT)}
-        fp32 = ref / m.components[N.UNET].path
 
         def source(stage: Path) -> list[str]:
             name = f"{N.UNET}.tflite"

@@ -99,6 +99,13 @@ def usable_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def user_cache_dir() -> Path:
+    """The user's cache folder for what the backends compile once and reuse (packed
+    weights, NPU graphs): $EDGE_SDK_CACHE_DIR, default ~/.cache/edge-sdk (RuntimeError
+    where there is no home folder)."""
+    return Path(os.environ.get("EDGE_SDK_CACHE_DIR") or Path.home() / ".cache" / "edge-sdk")
+
+
 BACKENDS = ("auto", "onnx", "tflite")
 # the kinds a named backend must run; helpers (decoder stages, the VAE encoder) may be stored
 # in another format in a mixed bundle

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import BackendUnavailableError, BundleError, InferenceError, InvalidInputError
 from ..manifest import ComponentSpec
-from . import BackendOptions, check_io, output_names, prepare_feeds
+from . import BackendOptions, check_io, output_names, prepare_feeds, user_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +166,7 @@ def weight_cache_file(model: Path, sha256: str) -> str | None:
         runtime = version(LITERT)
     except Exception:  # noqa: BLE001 - metadata missing: no cache rather than a stale one
         return None
-    root = Path(os.environ.get("EDGE_SDK_CACHE_DIR") or Path.home() / ".cache" / "edge-sdk")
-    folder = root / "xnnpack"
+    folder = user_cache_dir() / "xnnpack"
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

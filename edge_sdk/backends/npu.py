@@ -21,7 +21,7 @@ from typing import Any, Mapping
 from ..errors import BackendUnavailableError
 from ..manifest import ComponentSpec
 from ..names import QDQ_PRECISIONS
-from . import plugins
+from . import plugins, user_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +107,7 @@ def _cache_roots(bundle: Path) -> list[Path]:
     """Beside the bundle, then under $EDGE_SDK_CACHE_DIR (default ~/.cache/edge-sdk)."""
     roots = [bundle / CACHE_DIR]
     try:
-        base = Path(os.environ.get("EDGE_SDK_CACHE_DIR") or Path.home() / ".cache" / "edge-sdk")
-        roots.append(base / "npu" / hashlib.sha256(str(bundle.resolve()).encode())
+        roots.append(user_cache_dir() / "npu" / hashlib.sha256(str(bundle.resolve()).encode())
                      .hexdigest()[:16])
     except RuntimeError:  # no home folder: beside the bundle only
         pass
