@@ -240,6 +240,19 @@ def cmd_info(a: argparse.Namespace) -> int:
     return 0
 
 
+def _text_lines(m: Any) -> list[str]:
+    """The tokenizers, and how an SDXL bundle reads its two text encoders."""
+    lines = [f"{role:<11} {t.max_length} tokens, pad {t.pad_token!r} (id {t.pad_token_id})"
+             + (f", for {t.text_encoder}" if len(m.tokenizers) > 1 else "")
+             for role, t in m.tokenizers.items()]
+    if m.text.penultimate or len(m.text.encoders) > 1:
+        lines.append(f"text        {' + '.join(m.text.encoders)}, penultimate layers"
+                     + (f", pooled from {m.text.pooled}" if m.text.pooled else "")
+                     + (", zeros for no negative prompt"
+                        if m.text.force_zeros_for_empty_prompt else ""))
+    return lines
+
+
 def describe(m: Any, path: Path) -> list[str]:
     """The manifest in human form."""
     s, c, d = m.source, m.converter, m.defaults
@@ -264,16 +277,16 @@ def describe(m: Any, path: Path) -> list[str]:
         f"vae         scaling {m.vae.scaling_factor}"
         + (f", shift {m.vae.shift_factor}" if m.vae.shift_factor is not None else "")
         + f", {m.vae.latent_channels} latent channels, x{m.vae.scale_factor}",
-        f"tokenizer   {m.tokenizer.max_length} tokens, pad {m.tokenizer.pad_token!r} "
-        f"(id {m.tokenizer.pad_token_id})",
+        *_text_lines(m),
         "components",
     ]
+    width = max(len(c) for c in m.components)
     for comp in m.components.values():
         size = sum(f.size for f in comp.files) / 1e6
         ios = " ".join(f"{t.name}:{t.dtype}[{','.join(map(str, t.shape))}]" for t in comp.inputs)
         outs = " ".join(f"{t.name}:{t.dtype}[{','.join(map(str, t.shape))}]"
                         for t in comp.outputs)
-        lines.append(f"  {comp.name:<13} {comp.format} {comp.precision:<5} {size:8.1f} MB  "
+        lines.append(f"  {comp.name:<{width}} {comp.format} {comp.precision:<5} {size:8.1f} MB  "
                      f"{ios} -> {outs}")
     static = m.converter.get("static_quantization")
     if isinstance(static, dict):

@@ -15,11 +15,11 @@ import secrets
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Mapping
 
-from .contracts import TextEncoderIO, UnetIO
 from .errors import InvalidInputError
-from .names import DECODERS, TEXT_ENCODER, UNET, UNET_SHALLOW
+from .names import DECODERS, UNET_SHALLOW
 from .manifest import Manifest
 from .schedulers import resolve_scheduler
+from .text_config import TOP_LEFT, WxH, added_conditions, check_text_options
 from .tokenizer import check_prompt
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,12 @@ class GenerationConfig:
     """Per-call generation settings. `None` means the model's default (its manifest)."""
 
     negative_prompt: str | None = _param(None, "what the image should not show", type=str)
+    # SDXL (two text encoders): what the second reads (default: the prompt / negative prompt)
+    prompt_2: str | None = _param(None, "SDXL: the prompt for the second text encoder "
+                                  "(default: the prompt)", type=str)
+    negative_prompt_2: str | None = _param(None, "SDXL: the negative prompt for the second "
+                                           "text encoder (default: the negative prompt)",
+                                           type=str)
     steps: int | None = _param(None, "denoising steps (default: the model's)", type=int,
                                aliases=("num_inference_steps",))
     guidance_scale: float | None = _param(None, "guidance scale; <= 1 turns classifier-free "
@@ -91,6 +97,17 @@ class GenerationConfig:
                                        "with a warning)", switch=True)
     clip_skip: int | None = _param(None, "skip the text encoder's last N layers, as diffusers' "
                                    "clip_skip (A1111's 'Clip skip' N+1; default 0)", type=int)
+    # SDXL's micro-conditioning, as diffusers' StableDiffusionXLPipeline: (height, width),
+    # (height, width) and (top, left); default the image's size and (0, 0)
+    original_size: tuple[int, int] | None = _param(
+        None, "SDXL: the size the model is told the source image had, WxH (default: the "
+        "image's)", type=WxH)
+    crops_coords_top_left: tuple[int, int] | None = _param(
+        None, "SDXL: the crop's top-left corner the model is told of, TOP,LEFT (default 0,0)",
+        flag="--crops-coords-top-left", type=TOP_LEFT)
+    target_size: tuple[int, int] | None = _param(
+        None, "SDXL: the target size the model is told of, WxH (default: the image's)",
+        type=WxH)
     # img2img and inpainting (given an image; refused without one)
     strength: float | None = _param(None, "with --image: how much of it is repainted, 0-1 "
                                     "(default 0.8; with --mask 1.0)", type=float)
@@ -159,6 +176,7 @@ class GenerationConfig:
                        decoder=decoder, cache_interval=interval,
                        **check_text_options(manifest, self.prompt_weighting,
                                             self.long_prompts, self.clip_skip),
+                       **added_conditions(manifest, self, width, height),
                        **self._edit_fields(edit))
 
     def _edit_fields(self, edit: str | None) -> dict[str, Any]:
@@ -197,6 +215,15 @@ class GenerationConfig:
                      "the source's box whole, mask or not")
         return dict(strength=strength, padding_mask_crop=crop, encode_mode=mode,
                     paste_back=paste)
+
+    @property
+    def time_ids(self) -> tuple[int, ...] | None:
+        """A resolved config's SDXL time ids: original size, crop's top-left and target size
+        (diffusers' add_time_ids); None for a model without added conditions."""
+        if self.original_size is None or self.target_size is None:
+            return None
+        return (*self.original_size, *(self.crops_coords_top_left or (0, 0)),
+                *self.target_size)
 
     @property
     def guidance(self) -> bool:
@@ -280,44 +307,6 @@ def check_cache_interval(manifest: Manifest, interval: Any) -> int:
                                 f"branch for feature caching; {why}, or leave "
                                 "cache_interval at 1")
     return value
-
-
-def check_text_options(manifest: Manifest, weighting: Any, long: Any,
-                       clip_skip: Any) -> dict[str, Any]:
-    """prompt_weighting (None: on), long_prompts (None: off) and clip_skip (None: 0) as
-    this bundle can serve them."""
-    out = {}
-    for name, value, default in (("prompt_weighting", weighting, True),
-                                 ("long_prompts", long, False)):
-        if value is not None and not isinstance(value, bool):
-            raise InvalidInputError(f"{name} must be True or False, got {value!r}")
-        out[name] = default if value is None else value
-    text, unet = manifest.components[TEXT_ENCODER], manifest.components.get(UNET)
-    context = next((t for t in unet.inputs if t.name == UnetIO.CONTEXT), None) if unet else None
-    fixed = context is not None and isinstance(context.shape[1], int)  # an NPU's UNet
-    if out["long_prompts"] and (text.format == "tflite" or fixed):
-        raise InvalidInputError(f"long_prompts: this bundle's models have static shapes "
-                                f"that take one window of {manifest.tokenizer.max_length} "
-                                "tokens; leave long_prompts off (longer prompts are "
-                                "truncated) or use a bundle with dynamic shapes")
-    layers = next((t.shape[1] for t in text.outputs if t.name == TextEncoderIO.LAYER_STATES),
-                  None)
-    skip = 0 if clip_skip is None else clip_skip
-    if isinstance(skip, bool) or not isinstance(skip, numbers.Integral) or skip < 0:
-        raise InvalidInputError(f"clip_skip must be a whole number >= 0 (layers skipped from "
-                                f"the end), got {clip_skip!r}")
-    skip = int(skip)
-    if skip and not isinstance(layers, int):
-        fix = ("TFLite text encoders do not expose them" if text.format == "tflite" else
-               "it was converted before clip skip existed: re-convert the checkpoint with "
-               "`edge-convert CHECKPOINT -o BUNDLE --overwrite`")
-        raise InvalidInputError(f"clip_skip={skip}: this bundle's text encoder exposes no "
-                                f"earlier layers ({fix}); or leave clip_skip at 0")
-    if skip and skip > layers:  # (clip_skip = layers reads the token embeddings)
-        raise InvalidInputError(f"clip_skip={skip}: this text encoder has {layers} layers; "
-                                f"clip_skip must be in [0, {layers}]")
-    out["clip_skip"] = skip
-    return out
 
 
 def refuse_negative_prompt_if_embedded(manifest: Manifest, negative_prompt: Any) -> None:

@@ -81,6 +81,13 @@ class TextEncoderIO:
     # last) through the final LayerNorm, [batch, layers, tokens, dim]; `clip_skip=N` reads
     # [:, layers - N] (diffusers' hidden_states[-(N + 1)], normed)
     LAYER_STATES = "layer_states"
+    # SDXL reads a layer's hidden states as they are, not through the final LayerNorm:
+    # every layer's input (the embeddings, then each layer's output but the last),
+    # [batch, layers, tokens, dim]; [:, layers - 1 - N] is diffusers' hidden_states[-(N + 2)]
+    HIDDEN_LAYERS = "hidden_layers"
+    # the pooled output through the text projection (CLIPTextModelWithProjection's
+    # text_embeds): SDXL's UNet takes the second encoder's
+    TEXT_EMBEDS = "text_embeds"
 
 
 class UnetIO:
@@ -91,6 +98,10 @@ class UnetIO:
     TIMESTEP = "timestep"
     CONTEXT = "encoder_hidden_states"
     TIMESTEP_COND = "timestep_cond"
+    # SDXL's added conditions: the second text encoder's projected pooled output and the
+    # six micro-conditioning numbers (original size, crop's top-left, target size; h, w)
+    TEXT_EMBEDS = "text_embeds"
+    TIME_IDS = "time_ids"
     OUTPUT = "out_sample"
     # feature caching (edge_sdk.feature_cache): the state entering the last up block's
     # shallow layers, an optional output of the UNet and an input of its shallow branch
@@ -122,13 +133,17 @@ TEXT_ENCODER = ComponentContract(
     "text_encoder",
     (TensorContract(TextEncoderIO.INPUT_IDS, "int64"),),
     (TensorContract(TextEncoderIO.HIDDEN_STATES), TensorContract(TextEncoderIO.POOLED),
-     TensorContract(TextEncoderIO.LAYER_STATES, optional=True)))
+     TensorContract(TextEncoderIO.LAYER_STATES, optional=True),
+     TensorContract(TextEncoderIO.HIDDEN_LAYERS, optional=True),
+     TensorContract(TextEncoderIO.TEXT_EMBEDS, optional=True)))
 
 UNET = ComponentContract(
     "unet",
     (_spatial(UnetIO.SAMPLE), TensorContract(UnetIO.TIMESTEP),
      TensorContract(UnetIO.CONTEXT, axes=((0, DIM_BATCH), (1, DIM_SEQUENCE))),
-     TensorContract(UnetIO.TIMESTEP_COND, optional=True)),
+     TensorContract(UnetIO.TIMESTEP_COND, optional=True),
+     TensorContract(UnetIO.TEXT_EMBEDS, optional=True),
+     TensorContract(UnetIO.TIME_IDS, optional=True)),
     (_spatial(UnetIO.OUTPUT),
      TensorContract(UnetIO.DEEP_FEATURES, axes=tuple(_SPATIAL.items()), optional=True)))
 

@@ -48,9 +48,23 @@ class Conditioning:
     channels: np.ndarray | None = None
 
     @classmethod
-    def from_prompt(cls, embeds: PromptEmbeds) -> "Conditioning":
-        uncond = None if embeds.uncond is None else {UnetIO.CONTEXT: embeds.uncond}
-        return cls({UnetIO.CONTEXT: embeds.cond}, uncond)
+    def from_prompt(cls, embeds: PromptEmbeds,
+                    time_ids: Sequence[float] | None = None) -> "Conditioning":
+        """The text conditioning; with `time_ids` (SDXL's six micro-conditioning numbers),
+        the added conditions too: the pooled embeddings and the time ids for every item."""
+        def feeds(context: np.ndarray, pooled: np.ndarray | None) -> dict[str, np.ndarray]:
+            out = {UnetIO.CONTEXT: context}
+            if time_ids is not None:
+                if pooled is None:
+                    raise InvalidInputError("this UNet takes pooled text embeddings (SDXL): "
+                                            "encode the prompt with this pipeline's "
+                                            "encode_prompt")
+                out[UnetIO.TEXT_EMBEDS] = pooled
+                out[UnetIO.TIME_IDS] = np.tile(np.asarray(time_ids, np.float32),
+                                               (context.shape[0], 1))
+            return out
+        uncond = None if embeds.uncond is None else feeds(embeds.uncond, embeds.uncond_pooled)
+        return cls(feeds(embeds.cond, embeds.pooled), uncond)
 
     @property
     def batch(self) -> int:

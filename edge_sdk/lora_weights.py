@@ -76,7 +76,12 @@ def read_loras(bundle: Path, manifest: Manifest, loras: Mapping[str | Path, floa
 
 
 def check_loadable(manifest: Manifest) -> None:
-    """A LoraError unless every graph a LoRA changes is an fp32/fp16 ONNX one."""
+    """A LoraError unless every graph a LoRA changes is an fp32/fp16 ONNX one (and the
+    model has one text encoder: SDXL LoRAs are not read yet)."""
+    if len(manifest.text.encoders) > 1:
+        raise LoraError("LoRAs on SDXL bundles are not supported yet (an SDXL LoRA names two "
+                        "text encoders' layers and the UNet's in SDXL's layout); generate "
+                        "without loras")
     for role in ROLE_COMPONENT:
         spec = manifest.components.get(role)
         if spec is None:

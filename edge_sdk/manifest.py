@@ -23,7 +23,7 @@ from . import names
 from .errors import BundleError, IntegrityError, ManifestError
 
 __all__ = ["TensorSpec", "FileEntry", "ComponentSpec", "TokenizerSpec", "DecoderStage",
-           "VaeSpec", "UnetSpec", "Defaults", "SourceInfo", "Manifest", "sha256_file",
+           "VaeSpec", "UnetSpec", "TextSpec", "Defaults", "SourceInfo", "Manifest", "sha256_file",
            "check_relative_name"]
 
 Dim = int | str  # a fixed size, or the name of a dynamic axis
@@ -81,6 +81,24 @@ class TokenizerSpec:
     size: int | None = None  # None only in bundles migrated from format 1
     sha256: str | None = None
     text_encoder: str = names.TEXT_ENCODER  # the role of the encoder it feeds
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """How prompts become the UNet's text conditioning."""
+
+    # the text encoders' roles: each reads the prompt with its own tokenizer, and their
+    # hidden states are concatenated on the feature axis in this order (SDXL: CLIP ViT-L,
+    # then OpenCLIP bigG)
+    encoders: tuple[str, ...] = (names.TEXT_ENCODER,)
+    # False: the last layer's output through the final LayerNorm (SD 1.x/2.x); True: the
+    # penultimate layer's output as it is (SDXL; diffusers' hidden_states[-2])
+    penultimate: bool = False
+    # the encoder whose projected pooled output (text_embeds) the UNet takes; None: none
+    pooled: str | None = None
+    # diffusers' pipeline option: with no negative prompt, the unconditional embeddings are
+    # zeros rather than the empty prompt's (SDXL base and Turbo set it)
+    force_zeros_for_empty_prompt: bool = False
 
 
 @dataclass(frozen=True)
@@ -204,6 +222,7 @@ class Manifest:
     # TFLite graphs have static shapes: the (height, width) pixel sizes they were exported
     # for; None: any size (a multiple of unet.size_multiple)
     static_sizes: tuple[tuple[int, int], ...] | None = None
+    text: TextSpec = field(default_factory=TextSpec)
     format_version: int = names.FORMAT_VERSION
     # the format of the file this was read from, when older (migrated when read); not written
     migrated_from: int | None = None
@@ -213,6 +232,16 @@ class Manifest:
     def tokenizer(self) -> TokenizerSpec:
         """The tokenizer of the (first) text encoder."""
         return self.tokenizers[names.TOKENIZER]
+
+    def tokenizer_of(self, encoder: str) -> tuple[str, TokenizerSpec]:
+        """The (role, spec) of the tokenizer that feeds text encoder `encoder`."""
+        return next((role, t) for role, t in self.tokenizers.items()
+                    if t.text_encoder == encoder)
+
+    @property
+    def added_conditions(self) -> bool:
+        """The UNet takes SDXL's added conditions (pooled text embeddings and time ids)."""
+        return self.text.pooled is not None
 
     # -- reading -------------------------------------------------------------------------
     @classmethod

@@ -7,10 +7,11 @@ import math
 from typing import Any, Mapping
 
 from . import names
-from .contracts import CONTRACTS, UnetIO
+from .contracts import CONTRACTS, TextEncoderIO, UnetIO
 from .errors import ManifestError
 from .manifest import (ComponentSpec, DecoderStage, Defaults, FileEntry, Manifest,
-                       PreviewLayer, SourceInfo, TensorSpec, TokenizerSpec, UnetSpec, VaeSpec,
+                       PreviewLayer, SourceInfo, TensorSpec, TextSpec, TokenizerSpec, UnetSpec,
+                       VaeSpec,
                        check_relative_name, preview_chain_problem)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -54,6 +55,7 @@ def read_manifest(data: Any, where: str) -> Manifest:
         vae=_vae(r, r.get(d, "vae", dict), components), unet=_unet(r, r.get(d, "unet", dict)),
         defaults=_defaults(r, r.get(d, "defaults", dict)),
         static_sizes=_static_sizes(r, d.get("static_sizes")),
+        text=_text(r, d.get("text", {}), components),
         format_version=names.FORMAT_VERSION, migrated_from=migrated_from,
         extra=d["extra"] if isinstance(d.get("extra"), dict) else {})
     _check_optional_parts(m, where)
@@ -76,6 +78,21 @@ def _check_optional_parts(m: Manifest, where: str) -> None:
                             f"the UNet graph does not output (or it does not take) "
                             f"{UnetIO.DEEP_FEATURES!r} of the same channels; re-convert the "
                             "bundle")
+    fed = {t.text_encoder for t in m.tokenizers.values()}
+    if any(e not in fed for e in m.text.encoders):
+        unfed = [e for e in m.text.encoders if e not in fed]
+        raise ManifestError(f"{where}: text encoders {unfed} have no tokenizer; re-convert "
+                            "the bundle")
+    for tensor in (UnetIO.TEXT_EMBEDS, UnetIO.TIME_IDS):
+        takes = tensor in m.components[names.UNET].input_names()
+        if takes != m.added_conditions:
+            raise ManifestError(f"{where}: text.pooled is {m.text.pooled!r} but the UNet graph "
+                                f"{'takes' if takes else 'does not take'} {tensor!r}; "
+                                "re-convert the bundle")
+    if m.text.pooled is not None and TextEncoderIO.TEXT_EMBEDS not in {
+            t.name for t in m.components[m.text.pooled].outputs}:
+        raise ManifestError(f"{where}: text.pooled names {m.text.pooled!r}, whose graph has "
+                            f"no {TextEncoderIO.TEXT_EMBEDS!r} output; re-convert the bundle")
     takes = "timestep_cond" in m.components[names.UNET].input_names()
     if takes != bool(m.unet.time_cond_proj_dim):
         raise ManifestError(f"{where}: unet.time_cond_proj_dim is {m.unet.time_cond_proj_dim} "
@@ -271,6 +288,26 @@ def _static_sizes(r: "_Reader", sizes: Any) -> tuple[tuple[int, int], ...] | Non
         raise ManifestError(f"{r.where}: field 'static_sizes' must be a list of [height, width] "
                             f"pairs, got {sizes!r}; re-convert the bundle")
     return tuple((h, w) for h, w in sizes)
+
+
+def _text(r: "_Reader", t: Any, components: Mapping[str, ComponentSpec]) -> TextSpec:
+    """The text conditioning: its encoders are text encoders of this bundle, each once."""
+    pre = "text."
+    t = r.obj(t, "field 'text'")
+    encoders = r.get({"encoders": [names.TEXT_ENCODER], **t}, "encoders", list, pre)
+    if not encoders or not all(isinstance(e, str) for e in encoders) \
+            or len(set(encoders)) != len(encoders) or any(
+                e not in components or components[e].kind != names.TEXT_ENCODER
+                for e in encoders):
+        raise ManifestError(f"{r.where}: field '{pre}encoders' must list this bundle's text "
+                            f"encoders, each once, got {encoders!r}; re-convert the bundle")
+    pooled = r.get({"pooled": None, **t}, "pooled", (str, type(None)), pre)
+    if pooled is not None and pooled not in encoders:
+        raise ManifestError(f"{r.where}: field '{pre}pooled' {pooled!r} is not one of "
+                            f"{pre}encoders {encoders}; re-convert the bundle")
+    flags = {k: r.get({k: False, **t}, k, bool, pre)
+             for k in ("penultimate", "force_zeros_for_empty_prompt")}
+    return TextSpec(tuple(encoders), pooled=pooled, **flags)
 
 
 def _tokenizers(r: "_Reader", toks: dict[str, Any], components: Mapping[str, ComponentSpec],

@@ -16,6 +16,7 @@ WEIGHT_MAP_SUFFIX = ".weights.json"  # checkpoint parameter name -> graph initia
 # Component roles (the manifest's keys), in the order a generation uses them. A role's kind
 # (its I/O contract) is recorded beside it: several roles may share a kind.
 TEXT_ENCODER = "text_encoder"
+TEXT_ENCODER_2 = "text_encoder_2"  # SDXL's second (OpenCLIP bigG, with projection)
 UNET = "unet"
 UNET_SHALLOW = "unet_shallow"  # the UNet's shallow branch, for feature caching
 VAE_DECODER = "vae_decoder"
@@ -23,12 +24,16 @@ VAE_ENCODER = "vae_encoder"
 VAE_DECODER_TINY = "vae_decoder_tiny"  # a tiny decoder (AutoencoderTiny, e.g. TAESD)
 VAE_DECODER_STAGE = "vae_decoder_stage"  # the kind of each `vae_decoder_sNN` role
 VAE_ENCODER_STAGE = "vae_encoder_stage"  # the kind of each `vae_encoder_sNN` role
-COMPONENTS = (TEXT_ENCODER, UNET, UNET_SHALLOW, VAE_DECODER, VAE_ENCODER, VAE_DECODER_TINY)
+COMPONENTS = (TEXT_ENCODER, TEXT_ENCODER_2, UNET, UNET_SHALLOW, VAE_DECODER, VAE_ENCODER,
+              VAE_DECODER_TINY)
 REQUIRED_COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER)
-ROLE_KINDS = {VAE_DECODER_TINY: VAE_DECODER}  # standard roles whose kind has another name
+# standard roles whose kind has another name
+ROLE_KINDS = {VAE_DECODER_TINY: VAE_DECODER, TEXT_ENCODER_2: TEXT_ENCODER}
 
 # Tokenizer roles: the tokenizer that feeds each text encoder.
 TOKENIZER = "tokenizer"
+TOKENIZER_2 = "tokenizer_2"  # feeds TEXT_ENCODER_2
+TOKENIZER_2_FILE = "tokenizer_2.json"
 
 # w8a8 / w8a16: static QDQ graphs (int8 weights; uint8 / uint16 activations, calibrated),
 # what NPUs take: ONNX UNets only

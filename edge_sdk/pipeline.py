@@ -34,7 +34,7 @@ from .osmem import return_freed_memory
 from .preview import Preview, PreviewFn, as_preview, preview_hook, preview_maker
 from .schedulers import Scheduler, create_scheduler
 from .lora_weights import bundle_overrides, read_loras
-from .text_encoder import PromptEmbeds, TextOptions, encode_prompts
+from .text_encoder import Encoder, PromptEmbeds, TextOptions, encode_prompts
 from .spill import SpillMaps, check_spill_folder
 from .tokenizer import PromptTokenizer
 from .vae import decode_latents as _decode_whole
@@ -58,7 +58,9 @@ class Pipeline:
         self._warned_untiled = self._warned_untiled_encoder = False
         self._interrupt = False  # diffusers' flag: a step-end callback sets it to stop
         self.loras: dict[str, float] = {}  # applied at load time: file -> scale
-        self.tokenizer = PromptTokenizer(bundle / manifest.tokenizer.file, manifest.tokenizer)
+        self.tokenizers = {role: PromptTokenizer(bundle / t.file, t)
+                           for role, t in manifest.tokenizers.items()}
+        self.tokenizer = self.tokenizers[N.TOKENIZER]  # the (first) text encoder's
 
     @classmethod
     def load(cls, bundle: str | Path | None = None, *, backend: str = "auto",
@@ -92,7 +94,8 @@ class Pipeline:
             log.info("could not set the C heap to return freed memory (not glibc)")
         pipe = cls(path, manifest, replace(options, low_memory=plan.map_weights), plan, memory)
         pipe.set_loras(loras or {})
-        pipe.components.open_all(N.REQUIRED_COMPONENTS)
+        pipe.components.open_all(N.REQUIRED_COMPONENTS + tuple(
+            e for e in manifest.text.encoders if e not in N.REQUIRED_COMPONENTS))
         log.info("loaded %s (%s, %s) from %s; %s", manifest.source.name, manifest.family,
                  manifest.variant, path, plan.describe())
         return pipe
@@ -112,15 +115,23 @@ class Pipeline:
     # -- stages --------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | Sequence[str], negative_prompt: str | None = None,
                       num_images: int = 1, guidance_scale: float | None = None,
-                      text: TextOptions = TextOptions()) -> PromptEmbeds:
+                      text: TextOptions = TextOptions(), prompt_2: str | None = None,
+                      negative_prompt_2: str | None = None) -> PromptEmbeds:
         """Text embeddings for `prompt` (a list: each, in turn) and the negative prompt when
         guidance is on, repeated for `num_images` per prompt; `text`: prompt weighting,
-        long prompts and clip skip (edge_sdk.text_encoder.TextOptions)."""
+        long prompts and clip skip (edge_sdk.text_encoder.TextOptions). An SDXL bundle's
+        second text encoder reads `prompt_2` / `negative_prompt_2` (default: the same);
+        each encoder is released after its prompts where the memory plan says."""
         g = self.manifest.defaults.guidance_scale if guidance_scale is None else guidance_scale
         refuse_negative_prompt_if_embedded(self.manifest, negative_prompt)
-        return encode_prompts(self.session(N.TEXT_ENCODER), self.tokenizer, prompts_of(prompt),
+        encoders = [Encoder(role, lambda role=role: self.session(role),
+                            self.tokenizers[self.manifest.tokenizer_of(role)[0]],
+                            lambda role=role: self.components.done_with(role))
+                    for role in self.manifest.text.encoders]
+        return encode_prompts(encoders, self.manifest.text, prompts_of(prompt),
                               negative_prompt, num_images,
-                              guidance=classifier_free(self.manifest, g), options=text)
+                              guidance=classifier_free(self.manifest, g), options=text,
+                              prompt_2=prompt_2, negative_prompt_2=negative_prompt_2)
 
     def scheduler(self, cfg: GenerationConfig) -> Scheduler:
         """The scheduler a resolved config asks for, with the model's prediction type (a
@@ -132,11 +143,14 @@ class Pipeline:
     def denoise(self, embeds: PromptEmbeds, latents: np.ndarray, *, steps: int | None = None,
                 guidance_scale: float | None = None, scheduler: str | None = None,
                 seed: int | None = None, callback: StepCallback | None = None,
-                cache_interval: int | None = None) -> np.ndarray:
+                cache_interval: int | None = None, **added: Any) -> np.ndarray:
         """Denoise initial noise `latents` ([B, C, h, w], unit variance; scaled here by the
-        scheduler's init_noise_sigma) into final latents."""
+        scheduler's init_noise_sigma) into final latents. `added`: an SDXL bundle's
+        original_size, crops_coords_top_left and target_size (default: the latents' size)."""
         cfg = GenerationConfig(steps=steps, guidance_scale=guidance_scale, scheduler=scheduler,
-                               seed=seed, cache_interval=cache_interval).resolve(self.manifest)
+                               seed=seed, cache_interval=cache_interval, **added)
+        cfg = size_from_latents(cfg, latents, self.manifest.vae.scale_factor
+                                ).resolve(self.manifest)
         if self.manifest.unet.time_cond_proj_dim and embeds.uncond is not None:
             raise InvalidInputError("this model is LCM-distilled: encode the prompt with "
                                     "guidance off (encode_prompt(..., guidance_scale=1)); "
@@ -147,7 +161,7 @@ class Pipeline:
                                     "embeddings, but these were encoded with guidance off; "
                                     "encode_prompt(..., guidance_scale=...) with the same "
                                     "value")
-        return self._denoise(Conditioning.from_prompt(embeds), latents, cfg,
+        return self._denoise(Conditioning.from_prompt(embeds, cfg.time_ids), latents, cfg,
                              np.random.default_rng(cfg.seed), callback)
 
     def decode_latents(self, latents: np.ndarray, tile: int | None = None,
@@ -178,7 +192,11 @@ class Pipeline:
                  steps: int | None = None, guidance_scale: float | None = None,
                  seed: int | None = None, width: int | None = None, height: int | None = None,
                  scheduler: str | None = None, num_images: int = 1, *,
-                 decoder: str | None = None, cache_interval: int | None = None,
+                 prompt_2: str | None = None, negative_prompt_2: str | None = None,
+                 original_size: tuple[int, int] | None = None,
+                 crops_coords_top_left: tuple[int, int] | None = None,
+                 target_size: tuple[int, int] | None = None, decoder: str | None = None,
+                 cache_interval: int | None = None,
                  prompt_weighting: bool | None = None, long_prompts: bool | None = None,
                  clip_skip: int | None = None, image: ImageSource | None = None,
                  mask_image: ImageSource | None = None, strength: float | None = None,
@@ -213,7 +231,11 @@ class Pipeline:
         StableDiffusionInpaintPipeline (strength default 1.0), with an inpainting UNet (9
         input channels) or an ordinary one (the known region blended back after every
         step). The output is the image's size rounded down to a multiple of 8, unless
-        width/height are given."""
+        width/height are given.
+
+        An SDXL bundle takes `prompt_2`, `negative_prompt_2`, `original_size`,
+        `crops_coords_top_left` and `target_size` as diffusers' StableDiffusionXLPipeline
+        (sizes (height, width), defaults: the image's size, (0, 0))."""
         given_here = locals()  # each GenerationConfig field is a parameter (a test checks)
         params = {f.name: given_here[f.name] for f in fields(GenerationConfig)}
         given = {k: v for k, v in params.items() if v is not None or k == "num_images"}
@@ -259,8 +281,8 @@ class Pipeline:
             embeds = self.encode_prompt(req.prompts, cfg.negative_prompt, int(cfg.num_images),
                                         cfg.guidance_scale, TextOptions(
                                             bool(cfg.prompt_weighting),
-                                            bool(cfg.long_prompts), int(cfg.clip_skip or 0)))
-            self.components.done_with(N.TEXT_ENCODER)
+                                            bool(cfg.long_prompts), int(cfg.clip_skip or 0)),
+                                        cfg.prompt_2, cfg.negative_prompt_2)
         f, c = self.manifest.vae.scale_factor, self.manifest.vae.latent_channels
         noise = initial_noise((total, c, int(cfg.height or 0) // f, int(cfg.width or 0) // f),
                               latents, rng)
@@ -270,8 +292,9 @@ class Pipeline:
                 start = self._start_edit(req.edit, sched, noise, cfg, rng)
         with timed(timings, "denoise"):
             try:
-                final = self._denoise(Conditioning.from_prompt(embeds), noise, cfg, rng,
-                                      callback, sched=sched, start=start, preview=previews)
+                final = self._denoise(Conditioning.from_prompt(embeds, cfg.time_ids), noise,
+                                      cfg, rng, callback, sched=sched, start=start,
+                                      preview=previews)
             finally:
                 for role in (N.UNET, N.UNET_SHALLOW, N.VAE_DECODER_TINY):  # (previews: tiny)
                     if role == N.UNET or role in self.components.loaded:
