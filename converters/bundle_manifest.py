@@ -10,13 +10,14 @@ from typing import Any, Mapping
 
 from edge_sdk import names as N
 from edge_sdk.manifest import (ComponentSpec, DecoderStage, Defaults, Manifest, PreviewLayer,
-                               SourceInfo, TokenizerSpec, UnetSpec, VaeSpec)
+                               SourceInfo, TextSpec, TokenizerSpec, UnetSpec, VaeSpec)
 
 from . import __version__
 from .attention import VAE_AUTO_CHUNKS, auto_chunks
 from .checkpoint import Checkpoint
 from .options import ConvertOptions, tiny_vae_config
 from .registry import Shapes
+from .sdxl import XL_GUIDANCE
 
 # AutoencoderKL's own default, used by diffusers when a VAE config.json omits scaling_factor
 AUTOENCODER_KL_DEFAULT_SCALING = 0.18215
@@ -78,7 +79,7 @@ def cross_dim(unet_cfg: Mapping[str, Any]) -> int:
 
 
 def build_manifest(ckpt: Checkpoint, opts: ConvertOptions, layout: Layout, source_name: str,
-                   components: dict[str, ComponentSpec], tok: TokenizerSpec,
+                   components: dict[str, ComponentSpec], toks: dict[str, TokenizerSpec],
                    stages: tuple[tuple[DecoderStage, ...], tuple[DecoderStage, ...]],
                    static_sizes: tuple[tuple[int, int], ...] | None,
                    latent_rgb: tuple[tuple[float, ...], ...] = (),
@@ -93,11 +94,13 @@ def build_manifest(ckpt: Checkpoint, opts: ConvertOptions, layout: Layout, sourc
         converter["loras"] = [lora.describe() for lora in ckpt.loras]
     if ckpt.embeddings:
         converter["embeddings"] = [e.describe() for e in ckpt.embeddings]
+    xl = ckpt.is_xl
     return Manifest(
-        family="stable-diffusion", variant=_variant(unet_cfg, tok.pad_token, sched),
+        family="stable-diffusion",
+        variant="sdxl" if xl else _variant(unet_cfg, toks[N.TOKENIZER].pad_token, sched),
         source=SourceInfo(source_name, ckpt.fingerprint(), ckpt.pipeline_class,
                           ckpt.model_index.get("_diffusers_version")),
-        converter=converter, components=components, tokenizers={N.TOKENIZER: tok},
+        converter=converter, components=components, tokenizers=toks,
         scheduler=sched, prediction_type=sched.get("prediction_type", "epsilon"),
         vae=VaeSpec(float(vae_cfg.get("scaling_factor", AUTOENCODER_KL_DEFAULT_SCALING)),
                     vae_cfg.get("shift_factor"), int(vae_cfg["latent_channels"]),
@@ -109,8 +112,19 @@ def build_manifest(ckpt: Checkpoint, opts: ConvertOptions, layout: Layout, sourc
                       attention_levels(unet_cfg), int(unet_cfg["block_out_channels"][0]),
                       int(unet_cfg.get("time_cond_proj_dim") or 0)),
         defaults=_defaults(sched, layout.native, opts.default_steps, opts.default_guidance,
-                           bool(unet_cfg.get("time_cond_proj_dim"))),
-        static_sizes=static_sizes)
+                           bool(unet_cfg.get("time_cond_proj_dim")), xl),
+        static_sizes=static_sizes, text=_text(ckpt))
+
+
+def _text(ckpt: Checkpoint) -> TextSpec:
+    """SDXL reads both encoders' penultimate layers and the second's pooled projection; its
+    pipeline's force_zeros_for_empty_prompt is in model_index.json (diffusers' default for
+    SDXL: on)."""
+    if not ckpt.is_xl:
+        return TextSpec()
+    return TextSpec((N.TEXT_ENCODER, N.TEXT_ENCODER_2), penultimate=True,
+                    pooled=N.TEXT_ENCODER_2, force_zeros_for_empty_prompt=bool(
+                        ckpt.model_index.get("force_zeros_for_empty_prompt", True)))
 
 
 def _tiny_scaling(opts: ConvertOptions) -> float:
@@ -121,7 +135,8 @@ def _tiny_scaling(opts: ConvertOptions) -> float:
 
 
 def _defaults(sched: Mapping[str, Any], size: int, steps: int | None,
-              guidance: float | None, guidance_embedded: bool = False) -> Defaults:
+              guidance: float | None, guidance_embedded: bool = False,
+              xl: bool = False) -> Defaults:
     # Distilled models (LCM, Turbo) want few steps and no classifier-free guidance; an
     # LCM-distilled UNet embeds the scale instead (diffusers' LatentConsistencyModelPipeline
     # defaults to 4 steps at 8.5).
@@ -132,8 +147,8 @@ def _defaults(sched: Mapping[str, Any], size: int, steps: int | None,
         d_steps, d_guid = 4, 1.0
     elif cls == "EulerAncestralDiscreteScheduler" and sched.get("timestep_spacing") == "trailing":
         d_steps, d_guid = 1, 0.0  # SD-Turbo's configuration
-    else:
-        d_steps, d_guid = 25, 7.5
+    else:  # (diffusers' SDXL pipeline guides at 5.0)
+        d_steps, d_guid = 25, XL_GUIDANCE if xl else 7.5
     return Defaults(steps=steps or d_steps,
                     guidance_scale=d_guid if guidance is None else float(guidance),
                     width=size, height=size)

@@ -20,6 +20,10 @@ from edge_sdk.manifest import sha256_file
 log = logging.getLogger(__name__)
 
 COMPONENT_DIRS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+XL_DIRS = ("text_encoder_2", "tokenizer_2")  # SDXL's second text encoder and its tokenizer
+# SDXL's micro-conditioning: original size, crop's top-left, target size (h, w each); the
+# refiner's five (with an aesthetic score) are not supported
+XL_TIME_IDS = 6
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 SAFE_SUFFIX = ".safetensors"
 
@@ -52,12 +56,14 @@ class Checkpoint:
             model_index = json.loads(index.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise ConversionError(f"{index}: unreadable ({exc})") from exc
-        missing = [d for d in COMPONENT_DIRS if not (path / d).is_dir()]
+        xl = (path / "text_encoder_2").is_dir() or "text_encoder_2" in model_index
+        missing = [d for d in COMPONENT_DIRS + (XL_DIRS if xl else ())
+                   if not (path / d).is_dir()]
         if missing:
             raise ConversionError(f"{path}: missing component folder(s) {missing}; a Stable "
                                   f"Diffusion checkpoint needs {list(COMPONENT_DIRS)}")
         ckpt = cls(path, model_index, allow_pickle, vae_file=Path(vae) if vae else None)
-        for name in ("unet", "vae", "text_encoder"):
+        for name in ("unet", "vae", "text_encoder") + (XL_DIRS[:1] if xl else ()):
             ckpt._check_weights(name)
         return ckpt
 
@@ -78,6 +84,12 @@ class Checkpoint:
     def config(self, name: str) -> dict[str, Any]:
         fname = "scheduler_config.json" if name == "scheduler" else "config.json"
         return read_json(self.path / name / fname)
+
+    @property
+    def is_xl(self) -> bool:
+        """SDXL: a second text encoder and a UNet taking added conditions."""
+        return self.config("unet").get("addition_embed_type") == "text_time" \
+            or (self.path / "text_encoder_2").is_dir()
 
     @property
     def pipeline_class(self) -> str:
@@ -115,14 +127,13 @@ class Checkpoint:
         family it does not support yet, or components whose sizes disagree (each a
         ConversionError naming what was found)."""
         unet, vae, text = self.config("unet"), self.config("vae"), self.config("text_encoder")
-        if "XL" in self.pipeline_class or (self.path / "text_encoder_2").is_dir() \
-                or unet.get("addition_embed_type") == "text_time":
-            raise ConversionError(f"{self.path}: an SDXL checkpoint ({self.pipeline_class}, "
-                                  "two text encoders, added conditions); edge-convert supports "
-                                  "Stable Diffusion 1.x and 2.x so far")
-        _same("the text encoder's width (text_encoder hidden_size)", text.get("hidden_size"),
-              "the UNet's cross-attention width (unet cross_attention_dim)",
-              _first(unet.get("cross_attention_dim")))
+        if self.is_xl:
+            self._check_xl(unet, text)
+        else:
+            _same("the text encoder's width (text_encoder hidden_size)",
+                  text.get("hidden_size"),
+                  "the UNet's cross-attention width (unet cross_attention_dim)",
+                  _first(unet.get("cross_attention_dim")))
         latent = vae.get("latent_channels")
         if not isinstance(latent, int) or isinstance(latent, bool) or latent < 1:
             raise ConversionError(f"{self.path / 'vae'}: latent_channels is {latent!r}, not a "
@@ -144,6 +155,31 @@ class Checkpoint:
                                   f"exceeds the text encoder's max_position_embeddings "
                                   f"({positions}); the components do not belong together")
 
+    def _check_xl(self, unet: dict[str, Any], text: dict[str, Any]) -> None:
+        """SDXL's parts agree: both encoders' widths make the UNet's context, the second's
+        projection and six time ids its added embedding's input (the refiner's aesthetic
+        score and single encoder are refused)."""
+        if unet.get("addition_embed_type") != "text_time" \
+                or not (self.path / "text_encoder_2").is_dir():
+            raise ConversionError(
+                f"{self.path}: an SDXL-style checkpoint needs both a text_encoder_2 folder and "
+                f"a UNet with addition_embed_type 'text_time' (found "
+                f"{unet.get('addition_embed_type')!r}); the components do not belong together")
+        text2 = self.config("text_encoder_2")
+        _same("the text encoders' widths together (text_encoder + text_encoder_2 "
+              "hidden_size)", int(text.get("hidden_size", 0)) + int(text2.get("hidden_size", 0)),
+              "the UNet's cross-attention width (unet cross_attention_dim)",
+              _first(unet.get("cross_attention_dim")))
+        added = int(text2.get("projection_dim", 0)) \
+            + XL_TIME_IDS * int(unet.get("addition_time_embed_dim") or 0)
+        if unet.get("projection_class_embeddings_input_dim") != added:
+            raise ConversionError(
+                f"{self.path}: the UNet's added embedding takes "
+                f"{unet.get('projection_class_embeddings_input_dim')!r} numbers, not the "
+                f"second text encoder's projection plus {XL_TIME_IDS} time ids ({added}): an "
+                "SDXL refiner (aesthetic-score conditioning) or mismatched components; "
+                "edge-convert takes SDXL base and Turbo checkpoints")
+
     def parameter_shapes(self, name: str) -> dict[str, tuple[int, ...]] | None:
         """{parameter name: shape} of a component (None: only pickle weights to read)."""
         from .lora_fuse import parameter_shapes
@@ -156,6 +192,11 @@ class Checkpoint:
             from .single_file_weights import load_vae_file
             return load_vae_file(self.vae_file, self.config("vae"), self.allow_pickle)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        if name in ("unet", "vae"):  # the large ones: one tensor at a time, where exact
+            from .stream_load import load_streamed
+            model = load_streamed(cls, self.path / name)
+            if model is not None:
+                return model
         try:
             return cls.from_pretrained(self.path / name, local_files_only=True,
                                        use_safetensors=not self.allow_pickle)
@@ -187,20 +228,28 @@ class Checkpoint:
             add_vectors(model, add_tokens(self._tokenizer(), self.embeddings), self.embeddings)
         return model
 
-    def load_tokenizer(self) -> Any:
-        """The tokenizer, with the embeddings' tokens added."""
+    def load_text_encoder_2(self) -> Any:
+        """SDXL's second text encoder (with its text projection)."""
+        from transformers import CLIPTextModelWithProjection
+        return self._load(CLIPTextModelWithProjection, "text_encoder_2")
+
+    def load_tokenizer(self, folder: str = "tokenizer") -> Any:
+        """The tokenizer of `folder` (SDXL: "tokenizer_2" too), with the embeddings' tokens
+        added."""
+        if folder != "tokenizer":
+            return self._tokenizer(folder)
         tok = self._tokenizer()
         if self.embeddings:
             from .embeddings import add_tokens
             add_tokens(tok, self.embeddings)
         return tok
 
-    def _tokenizer(self) -> Any:
+    def _tokenizer(self, folder: str = "tokenizer") -> Any:
         from transformers import CLIPTokenizer
         try:
-            return CLIPTokenizer.from_pretrained(self.path / "tokenizer", local_files_only=True)
+            return CLIPTokenizer.from_pretrained(self.path / folder, local_files_only=True)
         except Exception as exc:
-            raise ConversionError(f"cannot load tokenizer from {self.path / 'tokenizer'}: {exc}"
+            raise ConversionError(f"cannot load tokenizer from {self.path / folder}: {exc}"
                                   ) from exc
 
 

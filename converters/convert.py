@@ -80,6 +80,9 @@ def convert(checkpoint: str | Path, output: str | Path, options: ConvertOptions 
                            prediction_type=opts.prediction_type, config=opts.config,
                            vae=opts.vae)
     ckpt.check_supported()
+    if ckpt.is_xl:
+        from .sdxl import check_xl_options
+        opts = check_xl_options(opts)
     if opts.loras:
         from .lora_fuse import read_loras
         ckpt = replace(ckpt, loras=tuple(read_loras(ckpt, opts.loras)))
@@ -127,7 +130,8 @@ def write_bundle(ckpt: Checkpoint, output: str | Path, opts: ConvertOptions, lay
         if opts.fmt == "tflite" or opts.sizes else None  # ONNX: an NPU UNet's one size
     cache = _feature_cache(ckpt, opts) and unet_source is None
     opts = replace(opts, feature_cache=cache)
-    plan = [N.TEXT_ENCODER, N.UNET] + ([N.UNET_SHALLOW] if cache else []) + [N.VAE_DECODER] \
+    plan = [N.TEXT_ENCODER] + ([N.TEXT_ENCODER_2] if ckpt.is_xl else []) + [N.UNET] \
+        + ([N.UNET_SHALLOW] if cache else []) + [N.VAE_DECODER] \
         + ([N.VAE_ENCODER] if opts.vae_encoder else []) \
         + ([N.VAE_DECODER_TINY] if opts.tiny_vae is not None else [])
     components: dict[str, ComponentSpec] = {}
@@ -142,12 +146,15 @@ def write_bundle(ckpt: Checkpoint, output: str | Path, opts: ConvertOptions, lay
                 f"{components[role].bytes / 1e6:.1f} MB")
         stages = _export_vae_stages(ckpt, stage, opts, layout, components, say) \
             if opts.with_vae_stages else ((), ())
-        tok = export_tokenizer(ckpt, stage, layout.shapes.text_len)
-        say("tokenizer: tokenizer.json written and checked")
+        toks = {N.TOKENIZER: export_tokenizer(ckpt, stage, layout.shapes.text_len)}
+        if ckpt.is_xl:
+            toks[N.TOKENIZER_2] = export_tokenizer(ckpt, stage, layout.shapes.text_len,
+                                                   N.TOKENIZER_2)
+        say(f"tokenizer: {', '.join(t.file for t in toks.values())} written and checked")
         previews = _fit_previews(ckpt, layout), preview_layers
         say("previews: latent-to-RGB map fitted against the VAE"
             + (f"; preview decoder of {len(previews[1])} layers" if previews[1] else ""))
-        manifest = build_manifest(ckpt, opts, layout, name, components, tok, stages,
+        manifest = build_manifest(ckpt, opts, layout, name, components, toks, stages,
                                   tuple(sizes) if sizes else None, *previews,
                                   extra=getattr(unet_source, "manifest_info", None))
         write_manifest(stage, manifest)
@@ -159,7 +166,7 @@ def _export_role(role: str, ckpt: Checkpoint, stage: Path, opts: ConvertOptions,
                  layout: Layout, sizes: list[tuple[int, int]] | None,
                  source: UnetSource | None) -> ComponentSpec:
     """One role exported (or made by `source`) into `stage`, described for the manifest."""
-    exp, precision = _exporter(role, opts), opts.precisions[role]
+    exp, precision = _exporter(role, opts, ckpt.is_xl), opts.precisions[role]
     if source is not None:
         files = source(stage)
     elif opts.fmt == "tflite" and sizes is not None:
@@ -209,23 +216,23 @@ def _feature_cache(ckpt: Checkpoint, opts: ConvertOptions) -> bool:
     return False
 
 
-def _exporter(role: str, opts: ConvertOptions) -> Any:
+def _exporter(role: str, opts: ConvertOptions, xl: bool = False) -> Any:
     """The role's exporter (the tiny decoder's loads from --tiny-vae; the UNet's adds its
-    deep features where the bundle caches them)."""
+    deep features where the bundle caches them; SDXL's text encoders read raw layers)."""
     if role == N.UNET_SHALLOW or (role == N.UNET and opts.feature_cache):
         from .feature_cache import cached_unet_exporter, shallow_exporter
         return shallow_exporter() if role == N.UNET_SHALLOW else cached_unet_exporter()
     if role == N.VAE_DECODER_TINY:
         from .registry import tiny_decoder_exporter
         return tiny_decoder_exporter(opts.tiny_vae, opts.allow_pickle)
-    return exporter(role)
+    return exporter(role, xl)
 
 
 def _load(role: str, ckpt: Checkpoint, layout: Layout, opts: ConvertOptions) -> Any:
     """The role's torch module, with sliced attention where the layout says."""
-    model = _exporter(role, opts).load(ckpt)
+    model = _exporter(role, opts, ckpt.is_xl).load(ckpt)
     chunks = layout.unet_chunks if role in (N.UNET, N.UNET_SHALLOW) else layout.vae_chunks
-    if role not in (N.TEXT_ENCODER, N.VAE_DECODER_TINY) and chunks > 1:
+    if role not in (N.TEXT_ENCODER, N.TEXT_ENCODER_2, N.VAE_DECODER_TINY) and chunks > 1:
         use_chunked_attention(model, chunks)
     return model
 

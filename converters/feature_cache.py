@@ -47,6 +47,8 @@ def cache_problem(unet_cfg: dict[str, Any], layers: int = DEFAULT_LAYERS) -> str
         return "it has a single level: no up block before the last one to cache from"
     if unet_cfg.get("class_embed_type") or unet_cfg.get("num_class_embeds"):
         return "it takes class labels (class_embed_type / num_class_embeds)"
+    if unet_cfg.get("addition_embed_type") == "text_time":
+        return "SDXL's added conditions enter its time embedding; the split does not carry them"
     if unet_cfg.get("addition_embed_type") == "image_hint":
         return "its hint image (addition_embed_type 'image_hint') enters every step"
     if unet_cfg.get("center_input_sample"):

@@ -18,8 +18,8 @@ INT8_METHODS = ("dynamic", "static")
 # image) and stays fp32 unless named (`--precision int8,vae=int8`); the text encoder is small
 # and loses most to 4 bits, so a bare "int4" makes it int8.
 _BARE: dict[str, dict[str, str]] = {
-    "int8": {N.TEXT_ENCODER: "int8", N.UNET: "int8"},
-    "int4": {N.TEXT_ENCODER: "int8", N.UNET: "int4"},
+    "int8": {N.TEXT_ENCODER: "int8", N.TEXT_ENCODER_2: "int8", N.UNET: "int8"},
+    "int4": {N.TEXT_ENCODER: "int8", N.TEXT_ENCODER_2: "int8", N.UNET: "int4"},
     # static QDQ is for the NPU, which runs the UNet; the rest runs on the CPU beside it
     "w8a8": {N.UNET: "w8a8"},
     "w8a16": {N.UNET: "w8a16"},

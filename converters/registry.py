@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from edge_sdk import contracts as C
+from edge_sdk import names as N
 from edge_sdk.contracts import TextEncoderIO, UnetIO, VaeIO
 
 from .checkpoint import Checkpoint
@@ -74,13 +75,38 @@ def _text(m: Any, input_ids: Any) -> Any:
     return out.last_hidden_state, out.pooler_output, layers
 
 
-def _unet(m: Any, sample: Any, timestep: Any, context: Any, timestep_cond: Any = None) -> Any:
-    return m(sample, timestep, context, timestep_cond=timestep_cond, return_dict=False)[0]
+def _text_xl(m: Any, input_ids: Any) -> Any:
+    """SDXL's text encoders: every layer's input as it is (SDXL reads the penultimate one,
+    not through the final LayerNorm), and the second's projected pooled output."""
+    import torch
+    text = getattr(m, "text_model", m)
+    out = text(input_ids=input_ids, output_hidden_states=True, return_dict=True)
+    layers = torch.stack(out.hidden_states[:-1], dim=1)
+    if hasattr(m, "text_projection"):  # CLIPTextModelWithProjection
+        return (out.last_hidden_state, out.pooler_output, layers,
+                m.text_projection(out.pooler_output))
+    return out.last_hidden_state, out.pooler_output, layers
+
+
+def _text_xl_outputs(model: Any) -> tuple[str, ...]:
+    return (TextEncoderIO.HIDDEN_LAYERS,) + (
+        (TextEncoderIO.TEXT_EMBEDS,) if hasattr(model, "text_projection") else ())
+
+
+def _unet(m: Any, sample: Any, timestep: Any, context: Any, *optional: Any) -> Any:
+    given = dict(zip(_unet_optional(m), optional))  # in the contract's order
+    added = {k: given[k] for k in (UnetIO.TEXT_EMBEDS, UnetIO.TIME_IDS) if k in given}
+    return m(sample, timestep, context, timestep_cond=given.get(UnetIO.TIMESTEP_COND),
+             added_cond_kwargs=added or None, return_dict=False)[0]
 
 
 def _unet_optional(model: Any) -> tuple[str, ...]:
-    """An LCM-distilled UNet takes the guidance embedding (time_cond_proj_dim wide)."""
-    return (UnetIO.TIMESTEP_COND,) if model.config.get("time_cond_proj_dim") else ()
+    """An LCM-distilled UNet takes the guidance embedding (time_cond_proj_dim wide); an
+    SDXL UNet its added conditions (the pooled text embeddings and the time ids)."""
+    cfg = model.config
+    return ((UnetIO.TIMESTEP_COND,) if cfg.get("time_cond_proj_dim") else ()) + (
+        (UnetIO.TEXT_EMBEDS, UnetIO.TIME_IDS) if cfg.get("addition_embed_type") == "text_time"
+        else ())
 
 
 def _decode(m: Any, latents: Any) -> Any:
@@ -130,6 +156,13 @@ def _unet_example(model: Any, batch: int, size: tuple[int, int] | None,
            UnetIO.CONTEXT: torch.randn(batch, ctx_len, s.context_dim)}
     if cfg.get("time_cond_proj_dim"):
         out[UnetIO.TIMESTEP_COND] = torch.randn(batch, int(cfg.time_cond_proj_dim))
+    if cfg.get("addition_embed_type") == "text_time":
+        from .checkpoint import XL_TIME_IDS
+        pooled = int(cfg.projection_class_embeddings_input_dim) \
+            - XL_TIME_IDS * int(cfg.addition_time_embed_dim)
+        out[UnetIO.TEXT_EMBEDS] = torch.randn(batch, pooled)
+        side = [float(d * s.vae_factor) for d in hw]
+        out[UnetIO.TIME_IDS] = torch.tensor([side + [0.0, 0.0] + side] * batch)
     return out
 
 
@@ -158,8 +191,19 @@ EXPORTERS: dict[str, Exporter] = {e.contract.kind: e for e in (
 )}
 
 
-def exporter(kind: str) -> Exporter:
-    return EXPORTERS[kind]
+# SDXL's text encoders: the same contract, their layers read raw, the second's projection
+XL_EXPORTERS: dict[str, Exporter] = {
+    N.TEXT_ENCODER: Exporter(C.TEXT_ENCODER, Checkpoint.load_text_encoder, _module(_text_xl),
+                             _text_example, sized=False, optional_outputs=_text_xl_outputs),
+    N.TEXT_ENCODER_2: Exporter(C.TEXT_ENCODER, Checkpoint.load_text_encoder_2,
+                               _module(_text_xl), _text_example, sized=False,
+                               optional_outputs=_text_xl_outputs),
+}
+
+
+def exporter(role: str, xl: bool = False) -> Exporter:
+    """The exporter of a standard role (`xl`: of an SDXL checkpoint)."""
+    return XL_EXPORTERS[role] if xl and role in XL_EXPORTERS else EXPORTERS[role]
 
 
 def load_tiny_vae(folder: Any, allow_pickle: bool = False) -> Any:

@@ -1,4 +1,5 @@
-"""Build Stable Diffusion-architecture checkpoints from configs, offline, from a seed.
+"""Build Stable Diffusion-architecture checkpoints from configs, offline, from a seed
+(SDXL's: converters.synth_xl).
 
 `tiny` variants (~3 M parameters) drive the tests; `sd15` is the full SD 1.5 architecture
 (860 M-parameter UNet) with random weights, for benchmarks: speed and memory are the same as
@@ -16,7 +17,8 @@ from .clip_vocab import EOS, write_clip_tokenizer_files
 
 log = logging.getLogger(__name__)
 
-ARCHS = ("tiny-sd1", "tiny-sd2", "tiny-inpaint", "tiny-lcm", "sd15", "sd15-lcm")
+XL_ARCHS = ("tiny-sdxl", "tiny-sdxl-turbo", "sdxl", "sdxl-turbo")
+ARCHS = ("tiny-sd1", "tiny-sd2", "tiny-inpaint", "tiny-lcm", "sd15", "sd15-lcm") + XL_ARCHS
 # the width of the guidance-scale embedding of LCM-distilled UNets (LCM-LoRA/LCM SD 1.5: 256)
 _LCM_COND_DIM = {"tiny-lcm": 32, "sd15-lcm": 256}
 
@@ -63,6 +65,9 @@ def _configs(arch: str) -> dict[str, Any]:
 def build_checkpoint(out_dir: str | Path, arch: str = "tiny-sd1", seed: int = 0) -> Path:
     """Write a diffusers-format checkpoint folder (safetensors weights) and return it."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if arch in XL_ARCHS:
+        from .synth_xl import build_xl_checkpoint
+        return build_xl_checkpoint(Path(out_dir), arch, seed)
     import torch
     from diffusers import (AutoencoderKL, DDIMScheduler, LatentConsistencyModelPipeline,
                            LCMScheduler, PNDMScheduler, StableDiffusionInpaintPipeline,

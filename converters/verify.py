@@ -19,7 +19,7 @@ import numpy as np
 from edge_sdk import GenerationConfig, Manifest, Pipeline
 from edge_sdk import names as N
 from edge_sdk.contracts import TextEncoderIO, UnetIO, VaeIO
-from edge_sdk.denoise import guidance_embedding
+from edge_sdk.denoise import Conditioning, guidance_embedding
 from edge_sdk.vae import unscale_latents
 
 QUALITY_FILE = N.QUALITY_FILE
@@ -67,18 +67,22 @@ def _timed(fn: Callable[[], Any], repeats: int = 3) -> tuple[Any, float]:
 def compare_components(test: Pipeline, ref: Pipeline, seed: int = 0) -> dict[str, Any]:
     """Each component of `test` vs `ref` on identical inputs."""
     m, rng = ref.manifest, np.random.default_rng(seed)
-    ids = ref.tokenizer(DEFAULT_PROMPTS[:2])
     run = lambda p, c, feeds: p.session(c).run(feeds)  # noqa: E731
-    ctx = run(ref, N.TEXT_ENCODER, {TextEncoderIO.INPUT_IDS: ids})[TextEncoderIO.HIDDEN_STATES]
     side = m.unet.sample_size
+    px = side * m.vae.scale_factor  # SDXL's time ids: the native size, uncropped
+    conditioning = Conditioning.from_prompt(ref.encode_prompt(DEFAULT_PROMPTS[:2],
+                                                              guidance_scale=1.0),
+                                            (px, px, 0, 0, px, px) if m.added_conditions
+                                            else None)
     lat = rng.standard_normal((2, m.vae.latent_channels, side, side)).astype(np.float32)
     unet_in = {UnetIO.SAMPLE: lat, UnetIO.TIMESTEP: np.array([700.0, 300.0], np.float32),
-               UnetIO.CONTEXT: ctx}
+               **conditioning.cond}
     if m.unet.time_cond_proj_dim:  # an LCM UNet: the guidance embedding too
         unet_in[UnetIO.TIMESTEP_COND] = guidance_embedding(m.defaults.guidance_scale - 1,
                                                            m.unet.time_cond_proj_dim, 2)
     feeds = {
-        N.TEXT_ENCODER: ({TextEncoderIO.INPUT_IDS: ids}, TextEncoderIO.HIDDEN_STATES),
+        **{role: ({TextEncoderIO.INPUT_IDS: ref.tokenizers[m.tokenizer_of(role)[0]](
+            DEFAULT_PROMPTS[:2])}, TextEncoderIO.HIDDEN_STATES) for role in m.text.encoders},
         N.UNET: (unet_in, UnetIO.OUTPUT),
         N.VAE_DECODER: ({VaeIO.LATENTS: unscale_latents(lat[:1], m.vae)}, VaeIO.IMAGE),
     }
