@@ -60,6 +60,7 @@ def trace_fp32(exp: Exporter, load: Callable[[], Any], scratch: Path, shapes: Sh
     example = exp.example(model, 1 if contract.kind.startswith("vae") else 2, None, shapes)
     names, outputs = exp.input_names(model), exp.output_names(model)
     args = tuple(example[n] for n in names)
+    renamed = pretranspose_linears(wrapper, args)
     axes = {k: v for k, v in contract.dynamic_axes().items() if k in names or k in outputs}
     raw = scratch / "model.onnx"
     with torch.no_grad():
@@ -69,7 +70,59 @@ def trace_fp32(exp: Exporter, load: Callable[[], Any], scratch: Path, shapes: Sh
     graph = onnx.load(str(raw), load_external_data=False)
     _name_output_dims(graph, wrapper, args, axes)
     onnx.save(graph, str(raw))  # external-data references stay as the exporter wrote them
-    return raw, weight_map(graph, scratch, model) if weight_names else {}
+    return raw, weight_map(graph, scratch, model, renamed=renamed) if weight_names else {}
+
+
+class _MatMulLinear:
+    """Built lazily (torch is imported only to convert): a Linear whose weight is stored
+    transposed, so the trace is MatMul(x, Wt) + b on the parameter itself."""
+
+    cls: Any = None
+
+    @classmethod
+    def of(cls, linear: Any) -> Any:
+        if cls.cls is None:
+            import torch
+
+            class MatMulLinear(torch.nn.Module):
+                def __init__(self, lin: Any) -> None:
+                    super().__init__()
+                    self.weight_t = torch.nn.Parameter(lin.weight.detach().t().contiguous(),
+                                                       requires_grad=False)
+                    self.bias = lin.bias
+
+                def forward(self, x: Any) -> Any:
+                    y = torch.matmul(x, self.weight_t)
+                    return y if self.bias is None else y + self.bias
+            cls.cls = MatMulLinear
+        return cls.cls(linear)
+
+
+def pretranspose_linears(wrapper: Any, args: tuple[Any, ...]) -> dict[str, str]:
+    """Store the weight of every Linear that sees inputs of 3+ dimensions transposed, one
+    at a time, before tracing. The tracer otherwise folds each such weight's transpose into
+    an anonymous new constant, made while the parameter is alive (SDXL's int8 conversion
+    peaked 0.2 GB lower this way). The graph is the same (MatMul with the transposed
+    weight), its initializers named after the parameters; returns {new parameter name: the
+    checkpoint's}, for the weight map."""
+    import torch
+    deep: set[str] = set()
+    hooks = [m.register_forward_pre_hook(
+        lambda mod, inp, name=name: deep.add(name) if inp[0].dim() > 2 else None)
+        for name, m in wrapper.named_modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        with torch.no_grad():
+            wrapper(*args)
+    finally:
+        for h in hooks:
+            h.remove()
+    renamed = {}
+    for name in sorted(deep):
+        parent_name, _, child = name.rpartition(".")
+        parent = wrapper.get_submodule(parent_name)
+        setattr(parent, child, _MatMulLinear.of(getattr(parent, child)))
+        renamed[f"{name}.weight_t".removeprefix("m.")] = f"{name}.weight".removeprefix("m.")
+    return renamed
 
 
 def finish_component(role: str, src: Path, out_dir: Path, precision: str) -> list[str]:

@@ -25,10 +25,13 @@ def _digest(a: np.ndarray) -> str:
                           ).hexdigest()
 
 
-def weight_map(graph: Any, base_dir: Path, model: Any, prefix: str = "m."
-               ) -> dict[str, list[Any]]:
+def weight_map(graph: Any, base_dir: Path, model: Any, prefix: str = "m.",
+               renamed: dict[str, str] | None = None) -> dict[str, list[Any]]:
     """{parameter name: [initializer name, transposed]} for every parameter of `model`
-    found in `graph` (initializers read one at a time from `base_dir`'s external data)."""
+    found in `graph` (initializers read one at a time from `base_dir`'s external data).
+    `renamed`: parameters stored transposed for the export (export_onnx's
+    pretranspose_linears), {their name: the checkpoint's}."""
+    renamed = renamed or {}
     from onnx import numpy_helper
     inits = {i.name: i for i in graph.graph.initializer}
     out: dict[str, list[Any]] = {}
@@ -36,7 +39,7 @@ def weight_map(graph: Any, base_dir: Path, model: Any, prefix: str = "m."
     ambiguous: set[str] = set()
     for name, p in model.named_parameters():
         if prefix + name in inits:
-            out[name] = [prefix + name, False]
+            out[renamed.get(name, name)] = [prefix + name, name in renamed]
             continue
         w = p.detach().float().numpy()
         for transposed, arr in ((False, w), (True, w.T)) if w.ndim == 2 else ((False, w),):
@@ -52,7 +55,7 @@ def weight_map(graph: Any, base_dir: Path, model: Any, prefix: str = "m."
         if key in pending and key not in ambiguous:
             name, transposed = pending[key]
             out.setdefault(name, [init_name, transposed])
-    missing = sum(1 for n, _ in model.named_parameters() if n not in out)
+    missing = sum(1 for n, _ in model.named_parameters() if renamed.get(n, n) not in out)
     log.debug("weight map: %d parameters mapped, %d not found (folded away or ambiguous)",
               len(out), missing)
     return out

@@ -47,8 +47,9 @@ def test_every_exported_graph_has_its_contracts_names(models, arch, options):
 
 @needs_convert
 def test_the_weight_map_finds_each_parameter_in_the_graph(models):
-    """Including the Linear weights the exporter folds into anonymous transposed
-    initializers: what a load-time LoRA must find."""
+    """Including the Linear weights stored transposed for the export (`<name>.weight_t`,
+    where the tracer would fold them into anonymous copies): what a load-time LoRA must
+    find."""
     import onnx
     import torch
     from diffusers import UNet2DConditionModel
@@ -63,8 +64,8 @@ def test_the_weight_map_finds_each_parameter_in_the_graph(models):
     linears = [n + ".weight" for n, mod in unet.named_modules()
                if isinstance(mod, torch.nn.Linear)]
     assert linears and all(n in wmap for n in linears)
-    anonymous = [n for n in linears if not wmap[n][0].startswith("m.")]
-    assert anonymous  # the folded ones are the point of the map
+    transposed = [n for n in linears if wmap[n][1]]
+    assert transposed and all(wmap[n][0] == f"m.{n}_t" for n in transposed)
     for name, (init, transposed) in wmap.items():
         w = dict(unet.named_parameters())[name].detach().numpy()
         assert np.array_equal(inits[init], w.T if transposed else w), name
