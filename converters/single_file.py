@@ -1,5 +1,6 @@
 """Single-file checkpoints (`edge-convert model.safetensors -o B`) in the original Stable
-Diffusion layout: SD 1.x, SD 2.x (epsilon and v-prediction) and their inpainting variants.
+Diffusion layout: SD 1.x, SD 2.x (epsilon and v-prediction) and their inpainting variants,
+SDXL base and (with `--family sdxl-turbo`) Turbo.
 
 The family is read from the file's tensor names and shapes (converters.single_file_layout);
 its configs ship in `assets/families/` (no hub is reachable), with the variant's edits made
@@ -27,8 +28,8 @@ from edge_sdk.safetensors_file import read_metadata
 
 from .checkpoint import SAFE_SUFFIX, Checkpoint, read_json
 from .clip_vocab import EOS, write_clip_tokenizer_files
-from .single_file_layout import (FAMILIES, INPAINT_CHANNELS, TEXT_OPEN_CLIP, FileLayout,
-                                 check_family, read_layout)
+from .single_file_layout import (FAMILIES, INPAINT_CHANNELS, TEXT_OPEN_CLIP,
+                                 FileLayout, check_family, read_layout)
 from .single_file_weights import (LABELS, check_shapes, check_suffix, empty_model,
                                   header_shapes, load_component)
 
@@ -36,6 +37,11 @@ log = logging.getLogger(__name__)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 MODEL_CONFIGS = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json"}
+XL_CONFIG = "text_encoder_2"  # SDXL's second text encoder, beside MODEL_CONFIGS
+# SDXL-Turbo's configs: SDXL's with a 512 px native size and Euler ancestral, trailing
+_TURBO = {"unet": {"sample_size": 64}, "vae": {"sample_size": 512},
+          "scheduler": {"_class_name": "EulerAncestralDiscreteScheduler",
+                        "timestep_spacing": "trailing"}}
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 # SD 2.x v-prediction models are made for 768 px (latent 96), epsilon ones for 512 (64)
 _SD2_SAMPLE_SIZE = {"v_prediction": 96, "epsilon": 64}
@@ -120,7 +126,8 @@ def open_single_file(path: Path, allow_pickle: bool = False, family: str | None 
         if family and layout.family and family != layout.family:
             log.warning("%s: the weights look like %s; converting as %s (--family)", path,
                         layout.family, family)
-    for name in ("unet", "text_encoder") + (("vae",) if vae is None else ()):
+    for name in ("unet", "text_encoder") + ((XL_CONFIG,) if XL_CONFIG in configs else ()) \
+            + (("vae",) if vae is None else ()):
         check_shapes(name, shapes, configs[name], layout.text, f"{path} ({LABELS[name]})")
     predicted = _prediction_type(path, chosen, configs, prediction_type)
     apply_prediction_type(configs, chosen, predicted)
@@ -130,11 +137,7 @@ def open_single_file(path: Path, allow_pickle: bool = False, family: str | None 
     folder = tempfile.TemporaryDirectory(prefix="edge-convert-single-file-")
     root = Path(folder.name)
     _write_configs(root, configs)
-    if tokenizer is not None and tokenizer.is_dir():
-        shutil.copytree(tokenizer, root / "tokenizer")
-    else:
-        write_clip_tokenizer_files(root / "tokenizer", _OPEN_CLIP_PAD
-                                   if layout.text == TEXT_OPEN_CLIP else EOS)
+    _write_tokenizers(root, tokenizer, layout, XL_CONFIG in configs)
     log.info("%s: %s, read as %s (%s)", path.name, layout.describe(), chosen or "--config",
              predicted)
     return SingleFileCheckpoint(root, configs["model_index"], allow_pickle,
@@ -143,13 +146,28 @@ def open_single_file(path: Path, allow_pickle: bool = False, family: str | None 
                                 prediction_type=predicted, folder=folder)
 
 
+def _write_tokenizers(root: Path, given: Path | None, layout: FileLayout, xl: bool) -> None:
+    """The --config folder's tokenizers, else CLIP's vocabulary with the family's pad
+    tokens (SDXL: CLIP-L's and OpenCLIP's, one each)."""
+    pads = {"tokenizer": _OPEN_CLIP_PAD if layout.text == TEXT_OPEN_CLIP else EOS}
+    if xl:
+        pads["tokenizer_2"] = _OPEN_CLIP_PAD
+    for name, pad in pads.items():
+        src = given.parent / name if given is not None else None
+        if src is not None and src.is_dir():
+            shutil.copytree(src, root / name)
+        else:
+            write_clip_tokenizer_files(root / name, pad)
+
+
 def _detected(layout: FileLayout, path: Path) -> str:
     family = layout.family
     if family is None:
         raise ConversionError(
             f"{path}: an unknown architecture ({layout.describe()}); the known families are "
             "sd1 (CLIP text encoder, width 768) and sd2 (OpenCLIP, width 1024), with 4 "
-            "input channels or 9 (inpainting). Give --config DIR, a diffusers-format folder "
+            "input channels or 9 (inpainting), and sdxl (both, 2048). Give --config DIR, "
+            "a diffusers-format folder "
             "with unet/, vae/ and text_encoder/ configs for this one")
     return family
 
@@ -165,12 +183,21 @@ def family_configs(family: str, prediction_type: str = "epsilon"
 def _family_configs(family: str) -> dict[str, dict[str, Any]]:
     """The shipped base configs of a family, with its variant's edit (inpainting: the
     UNet's 9 input channels)."""
-    base = resources.files("converters").joinpath("assets/families",
-                                                  family.removesuffix("-inpainting"))
+    base = resources.files("converters").joinpath(
+        "assets/families", family.removesuffix("-inpainting").removesuffix("-turbo"))
+    names = dict(MODEL_CONFIGS)
+    if base.joinpath(XL_CONFIG, "config.json").is_file():
+        names[XL_CONFIG] = "config.json"
     configs = {name: json.loads(base.joinpath(name, fname).read_text())
-               for name, fname in MODEL_CONFIGS.items()}
+               for name, fname in names.items()}
     configs["scheduler"] = json.loads(base.joinpath(SCHEDULER_CONFIG).read_text())
     configs["model_index"] = {"_class_name": "StableDiffusionPipeline"}
+    if XL_CONFIG in configs:
+        configs["model_index"] = {"_class_name": "StableDiffusionXLPipeline",
+                                  "force_zeros_for_empty_prompt": True}
+    if family.endswith("-turbo"):
+        for name, edits in _TURBO.items():
+            configs[name].update(edits)
     if family.endswith("-inpainting"):
         configs["unet"]["in_channels"] = INPAINT_CHANNELS
         configs["model_index"]["_class_name"] = "StableDiffusionInpaintPipeline"
@@ -187,6 +214,8 @@ def _user_configs(folder: Path) -> dict[str, dict[str, Any]]:
         raise ConversionError(f"--config {folder}: missing {missing}; it must hold the "
                               "unet/, vae/ and text_encoder/ config.json of the architecture")
     configs = {n: read_json(folder / n / f) for n, f in MODEL_CONFIGS.items()}
+    if (folder / XL_CONFIG / "config.json").is_file():
+        configs[XL_CONFIG] = read_json(folder / XL_CONFIG / "config.json")
     sched = folder / SCHEDULER_CONFIG
     configs["scheduler"] = read_json(sched) if sched.is_file() else \
         _family_configs("sd1")["scheduler"]
@@ -255,7 +284,8 @@ def apply_prediction_type(configs: dict[str, dict[str, Any]], family: str | None
 
 
 def _write_configs(root: Path, configs: dict[str, dict[str, Any]]) -> None:
-    for name, fname in {**MODEL_CONFIGS, "scheduler": "scheduler_config.json"}.items():
+    extra = {XL_CONFIG: "config.json"} if XL_CONFIG in configs else {}
+    for name, fname in {**MODEL_CONFIGS, **extra, "scheduler": "scheduler_config.json"}.items():
         (root / name).mkdir(parents=True, exist_ok=True)
         (root / name / fname).write_text(json.dumps(configs[name], indent=2))
     (root / "model_index.json").write_text(json.dumps(configs["model_index"], indent=2))

@@ -3,7 +3,9 @@
 Checkpoints in the original Stable Diffusion layout (as trainers and sharing sites publish
 them) keep every component in one file under fixed prefixes: the UNet under
 `model.diffusion_model.`, the VAE under `first_stage_model.`, the text encoder under
-`cond_stage_model.` (SD 1.x: Hugging Face's CLIP layout; SD 2.x: OpenCLIP's). The family
+`cond_stage_model.` (SD 1.x: Hugging Face's CLIP layout; SD 2.x: OpenCLIP's), or SDXL's two
+under `conditioner.embedders.0.transformer.` (CLIP) and `conditioner.embedders.1.model.`
+(OpenCLIP bigG). The family
 follows from the text encoder's layout, the UNet's cross-attention width and its input
 channels; what the weights cannot tell (SD 2.x's prediction type) is left to the caller.
 """
@@ -25,11 +27,17 @@ CLIP_TOKENS = CLIP_PREFIX + "text_model.embeddings.token_embedding.weight"
 # files written with transformers before 4.x's text_model level lack it
 CLIP_TOKENS_OLD = CLIP_PREFIX + "embeddings.token_embedding.weight"
 OPEN_CLIP_TOKENS = OPEN_CLIP_PREFIX + "token_embedding.weight"
+XL_CLIP_PREFIX = "conditioner.embedders.0.transformer."  # SDXL's first text encoder
+XL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."  # SDXL's second (OpenCLIP bigG)
+XL_CLIP_TOKENS = XL_CLIP_PREFIX + "text_model.embeddings.token_embedding.weight"
+XL_OPEN_CLIP_TOKENS = XL_OPEN_CLIP_PREFIX + "token_embedding.weight"
 
-TEXT_CLIP, TEXT_OPEN_CLIP = "clip", "open_clip"
+TEXT_CLIP, TEXT_OPEN_CLIP, TEXT_XL = "clip", "open_clip", "sdxl"
 # (text encoder layout, cross-attention width) -> family; inpainting: a 9-channel UNet
-KNOWN = {(TEXT_CLIP, 768): "sd1", (TEXT_OPEN_CLIP, 1024): "sd2"}
-FAMILIES = ("sd1", "sd1-inpainting", "sd2", "sd2-inpainting")
+KNOWN = {(TEXT_CLIP, 768): "sd1", (TEXT_OPEN_CLIP, 1024): "sd2", (TEXT_XL, 2048): "sdxl"}
+# sdxl-turbo: SDXL's weights with Turbo's configs (512 px, Euler ancestral, trailing
+# spacing, 1 step): a file cannot tell them apart, so it is asked for with --family
+FAMILIES = ("sd1", "sd1-inpainting", "sd2", "sd2-inpainting", "sdxl", "sdxl-turbo")
 LATENT_CHANNELS = 4
 INPAINT_CHANNELS = 2 * LATENT_CHANNELS + 1  # latents + mask + masked-image latents
 
@@ -38,7 +46,7 @@ INPAINT_CHANNELS = 2 * LATENT_CHANNELS + 1  # latents + mask + masked-image late
 class FileLayout:
     """The facts a single file's header gives."""
 
-    text: str  # TEXT_CLIP | TEXT_OPEN_CLIP
+    text: str  # TEXT_CLIP | TEXT_OPEN_CLIP | TEXT_XL (both)
     context_dim: int  # the UNet's cross-attention width
     in_channels: int  # the UNet's input channels
     has_vae: bool
@@ -56,7 +64,9 @@ class FileLayout:
         return base + ("-inpainting" if self.inpainting else "")
 
     def describe(self) -> str:
-        return (f"{'an OpenCLIP' if self.text == TEXT_OPEN_CLIP else 'a CLIP'} text encoder, "
+        what = {TEXT_OPEN_CLIP: "an OpenCLIP text encoder",
+                TEXT_XL: "SDXL's two text encoders"}.get(self.text, "a CLIP text encoder")
+        return (f"{what}, "
                 f"a UNet with {self.in_channels} input channels and cross-attention width "
                 f"{self.context_dim}")
 
@@ -71,7 +81,10 @@ def read_layout(shapes: Mapping[str, Sequence[int]], where: str) -> FileLayout:
                               f"({CONV_IN} is missing); found {_summary(shapes)}. Convert "
                               "the diffusers folder of this model instead")
     clip = next((k for k in (CLIP_TOKENS, CLIP_TOKENS_OLD) if k in shapes), None)
-    if clip is not None:
+    if XL_CLIP_TOKENS in shapes and XL_OPEN_CLIP_TOKENS in shapes:
+        text, width = TEXT_XL, _dim(shapes, XL_CLIP_TOKENS, 1, 2, where) \
+            + _dim(shapes, XL_OPEN_CLIP_TOKENS, 1, 2, where)
+    elif clip is not None:
         text, width = TEXT_CLIP, _dim(shapes, clip, 1, 2, where)
     elif OPEN_CLIP_TOKENS in shapes:
         text, width = TEXT_OPEN_CLIP, _dim(shapes, OPEN_CLIP_TOKENS, 1, 2, where)
@@ -107,13 +120,16 @@ def _context_dim(shapes: Mapping[str, Sequence[int]], where: str) -> int | None:
 
 
 # models in the original layout that share SD's prefixes but are other architectures
-_OTHER_MODELS = ((("conditioner.embedders.",), "an SDXL checkpoint (conditioner.embedders.*); "
-                  "edge-convert supports Stable Diffusion 1.x and 2.x single files so far"),
-                 (("embedder.", "noise_augmentor."), "an unCLIP (image variation) checkpoint "
-                  "(embedder.*, noise_augmentor.*), which edge-convert does not support"))
+_OTHER_MODELS = ((("embedder.", "noise_augmentor."), "an unCLIP (image variation) checkpoint "
+                  "(embedder.*, noise_augmentor.*), which edge-convert does not support"),)
 
 
 def _refuse_other_models(shapes: Mapping[str, Sequence[int]], where: str) -> None:
+    if any(n.startswith("conditioner.embedders.") for n in shapes) and not (
+            XL_CLIP_TOKENS in shapes and XL_OPEN_CLIP_TOKENS in shapes):
+        raise ConversionError(f"{where}: an SGM-layout checkpoint (conditioner.embedders.*) "
+                              "without SDXL base's two text encoders: an SDXL refiner or "
+                              "another model; edge-convert takes SDXL base and Turbo files")
     for prefixes, what in _OTHER_MODELS:
         if any(n.startswith(prefixes) for n in shapes):
             raise ConversionError(f"{where}: {what}")

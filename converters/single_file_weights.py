@@ -18,8 +18,8 @@ from edge_sdk.errors import ConversionError, SafetensorsError
 from edge_sdk.safetensors_file import read_header
 
 from .checkpoint import PICKLE_SUFFIXES, SAFE_SUFFIX
-from .single_file_layout import (CLIP_PREFIX, OPEN_CLIP_PREFIX, TEXT_OPEN_CLIP, UNET_PREFIX,
-                                 VAE_PREFIX)
+from .single_file_layout import (CLIP_PREFIX, OPEN_CLIP_PREFIX, TEXT_OPEN_CLIP, TEXT_XL,
+                                 UNET_PREFIX, VAE_PREFIX, XL_CLIP_PREFIX, XL_OPEN_CLIP_PREFIX)
 
 # names a converted state may carry that the model has no place for, harmlessly: CLIP's
 # position ids (a buffer) and OpenCLIP's projection and temperature (unused by SD)
@@ -83,8 +83,9 @@ def _unpickled(name: str, _mtime: int) -> dict[str, Any]:
     return {k: v for k, v in data.items() if isinstance(k, str) and hasattr(v, "shape")}
 
 
-_PREFIXES = {"unet": UNET_PREFIX, "vae": VAE_PREFIX}
-LABELS = {"unet": "UNet", "vae": "VAE", "text_encoder": "text encoder"}
+_PREFIXES = {"unet": UNET_PREFIX, "vae": VAE_PREFIX, "text_encoder_2": XL_OPEN_CLIP_PREFIX}
+LABELS = {"unet": "UNet", "vae": "VAE", "text_encoder": "text encoder",
+          "text_encoder_2": "second text encoder"}
 
 
 def load_component(name: str, config: Mapping[str, Any], path: Path, text: str,
@@ -109,8 +110,10 @@ def empty_model(name: str, config: Mapping[str, Any]) -> Any:
             if name == "vae":
                 from diffusers import AutoencoderKL
                 return AutoencoderKL.from_config(dict(config))
-            from transformers import CLIPTextConfig, CLIPTextModel
-            return CLIPTextModel(CLIPTextConfig.from_dict(dict(config)))
+            from transformers import (CLIPTextConfig, CLIPTextModel,
+                                      CLIPTextModelWithProjection)
+            cls = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
+            return cls(CLIPTextConfig.from_dict(dict(config)))
     except Exception as exc:  # diffusers/transformers validate configs in many ways
         raise ConversionError(f"the {LABELS[name]} config does not describe a model "
                               f"diffusers can build ({type(exc).__name__}: {exc}); fix the "
@@ -128,9 +131,11 @@ def converted_state(name: str, state: Mapping[str, Any], config: Mapping[str, An
         if any(".down_blocks." in k or ".up_blocks." in k for k in state):
             return _renamed_legacy_vae(state)  # already diffusers' layout (a --vae file)
         return sfu.convert_ldm_vae_checkpoint(state, cfg)
-    if text == TEXT_OPEN_CLIP:
+    if name == "text_encoder_2":  # SDXL's OpenCLIP bigG, with its text projection
+        converted = sfu.convert_open_clip_checkpoint(model, state, prefix=XL_OPEN_CLIP_PREFIX)
+    elif text == TEXT_OPEN_CLIP:
         converted = sfu.convert_open_clip_checkpoint(model, state, prefix=OPEN_CLIP_PREFIX)
-    else:
+    else:  # (its prefixes include SDXL's first encoder's)
         converted = sfu.convert_ldm_clip_checkpoint(state)
     # transformers >= 5 flattened CLIPTextModel (no `text_model.` level); old files lack it
     flat = {k.removeprefix("text_model."): v for k, v in converted.items()}
@@ -201,8 +206,8 @@ def check_shapes(name: str, shapes: Mapping[str, Any], config: Mapping[str, Any]
 
 
 def _prefix(name: str, text: str) -> str:
-    return _PREFIXES.get(name) or (OPEN_CLIP_PREFIX if text == TEXT_OPEN_CLIP
-                                   else CLIP_PREFIX)
+    return _PREFIXES.get(name) or {TEXT_OPEN_CLIP: OPEN_CLIP_PREFIX,
+                                   TEXT_XL: XL_CLIP_PREFIX}.get(text, CLIP_PREFIX)
 
 
 def check_fit(model: Any, state: Mapping[str, Any], where: str) -> None:

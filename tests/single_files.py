@@ -3,7 +3,8 @@ Stable Diffusion layout (`model.diffusion_model.*`, `first_stage_model.*`,
 `cond_stage_model.*`), as trainers and sharing sites publish models.
 
 The renaming is written here from the original repositories' module names (openaimodel's
-input/middle/output blocks, the autoencoder's down/mid/up, OpenCLIP's resblocks), not taken
+input/middle/output blocks and SDXL's label_emb, the autoencoder's down/mid/up, OpenCLIP's
+resblocks; SDXL's conditioner.embedders), not taken
 from diffusers, whose conversion in the other direction is what the tests check. It works
 on numpy arrays (files) and on torch meta tensors (full-size layouts without the memory).
 """
@@ -52,6 +53,9 @@ def unet_rules(cfg: Mapping[str, Any]) -> list[tuple[str, str, tuple[tuple[str, 
              ("mid_block.resnets.0.", "middle_block.0.", _UNET_RESNET),
              ("mid_block.attentions.0.", "middle_block.1.", ()),
              ("mid_block.resnets.1.", "middle_block.2.", _UNET_RESNET)]
+    if cfg.get("addition_embed_type") == "text_time":  # SDXL's added conditions
+        rules += [("add_embedding.linear_1.", "label_emb.0.0.", ()),
+                  ("add_embedding.linear_2.", "label_emb.0.2.", ())]
     for i in range(levels):
         for j in range(n):
             k = 1 + i * (n + 1) + j
@@ -110,22 +114,25 @@ def vae_to_original(weights: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict[
     return out
 
 
-def clip_to_original(weights: Mapping[str, Any]) -> dict[str, Any]:
-    """SD 1.x: transformers' CLIP names (as transformers 4 wrote them) under a prefix."""
-    out = {"cond_stage_model.transformer.text_model." + k.removeprefix("text_model."): v
+def clip_to_original(weights: Mapping[str, Any],
+                     prefix: str = "cond_stage_model.transformer.") -> dict[str, Any]:
+    """SD 1.x (SDXL's first encoder: another prefix): transformers' CLIP names (as
+    transformers 4 wrote them) under a prefix."""
+    out = {prefix + "text_model." + k.removeprefix("text_model."): v
            for k, v in weights.items()}
-    out["cond_stage_model.transformer.text_model.embeddings.position_ids"] = \
-        np.arange(77, dtype=np.int64)[None]
+    out[prefix + "text_model.embeddings.position_ids"] = np.arange(77, dtype=np.int64)[None]
     return out
 
 
 def open_clip_to_original(weights: Mapping[str, Any], projection: Any,
-                          extra_layers: int = 0) -> dict[str, Any]:
-    """SD 2.x: OpenCLIP's text tower, q/k/v joined into one in_proj per layer.
-    `projection` is the tower's text_projection; `extra_layers` more resblocks are written
-    (copies of the last) as SD 2.x files hold 24 where the model uses 23."""
-    w = {k.removeprefix("text_model."): v for k, v in weights.items()}
-    p = "cond_stage_model.model."
+                          extra_layers: int = 0, p: str = "cond_stage_model.model."
+                          ) -> dict[str, Any]:
+    """SD 2.x (SDXL's second encoder: prefix `p`): OpenCLIP's text tower, q/k/v joined into
+    one in_proj per layer. `projection` is the tower's text_projection (x @ projection);
+    `extra_layers` more resblocks are written (copies of the last) as SD 2.x files hold 24
+    where the model uses 23."""
+    w = {k.removeprefix("text_model."): v for k, v in weights.items()
+         if not k.startswith("text_projection")}
     out = {p + "token_embedding.weight": w["embeddings.token_embedding.weight"],
            p + "positional_embedding": w["embeddings.position_embedding.weight"],
            p + "ln_final.weight": w["final_layer_norm.weight"],
@@ -144,7 +151,8 @@ def open_clip_to_original(weights: Mapping[str, Any], projection: Any,
 
 def _index(out: Mapping[str, Any], prefix: str) -> int:
     """The next resblock number."""
-    done = {k.split(".")[4] for k in out if k.startswith(prefix + "transformer.resblocks.")}
+    head = prefix + "transformer.resblocks."
+    done = {k[len(head):].split(".")[0] for k in out if k.startswith(head)}
     return len(done)
 
 
@@ -163,8 +171,15 @@ def original_layout(family: str, prediction: str = "epsilon") -> tuple[Any, Any,
     from converters.single_file import family_configs
     from converters.single_file_weights import empty_model
     configs = family_configs(family, prediction)
-    models = {n: empty_model(n, configs[n]) for n in ("unet", "vae", "text_encoder")}
+    names = ("unet", "vae", "text_encoder") + (("text_encoder_2",) if "text_encoder_2" in
+                                               configs else ())
+    models = {n: empty_model(n, configs[n]) for n in names}
     state = {n: m.state_dict() for n, m in models.items()}
+    if "text_encoder_2" in state:
+        out = {"unet": unet_to_original(state["unet"], configs["unet"]),
+               "vae": vae_to_original(state["vae"], configs["vae"])}
+        out.update(_xl_text(state["text_encoder"], state["text_encoder_2"]))
+        return configs, models, out
     if family.startswith("sd2"):
         te = open_clip_to_original(state["text_encoder"],
                                    torch.empty(1024, 1024, device="meta"), 1)
@@ -173,6 +188,17 @@ def original_layout(family: str, prediction: str = "epsilon") -> tuple[Any, Any,
     return configs, models, {"unet": unet_to_original(state["unet"], configs["unet"]),
                              "vae": vae_to_original(state["vae"], configs["vae"]),
                              "text_encoder": te}
+
+
+XL_CLIP, XL_OPEN_CLIP = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
+
+
+def _xl_text(te: Mapping[str, Any], te2: Mapping[str, Any]) -> dict[str, Any]:
+    """SDXL's two text encoders in the original layout (the second's projection stored as
+    OpenCLIP's x @ P, the transpose of transformers' Linear weight)."""
+    return {"text_encoder": clip_to_original(te, XL_CLIP),
+            "text_encoder_2": open_clip_to_original(te2, te2["text_projection.weight"].T,
+                                                    p=XL_OPEN_CLIP)}
 
 
 def layout_shapes(original: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple[int, ...]]:
@@ -202,14 +228,17 @@ def write_single_file(ckpt: Path, out: Path, text: str = "clip", dtype: Any = No
                       extra_text_layers: int = 0) -> Path:
     """The diffusers folder `ckpt` as one original-layout .safetensors file (`text`: "clip"
     for SD 1.x's text encoder layout, "open_clip" for SD 2.x's, with `extra_text_layers`
-    unused blocks; `dtype`: cast floats)."""
+    unused blocks, "sdxl" for SDXL's two; `dtype`: cast floats)."""
     from safetensors.numpy import save_file
     cfg = {n: json.loads((ckpt / n / "config.json").read_text()) for n in ("unet", "vae")}
     tensors = unet_to_original(folder_weights(ckpt, "unet"), cfg["unet"])
     if vae:
         tensors.update(vae_to_original(folder_weights(ckpt, "vae"), cfg["vae"]))
     te = folder_weights(ckpt, "text_encoder")
-    if text == "clip":
+    if text == "sdxl":
+        for part in _xl_text(te, folder_weights(ckpt, "text_encoder_2")).values():
+            tensors.update(part)
+    elif text == "clip":
         tensors.update(clip_to_original(te))
     else:
         width = te[next(k for k in te if k.endswith("token_embedding.weight"))].shape[1]

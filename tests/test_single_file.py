@@ -22,7 +22,8 @@ pytestmark = needs_convert
 PROMPT = "a red circle on a blue background"
 WIDTH, HEIGHT, STEPS = 64, 64, 4
 LEAN = dict(vae_encoder=False, vae_stages=False, feature_cache=False)
-TEXT = {"tiny-sd1": "clip", "tiny-inpaint": "clip", "tiny-sd2": "open_clip"}
+TEXT = {"tiny-sd1": "clip", "tiny-inpaint": "clip", "tiny-sd2": "open_clip",
+        "tiny-sdxl": "sdxl"}
 
 
 def _image(bundle, arch: str) -> np.ndarray:
@@ -46,10 +47,11 @@ def files(models, tmp_path_factory):
                                     text) for arch, text in TEXT.items()}
 
 
-@pytest.mark.parametrize("arch", ["tiny-sd1", "tiny-sd2", "tiny-inpaint"])
+@pytest.mark.parametrize("arch", ["tiny-sd1", "tiny-sd2", "tiny-inpaint", "tiny-sdxl"])
 def test_single_file_gives_the_folders_image(models, files, tmp_path, arch):
-    """SD 1.x, SD 2.x v-prediction (OpenCLIP text encoder, linear projections) and a
-    9-channel inpainting UNet, read with --config (the tiny architectures are no shipped
+    """SD 1.x, SD 2.x v-prediction (OpenCLIP text encoder, linear projections), a
+    9-channel inpainting UNet and SDXL (conditioner.embedders: CLIP and OpenCLIP with its
+    projection, label_emb), read with --config (the tiny architectures are no shipped
     family)."""
     from converters.convert import convert
     ckpt = models.checkpoint(arch)
@@ -137,7 +139,8 @@ def test_fp16_and_pickle_files_and_diffusers_layout_vae(models, files, tmp_path)
 
 @pytest.mark.parametrize("family,prediction", [("sd1", "epsilon"), ("sd1-inpainting", "epsilon"),
                                                ("sd2", "v_prediction"), ("sd2", "epsilon"),
-                                               ("sd2-inpainting", "epsilon")])
+                                               ("sd2-inpainting", "epsilon"),
+                                               ("sdxl", "epsilon")])
 def test_shipped_configs_fit_the_full_size_layouts(family, prediction):
     """The full-size architectures built from the shipped configs (weights on the meta
     device: no memory), written out in the original layout: detected as their family, and
@@ -147,12 +150,29 @@ def test_shipped_configs_fit_the_full_size_layouts(family, prediction):
     configs, _, original = original_layout(family, prediction)
     shapes = layout_shapes(original)
     assert read_layout(shapes, family).family == family
-    text = "open_clip" if family.startswith("sd2") else "clip"
+    text = {"sd2": "open_clip", "sdxl": "sdxl"}.get(family[:4].rstrip("-"), "clip")
     for name in original:  # every weight fits, and none of the UNet's is left over
         check_shapes(name, shapes, configs[name], text, name)
+    stray = "model.diffusion_model." + ("label_emb.1.0.weight" if family == "sdxl"
+                                        else "label_emb.0.0.weight")
     with pytest.raises(ConversionError, match="no place in this architecture.*label_emb"):
-        check_shapes("unet", {**shapes, "model.diffusion_model.label_emb.0.0.weight": (8, 8)},
-                     configs["unet"], text, "unet")
+        check_shapes("unet", {**shapes, stray: (8, 8)}, configs["unet"], text, "unet")
+
+
+def test_sdxl_turbo_single_file_takes_turbos_configs(tmp_path):
+    """An SDXL file is read as SDXL; `--family sdxl-turbo` gives Turbo's configs (a file
+    cannot tell them apart). Full size, sparse: the header and meta tensors only."""
+    from converters.checkpoint import open_checkpoint
+    path = sparse_file(tmp_path / "xl.safetensors", layout_shapes(original_layout("sdxl")[2]))
+    xl = open_checkpoint(path)
+    assert xl.is_xl and xl.family == "sdxl" and xl.config("unet")["sample_size"] == 128
+    turbo = open_checkpoint(path, family="sdxl-turbo")
+    sched = turbo.config("scheduler")
+    assert turbo.family == "sdxl-turbo" and turbo.config("unet")["sample_size"] == 64
+    assert (sched["_class_name"], sched["timestep_spacing"]) == (
+        "EulerAncestralDiscreteScheduler", "trailing")
+    assert (turbo.path / "tokenizer_2").is_dir() and turbo.model_index[
+        "force_zeros_for_empty_prompt"]
 
 
 SD2_SHAPES = {"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
