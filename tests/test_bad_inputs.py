@@ -251,6 +251,26 @@ def _convert_edited(edits: dict[str, dict[str, Any]], **files: str) -> Callable[
     return lambda c: c.convert(_edited(c, edits, **files), "-o", c.tmp / "out")
 
 
+def _xl_manifest(ctx: Ctx, edit: Callable[[dict], None]) -> Path:
+    """A copy of the tiny SDXL bundle with its manifest edited."""
+    bundle = ctx.tmp / "sdxl"
+    shutil.copytree(ctx.models.bundle("tiny-sdxl"), bundle)
+    path = bundle / "manifest.json"
+    m = json.loads(path.read_text())
+    edit(m)
+    path.write_text(json.dumps(m))
+    return bundle
+
+
+def _xl_refiner(ctx: Ctx) -> Any:
+    ck = ctx.tmp / "refiner"
+    shutil.copytree(ctx.models.checkpoint("tiny-sdxl"), ck)
+    path = ck / "unet" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()),
+                                "projection_class_embeddings_input_dim": 72}))
+    return ctx.convert(ck, "-o", ctx.tmp / "out")
+
+
 def _longer_tokenizer(ctx: Ctx) -> Any:
     ck = _edited(ctx, {})
     path = ck / "tokenizer" / "tokenizer_config.json"
@@ -831,9 +851,9 @@ ROWS: list[Row] = [
         lambda c: c.convert(_write(c, "cut.safetensors", b"\x10\x27" + b"\0" * 6 + b"{"),
                             "-o", c.tmp / "out"), ConversionError,
         "not a .safetensors file, or truncated"),
-    Row("conversion", "single file of an SDXL model",
-        lambda c: _single(c, shapes={"conditioner.embedders.1.model.ln_final.weight": (8,)}),
-        ConversionError, "an SDXL checkpoint"),
+    Row("conversion", "single file of an SDXL refiner (one conditioner text encoder)",
+        lambda c: _single(c, shapes={"conditioner.embedders.0.model.ln_final.weight": (8,)}),
+        ConversionError, "without SDXL base's two text encoders: an SDXL refiner"),
     Row("conversion", "single file of an architecture no shipped family has, no --config",
         lambda c: _single(c), ConversionError,
         "unknown architecture \\(a CLIP text encoder.*width 32\\).*--config DIR"),
@@ -913,9 +933,25 @@ ROWS: list[Row] = [
     Row("conversion", "tokenizer longer (100) than the text encoder's positions (77)",
         _longer_tokenizer, ConversionError,
         r"model_max_length \(100\) exceeds.*max_position_embeddings \(77\)"),
-    Row("conversion", "an SDXL checkpoint (not supported yet)",
-        _convert_edited({".": {"_class_name": "StableDiffusionXLPipeline"}}), ConversionError,
-        "SDXL checkpoint"),
+    Row("conversion", "an SDXL-style UNet without a second text encoder",
+        _convert_edited({"unet": {"addition_embed_type": "text_time"}}), ConversionError,
+        "needs both a text_encoder_2 folder"),
+    Row("conversion", "an SDXL refiner (aesthetic-score conditioning, 5 time ids)",
+        _xl_refiner, ConversionError, "an SDXL refiner"),
+    Row("conversion", "--format tflite for an SDXL checkpoint", lambda c: c.convert(
+        c.models.checkpoint("tiny-sdxl"), "-o", c.tmp / "out", "--format", "tflite"),
+        ConversionError, "--format tflite .*not available for SDXL"),
+    Row("manifest", "an SDXL manifest whose text section names no pooled encoder",
+        lambda c: Pipeline.load(_xl_manifest(c, _set(["text", "pooled"], None))),
+        ManifestError, "text.pooled is None but the UNet graph takes 'text_embeds'"),
+    Row("parameter", "prompt_2 for an SD 1.x model", lambda c: c.gen(prompt_2="a cube"),
+        InvalidInputError, "prompt_2: for SDXL models"),
+    Row("parameter", "SDXL original_size that is not (height, width)", lambda c: Pipeline.load(
+        c.models.bundle("tiny-sdxl"))("x", steps=1, original_size=(512,)), InvalidInputError,
+        r"original_size must be two whole numbers .*\(height, width"),
+    Row("parameter", "a LoRA on an SDXL bundle", lambda c: Pipeline.load(
+        c.models.bundle("tiny-sdxl"), loras={c.tmp / "x.safetensors": 1.0}), LoraError,
+        "LoRAs on SDXL bundles are not supported yet"),
     Row("conversion", "a UNet with 5 input channels (neither 4 nor inpainting's 9)",
         _convert_edited({"unet": {"in_channels": 5}}), ConversionError,
         "UNet takes 5 input channels.*must take 4 .*or 9"),

@@ -1,7 +1,7 @@
 """The native (x86) side of the emulated-aarch64 stage: the generations tests/arm64/smoke.py
 makes on arm64, made here, saved for it to compare with.
 
-    python tests/arm64/reference.py TFLITE_BUNDLE OUT.npz W8A8_BUNDLE
+    python tests/arm64/reference.py TFLITE_BUNDLE OUT.npz W8A8_BUNDLE SDXL_BUNDLE
 """
 
 from __future__ import annotations
@@ -93,6 +93,14 @@ def write_lora(path: str) -> None:
           strength=0.2)
 
 
+def sdxl(bundle: str) -> np.ndarray:
+    """A tiny SDXL-architecture bundle (two text encoders, added conditions) in memory mode
+    low, guided with no negative prompt (zeros), at a non-square size."""
+    from edge_sdk import Pipeline
+    return np.asarray(Pipeline.load(bundle, memory="low")(PROMPT, seed=SEED, steps=STEPS,
+                                                          width=96, height=64))
+
+
 def seen(image: np.ndarray) -> str:
     """What the shapes evaluator (OpenCV) reads in an image, as text to compare."""
     from edge_sdk.shapes.evaluator import analyse
@@ -100,7 +108,7 @@ def seen(image: np.ndarray) -> str:
 
 
 def main() -> int:
-    tflite, out, w8a8 = sys.argv[1], sys.argv[2], sys.argv[3]
+    tflite, out, w8a8, xl = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
     onnx_image, latents = generate()
     tflite_image, _ = generate(tflite, backend="tflite")
     w8a8_image, _ = generate(w8a8)
@@ -110,7 +118,7 @@ def main() -> int:
              seen=np.array(seen(onnx_image)), source=source, mask=mask,
              img2img=edit(source, None), inpaint=edit(source, mask),
              tiny=decode_tiny(latents), preview=preview(latents), lcm=few_step(),
-             cached=cached(), lora=with_lora(lora_file(out)))
+             cached=cached(), lora=with_lora(lora_file(out)), sdxl=sdxl(xl))
     return 0
 
 

@@ -3,14 +3,14 @@ onnxruntime costs ~10 s under emulation): one small generation per feature, each
 with the same generation made natively (tests/arm64/reference.py), so the check is that
 aarch64 computes what x86 does, not only that it runs.
 
-    python tests/arm64/smoke.py REFERENCE.npz TFLITE_BUNDLE W8A8_BUNDLE
+    python tests/arm64/smoke.py REFERENCE.npz TFLITE_BUNDLE W8A8_BUNDLE SDXL_BUNDLE
 
 Features: the default model on onnxruntime; the shapes evaluator (OpenCV); low memory (the
 VAE decoded in strips, decoder sessions opened per stage); the tiny decoder; the live
 preview's decoder (numpy); feature caching; the few-step model (shapes-lcm); a LoRA applied at
 load time with a weighted prompt; img2img;
 inpainting in low memory (the source encoded in strips); the LiteRT backend; the W8A8 (NPU)
-bundle's QDQ UNet on the CPU EP; `edge-sdk serve`
+bundle's QDQ UNet on the CPU EP; a tiny SDXL bundle in low memory; `edge-sdk serve`
 (embedded), one image over HTTP. (The runtime's import boundary is tested natively: this root
 filesystem has no torch to import.) Prints one line per feature with its time and its
 difference from x86; exits 1 on any miss.
@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference import (PROMPT, SEED, STEPS, cached, decode_tiny, edit, few_step,  # noqa: E402
-                       generate, lora_file, preview, seen, with_lora)
+                       generate, lora_file, preview, sdxl, seen, with_lora)
 
 # onnxruntime's aarch64 kernels (NEON) round differently from x86's (AVX2): a few /255
 TOLERANCE = 3
@@ -140,6 +140,8 @@ def main() -> int:
           ref["tflite"], t)
     t = time.perf_counter()
     check_int8("W8A8 static QDQ UNet (NPU bundle)", generate(sys.argv[3])[0], ref["w8a8"], t)
+    t = time.perf_counter()
+    check("SDXL (tiny), low memory", sdxl(sys.argv[4]), ref["sdxl"], t)
     serve(ref["onnx"])
     print("arm64 smoke " + (f"FAILED: {', '.join(failures)}" if failures else "passed"))
     return 1 if failures else 0

@@ -3,7 +3,7 @@
 # 64-bit) with only the runtime's aarch64 wheels, one process (tests/arm64/smoke.py) makes one
 # small generation per feature — onnxruntime, low memory with the VAE in tiles, the tiny and
 # preview decoders, feature caching, shapes-lcm, img2img, inpainting, LiteRT, the W8A8 (NPU)
-# bundle on the CPU, the IoT example over HTTP — and compares each with the same generation made natively here
+# bundle on the CPU, a tiny SDXL bundle, the IoT example over HTTP — and compares each with the same generation made natively here
 # (tests/arm64/reference.py).
 # Budget: 5 min with the cache warm. Exit non-zero on failure.
 set -euo pipefail
@@ -40,10 +40,22 @@ if [ ! -f "$CACHE/w8a8-$KEY/manifest.json" ]; then
      >"$CACHE/convert-w8a8.log" 2>&1) || { tail -20 "$CACHE/convert-w8a8.log"; exit 1; }
 fi
 rm -rf "${ROOT:?}/$W8" && cp -r "$CACHE/w8a8-$KEY" "$ROOT/$W8"
-(cd "$ROOT" && python tests/arm64/reference.py "$TFL" "$TFL/reference.npz" "$W8")
+# A tiny SDXL-architecture bundle (two text encoders, added conditions), built from a fixed
+# seed and cached the same way (~15 s)
+XL=.arm64-sdxl-bundle
+if [ ! -f "$CACHE/sdxl-$KEY/manifest.json" ]; then
+  rm -rf "$CACHE"/sdxl-*
+  (cd "$ROOT" && python -m converters.cli synth --arch tiny-sdxl -o "$CACHE/sdxl-checkpoint" \
+     && python -m converters.cli "$CACHE/sdxl-checkpoint" -o "$CACHE/sdxl-$KEY" \
+        --name tiny-sdxl --no-vae-encoder --no-vae-stages \
+     >"$CACHE/convert-sdxl.log" 2>&1) || { tail -20 "$CACHE/convert-sdxl.log"; exit 1; }
+  rm -rf "$CACHE/sdxl-checkpoint"
+fi
+rm -rf "${ROOT:?}/$XL" && cp -r "$CACHE/sdxl-$KEY" "$ROOT/$XL"
+(cd "$ROOT" && python tests/arm64/reference.py "$TFL" "$TFL/reference.npz" "$W8" "$XL")
 echo "== emulated arm64 stage (QEMU_CPU=${QEMU_CPU:-cortex-a72}), prepared in $((SECONDS - start)) s"
 bash "$HERE/run.sh" /bin/sh -ec "
   echo \"machine: \$(uname -m)\"
   EDGE_SDK_CACHE_DIR=/tmp python tests/arm64/smoke.py /src/$TFL/reference.npz /src/$TFL \
-    /src/$W8"
+    /src/$W8 /src/$XL"
 echo "== emulated arm64 stage passed in $((SECONDS - start)) s"
