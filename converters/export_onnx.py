@@ -169,7 +169,17 @@ def to_fp16_file(src: Path) -> Any:
         graph = onnx.load(str(inferred), load_external_data=True)
     finally:
         inferred.unlink(missing_ok=True)
-    return convert_float_to_float16(graph, keep_io_types=True, disable_shape_infer=True)
+    return convert_float_to_float16(graph, keep_io_types=True, disable_shape_infer=True,
+                                    node_block_list=_fp32_nodes(graph))
+
+
+# Sinusoidal embeddings kept fp32 in fp16 graphs: their arguments reach the timestep (999)
+# and SDXL's sizes (1024 and more), where fp16's step is 0.5-1 radian
+FP32_SCOPES = ("/time_proj/", "/add_time_proj/")
+
+
+def _fp32_nodes(graph: Any) -> list[str]:
+    return [n.name for n in graph.graph.node if any(s in n.name for s in FP32_SCOPES)]
 
 
 def to_fp16(graph: Any) -> Any:

@@ -20,8 +20,9 @@ _VAE_ROLES = (N.VAE_DECODER, N.VAE_ENCODER)
 
 
 def check_xl_options(opts: ConvertOptions) -> ConvertOptions:
-    """The options an SDXL conversion serves; SDXL's VAE kept fp32 where fp16 was not asked
-    of it by name (its activations overflow fp16: diffusers upcasts it, `force_upcast`)."""
+    """The options an SDXL conversion serves; SDXL's VAE (not a tiny decoder, which is
+    fp16-safe) kept fp32 where fp16 was not asked of it by name (its activations overflow
+    fp16: diffusers upcasts it, `force_upcast`)."""
     refused = [(opts.fmt == "tflite", "--format tflite (LiteRT's flatbuffers stop at 2 GB "
                 "and SDXL's UNet is 10 GB in fp32; it would have to be split into graphs)"),
                (opts.static_qdq is not None or opts.full_int,
@@ -39,5 +40,5 @@ def check_xl_options(opts: ConvertOptions) -> ConvertOptions:
         log.warning("SDXL's VAE overflows in fp16 (diffusers upcasts it): it is kept fp32; "
                     "--precision fp16,vae=fp16 forces it (for a fixed-scale fp16 VAE, with "
                     "--vae)")
-        opts = replace(opts, precision=opts.precision + ",vae=fp32")
+        opts = replace(opts, precision=opts.precision + "".join(f",{r}=fp32" for r in fp16))
     return opts

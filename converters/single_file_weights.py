@@ -90,7 +90,8 @@ LABELS = {"unet": "UNet", "vae": "VAE", "text_encoder": "text encoder",
 
 def load_component(name: str, config: Mapping[str, Any], path: Path, text: str,
                    allow_pickle: bool) -> Any:
-    """The diffusers/transformers model of component `name` with the file's weights."""
+    """The diffusers/transformers model of component `name` with the file's weights (the
+    converted state is consumed as the weights are put in place)."""
     model = empty_model(name, config)
     state = converted_state(name, read_tensors(path, _prefix(name, text), allow_pickle),
                             config, text, model)
@@ -226,7 +227,13 @@ def check_fit(model: Any, state: Mapping[str, Any], where: str) -> None:
             + ". Another architecture? Give --family, or --config DIR with its configs")
 
 
-def _assign(model: Any, state: Mapping[str, Any]) -> Any:
-    model.load_state_dict({k: state[k].contiguous() for k in model.state_dict()},
-                          strict=True, assign=True)
+def _assign(model: Any, state: dict[str, Any]) -> Any:
+    """The weights (checked by check_fit) put in place one at a time, each cast to fp32 and
+    taken out of `state` as it goes: a file's fp16 tensors and the fp32 model are not held
+    whole together (SDXL's UNet: 5 GB + 10 GB)."""
+    from accelerate.utils import set_module_tensor_to_device
+    for name in list(model.state_dict()):
+        t = state.pop(name).contiguous()
+        set_module_tensor_to_device(model, name, "cpu",
+                                    value=t.float() if t.is_floating_point() else t)
     return model.float().eval()

@@ -63,7 +63,8 @@ def load_streamed(cls: Any, folder: Path) -> Any | None:
     found = {k: tuple(e["shape"]) for _, h, _ in headers for k, e in h.items()}
     if found != expected or any(e["dtype"] not in dtypes for _, h, _ in headers
                                 for e in h.values()):
-        log.debug("%s: its tensors are not the model's as built; from_pretrained", folder)
+        log.info("%s: its tensors are not the model's as built; loading it whole with "
+                 "from_pretrained (more memory)", folder)
         return None
     for path, header, start in headers:
         with open(path, "rb") as f:
@@ -76,4 +77,4 @@ def load_streamed(cls: Any, folder: Path) -> Any | None:
                 set_module_tensor_to_device(model, name, "cpu",
                                             value=t.to(torch.float32) if t.is_floating_point()
                                             else t)
-    return model
+    return model.eval()

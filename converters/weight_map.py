@@ -54,7 +54,8 @@ def weight_map(graph: Any, base_dir: Path, model: Any, prefix: str = "m.",
         key = _digest(numpy_helper.to_array(init, base_dir=str(base_dir)))
         if key in pending and key not in ambiguous:
             name, transposed = pending[key]
-            out.setdefault(name, [init_name, transposed])
+            # a renamed parameter is the checkpoint's weight transposed
+            out.setdefault(renamed.get(name, name), [init_name, transposed != (name in renamed)])
     missing = sum(1 for n, _ in model.named_parameters() if renamed.get(n, n) not in out)
     log.debug("weight map: %d parameters mapped, %d not found (folded away or ambiguous)",
               len(out), missing)
