@@ -57,6 +57,11 @@ class Checkpoint:
         except (OSError, json.JSONDecodeError) as exc:
             raise ConversionError(f"{index}: unreadable ({exc})") from exc
         xl = (path / "text_encoder_2").is_dir() or "text_encoder_2" in model_index
+        if model_index.get("requires_aesthetics_score") or (
+                xl and not (path / "text_encoder").is_dir()):
+            raise ConversionError(f"{path}: an SDXL refiner (one text encoder, aesthetic-score "
+                                  "conditioning), which edge-convert does not convert; it "
+                                  "takes SDXL base and Turbo checkpoints")
         missing = [d for d in COMPONENT_DIRS + (XL_DIRS if xl else ())
                    if not (path / d).is_dir()]
         if missing:
@@ -129,6 +134,11 @@ class Checkpoint:
         unet, vae, text = self.config("unet"), self.config("vae"), self.config("text_encoder")
         if self.is_xl:
             self._check_xl(unet, text)
+            if unet.get("in_channels") != vae.get("latent_channels"):
+                raise ConversionError(f"{self.path}: an SDXL inpainting UNet "
+                                      f"({unet.get('in_channels')} input channels); "
+                                      "edge-convert converts SDXL text-to-image checkpoints "
+                                      "(base, Turbo) so far")
         else:
             _same("the text encoder's width (text_encoder hidden_size)",
                   text.get("hidden_size"),

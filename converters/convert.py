@@ -70,9 +70,6 @@ def convert(checkpoint: str | Path, output: str | Path, options: ConvertOptions 
     option and the checkpoint's consistency are checked before anything is exported."""
     opts = ConvertOptions.of(options, kwargs).validate()
     say = progress or (lambda msg: log.info("%s", msg))
-    if opts.fmt == "tflite":
-        from .export_tflite import require_litert_torch
-        require_litert_torch()
     if opts.export_cache is not None:
         from .export_cache import open_cache
         open_cache(opts.export_cache)
@@ -83,6 +80,9 @@ def convert(checkpoint: str | Path, output: str | Path, options: ConvertOptions 
     if ckpt.is_xl:
         from .sdxl import check_xl_options
         opts = check_xl_options(opts)
+    if opts.fmt == "tflite":  # (after the checkpoint: an SDXL one is refused by name first)
+        from .export_tflite import require_litert_torch
+        require_litert_torch()
     if opts.loras:
         from .lora_fuse import read_loras
         ckpt = replace(ckpt, loras=tuple(read_loras(ckpt, opts.loras)))

@@ -217,11 +217,10 @@ def _user_configs(folder: Path) -> dict[str, dict[str, Any]]:
     if (folder / XL_CONFIG / "config.json").is_file():
         configs[XL_CONFIG] = read_json(folder / XL_CONFIG / "config.json")
     sched = folder / SCHEDULER_CONFIG
-    configs["scheduler"] = read_json(sched) if sched.is_file() else \
-        _family_configs("sd1")["scheduler"]
+    family = _family_configs("sdxl" if XL_CONFIG in configs else "sd1")
+    configs["scheduler"] = read_json(sched) if sched.is_file() else family["scheduler"]
     index = folder / "model_index.json"
-    configs["model_index"] = read_json(index) if index.is_file() else \
-        {"_class_name": "StableDiffusionPipeline"}
+    configs["model_index"] = read_json(index) if index.is_file() else family["model_index"]
     return configs
 
 

@@ -67,7 +67,6 @@ def _timed(fn: Callable[[], Any], repeats: int = 3) -> tuple[Any, float]:
 def compare_components(test: Pipeline, ref: Pipeline, seed: int = 0) -> dict[str, Any]:
     """Each component of `test` vs `ref` on identical inputs."""
     m, rng = ref.manifest, np.random.default_rng(seed)
-    run = lambda p, c, feeds: p.session(c).run(feeds)  # noqa: E731
     side = m.unet.sample_size
     px = side * m.vae.scale_factor  # SDXL's time ids: the native size, uncropped
     conditioning = Conditioning.from_prompt(ref.encode_prompt(DEFAULT_PROMPTS[:2],
@@ -82,19 +81,33 @@ def compare_components(test: Pipeline, ref: Pipeline, seed: int = 0) -> dict[str
                                                            m.unet.time_cond_proj_dim, 2)
     feeds = {
         **{role: ({TextEncoderIO.INPUT_IDS: ref.tokenizers[m.tokenizer_of(role)[0]](
-            DEFAULT_PROMPTS[:2])}, TextEncoderIO.HIDDEN_STATES) for role in m.text.encoders},
-        N.UNET: (unet_in, UnetIO.OUTPUT),
-        N.VAE_DECODER: ({VaeIO.LATENTS: unscale_latents(lat[:1], m.vae)}, VaeIO.IMAGE),
+            DEFAULT_PROMPTS[:2])}, _text_outputs(m, role)) for role in m.text.encoders},
+        N.UNET: (unet_in, [UnetIO.OUTPUT]),
+        N.VAE_DECODER: ({VaeIO.LATENTS: unscale_latents(lat[:1], m.vae)}, [VaeIO.IMAGE]),
     }
     out: dict[str, Any] = {}
-    for comp, (inputs, name) in feeds.items():
-        want, t_ref = _timed(lambda: run(ref, comp, inputs)[name])
-        got, t_test = _timed(lambda: run(test, comp, inputs)[name])
+    for comp, (inputs, names) in feeds.items():
+        want, t_ref = _timed(lambda: _outputs(ref, comp, inputs, names))  # noqa: B023
+        got, t_test = _timed(lambda: _outputs(test, comp, inputs, names))  # noqa: B023
         out[comp] = {"precision": test.manifest.components[comp].precision,
                      "bytes": test.manifest.components[comp].bytes,
                      "reference_bytes": m.components[comp].bytes,
                      "seconds": t_test, "reference_seconds": t_ref, **_err(got, want)}
     return out
+
+
+def _outputs(pipe: Pipeline, comp: str, inputs: dict[str, Any], names: list[str]
+             ) -> np.ndarray:
+    """What a generation reads of a component: its outputs, flattened side by side."""
+    got = pipe.session(comp).run(inputs, names)
+    return np.concatenate([got[n].reshape(len(got[n]), -1) for n in names], axis=1)
+
+
+def _text_outputs(m: Manifest, role: str) -> list[str]:
+    """What a generation reads of a text encoder: its last hidden states, or (SDXL) every
+    layer's raw states, and the pooled projection of the encoder that feeds the UNet."""
+    main = TextEncoderIO.HIDDEN_LAYERS if m.text.penultimate else TextEncoderIO.HIDDEN_STATES
+    return [main] + ([TextEncoderIO.TEXT_EMBEDS] if role == m.text.pooled else [])
 
 
 def compare_images(test: Pipeline, ref: Pipeline, prompts: list[str], steps: int | None

@@ -280,7 +280,7 @@ def describe(m: Any, path: Path) -> list[str]:
         *_text_lines(m),
         "components",
     ]
-    width = max(len(c) for c in m.components)
+    width = len(N.TEXT_ENCODER_2)  # the longest main role; stages' longer names overflow
     for comp in m.components.values():
         size = sum(f.size for f in comp.files) / 1e6
         ios = " ".join(f"{t.name}:{t.dtype}[{','.join(map(str, t.shape))}]" for t in comp.inputs)

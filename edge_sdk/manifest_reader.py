@@ -78,26 +78,44 @@ def _check_optional_parts(m: Manifest, where: str) -> None:
                             f"the UNet graph does not output (or it does not take) "
                             f"{UnetIO.DEEP_FEATURES!r} of the same channels; re-convert the "
                             "bundle")
-    fed = {t.text_encoder for t in m.tokenizers.values()}
-    if any(e not in fed for e in m.text.encoders):
-        unfed = [e for e in m.text.encoders if e not in fed]
-        raise ManifestError(f"{where}: text encoders {unfed} have no tokenizer; re-convert "
-                            "the bundle")
-    for tensor in (UnetIO.TEXT_EMBEDS, UnetIO.TIME_IDS):
-        takes = tensor in m.components[names.UNET].input_names()
-        if takes != m.added_conditions:
-            raise ManifestError(f"{where}: text.pooled is {m.text.pooled!r} but the UNet graph "
-                                f"{'takes' if takes else 'does not take'} {tensor!r}; "
-                                "re-convert the bundle")
-    if m.text.pooled is not None and TextEncoderIO.TEXT_EMBEDS not in {
-            t.name for t in m.components[m.text.pooled].outputs}:
-        raise ManifestError(f"{where}: text.pooled names {m.text.pooled!r}, whose graph has "
-                            f"no {TextEncoderIO.TEXT_EMBEDS!r} output; re-convert the bundle")
+    _check_text(m, where)
     takes = "timestep_cond" in m.components[names.UNET].input_names()
     if takes != bool(m.unet.time_cond_proj_dim):
         raise ManifestError(f"{where}: unet.time_cond_proj_dim is {m.unet.time_cond_proj_dim} "
                             f"but the UNet graph {'takes a' if takes else 'takes no'} "
                             "timestep_cond input; re-convert the bundle")
+
+
+def _check_text(m: Manifest, where: str) -> None:
+    """The text section agrees with the graphs: a tokenizer of one window length for each
+    encoder, the outputs it reads, the encoders' widths making the UNet's context, the
+    UNet's added-condition inputs exactly when an encoder's pooled output feeds them."""
+    fail = f"{where}: %s; re-convert the bundle"
+    toks = {t.text_encoder: t for t in m.tokenizers.values()}
+    unfed = [e for e in m.text.encoders if e not in toks]
+    if unfed:
+        raise ManifestError(fail % f"text encoders {unfed} have no tokenizer")
+    if len({toks[e].max_length for e in m.text.encoders}) > 1:
+        raise ManifestError(fail % "the text encoders' tokenizers have different lengths")
+    need = (TextEncoderIO.HIDDEN_LAYERS if m.text.penultimate else TextEncoderIO.HIDDEN_STATES,)
+    widths = []
+    for e in m.text.encoders:
+        outs = {t.name: t for t in m.components[e].outputs}
+        wanted = need + ((TextEncoderIO.TEXT_EMBEDS,) if e == m.text.pooled else ())
+        if not all(n in outs for n in wanted):
+            raise ManifestError(fail % f"text encoder {e!r} has no {list(wanted)} outputs")
+        widths.append(outs[need[0]].shape[-1])
+    unet = m.components[names.UNET]
+    context = next((t.shape[-1] for t in unet.inputs if t.name == UnetIO.CONTEXT), None)
+    if all(isinstance(w, int) for w in widths) and isinstance(context, int) \
+            and sum(widths) != context:  # type: ignore[arg-type]
+        raise ManifestError(fail % f"the text encoders' widths {widths} do not make the "
+                            f"UNet's context width {context}")
+    for tensor in (UnetIO.TEXT_EMBEDS, UnetIO.TIME_IDS):
+        takes = tensor in unet.input_names()
+        if takes != m.added_conditions:
+            raise ManifestError(fail % f"text.pooled is {m.text.pooled!r} but the UNet graph "
+                                f"{'takes' if takes else 'does not take'} {tensor!r}")
 
 
 def _channels(spec: ComponentSpec, output: bool) -> object:

@@ -124,6 +124,9 @@ class Pipeline:
         each encoder is released after its prompts where the memory plan says."""
         g = self.manifest.defaults.guidance_scale if guidance_scale is None else guidance_scale
         refuse_negative_prompt_if_embedded(self.manifest, negative_prompt)
+        if (prompt_2, negative_prompt_2) != (None, None) and len(self.manifest.text.encoders) < 2:
+            raise InvalidInputError("prompt_2 / negative_prompt_2: for SDXL models (two text "
+                                    f"encoders); this bundle is {self.manifest.variant}")
         encoders = [Encoder(role, lambda role=role: self.session(role),
                             self.tokenizers[self.manifest.tokenizer_of(role)[0]],
                             lambda role=role: self.components.done_with(role))
@@ -143,12 +146,17 @@ class Pipeline:
     def denoise(self, embeds: PromptEmbeds, latents: np.ndarray, *, steps: int | None = None,
                 guidance_scale: float | None = None, scheduler: str | None = None,
                 seed: int | None = None, callback: StepCallback | None = None,
-                cache_interval: int | None = None, **added: Any) -> np.ndarray:
+                cache_interval: int | None = None,
+                original_size: tuple[int, int] | None = None,
+                crops_coords_top_left: tuple[int, int] | None = None,
+                target_size: tuple[int, int] | None = None) -> np.ndarray:
         """Denoise initial noise `latents` ([B, C, h, w], unit variance; scaled here by the
-        scheduler's init_noise_sigma) into final latents. `added`: an SDXL bundle's
-        original_size, crops_coords_top_left and target_size (default: the latents' size)."""
+        scheduler's init_noise_sigma) into final latents. An SDXL bundle's original_size,
+        crops_coords_top_left and target_size default to the latents' size and (0, 0)."""
         cfg = GenerationConfig(steps=steps, guidance_scale=guidance_scale, scheduler=scheduler,
-                               seed=seed, cache_interval=cache_interval, **added)
+                               seed=seed, cache_interval=cache_interval,
+                               original_size=original_size, target_size=target_size,
+                               crops_coords_top_left=crops_coords_top_left)
         cfg = size_from_latents(cfg, latents, self.manifest.vae.scale_factor
                                 ).resolve(self.manifest)
         if self.manifest.unet.time_cond_proj_dim and embeds.uncond is not None:

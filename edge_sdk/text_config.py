@@ -108,7 +108,9 @@ def check_text_options(manifest: Manifest, weighting: Any, long: Any,
         raise InvalidInputError(f"clip_skip={skip}: this bundle's text encoder exposes no "
                                 f"earlier layers ({fix}); or leave clip_skip at 0")
     if skip and skip > layers:  # (clip_skip = layers reads the token embeddings)
-        raise InvalidInputError(f"clip_skip={skip}: this bundle's text encoders have "
+        which = "this text encoder has" if len(manifest.text.encoders) == 1 else \
+            "this bundle's text encoders have"
+        raise InvalidInputError(f"clip_skip={skip}: {which} "
                                 f"{layers + int(manifest.text.penultimate)} layers; clip_skip "
                                 f"must be in [0, {layers}]")
     out["clip_skip"] = skip

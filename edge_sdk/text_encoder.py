@@ -143,9 +143,12 @@ def encode_prompts(encoders: Sequence[Encoder], spec: TextSpec, prompts: Sequenc
                   for e, ts in zip(encoders, texts) for t in ts) if options.long else 1
     hiddens, pooled = [], None
     for enc, ts in zip(encoders, texts):
-        hidden, pool = encode_text_pooled(enc.session(), enc.tokenizer, ts, options, skips,
-                                          spec.penultimate, enc.role == spec.pooled, windows)
-        enc.release()
+        try:
+            hidden, pool = encode_text_pooled(enc.session(), enc.tokenizer, ts, options,
+                                              skips, spec.penultimate, enc.role == spec.pooled,
+                                              windows)
+        finally:
+            enc.release()
         hiddens.append(hidden)
         pooled = pool if pool is not None else pooled
     hidden = np.concatenate(hiddens, axis=-1) if len(hiddens) > 1 else hiddens[0]

@@ -262,12 +262,21 @@ def _xl_manifest(ctx: Ctx, edit: Callable[[dict], None]) -> Path:
     return bundle
 
 
-def _xl_refiner(ctx: Ctx) -> Any:
-    ck = ctx.tmp / "refiner"
+def _xl_edited(ctx: Ctx, edits: dict[str, dict[str, Any]], drop: str | None = None) -> Path:
+    """A copy of the tiny SDXL checkpoint with config fields changed (component -> {key:
+    value}; "." the model index) and a component folder removed."""
+    ck = ctx.tmp / "sdxl-edited"
     shutil.copytree(ctx.models.checkpoint("tiny-sdxl"), ck)
-    path = ck / "unet" / "config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()),
-                                "projection_class_embeddings_input_dim": 72}))
+    for comp, changes in edits.items():
+        path = ck / ("model_index.json" if comp == "." else f"{comp}/config.json")
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    if drop:
+        shutil.rmtree(ck / drop)
+    return ck
+
+
+def _xl_refiner(ctx: Ctx) -> Any:
+    ck = _xl_edited(ctx, {"unet": {"projection_class_embeddings_input_dim": 72}})
     return ctx.convert(ck, "-o", ctx.tmp / "out")
 
 
@@ -938,6 +947,12 @@ ROWS: list[Row] = [
         "needs both a text_encoder_2 folder"),
     Row("conversion", "an SDXL refiner (aesthetic-score conditioning, 5 time ids)",
         _xl_refiner, ConversionError, "an SDXL refiner"),
+    Row("conversion", "an SDXL refiner folder (no first text encoder)", lambda c: c.convert(
+        _xl_edited(c, {".": {"requires_aesthetics_score": True}}, drop="text_encoder"), "-o",
+        c.tmp / "out"), ConversionError, "an SDXL refiner .*SDXL base and Turbo"),
+    Row("conversion", "an SDXL inpainting UNet (9 input channels)", lambda c: c.convert(
+        _xl_edited(c, {"unet": {"in_channels": 9}}), "-o", c.tmp / "out"), ConversionError,
+        "an SDXL inpainting UNet \\(9 input channels\\)"),
     Row("conversion", "--format tflite for an SDXL checkpoint", lambda c: c.convert(
         c.models.checkpoint("tiny-sdxl"), "-o", c.tmp / "out", "--format", "tflite"),
         ConversionError, "--format tflite .*not available for SDXL"),
