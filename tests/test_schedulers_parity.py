@@ -76,6 +76,20 @@ def _run_pair(class_name: str, config: dict, steps: int, seed: int) -> float:
     return worst
 
 
+@pytest.fixture(autouse=True)
+def _restore_noise():
+    """Put back the diffusers schedulers' own randn_tensor after each test: _patch_noise
+    replaces it, and a later test running diffusers' pipelines (the SDXL-Turbo parity)
+    drew this module's fixed noise of another shape."""
+    import importlib
+    mods = [importlib.import_module(f"diffusers.schedulers.{m}")
+            for m in ("scheduling_euler_ancestral_discrete", "scheduling_lcm")]
+    saved = [(m, m.randn_tensor) for m in mods]
+    yield
+    for m, fn in saved:
+        m.randn_tensor = fn
+
+
 def _patch_noise(class_name: str, noise: np.ndarray) -> None:
     """Make diffusers draw exactly `noise` (the ancestral noise both sides receive)."""
     import importlib

@@ -21,6 +21,10 @@ CASES = {
     "guided": dict(negative_prompt="blurry", guidance_scale=5.0, num_inference_steps=6),
     # no negative prompt: the unconditional embeddings are zeros (force_zeros_for_empty_prompt)
     "no-negative": dict(guidance_scale=5.0, num_inference_steps=6),
+    # an explicit "": encoded, not zeros
+    "empty-negative": dict(negative_prompt="", guidance_scale=5.0, num_inference_steps=4),
+    "dpmpp_2m": dict(negative_prompt="blurry", guidance_scale=5.0, num_inference_steps=5,
+                     scheduler="dpmpp_2m"),
     "second-prompts": dict(negative_prompt="blurry", prompt_2="a green cube",
                            negative_prompt_2="dark", guidance_scale=4.0,
                            num_inference_steps=5, clip_skip=1, original_size=(128, 160),
@@ -38,6 +42,8 @@ def _diffusers(checkpoint, latents: np.ndarray, **kw) -> np.ndarray:
     import torch
     pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(checkpoint,
                                                                local_files_only=True)
+    if kw.pop("scheduler", None) == "dpmpp_2m":
+        pipe.scheduler = diffusers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         return pipe(PROMPT, latents=torch.from_numpy(latents), height=HEIGHT, width=WIDTH,
@@ -151,3 +157,44 @@ def test_sd_bundle_refuses_sdxl_parameters(models):
     pipe = Pipeline.load(models.bundle("tiny-sd1"))
     with pytest.raises(InvalidInputError, match="prompt_2: for SDXL models"):
         pipe(PROMPT, prompt_2="x", steps=1)
+    with pytest.raises(InvalidInputError, match="prompt_2 / negative_prompt_2: for SDXL"):
+        pipe.encode_prompt(PROMPT, prompt_2="x")
+
+
+def test_long_and_weighted_prompts_read_by_both_encoders(models):
+    """A prompt of two windows and a one-window prompt_2: both encoders' windows line up
+    (the second padded with its empty prompt's); a weight changes both halves."""
+    from edge_sdk.text_encoder import TextOptions
+    pipe = Pipeline.load(models.bundle("tiny-sdxl"))
+    long = ", ".join(["a small red circle on a blue background"] * 12)
+    embeds = pipe.encode_prompt(long, guidance_scale=1.0, prompt_2="a cube",
+                                text=TextOptions(long=True))
+    assert embeds.cond.shape == (1, 2 * 77, 64) and embeds.pooled.shape == (1, 32)
+    plain = pipe.encode_prompt("a red circle", guidance_scale=1.0).cond
+    weighted = pipe.encode_prompt("a (red:1.5) circle", guidance_scale=1.0).cond
+    for half in (slice(0, 32), slice(32, 64)):  # each encoder's features
+        assert not np.allclose(plain[..., half], weighted[..., half], atol=1e-4)
+
+
+def test_the_stages_compose_to_the_whole_generation(models):
+    """encode_prompt -> denoise -> decode_latents, the public stages, give the one call's
+    image: the pooled embeddings and time ids travel through them."""
+    pipe = Pipeline.load(models.bundle("tiny-sdxl"))
+    latents = _latents(2)
+    whole = _ours(pipe, latents, negative_prompt="dark", guidance_scale=4.0, steps=3,
+                  original_size=(128, 128))
+    embeds = pipe.encode_prompt(PROMPT, "dark", guidance_scale=4.0)
+    assert embeds.pooled is not None and embeds.uncond_pooled is not None
+    final = pipe.denoise(embeds, latents, steps=3, guidance_scale=4.0, seed=0,
+                         original_size=(128, 128))
+    assert float(np.abs(pipe.decode_latents(final) - whole).max()) <= 1e-5
+
+
+def test_sdxl_vae_decodes_exactly_in_tiles(models):
+    """Tiled decoding (the low memory modes') with the SDXL bundle's VAE stages equals the
+    whole decode."""
+    pipe = Pipeline.load(models.bundle("tiny-sdxl"))
+    latents = _latents(4) * 0.5
+    whole = pipe.decode_latents(latents, tile=0)
+    tiled = pipe.decode_latents(latents, tile=4)
+    assert float(np.abs(tiled - whole).max()) <= 1 / 255

@@ -4,6 +4,7 @@ ONNX bundles, static shapes served by signature, mapped weights, typed errors.""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -72,7 +73,7 @@ def test_several_sizes_one_file_and_a_clear_error_for_others(models):
     assert tfl.manifest.static_sizes == ((64, 64), (72, 104))
     from edge_sdk.cli import describe
     text = "\n".join(describe(tfl.manifest, bundle))
-    assert "static sizes 64x64, 104x72" in text and "unet          tflite" in text
+    assert "static sizes 64x64, 104x72" in text and re.search(r"\n  unet +tflite ", text)
     lat = np.random.default_rng(5).standard_normal((2, 4, 9, 13)).astype(np.float32)
     a = np.asarray(tfl.generate("a cat", _cfg(width=104, height=72, num_images=2),
                                 latents=lat).images[1]).astype(int)

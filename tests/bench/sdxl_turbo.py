@@ -6,7 +6,8 @@ guidance 0, as the model is used.
 
 Builds what is missing under --work (the checkpoint with `edge-convert synth --arch
 sdxl-turbo`, stored fp16 as SDXL is published; the int8 and int4 bundles with edge-convert,
-each conversion's wall time and peak RSS measured as a child process), then runs each
+and an int8 bundle from the same model written out as one original-layout file; each
+conversion's wall time and peak RSS measured as a child process), then runs each
 engine in a process of its own so that its peak RSS (VmHWM) is its own:
 
 - edge-sdk: `edge-sdk bench --memory fast|balanced|low` on the int8 bundle (int8 UNet and
@@ -25,13 +26,14 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
 from datetime import date
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 PROMPT = "a cinematic photo of a lighthouse on a cliff at sunset"
 SIZE, STEPS, GUIDANCE = 512, 1, 0.0
@@ -60,18 +62,21 @@ def child_diffusers(ckpt: Path) -> dict[str, Any]:
             "peak_rss_bytes": _peak_rss()}
 
 
-def convert_measured(ckpt: Path, out: Path, precision: str) -> dict[str, Any]:
-    """`edge-convert` in a child process: its wall time and peak RSS (ru_maxrss)."""
+def convert_measured(ckpt: Path, out: Path, precision: str, *extra: str) -> dict[str, Any]:
+    """`edge-convert` in a child process: its wall time and its own peak RSS (ru_maxrss of
+    that child, from wait4)."""
     if (out / "manifest.json").exists():
         return {"skipped": "exists"}
     cmd = [sys.executable, "-m", "converters.cli", str(ckpt), "-o", str(out), "--precision",
-           precision, "--overwrite"]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+           precision, "--overwrite", *extra]
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed ({child.returncode})")
     return {"wall_s": round(time.perf_counter() - t0, 1),
-            "peak_rss_kib": peak if peak > before else None}
+            "peak_rss_kib": usage.ru_maxrss}  # Linux: KiB
 
 
 def prepare(work: Path) -> tuple[Path, dict[str, Path], dict[str, Any]]:
@@ -81,6 +86,14 @@ def prepare(work: Path) -> tuple[Path, dict[str, Path], dict[str, Any]]:
         build_checkpoint(ckpt, "sdxl-turbo", seed=0)
     bundles = {p: work / p for p in ("int8", "int4")}
     conversions = {p: convert_measured(ckpt, out, p) for p, out in bundles.items()}
+    # the same model as one original-layout file (fp16, as SDXL files are published),
+    # converted with its family given: the single-file path's memory
+    single = work / "sdxl-turbo.safetensors"
+    if not single.exists():
+        from tests.single_files import write_single_file
+        write_single_file(ckpt, single, "sdxl", dtype=np.float16)
+    conversions["int8, single file"] = convert_measured(single, work / "single-int8", "int8",
+                                                        "--family", "sdxl-turbo")
     return ckpt, bundles, conversions
 
 
