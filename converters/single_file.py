@@ -123,7 +123,7 @@ def open_single_file(path: Path, allow_pickle: bool = False, family: str | None 
     else:
         chosen = family or _detected(layout, path)
         configs, tokenizer = _family_configs(chosen), None
-        if family and layout.family and family != layout.family:
+        if family and layout.family and family.removesuffix("-turbo") != layout.family:
             log.warning("%s: the weights look like %s; converting as %s (--family)", path,
                         layout.family, family)
     for name in ("unet", "text_encoder") + ((XL_CONFIG,) if XL_CONFIG in configs else ()) \

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from edge_sdk.errors import SafetensorsError
 from edge_sdk.safetensors_file import read_header
@@ -51,8 +51,7 @@ def load_streamed(cls: Any, folder: Path) -> Any | None:
     files = weight_files(folder)
     if not files:
         return None
-    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "F64": torch.float64, "I64": torch.int64, "I32": torch.int32}
+    dtypes = torch_dtypes()
     try:
         headers = [(f, *read_header(f)) for f in files]
     except SafetensorsError:
@@ -67,14 +66,35 @@ def load_streamed(cls: Any, folder: Path) -> Any | None:
                  "from_pretrained (more memory)", folder)
         return None
     for path, header, start in headers:
-        with open(path, "rb") as f:
-            for name, e in header.items():
-                begin, end = e["data_offsets"]
-                buf = bytearray(end - begin)
-                f.seek(start + begin)
-                f.readinto(buf)
-                t = torch.frombuffer(buf, dtype=dtypes[e["dtype"]]).reshape(e["shape"])
-                set_module_tensor_to_device(model, name, "cpu",
-                                            value=t.to(torch.float32) if t.is_floating_point()
-                                            else t)
+        for name, t in read_tensors(path, header, start, list(header)):
+            set_module_tensor_to_device(model, name, "cpu",
+                                        value=t.to(torch.float32) if t.is_floating_point()
+                                        else t)
     return model.eval()
+
+
+def torch_dtypes() -> dict[str, Any]:
+    """The safetensors dtypes read here, as torch's."""
+    import torch
+    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+            "F64": torch.float64, "I64": torch.int64, "I32": torch.int32}
+
+
+def read_tensors(path: Path, header: dict[str, Any], start: int, names: list[str]
+                 ) -> Iterator[tuple[str, Any]]:
+    """Each named tensor of a .safetensors file (its header and data start from
+    edge_sdk.safetensors_file.read_header), read with plain file reads into memory of its
+    own: no mapping of the file stays resident beside the copies."""
+    import torch
+    dtypes = torch_dtypes()
+    with open(path, "rb") as f:
+        for name in names:
+            e = header[name]
+            begin, end = e["data_offsets"]
+            buf = bytearray(end - begin)
+            f.seek(start + begin)
+            if f.readinto(buf) != len(buf):
+                raise SafetensorsError(f"{path}: tensor {name} is cut short (the file is "
+                                       "truncated)")
+            yield name, torch.frombuffer(buf, dtype=dtypes[e["dtype"]]).reshape(e["shape"]) \
+                if buf else torch.empty(e["shape"], dtype=dtypes[e["dtype"]])
