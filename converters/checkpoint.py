@@ -58,7 +58,8 @@ class Checkpoint:
             raise ConversionError(f"{index}: unreadable ({exc})") from exc
         xl = (path / "text_encoder_2").is_dir() or "text_encoder_2" in model_index
         if model_index.get("requires_aesthetics_score") or (
-                xl and not (path / "text_encoder").is_dir()):
+                xl and model_index.get("text_encoder") in ([None, None], None)
+                and not (path / "text_encoder").is_dir()):
             raise ConversionError(f"{path}: an SDXL refiner (one text encoder, aesthetic-score "
                                   "conditioning), which edge-convert does not convert; it "
                                   "takes SDXL base and Turbo checkpoints")
@@ -134,11 +135,6 @@ class Checkpoint:
         unet, vae, text = self.config("unet"), self.config("vae"), self.config("text_encoder")
         if self.is_xl:
             self._check_xl(unet, text)
-            if unet.get("in_channels") != vae.get("latent_channels"):
-                raise ConversionError(f"{self.path}: an SDXL inpainting UNet "
-                                      f"({unet.get('in_channels')} input channels); "
-                                      "edge-convert converts SDXL text-to-image checkpoints "
-                                      "(base, Turbo) so far")
         else:
             _same("the text encoder's width (text_encoder hidden_size)",
                   text.get("hidden_size"),
@@ -148,6 +144,10 @@ class Checkpoint:
         if not isinstance(latent, int) or isinstance(latent, bool) or latent < 1:
             raise ConversionError(f"{self.path / 'vae'}: latent_channels is {latent!r}, not a "
                                   "positive whole number")
+        if self.is_xl and unet.get("in_channels") == 2 * latent + 1:
+            raise ConversionError(f"{self.path}: an SDXL inpainting UNet "
+                                  f"({unet.get('in_channels')} input channels); edge-convert "
+                                  "converts SDXL text-to-image checkpoints (base, Turbo) so far")
         # an inpainting UNet takes latents + mask + masked-image latents
         if unet.get("in_channels") not in (latent, 2 * latent + 1):
             raise ConversionError(

@@ -169,17 +169,63 @@ def to_fp16_file(src: Path) -> Any:
         graph = onnx.load(str(inferred), load_external_data=True)
     finally:
         inferred.unlink(missing_ok=True)
-    return convert_float_to_float16(graph, keep_io_types=True, disable_shape_infer=True,
+    fp16 = convert_float_to_float16(graph, keep_io_types=True, disable_shape_infer=True,
                                     node_block_list=_fp32_nodes(graph))
+    _drop_cast_pairs(fp16)
+    return fp16
 
 
-# Sinusoidal embeddings kept fp32 in fp16 graphs: their arguments reach the timestep (999)
-# and SDXL's sizes (1024 and more), where fp16's step is 0.5-1 radian
+# Sinusoidal embeddings kept fp32 in fp16 graphs, from the graph inputs on: their arguments
+# reach the timestep (999) and SDXL's sizes (1024 and more), where fp16's step is 0.5-1 rad
 FP32_SCOPES = ("/time_proj/", "/add_time_proj/")
+FP32_INPUTS = ("timestep", "time_ids")  # edge_sdk.contracts.UnetIO's names
+_MAX_FEEDERS = 16  # nodes between those inputs and the embeddings (Expand, a Reshape ...)
 
 
 def _fp32_nodes(graph: Any) -> list[str]:
-    return [n.name for n in graph.graph.node if any(s in n.name for s in FP32_SCOPES)]
+    """The embeddings' nodes and those that carry the timestep and time ids to them."""
+    scoped = {n.name for n in graph.graph.node if any(s in n.name for s in FP32_SCOPES)}
+    consumers: dict[str, list[Any]] = {}
+    for n in graph.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    feeders: set[str] = set()
+    frontier = [i.name for i in graph.graph.input if i.name in FP32_INPUTS] if scoped else []
+    while frontier and len(feeders) <= _MAX_FEEDERS:
+        for n in consumers.get(frontier.pop(), []):
+            if n.name not in scoped and n.name not in feeders:
+                feeders.add(n.name)
+                frontier.extend(n.output)
+    if len(feeders) > _MAX_FEEDERS:  # the inputs reach further: only the embeddings
+        feeders = set()
+    return sorted(scoped | feeders)
+
+
+def _drop_cast_pairs(model: Any) -> None:
+    """The converter casts a kept-fp32 node's output to fp16 and back to fp32 for the next
+    kept one (rounding it on the way): the consumers of each such Cast(fp16) -> Cast(fp32)
+    pair read the fp32 tensor itself; a cast left without consumers is removed."""
+    from onnx import TensorProto
+    nodes = list(model.graph.node)
+    producer = {o: n for n in nodes for o in n.output}
+    outputs = {o.name for o in model.graph.output}
+
+    def cast_to(n: Any, dtype: int) -> bool:
+        return n.op_type == "Cast" and any(a.name == "to" and a.i == dtype for a in n.attribute)
+    rename = {}
+    for n in nodes:
+        first = producer.get(n.input[0]) if n.input else None
+        if cast_to(n, TensorProto.FLOAT) and first is not None \
+                and cast_to(first, TensorProto.FLOAT16) and n.output[0] not in outputs:
+            rename[n.output[0]] = first.input[0]
+    for n in nodes:
+        for k, name in enumerate(n.input):
+            if name in rename:
+                n.input[k] = rename[name]
+    used = {i for n in model.graph.node for i in n.input} | outputs
+    for n in nodes:
+        if n.op_type == "Cast" and n.output[0] not in used:
+            model.graph.node.remove(n)
 
 
 def to_fp16(graph: Any) -> Any:

@@ -66,6 +66,8 @@ def read_tensors(path: Path, prefix: str, allow_pickle: bool) -> dict[str, Any]:
         from safetensors import safe_open
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in names}
+    except MemoryError:
+        raise
     except Exception as exc:  # safetensors raises its own error types
         raise ConversionError(f"{path}: cannot read its tensors ({exc}); the file is "
                               "damaged, download it again") from exc

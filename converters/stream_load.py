@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 from typing import Any, Iterator
 
-from edge_sdk.errors import SafetensorsError
+from edge_sdk.errors import ConversionError, SafetensorsError
 from edge_sdk.safetensors_file import read_header
 
 log = logging.getLogger(__name__)
@@ -65,11 +65,14 @@ def load_streamed(cls: Any, folder: Path) -> Any | None:
         log.info("%s: its tensors are not the model's as built; loading it whole with "
                  "from_pretrained (more memory)", folder)
         return None
-    for path, header, start in headers:
-        for name, t in read_tensors(path, header, start, list(header)):
-            set_module_tensor_to_device(model, name, "cpu",
-                                        value=t.to(torch.float32) if t.is_floating_point()
-                                        else t)
+    try:
+        for path, header, start in headers:
+            for name, t in read_tensors(path, header, start, list(header)):
+                set_module_tensor_to_device(model, name, "cpu",
+                                            value=t.to(torch.float32)
+                                            if t.is_floating_point() else t)
+    except SafetensorsError as exc:
+        raise ConversionError(f"cannot load {folder}: {exc}") from exc
     return model.eval()
 
 

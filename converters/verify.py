@@ -89,23 +89,28 @@ def compare_components(test: Pipeline, ref: Pipeline, seed: int = 0) -> dict[str
     for comp, (inputs, names) in feeds.items():
         want, t_ref = _timed(lambda: _outputs(ref, comp, inputs, names))  # noqa: B023
         got, t_test = _timed(lambda: _outputs(test, comp, inputs, names))  # noqa: B023
+        errs = {n: _err(got[n], want[n]) for n in names}
         out[comp] = {"precision": test.manifest.components[comp].precision,
                      "bytes": test.manifest.components[comp].bytes,
                      "reference_bytes": m.components[comp].bytes,
-                     "seconds": t_test, "reference_seconds": t_ref, **_err(got, want)}
+                     "seconds": t_test, "reference_seconds": t_ref,
+                     # the worst of what the generation reads (each output's: "outputs")
+                     **{k: max(e[k] for e in errs.values()) for k in ("max_abs", "rel_l2")},
+                     "outputs": errs}
     return out
 
 
 def _outputs(pipe: Pipeline, comp: str, inputs: dict[str, Any], names: list[str]
-             ) -> np.ndarray:
-    """What a generation reads of a component: its outputs, flattened side by side."""
+             ) -> dict[str, np.ndarray]:
+    """What a generation reads of a component's outputs (of SDXL's raw hidden layers, the
+    penultimate one)."""
     got = pipe.session(comp).run(inputs, names)
-    return np.concatenate([got[n].reshape(len(got[n]), -1) for n in names], axis=1)
+    return {n: got[n][:, -1] if n == TextEncoderIO.HIDDEN_LAYERS else got[n] for n in names}
 
 
 def _text_outputs(m: Manifest, role: str) -> list[str]:
-    """What a generation reads of a text encoder: its last hidden states, or (SDXL) every
-    layer's raw states, and the pooled projection of the encoder that feeds the UNet."""
+    """What a generation reads of a text encoder: its last hidden states, or (SDXL) the
+    raw hidden layers, and the pooled projection of the encoder that feeds the UNet."""
     main = TextEncoderIO.HIDDEN_LAYERS if m.text.penultimate else TextEncoderIO.HIDDEN_STATES
     return [main] + ([TextEncoderIO.TEXT_EMBEDS] if role == m.text.pooled else [])
 

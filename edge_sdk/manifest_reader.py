@@ -104,9 +104,10 @@ def _check_text(m: Manifest, where: str) -> None:
         wanted = need + ((TextEncoderIO.TEXT_EMBEDS,) if e == m.text.pooled else ())
         if not all(n in outs for n in wanted):
             raise ManifestError(fail % f"text encoder {e!r} has no {list(wanted)} outputs")
-        widths.append(outs[need[0]].shape[-1])
+        widths.append(outs[need[0]].shape[-1] if outs[need[0]].shape else None)
     unet = m.components[names.UNET]
-    context = next((t.shape[-1] for t in unet.inputs if t.name == UnetIO.CONTEXT), None)
+    context = next((t.shape[-1] for t in unet.inputs if t.name == UnetIO.CONTEXT and t.shape),
+                   None)
     if all(isinstance(w, int) for w in widths) and isinstance(context, int) \
             and sum(widths) != context:  # type: ignore[arg-type]
         raise ManifestError(fail % f"the text encoders' widths {widths} do not make the "

@@ -251,6 +251,13 @@ def _convert_edited(edits: dict[str, dict[str, Any]], **files: str) -> Callable[
     return lambda c: c.convert(_edited(c, edits, **files), "-o", c.tmp / "out")
 
 
+def _drop_output(role: str, name: str) -> Callable[[dict], None]:
+    def edit(m: dict) -> None:
+        outs = m["components"][role]["outputs"]
+        outs[:] = [t for t in outs if t["name"] != name]
+    return edit
+
+
 def _xl_manifest(ctx: Ctx, edit: Callable[[dict], None]) -> Path:
     """A copy of the tiny SDXL bundle with its manifest edited."""
     bundle = ctx.tmp / "sdxl"
@@ -959,6 +966,19 @@ ROWS: list[Row] = [
     Row("manifest", "an SDXL manifest whose text section names no pooled encoder",
         lambda c: Pipeline.load(_xl_manifest(c, _set(["text", "pooled"], None))),
         ManifestError, "text.pooled is None but the UNet graph takes 'text_embeds'"),
+    Row("manifest", "an SDXL manifest whose tokenizers have different lengths",
+        lambda c: Pipeline.load(_xl_manifest(c, _set(["tokenizers", "tokenizer_2",
+                                                      "max_length"], 64))),
+        ManifestError, "the text encoders' tokenizers have different lengths"),
+    Row("manifest", "an SDXL manifest whose pooled encoder lost its text_embeds output",
+        lambda c: Pipeline.load(_xl_manifest(c, _drop_output("text_encoder_2",
+                                                             "text_embeds"))),
+        ManifestError, "text encoder 'text_encoder_2' has no \\['hidden_layers', "
+        "'text_embeds'\\] outputs"),
+    Row("manifest", "an SDXL manifest reading one encoder (its width not the UNet's context)",
+        lambda c: Pipeline.load(_xl_manifest(c, _set(["text"], {
+            "encoders": ["text_encoder"], "penultimate": True, "pooled": None}))),
+        ManifestError, "widths \\[32\\] do not make the UNet's context width 64"),
     Row("parameter", "prompt_2 for an SD 1.x model", lambda c: c.gen(prompt_2="a cube"),
         InvalidInputError, "prompt_2: for SDXL models"),
     Row("parameter", "SDXL original_size that is not (height, width)", lambda c: Pipeline.load(

@@ -114,11 +114,32 @@ def test_sdxl_bundle_describes_its_text_conditioning(models):
     assert N.UNET_SHALLOW not in m.components  # feature caching: not for SDXL yet
 
 
-def test_fp16_conversion_keeps_the_sdxl_vae_fp32(models):
-    m = Manifest.load(models.bundle("tiny-sdxl", "fp16"))
+def test_fp16_conversion_keeps_the_sdxl_vae_and_the_embeddings_fp32(models):
+    """The VAE stays fp32; in the fp16 UNet the sinusoidal embeddings of the timestep and
+    of the time ids are computed in fp32 from the graph inputs on (no fp16 tensor on the
+    data path into any Sin/Cos: fp16's step at 1024 is 1 radian)."""
+    import onnx
+    bundle = models.bundle("tiny-sdxl", "fp16")
+    m = Manifest.load(bundle)
     assert m.components[N.UNET].precision == m.components[N.TEXT_ENCODER_2].precision == "fp16"
     assert m.components[N.VAE_DECODER].precision == "fp32"
     assert all(c.precision == "fp32" for r, c in m.components.items() if r.startswith("vae"))
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(bundle / "unet.onnx"),
+                                                        load_external_data=False)).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in list(graph.value_info)
+             + list(graph.input)}
+    producer = {o: n for n in graph.node for o in n.output}
+    trig = [n for n in graph.node if n.op_type in ("Sin", "Cos")]
+    assert len(trig) == 4  # time_proj's and add_time_proj's
+    for n in trig:
+        stack, seen = list(n.input), set()
+        while stack:
+            t = stack.pop()
+            assert types.get(t) != onnx.TensorProto.FLOAT16, (n.name, t)
+            p = producer.get(t)
+            if p is not None and p.op_type != "Shape" and t not in seen:  # data, not shapes
+                seen.add(t)
+                stack.extend(i for i in p.input if i)
 
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
@@ -198,3 +219,15 @@ def test_sdxl_vae_decodes_exactly_in_tiles(models):
     whole = pipe.decode_latents(latents, tile=0)
     tiled = pipe.decode_latents(latents, tile=4)
     assert float(np.abs(tiled - whole).max()) <= 1 / 255
+
+
+def test_verify_compares_what_sdxl_reads(models):
+    """edge-convert verify, per component, on what a generation reads of it: each encoder's
+    penultimate raw layer, the second's pooled projection, the UNet fed all its inputs."""
+    from converters.verify import compare_components
+    report = compare_components(Pipeline.load(models.bundle("tiny-sdxl", "int8")),
+                                Pipeline.load(models.bundle("tiny-sdxl")))
+    assert set(report["text_encoder_2"]["outputs"]) == {"hidden_layers", "text_embeds"}
+    assert set(report["text_encoder"]["outputs"]) == {"hidden_layers"}
+    for comp in ("text_encoder", "text_encoder_2", "unet"):
+        assert 0 < report[comp]["rel_l2"] < 0.1, (comp, report[comp])
