@@ -23,13 +23,16 @@ def quantize_int8_dynamic(graph: Path, out_dir: Path, name: str) -> list[str]:
     """Dynamic int8: the weights of Conv, MatMul and Gemm as uint8 (per tensor, asymmetric),
     activations quantized at run time (DynamicQuantizeLinear -> ConvInteger/MatMulInteger ->
     Cast -> Mul by the two scales, the pattern onnxruntime's own dynamic quantizer writes and
-    fuses into DynamicQuantizeMatMul). Done here, weight by weight in place, because ORT's
-    quantize_dynamic holds three copies of the model: 10.5 GB peak RSS for an SD 1.5 UNet,
-    where this stays under the export's own peak."""
+    fuses into DynamicQuantizeMatMul). Done here, weight by weight, because ORT's
+    quantize_dynamic holds three copies of the model: 10.5 GB peak RSS for an SD 1.5 UNet.
+    Each weight is read from the fp32 graph's external data as it is quantized and the
+    weights left float are read at the end, so the fp32 weights are never all in memory
+    (SDXL's UNet: 10.3 GB of them)."""
     import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(graph), load_external_data=True)
+    model = onnx.load(str(graph), load_external_data=False)
+    base = str(graph.parent)
     inits = {t.name: t for t in model.graph.initializer}
     users: dict[str, int] = {}
     for node in model.graph.node:
@@ -41,7 +44,7 @@ def quantize_int8_dynamic(graph: Path, out_dir: Path, name: str) -> list[str]:
     for node in model.graph.node:
         table = inits.get(node.input[0]) if node.op_type == "Gather" and node.input else None
         if table is not None and _embedding_rewritable(node, table, users):
-            nodes.extend(_int8_embedding(model, node, table))
+            nodes.extend(_int8_embedding(model, node, table, base))
             done += 1
             continue
         w_name = node.input[1] if len(node.input) > 1 else None
@@ -50,7 +53,7 @@ def quantize_int8_dynamic(graph: Path, out_dir: Path, name: str) -> list[str]:
                 or not _int8_rewritable(node, t):
             nodes.append(node)
             continue
-        w = numpy_helper.to_array(t)
+        w = numpy_helper.to_array(t, base_dir=base)
         if node.op_type == "Gemm" and _attr(node, "transB", 0):
             w = w.T
         q, scale, zp = uint8_per_tensor(w)
@@ -61,13 +64,14 @@ def quantize_int8_dynamic(graph: Path, out_dir: Path, name: str) -> list[str]:
         if node.op_type != "MatMul" and len(node.input) > 2 and node.input[2]:
             bias = node.input[2]
             if node.op_type == "Conv":  # [C] -> [C, 1, 1] to broadcast over H, W
-                b = numpy_helper.to_array(inits[bias]).reshape(-1, 1, 1)
+                b = numpy_helper.to_array(inits[bias], base_dir=base).reshape(-1, 1, 1)
                 model.graph.initializer.append(numpy_helper.from_array(b, f"{bias}_reshaped"))
                 bias = f"{bias}_reshaped"
         nodes.extend(_int8_nodes(node, w_name, bias, quantized))
         done += 1
     del model.graph.node[:]
     model.graph.node.extend(nodes)
+    onnx.load_external_data_for_model(model, base)  # the weights left float
     log.info("%s: %d weights to int8 (dynamic)", name, done)
     return save_graph(model, out_dir, name)
 
@@ -96,13 +100,13 @@ def _embedding_rewritable(node: Any, t: Any, users: dict[str, int]) -> bool:
             and users[node.input[0]] == 1 and _attr(node, "axis", 0) == 0)
 
 
-def _int8_embedding(model: Any, node: Any, t: Any) -> list[Any]:
+def _int8_embedding(model: Any, node: Any, t: Any, base: str = "") -> list[Any]:
     """An embedding table as int8 codes with one scale per row (symmetric): the rows are
     gathered as codes and scaled after, so the table shrinks 4x (SD 1.5's text encoder:
     49,408 x 768 floats, 152 MB, the one large tensor that is not a MatMul weight)."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
-    w = numpy_helper.to_array(t)
+    w = numpy_helper.to_array(t, base_dir=base)
     scale = np.abs(w).max(axis=1, keepdims=True) / 127.0
     scale[scale == 0] = 1.0
     codes = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
@@ -201,14 +205,15 @@ def quantize_int4_blockwise(graph: Path, out_dir: Path, name: str, block_size: i
     """Block-wise symmetric 4-bit weights for Conv, MatMul and Gemm, each stored as an INT4
     initializer plus one fp32 scale per `block_size` input channels, feeding a standard
     opset-21 `DequantizeLinear` (so ORT keeps them 4-bit at rest; it fuses MatMul ones into
-    MatMulNBits). Nodes whose name contains any string of `keep` stay fp32."""
+    MatMulNBits). Nodes whose name contains any string of `keep` stay fp32. As for int8,
+    each weight is read from the fp32 graph's external data when it is quantized."""
     import onnx
     from onnx import numpy_helper, version_converter
 
     model = onnx.load(str(graph), load_external_data=False)
     # convert the opset on the weight-less graph: the protobuf stays far below 2 GB
     model = version_converter.convert_version(model, INT4_OPSET)
-    onnx.load_external_data_for_model(model, str(graph.parent))
+    base = str(graph.parent)
     inits = {t.name: t for t in model.graph.initializer}
     users: dict[str, list[Any]] = {}
     for node in model.graph.node:
@@ -218,7 +223,7 @@ def quantize_int4_blockwise(graph: Path, out_dir: Path, name: str, block_size: i
     for node in model.graph.node:
         w_name = _int4_candidate(node, inits, users, keep)
         if w_name is not None:
-            w = numpy_helper.to_array(inits[w_name])
+            w = numpy_helper.to_array(inits[w_name], base_dir=base)
             axis = _int4_axis(node)
             q, scale = blockwise_int4(w, axis, block_size)
             inits[w_name].CopyFrom(_int4_tensor(f"{w_name}_int4", q))
@@ -232,6 +237,7 @@ def quantize_int4_blockwise(graph: Path, out_dir: Path, name: str, block_size: i
         nodes.append(node)
     del model.graph.node[:]
     model.graph.node.extend(nodes)
+    onnx.load_external_data_for_model(model, base)  # the weights left float
     log.info("%s: %d weights to int4 (block %d)", name, done, block_size)
     return save_graph(model, out_dir, name)
 
