@@ -11,6 +11,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,7 @@ class Checkpoint:
         fname = "scheduler_config.json" if name == "scheduler" else "config.json"
         return read_json(self.path / name / fname)
 
-    @property
+    @cached_property
     def is_xl(self) -> bool:
         """SDXL: a second text encoder and a UNet taking added conditions."""
         return self.config("unet").get("addition_embed_type") == "text_time" \

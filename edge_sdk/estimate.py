@@ -86,9 +86,8 @@ def estimate_peak_bytes(manifest: Manifest, cfg: GenerationConfig, mode: str = "
     # fast copies the weights it runs into private memory; the other modes map them, and
     # mapped pages are page cache the kernel evicts under pressure (an SD 1.5 int8 bundle
     # with 784 MB of UNet weights ran under a 300 MiB cap), so they are not counted
-    roles = names.REQUIRED_COMPONENTS + ((names.UNET_SHALLOW,) if int(cfg.cache_interval or 1)
-                                         > 1 else ())  # feature caching: the shallow branch
-    roles += tuple(e for e in manifest.text.encoders if e not in roles)  # SDXL's second
+    roles = manifest.main_roles + ((names.UNET_SHALLOW,) if int(cfg.cache_interval or 1)
+                                   > 1 else ())  # feature caching: the shallow branch
     weights = sum(manifest.components[r].bytes for r in roles) if mode == "fast" else 0
     # the cached deep features: one map per image and guidance half (batched or in two
     # caches alike), of the first level's channels, or the second level's (SD: twice as

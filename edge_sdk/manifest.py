@@ -239,6 +239,12 @@ class Manifest:
                     if t.text_encoder == encoder)
 
     @property
+    def main_roles(self) -> tuple[str, ...]:
+        """The roles every generation runs: the required ones and each text encoder."""
+        return names.REQUIRED_COMPONENTS + tuple(
+            e for e in self.text.encoders if e not in names.REQUIRED_COMPONENTS)
+
+    @property
     def added_conditions(self) -> bool:
         """The UNet takes SDXL's added conditions (pooled text embeddings and time ids)."""
         return self.text.pooled is not None

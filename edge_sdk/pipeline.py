@@ -94,8 +94,7 @@ class Pipeline:
             log.info("could not set the C heap to return freed memory (not glibc)")
         pipe = cls(path, manifest, replace(options, low_memory=plan.map_weights), plan, memory)
         pipe.set_loras(loras or {})
-        pipe.components.open_all(N.REQUIRED_COMPONENTS + tuple(
-            e for e in manifest.text.encoders if e not in N.REQUIRED_COMPONENTS))
+        pipe.components.open_all(manifest.main_roles)
         log.info("loaded %s (%s, %s) from %s; %s", manifest.source.name, manifest.family,
                  manifest.variant, path, plan.describe())
         return pipe
@@ -204,8 +203,8 @@ class Pipeline:
                  original_size: tuple[int, int] | None = None,
                  crops_coords_top_left: tuple[int, int] | None = None,
                  target_size: tuple[int, int] | None = None, decoder: str | None = None,
-                 cache_interval: int | None = None,
-                 prompt_weighting: bool | None = None, long_prompts: bool | None = None,
+                 cache_interval: int | None = None, prompt_weighting: bool | None = None,
+                 long_prompts: bool | None = None,
                  clip_skip: int | None = None, image: ImageSource | None = None,
                  mask_image: ImageSource | None = None, strength: float | None = None,
                  padding_mask_crop: int | None = None, paste_back: bool | None = None,
@@ -239,11 +238,9 @@ class Pipeline:
         StableDiffusionInpaintPipeline (strength default 1.0), with an inpainting UNet (9
         input channels) or an ordinary one (the known region blended back after every
         step). The output is the image's size rounded down to a multiple of 8, unless
-        width/height are given.
-
-        An SDXL bundle takes `prompt_2`, `negative_prompt_2`, `original_size`,
-        `crops_coords_top_left` and `target_size` as diffusers' StableDiffusionXLPipeline
-        (sizes (height, width), defaults: the image's size, (0, 0))."""
+        width/height are given. An SDXL bundle takes `prompt_2`, `negative_prompt_2`,
+        `original_size`, `crops_coords_top_left` and `target_size` as diffusers'
+        StableDiffusionXLPipeline (sizes (height, width), defaults: the image's, (0, 0))."""
         given_here = locals()  # each GenerationConfig field is a parameter (a test checks)
         params = {f.name: given_here[f.name] for f in fields(GenerationConfig)}
         given = {k: v for k, v in params.items() if v is not None or k == "num_images"}

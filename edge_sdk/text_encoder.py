@@ -57,10 +57,10 @@ def _run(session: Session, ids: np.ndarray, skips: Sequence[int], penultimate: b
     the projected pooled output when `pooled`."""
     layered = penultimate or any(skips)
     states = TextEncoderIO.HIDDEN_LAYERS if penultimate else TextEncoderIO.LAYER_STATES
-    names = [TextEncoderIO.HIDDEN_STATES] + ([states] if layered else []) \
-        + ([TextEncoderIO.TEXT_EMBEDS] if pooled else [])
+    names = ([] if penultimate else [TextEncoderIO.HIDDEN_STATES]) \
+        + ([states] if layered else []) + ([TextEncoderIO.TEXT_EMBEDS] if pooled else [])
     outs = session.run({TextEncoderIO.INPUT_IDS: ids}, names)
-    hidden = outs[TextEncoderIO.HIDDEN_STATES]
+    hidden = outs.get(TextEncoderIO.HIDDEN_STATES)
     if layered:
         layers = outs[states]
         n = layers.shape[1]
@@ -68,8 +68,8 @@ def _run(session: Session, ids: np.ndarray, skips: Sequence[int], penultimate: b
         if not all(0 <= k <= last for k in skips):
             raise InvalidInputError(f"clip_skip must be in [0, {last}] (this text encoder's "
                                     f"layers), got {max(skips)}")
-        hidden = np.stack([h if k == 0 and not penultimate else layers[i, last - k]
-                           for i, (h, k) in enumerate(zip(hidden, skips))])
+        hidden = np.stack([hidden[i] if k == 0 and not penultimate else layers[i, last - k]
+                           for i, k in enumerate(skips)])
     pool = outs[TextEncoderIO.TEXT_EMBEDS].astype(np.float32, copy=False) if pooled else None
     if not np.isfinite(hidden).all() or (pool is not None and not np.isfinite(pool).all()):
         raise InferenceError("the text encoder produced NaN/inf; the bundle's text encoder is "
@@ -133,8 +133,7 @@ def encode_prompts(encoders: Sequence[Encoder], spec: TextSpec, prompts: Sequenc
     n = len(prompts)
     zeros = guidance and negative_prompt is None and spec.force_zeros_for_empty_prompt
     negative = negative_prompt or ""
-    firsts = list(prompts)
-    texts = [firsts, [prompt_2 or p for p in prompts]][:len(encoders)]
+    texts = [list(prompts), [prompt_2 or p for p in prompts]][:len(encoders)]
     if guidance and not zeros:
         texts = [t + [neg] * n for t, neg in
                  zip(texts, [negative, negative_prompt_2 or negative])]
