@@ -11,11 +11,12 @@ optional tensor of its contract, which the runtime feeds only when the graph dec
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = ["TensorContract", "ComponentContract", "CONTRACTS", "contract_of",
            "TEXT_ENCODER", "UNET", "UNET_SHALLOW", "VAE_DECODER", "VAE_ENCODER",
-           "VAE_DECODER_STAGE", "VAE_ENCODER_STAGE",
-           "COMPUTE_BOUND_KINDS",
+           "VAE_DECODER_STAGE", "VAE_ENCODER_STAGE", "CONTROLNET", "ControlNetIO",
+           "MAX_DOWN_RESIDUALS", "COMPUTE_BOUND_KINDS",
            "DIM_BATCH", "DIM_HEIGHT", "DIM_WIDTH", "DIM_SEQUENCE"]
 
 # Symbolic (dynamic) dimension names, as recorded in the manifest's tensor shapes.
@@ -106,6 +107,28 @@ class UnetIO:
     # feature caching (edge_sdk.feature_cache): the state entering the last up block's
     # shallow layers, an optional output of the UNet and an input of its shallow branch
     DEEP_FEATURES = "deep_features"
+    # a ControlNet bundle's UNet: the residuals added to each skip connection of its down
+    # path (down_block_additional_residual_0 ...) and to its middle block's output,
+    # diffusers' down_block_additional_residuals / mid_block_additional_residual
+    MID_RESIDUAL = "mid_block_additional_residual"
+
+    @staticmethod
+    def down_residual(i: int) -> str:
+        return f"down_block_additional_residual_{i}"
+
+
+class ControlNetIO:
+    """A ControlNet: the UNet's inputs and the control image (RGB in [0, 1], at the image's
+    size) -> a residual for each skip of the UNet's down path and one for its middle block,
+    unscaled (the conditioning scale, guess mode's ramp and start/end are applied by the
+    runtime, outside the graph)."""
+
+    COND = "controlnet_cond"
+    MID = "mid_block_res_sample"
+
+    @staticmethod
+    def down(i: int) -> str:
+        return f"down_block_res_sample_{i}"
 
 
 class VaeIO:
@@ -137,13 +160,25 @@ TEXT_ENCODER = ComponentContract(
      TensorContract(TextEncoderIO.HIDDEN_LAYERS, optional=True),
      TensorContract(TextEncoderIO.TEXT_EMBEDS, optional=True)))
 
+# The most skip connections a UNet's down path has (SD 1.x/2.x: 12, SDXL: 9): the
+# ControlNet residual tensors the contracts name
+MAX_DOWN_RESIDUALS = 16
+
+
+def _residuals(name: Any, mid: str) -> tuple[TensorContract, ...]:
+    return tuple(TensorContract(name(i), axes=tuple(_SPATIAL.items()), optional=True)
+                 for i in range(MAX_DOWN_RESIDUALS)) + (
+        TensorContract(mid, axes=tuple(_SPATIAL.items()), optional=True),)
+
+
 UNET = ComponentContract(
     "unet",
     (_spatial(UnetIO.SAMPLE), TensorContract(UnetIO.TIMESTEP),
      TensorContract(UnetIO.CONTEXT, axes=((0, DIM_BATCH), (1, DIM_SEQUENCE))),
      TensorContract(UnetIO.TIMESTEP_COND, optional=True),
      TensorContract(UnetIO.TEXT_EMBEDS, optional=True),
-     TensorContract(UnetIO.TIME_IDS, optional=True)),
+     TensorContract(UnetIO.TIME_IDS, optional=True))
+    + _residuals(UnetIO.down_residual, UnetIO.MID_RESIDUAL),
     (_spatial(UnetIO.OUTPUT),
      TensorContract(UnetIO.DEEP_FEATURES, axes=tuple(_SPATIAL.items()), optional=True)))
 
@@ -154,8 +189,14 @@ UNET = ComponentContract(
 UNET_SHALLOW = ComponentContract(
     "unet_shallow", UNET.inputs[:2] + (
         TensorContract(UnetIO.CONTEXT, axes=((0, DIM_BATCH), (1, DIM_SEQUENCE)), optional=True),
-        _spatial(UnetIO.DEEP_FEATURES)) + UNET.inputs[3:],
+        _spatial(UnetIO.DEEP_FEATURES)) + UNET.inputs[3:6],
     (_spatial(UnetIO.OUTPUT),))
+
+# A ControlNet: the UNet's first inputs, its added conditions where it has them, the
+# control image; the residuals out (as many as the UNet's down path has skips)
+CONTROLNET = ComponentContract(
+    "controlnet", UNET.inputs[:3] + UNET.inputs[4:6] + (_spatial(ControlNetIO.COND),),
+    _residuals(ControlNetIO.down, ControlNetIO.MID))
 
 VAE_DECODER = ComponentContract("vae_decoder", (_spatial(VaeIO.LATENTS),),
                                 (_spatial(VaeIO.IMAGE),))
@@ -187,7 +228,7 @@ COMPUTE_BOUND_KINDS = (VAE_DECODER_STAGE.kind, VAE_ENCODER_STAGE.kind)
 
 CONTRACTS: dict[str, ComponentContract] = {c.kind: c for c in (
     TEXT_ENCODER, UNET, UNET_SHALLOW, VAE_DECODER, VAE_ENCODER, VAE_DECODER_STAGE,
-    VAE_ENCODER_STAGE)}
+    VAE_ENCODER_STAGE, CONTROLNET)}
 
 
 def contract_of(kind: str) -> ComponentContract:

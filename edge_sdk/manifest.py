@@ -23,8 +23,8 @@ from . import names
 from .errors import BundleError, IntegrityError, ManifestError
 
 __all__ = ["TensorSpec", "FileEntry", "ComponentSpec", "TokenizerSpec", "DecoderStage",
-           "VaeSpec", "UnetSpec", "TextSpec", "Defaults", "SourceInfo", "Manifest", "sha256_file",
-           "check_relative_name"]
+           "VaeSpec", "UnetSpec", "TextSpec", "ControlNetSpec", "Defaults", "SourceInfo",
+           "Manifest", "sha256_file", "check_relative_name"]
 
 Dim = int | str  # a fixed size, or the name of a dynamic axis
 
@@ -186,6 +186,23 @@ class UnetSpec:
     # LCM-distilled UNets: the width of the guidance-scale embedding they take as
     # `timestep_cond` (guidance is then embedded, not classifier-free); 0: none
     time_cond_proj_dim: int = 0
+    # a ControlNet bundle's UNet takes a residual for each skip of its down path and one
+    # for its middle block: (channels, downscale from the latents) of each, in that order;
+    # empty: it takes none
+    residuals: tuple[tuple[int, int], ...] = ()
+
+
+@dataclass(frozen=True)
+class ControlNetSpec:
+    """One ControlNet of the bundle: what it was converted from and what it takes."""
+
+    component: str  # its role in Manifest.components (controlnet_0, ...)
+    name: str  # the ControlNet's name (its folder's or file's)
+    fingerprint: str  # sha256 over its config and weights
+    conditioning_channels: int = 3  # of the control image (RGB)
+    # diffusers' global_pool_conditions (e.g. the shuffle ControlNet): its residuals are
+    # spatial means, and it always runs in guess mode
+    global_pool: bool = False
 
 
 @dataclass(frozen=True)
@@ -223,6 +240,7 @@ class Manifest:
     # for; None: any size (a multiple of unet.size_multiple)
     static_sizes: tuple[tuple[int, int], ...] | None = None
     text: TextSpec = field(default_factory=TextSpec)
+    controlnets: tuple[ControlNetSpec, ...] = ()  # in the order control images come
     format_version: int = names.FORMAT_VERSION
     # the format of the file this was read from, when older (migrated when read); not written
     migrated_from: int | None = None

@@ -9,6 +9,7 @@ from typing import Any, Mapping
 from . import names
 from .contracts import CONTRACTS, TextEncoderIO, UnetIO
 from .errors import ManifestError
+from .manifest_control import check_controlnets, read_controlnets, read_residuals
 from .manifest import (ComponentSpec, DecoderStage, Defaults, FileEntry, Manifest,
                        PreviewLayer, SourceInfo, TensorSpec, TextSpec, TokenizerSpec, UnetSpec,
                        VaeSpec,
@@ -56,6 +57,7 @@ def read_manifest(data: Any, where: str) -> Manifest:
         defaults=_defaults(r, r.get(d, "defaults", dict)),
         static_sizes=_static_sizes(r, d.get("static_sizes")),
         text=_text(r, d.get("text", {}), components),
+        controlnets=read_controlnets(r, d.get("controlnets", []), components),
         format_version=names.FORMAT_VERSION, migrated_from=migrated_from,
         extra=d["extra"] if isinstance(d.get("extra"), dict) else {})
     _check_optional_parts(m, where)
@@ -79,6 +81,7 @@ def _check_optional_parts(m: Manifest, where: str) -> None:
                             f"{UnetIO.DEEP_FEATURES!r} of the same channels; re-convert the "
                             "bundle")
     _check_text(m, where)
+    check_controlnets(m, where)
     takes = "timestep_cond" in m.components[names.UNET].input_names()
     if takes != bool(m.unet.time_cond_proj_dim):
         raise ManifestError(f"{where}: unet.time_cond_proj_dim is {m.unet.time_cond_proj_dim} "
@@ -281,7 +284,7 @@ def _unet(r: "_Reader", u: dict[str, Any]) -> UnetSpec:
                     r.pos(u, "cross_attention_dim", "unet."),
                     r.pos(u, "attention_chunks", "unet."), r.pos(u, "size_multiple", "unet."),
                     tuple((d, h) for d, h in levels), _count(r, u, "base_channels", "unet."),
-                    _count(r, u, "time_cond_proj_dim", "unet."))
+                    _count(r, u, "time_cond_proj_dim", "unet."), read_residuals(r, u))
 
 
 def _count(r: "_Reader", d: Mapping[str, Any], key: str, pre: str) -> int:

@@ -24,6 +24,16 @@ VAE_ENCODER = "vae_encoder"
 VAE_DECODER_TINY = "vae_decoder_tiny"  # a tiny decoder (AutoencoderTiny, e.g. TAESD)
 VAE_DECODER_STAGE = "vae_decoder_stage"  # the kind of each `vae_decoder_sNN` role
 VAE_ENCODER_STAGE = "vae_encoder_stage"  # the kind of each `vae_encoder_sNN` role
+# A ControlNet bundle's ControlNets: roles controlnet_0, controlnet_1 ... in the order
+# given at conversion (a generation's control images come in that order); their kind, and
+# the --precision key that sets them all (default: the UNet's precision)
+CONTROLNET = "controlnet"
+
+
+def controlnet_role(index: int) -> str:
+    return f"{CONTROLNET}_{index}"
+
+
 COMPONENTS = (TEXT_ENCODER, TEXT_ENCODER_2, UNET, UNET_SHALLOW, VAE_DECODER, VAE_ENCODER,
               VAE_DECODER_TINY)
 REQUIRED_COMPONENTS = (TEXT_ENCODER, UNET, VAE_DECODER)
