@@ -15,6 +15,7 @@ from edge_sdk.manifest import (ComponentSpec, DecoderStage, Defaults, Manifest, 
 from . import __version__
 from .attention import VAE_AUTO_CHUNKS, auto_chunks
 from .checkpoint import Checkpoint
+from .controlnet import residual_layout
 from .options import ConvertOptions, tiny_vae_config
 from .registry import Shapes
 from .sdxl import XL_GUIDANCE
@@ -110,10 +111,13 @@ def build_manifest(ckpt: Checkpoint, opts: ConvertOptions, layout: Layout, sourc
         unet=UnetSpec(int(unet_cfg["in_channels"]), int(unet_cfg["sample_size"]),
                       cross_dim(unet_cfg), layout.unet_chunks, layout.size_multiple,
                       attention_levels(unet_cfg), int(unet_cfg["block_out_channels"][0]),
-                      int(unet_cfg.get("time_cond_proj_dim") or 0)),
+                      int(unet_cfg.get("time_cond_proj_dim") or 0),
+                      residual_layout(unet_cfg) if ckpt.controlnets else ()),
         defaults=_defaults(sched, layout.native, opts.default_steps, opts.default_guidance,
                            bool(unet_cfg.get("time_cond_proj_dim")), xl),
-        static_sizes=static_sizes, text=_text(ckpt))
+        static_sizes=static_sizes, text=_text(ckpt),
+        controlnets=tuple(c.spec(N.controlnet_role(i))
+                          for i, c in enumerate(ckpt.controlnets)))
 
 
 def _text(ckpt: Checkpoint) -> TextSpec:

@@ -40,6 +40,8 @@ class Checkpoint:
     embeddings: tuple[Any, ...] = ()
     # --vae FILE: a separately published VAE that replaces the checkpoint's
     vae_file: Path | None = None
+    # --controlnet: the ControlNets exported beside the UNet (converters.controlnet)
+    controlnets: tuple[Any, ...] = ()
 
     @classmethod
     def open(cls, path: str | Path, allow_pickle: bool = False,

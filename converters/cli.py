@@ -127,7 +127,7 @@ def _single_file_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _customization_arguments(p: argparse.ArgumentParser) -> None:
-    """What is added to the checkpoint's weights: LoRAs and embeddings."""
+    """What is added to the checkpoint's weights: LoRAs, embeddings, ControlNets."""
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="a LoRA (.safetensors, kohya/A1111 or diffusers/PEFT keys) fused into "
                    "the UNet and text encoder at SCALE (default 1); repeatable")
@@ -135,6 +135,11 @@ def _customization_arguments(p: argparse.ArgumentParser) -> None:
                    help="a textual-inversion embedding (A1111 .safetensors, or .pt with "
                    "--allow-pickle; diffusers' learned_embeds) added as new tokens: the "
                    "file's name is the trigger word (A1111); repeatable")
+    p.add_argument("--controlnet", action="append", default=[], metavar="PATH",
+                   help="a ControlNet for this model (a diffusers ControlNetModel folder, or "
+                   "a single file in the original layout) added to the bundle; repeatable: "
+                   "generations take one control image per ControlNet, in this order. "
+                   "Precision: the UNet's (or --precision ...,controlnet=P)")
 
 
 def _feature_cache_arguments(p: argparse.ArgumentParser) -> None:
@@ -156,6 +161,9 @@ def _synth_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", choices=ARCHS, default="tiny-sd1")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--controlnet-for", default=None, metavar="CHECKPOINT",
+                   help="instead: a ControlNet for this checkpoint folder's UNet (random "
+                   "weights, its zero convolutions too, so it steers)")
     p.add_argument("--debug", action="store_true")
     return p
 
@@ -222,10 +230,15 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from .synth import build_checkpoint
+    from .synth import build_checkpoint, build_controlnet
     t0 = time.perf_counter()
-    build_checkpoint(args.output, args.arch, args.seed)
-    print(f"wrote {args.arch} checkpoint to {args.output} ({time.perf_counter() - t0:.1f} s)")
+    if args.controlnet_for:
+        build_controlnet(args.output, args.controlnet_for, args.seed)
+        what = f"a ControlNet for {args.controlnet_for}"
+    else:
+        build_checkpoint(args.output, args.arch, args.seed)
+        what = f"{args.arch} checkpoint"
+    print(f"wrote {what} to {args.output} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
 
@@ -246,7 +259,7 @@ def _convert(args: argparse.Namespace) -> int:
         calibration=args.calibration, name=args.name,
         loras=tuple(parse_lora_arg(x) for x in args.lora), embeddings=tuple(args.embedding),
         family=args.family, prediction_type=args.prediction_type, config=args.config,
-        vae=args.vae)
+        vae=args.vae, controlnets=tuple(args.controlnet))
     convert(args.checkpoint, args.output, options,
             progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(f"converted in {time.perf_counter() - t0:.1f} s")

@@ -91,6 +91,11 @@ def convert(checkpoint: str | Path, output: str | Path, options: ConvertOptions 
         ckpt = replace(ckpt, embeddings=tuple(read_embeddings(
             opts.embeddings, int(ckpt.config("text_encoder").get("hidden_size", 0)),
             ckpt.load_tokenizer().get_vocab(), opts.allow_pickle)))
+    if opts.controlnets:
+        from .controlnet import read_controlnet
+        ckpt = replace(ckpt, controlnets=tuple(read_controlnet(
+            p, ckpt.config("unet"), int(ckpt.config("vae")["latent_channels"]),
+            opts.allow_pickle) for p in opts.controlnets))
     if opts.tiny_vae is not None:
         _check_tiny_matches(ckpt, Path(opts.tiny_vae))
     preview_layers: tuple[PreviewLayer, ...] = ()
@@ -131,14 +136,15 @@ def write_bundle(ckpt: Checkpoint, output: str | Path, opts: ConvertOptions, lay
     cache = _feature_cache(ckpt, opts) and unet_source is None
     opts = replace(opts, feature_cache=cache)
     plan = [N.TEXT_ENCODER] + ([N.TEXT_ENCODER_2] if ckpt.is_xl else []) + [N.UNET] \
-        + ([N.UNET_SHALLOW] if cache else []) + [N.VAE_DECODER] \
+        + ([N.UNET_SHALLOW] if cache else []) \
+        + [N.controlnet_role(i) for i in range(len(ckpt.controlnets))] + [N.VAE_DECODER] \
         + ([N.VAE_ENCODER] if opts.vae_encoder else []) \
         + ([N.VAE_DECODER_TINY] if opts.tiny_vae is not None else [])
     components: dict[str, ComponentSpec] = {}
     with AtomicBundle(output, overwrite=opts.overwrite) as stage:
         for i, role in enumerate(plan, 1):
             t0 = time.perf_counter()
-            precision = opts.precisions[role]
+            precision = _precision(opts, role)
             say(f"[{i}/{len(plan)}] {role}: loading and exporting ({precision})")
             source = unet_source if role == N.UNET else None
             components[role] = _export_role(role, ckpt, stage, opts, layout, sizes, source)
@@ -166,7 +172,7 @@ def _export_role(role: str, ckpt: Checkpoint, stage: Path, opts: ConvertOptions,
                  layout: Layout, sizes: list[tuple[int, int]] | None,
                  source: UnetSource | None) -> ComponentSpec:
     """One role exported (or made by `source`) into `stage`, described for the manifest."""
-    exp, precision = _exporter(role, opts, ckpt.is_xl), opts.precisions[role]
+    exp, precision = _exporter(role, opts, ckpt), _precision(opts, role)
     if source is not None:
         files = source(stage)
     elif opts.fmt == "tflite" and sizes is not None:
@@ -216,22 +222,37 @@ def _feature_cache(ckpt: Checkpoint, opts: ConvertOptions) -> bool:
     return False
 
 
-def _exporter(role: str, opts: ConvertOptions, xl: bool = False) -> Any:
+def _precision(opts: ConvertOptions, role: str) -> str:
+    """A role's precision (every ControlNet's is --precision's `controlnet`)."""
+    return opts.precisions[N.CONTROLNET if role.startswith(N.CONTROLNET) else role]
+
+
+def _exporter(role: str, opts: ConvertOptions, ckpt: Checkpoint) -> Any:
     """The role's exporter (the tiny decoder's loads from --tiny-vae; the UNet's adds its
-    deep features where the bundle caches them; SDXL's text encoders read raw layers)."""
+    deep features where the bundle caches them, and takes the ControlNets' residuals where
+    it has ControlNets; SDXL's text encoders read raw layers)."""
+    if role.startswith(N.CONTROLNET):
+        from .controlnet import controlnet_exporter
+        return controlnet_exporter(ckpt.controlnets[int(role.rsplit("_", 1)[1])])
     if role == N.UNET_SHALLOW or (role == N.UNET and opts.feature_cache):
         from .feature_cache import cached_unet_exporter, shallow_exporter
-        return shallow_exporter() if role == N.UNET_SHALLOW else cached_unet_exporter()
-    if role == N.VAE_DECODER_TINY:
+        exp = shallow_exporter() if role == N.UNET_SHALLOW else cached_unet_exporter()
+    elif role == N.VAE_DECODER_TINY:
         from .registry import tiny_decoder_exporter
         return tiny_decoder_exporter(opts.tiny_vae, opts.allow_pickle)
-    return exporter(role, xl)
+    else:
+        exp = exporter(role, ckpt.is_xl)
+    if role == N.UNET and ckpt.controlnets:
+        from .controlnet import controlled_unet_exporter
+        return controlled_unet_exporter(exp)
+    return exp
 
 
 def _load(role: str, ckpt: Checkpoint, layout: Layout, opts: ConvertOptions) -> Any:
     """The role's torch module, with sliced attention where the layout says."""
-    model = _exporter(role, opts, ckpt.is_xl).load(ckpt)
-    chunks = layout.unet_chunks if role in (N.UNET, N.UNET_SHALLOW) else layout.vae_chunks
+    model = _exporter(role, opts, ckpt).load(ckpt)
+    unet_like = role in (N.UNET, N.UNET_SHALLOW) or role.startswith(N.CONTROLNET)
+    chunks = layout.unet_chunks if unet_like else layout.vae_chunks
     if role not in (N.TEXT_ENCODER, N.TEXT_ENCODER_2, N.VAE_DECODER_TINY) and chunks > 1:
         use_chunked_attention(model, chunks)
     return model

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -9,6 +10,8 @@ from typing import Any, Mapping
 
 from edge_sdk import names as N
 from edge_sdk.errors import ConversionError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 14  # scaled_dot_product / the exporter's attention patterns need 14+
@@ -74,6 +77,9 @@ class ConvertOptions:
     config: str | Path | None = None
     # a separately published VAE replacing the checkpoint's (single file or folder)
     vae: str | Path | None = None
+    # ControlNets (diffusers ControlNetModel folders or original-layout single files),
+    # exported as controlnet_0, controlnet_1 ... in this order (converters.controlnet)
+    controlnets: tuple[str | Path, ...] = ()
 
     @classmethod
     def of(cls, options: "ConvertOptions | None", overrides: Mapping[str, Any]
@@ -163,6 +169,7 @@ class ConvertOptions:
             from .preview_fit import read_preview_decoder
             read_preview_decoder(self.preview_decoder)
         _check_loras(self.loras)
+        _check_controlnets(self)
         _check_source(self)
         name = self.name.strip() if self.name is not None else None
         if name == "":
@@ -218,6 +225,26 @@ def _check_loras(loras: Any) -> None:
             raise ConversionError(f"--lora {path}: no such file")
 
 
+def _check_controlnets(opts: ConvertOptions) -> None:
+    if not opts.controlnets:
+        return
+    if isinstance(opts.controlnets, (str, Path)):
+        raise ConversionError("controlnets must be a list of paths, one per ControlNet")
+    if opts.fmt == "tflite":
+        raise ConversionError("--controlnet: ControlNet bundles are ONNX (convert with "
+                              "--format onnx)")
+    if opts.static_qdq is not None or opts.full_int:
+        raise ConversionError("--controlnet is not available with static quantization "
+                              "(its calibration does not run the ControlNets); use int8 or "
+                              "int4 (dynamic)")
+    if opts.feature_cache:
+        log.info("--feature-cache with --controlnet: generations with a control image run "
+                 "every step whole")
+    missing = [str(p) for p in opts.controlnets if not Path(p).exists()]
+    if missing:
+        raise ConversionError(f"--controlnet {missing[0]} does not exist")
+
+
 def _check_source(opts: ConvertOptions) -> None:
     """--family, --prediction-type, --config and --vae, before the checkpoint is read."""
     from .single_file import check_source_options
@@ -270,8 +297,10 @@ def parse_precision(spec: str) -> dict[str, str]:
     """`fp16` -> every component fp16; `int8` -> text encoder and UNet int8, VAE fp32;
     `int4` -> UNet int4, text encoder int8, VAE fp32; `unet=int4,vae=fp16` -> per component
     (`vae` means the VAE's decoder, encoder and tiny decoder). Unnamed: fp32. The UNet's
-    shallow branch (feature caching) always takes the UNet's precision."""
+    shallow branch (feature caching) always takes the UNet's precision; the ControlNets
+    take it too unless `controlnet=...` names theirs."""
     out = {c: "fp32" for c in N.COMPONENTS}
+    controlnet = None
     for part in [p.strip() for p in spec.split(",") if p.strip()]:
         name, _, value = part.rpartition("=")
         if value not in N.PRECISIONS:
@@ -279,6 +308,9 @@ def parse_precision(spec: str) -> dict[str, str]:
                                   f"{list(N.PRECISIONS)}")
         if not name:
             out.update(_BARE.get(value, {c: value for c in N.COMPONENTS}))
+            continue
+        if name == N.CONTROLNET:
+            controlnet = value
             continue
         targets = [N.VAE_DECODER, N.VAE_ENCODER, N.VAE_DECODER_TINY] if name == "vae" \
             else [name]
@@ -289,4 +321,5 @@ def parse_precision(spec: str) -> dict[str, str]:
                                       "or 'vae' (the UNet's shallow branch takes the UNet's)")
             out[t] = value
     out[N.UNET_SHALLOW] = out[N.UNET]
+    out[N.CONTROLNET] = controlnet or out[N.UNET]
     return out

@@ -29,7 +29,8 @@ def check_xl_options(opts: ConvertOptions) -> ConvertOptions:
                 "static quantization (--precision w8a8/w8a16, --int8-method static)"),
                (bool(opts.loras), "--lora (SDXL LoRAs name two text encoders' layers)"),
                (bool(opts.embeddings), "--embedding (SDXL embeddings hold one vector per "
-                "text encoder)")]
+                "text encoder)"),
+               (bool(opts.controlnets), "--controlnet (SD 1.x/2.x ControlNets are converted)")]
     for bad, what in refused:
         if bad:
             raise ConversionError(f"{what}: not available for SDXL checkpoints yet; SDXL "

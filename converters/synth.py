@@ -120,3 +120,27 @@ def build_tiny_vae(out_dir: str | Path, channels: int = 64, seed: int = 0) -> Pa
                           decoder_block_out_channels=(channels,) * 4)
     vae.save_pretrained(out_dir, safe_serialization=True)
     return Path(out_dir)
+
+
+def build_controlnet(out_dir: str | Path, base: str | Path, seed: int = 0,
+                     conditioning: tuple[int, ...] = (16, 32, 96, 256)) -> Path:
+    """Write a diffusers ControlNetModel folder for the UNet of checkpoint `base`
+    (ControlNetModel.from_unet: its encoder's weights), with every zero convolution and the
+    control image's encoder drawn at random from `seed`: a fresh ControlNet's zero
+    convolutions would make every residual 0, which no test could tell from no ControlNet."""
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    unet = UNet2DConditionModel.from_pretrained(Path(base) / "unet", local_files_only=True)
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=conditioning)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        zero = [*net.controlnet_down_blocks, net.controlnet_mid_block,
+                net.controlnet_cond_embedding.conv_out]
+        for conv in zero:
+            fan_in = conv.weight[0].numel()
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) / fan_in ** 0.5)
+            conv.bias.copy_(torch.randn(conv.bias.shape, generator=gen) * 0.1)
+    net.save_pretrained(out_dir, safe_serialization=True)
+    log.info("wrote a ControlNet for %s to %s", base, out_dir)
+    return Path(out_dir)

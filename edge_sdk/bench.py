@@ -106,9 +106,11 @@ class BenchReport:
 
 
 def run_bench(prompt: str, config: GenerationConfig, load: Any, image: Any = None,
-              mask_image: Any = None) -> tuple[BenchReport, Any]:
+              mask_image: Any = None, control_image: Any = None
+              ) -> tuple[BenchReport, Any]:
     """Load with `load()` (a callable returning a Pipeline) and generate once (from `image`
-    and `mask_image` when given), measuring; return the report and the Generation."""
+    and `mask_image`, steered by `control_image`, when given), measuring; return the report
+    and the Generation."""
     with _PeakSampler() as sampler:
         t0 = time.perf_counter()
         pipe = load()
@@ -122,7 +124,7 @@ def run_bench(prompt: str, config: GenerationConfig, load: Any, image: Any = Non
 
         t0 = time.perf_counter()
         result = pipe.generate(prompt, config, callback=on_step, image=image,
-                               mask_image=mask_image)
+                               mask_image=mask_image, control_image=control_image)
         total = time.perf_counter() - t0
     # the stages run one after the other (the initial noise between them takes
     # milliseconds): their windows follow from the timings

@@ -21,6 +21,7 @@ from . import __version__
 from . import names as N
 from .config import MAX_IMAGES, add_arguments, config_from_arguments
 from .errors import EdgeSDKError, InvalidInputError
+from .cli_control import add_control_args, control_maps, save_control
 from .cli_common import MODEL_HELP, add_backend_args, add_memory_arg, backend_kwargs
 from .cli_evaluate import cmd_evaluate, evaluate_parser
 from .cli_serve import cmd_serve, serve_parser
@@ -67,6 +68,7 @@ def _generate_parser(g: argparse.ArgumentParser) -> None:
                    "out.png); with --num-images N: NAME-0.png ... NAME-<N-1>.png, image k "
                    "made with seed + k (generate it alone with that seed to get it again)")
     _add_image_args(g)
+    add_control_args(g)
     add_arguments(g)  # every generation parameter (edge_sdk.config.GenerationConfig)
     add_backend_args(g)
     g.add_argument("--no-verify", action="store_true", help="skip sha256 checks at load")
@@ -89,8 +91,10 @@ def _bench_parser(b: argparse.ArgumentParser) -> None:
     b.add_argument("prompt", nargs="?", default="a red circle on a blue background")
     b.add_argument("--model", "-m", help=MODEL_HELP)
     add_arguments(b, only=("negative_prompt", "steps", "guidance_scale", "width", "height",
-                           "seed", "scheduler", "strength", "decoder", "cache_interval"))
+                           "seed", "scheduler", "strength", "decoder", "cache_interval",
+                           "controlnet_conditioning_scale"))
     _add_image_args(b)
+    add_control_args(b)
     b.set_defaults(seed=0)  # a benchmark is repeatable by default
     add_memory_arg(b)
     add_backend_args(b)
@@ -122,6 +126,9 @@ def cmd_generate(a: argparse.Namespace) -> int:
     n = a.num_images if isinstance(a.num_images, int) and 0 < a.num_images <= MAX_IMAGES \
         else 1  # out of range: generate refuses it, after these paths are checked
     paths = [check_output_path(p) for p in _output_paths(a.output, n)]  # before any work
+    if a.save_control:
+        check_output_path(a.save_control, {".png": "PNG"})
+    maps = control_maps(a)
     preview = None
     if a.preview:
         where = check_output_path(a.preview, {".png": "PNG"})
@@ -141,7 +148,12 @@ def cmd_generate(a: argparse.Namespace) -> int:
     load_s = time.perf_counter() - t0
     result = pipe.generate(a.prompt, config_from_arguments(a), image=a.image,
                            mask_image=a.mask, preview=preview,
+                           control_image=None if maps is None else
+                           maps[0] if len(maps) == 1 else maps,
                            callback=ProgressBar("denoising", not (a.quiet or a.json)))
+    if maps and a.save_control:
+        save_control(maps, a.save_control, int(result.config.width or 0),
+                     int(result.config.height or 0), _output_paths)
     images = []
     for k, (image, path) in enumerate(zip(result.images, paths)):
         params = {**result.image_parameters(k), "model": pipe.manifest.source.name,
@@ -172,8 +184,10 @@ def cmd_bench(a: argparse.Namespace) -> int:
         check_output_path(a.output)
     config = config_from_arguments(a)
     kwargs = backend_kwargs(a)
+    maps = control_maps(a)
     report, result = run_bench(a.prompt, config, lambda: Pipeline.load(
-        a.model, memory=a.memory, **kwargs), image=a.image, mask_image=a.mask)
+        a.model, memory=a.memory, **kwargs), image=a.image, mask_image=a.mask,
+        control_image=None if maps is None else maps[0] if len(maps) == 1 else maps)
     if a.output:
         save_png(result.images[0], a.output, result.parameters)
     print(json.dumps(report.as_dict(), indent=1) if a.json else report.table())
@@ -278,6 +292,8 @@ def describe(m: Any, path: Path) -> list[str]:
         + (f", shift {m.vae.shift_factor}" if m.vae.shift_factor is not None else "")
         + f", {m.vae.latent_channels} latent channels, x{m.vae.scale_factor}",
         *_text_lines(m),
+        *([f"controlnets {', '.join(f'{c.name} ({c.component})' for c in m.controlnets)}; "
+           f"the UNet takes {len(m.unet.residuals)} residuals"] if m.controlnets else []),
         "components",
     ]
     width = len(N.TEXT_ENCODER_2)  # the longest main role; stages' longer names overflow

@@ -18,11 +18,15 @@ from .progress import ProgressBar
 def evaluate_parser(e: argparse.ArgumentParser) -> None:
     e.add_argument("--model", "-m", help=MODEL_HELP)
     add_arguments(e, only=("steps", "guidance_scale", "scheduler", "strength", "paste_back",
-                           "decoder", "cache_interval"))
-    e.add_argument("--task", default="generate", choices=("generate", "recolour", "inpaint"),
+                           "decoder", "cache_interval", "controlnet_conditioning_scale",
+                           "guess_mode"))
+    e.add_argument("--task", default="generate",
+                   choices=("generate", "recolour", "inpaint", "control"),
                    help="generate: text-to-image on the held-out prompts (default); "
                    "recolour: img2img, a rendered scene asked in another colour; inpaint: "
-                   "a scene with one object left out, repainted in a mask (README: editing "
+                   "a scene with one object left out, repainted in a mask; control: a "
+                   "scene's Canny edges through the bundle's ControlNet, the prompt naming "
+                   "only a colour and a background (README: editing and ControlNet "
                    "protocols; 64 cases unless --prompts)")
     e.add_argument("--limit", type=int, default=None, help="only the first N prompts")
     e.add_argument("--prompts", type=int, default=None, metavar="N",
@@ -54,6 +58,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         check_output_path(a.json, {".json": "JSON"})
     pipe = Pipeline.load(a.model, memory=a.memory, **backend_kwargs(a))
     require_shapes_model(pipe.manifest, "edge-sdk evaluate")
+    if a.task == "control":
+        return _evaluate_control(a, pipe)
     if a.task != "generate":
         return _evaluate_editing(a, pipe)
     if a.strength is not None or a.paste_back is not None:
@@ -72,6 +78,42 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps({"summary": report.summary(), "rows": report.rows},
                                            indent=1))
+    return 0
+
+
+def _report(a: argparse.Namespace, report: Any) -> None:
+    print(json.dumps(report.summary(), indent=1))
+    if a.json:
+        Path(a.json).write_text(json.dumps({"summary": report.summary(), "rows": report.rows},
+                                           indent=1))
+
+
+def _evaluate_control(a: argparse.Namespace, pipe: Any) -> int:
+    """`edge-sdk evaluate --task control`: the ControlNet protocol (its first ControlNet)."""
+    from .shapes import controlled, editing
+
+    if a.strength is not None or a.paste_back is not None:
+        raise InvalidInputError("--strength and --paste-back are for --task recolour or "
+                                "inpaint")
+    n = min(a.prompts or controlled.DEFAULT_CASES, a.limit or 10**9)
+    config = config_from_arguments(a)
+    others = [None] * (len(pipe.manifest.controlnets) - 1)
+
+    def generate(case: Any) -> Any:
+        return pipe.generate(case.prompt, replace(config, seed=case.seed),
+                             control_image=[case.control, *others]).images[0]
+
+    bar = ProgressBar("evaluating", unit="case")
+    todo = controlled.cases(n, a.validation)
+    report, images = controlled.run(generate, n, a.validation, lambda k, m: bar(k, m))
+    _report(a, report)
+    if a.sheet:
+        sheet = [editing.EditCase("control", c.control, c.prompt, c.seed, c.target,
+                                  c.control[..., 0] > 0) for c in todo]
+        rows = [{**r, "ok": r["follows"] and r["colour"]} for r in report.rows]
+        editing.contact_sheet(sheet, images, editing.EditReport("control", 0.0, rows),
+                              a.sheet)
+        print(f"contact sheet: {a.sheet}")
     return 0
 
 

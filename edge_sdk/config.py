@@ -15,6 +15,7 @@ import secrets
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Mapping
 
+from .control_config import resolve_control
 from .errors import InvalidInputError
 from .names import DECODERS, UNET_SHALLOW
 from .manifest import Manifest
@@ -34,12 +35,15 @@ ENCODE_MODES = ("sample", "mean")  # diffusers' retrieve_latents: "sample" / "ar
 
 
 def _param(default: Any, help: str, *, flag: str | None = None, type: Any = None,
-           aliases: tuple[str, ...] = (), switch: bool | None = None) -> Any:
+           aliases: tuple[str, ...] = (), switch: bool | None = None,
+           repeat: bool = False) -> Any:
     """A generation parameter: `flag` is its CLI spelling (default: --field-name), `type`
     the CLI's parser, `aliases` other keyword names (diffusers') that mean the same;
-    `switch`: the flag takes no value and sets this."""
+    `switch`: the flag takes no value and sets this; `repeat`: the flag may be given once
+    per ControlNet (a list)."""
     return field(default=default, metadata={"help": help, "flag": flag, "type": type,
-                                            "aliases": aliases, "switch": switch})
+                                            "aliases": aliases, "switch": switch,
+                                            "repeat": repeat})
 
 
 def uses_guidance(guidance_scale: float) -> bool:
@@ -121,6 +125,20 @@ class GenerationConfig:
                                      "from the VAE's distribution with the seed (default) "
                                      "or take its 'mean'", type=str)
 
+    # ControlNet (given control images; refused without): one value, or one per ControlNet
+    controlnet_conditioning_scale: float | tuple[float, ...] | None = _param(
+        None, "with --control-image: how strongly the ControlNet steers (default 1.0); "
+        "repeat it once per ControlNet", flag="--control-scale", type=float, repeat=True)
+    control_guidance_start: float | tuple[float, ...] | None = _param(
+        None, "with --control-image: the fraction of the steps after which the ControlNet "
+        "starts (default 0); repeatable", flag="--control-start", type=float, repeat=True)
+    control_guidance_end: float | tuple[float, ...] | None = _param(
+        None, "with --control-image: the fraction of the steps after which it stops "
+        "(default 1); repeatable", flag="--control-end", type=float, repeat=True)
+    guess_mode: bool | None = _param(None, "with --control-image: the ControlNet steers "
+                                     "the conditional branch only, its residuals ramped "
+                                     "from 0.1 to 1 (diffusers' guess_mode)", switch=True)
+
     @classmethod
     def from_kwargs(cls, params: Mapping[str, Any]) -> "GenerationConfig":
         """A config from keyword arguments, accepting each field's aliases; an unknown name
@@ -137,10 +155,12 @@ class GenerationConfig:
             values[names[key]] = value
         return cls(**values)
 
-    def resolve(self, manifest: Manifest, edit: str | None = None) -> "GenerationConfig":
+    def resolve(self, manifest: Manifest, edit: str | None = None,
+                controlled: bool = False) -> "GenerationConfig":
         """Every field concrete and checked: the model's defaults filled in, a seed drawn.
         `edit` is "img2img" or "inpaint" when there is a source image (its fields are
-        resolved), None for text-to-image (they must be None)."""
+        resolved), None for text-to-image (they must be None); `controlled`: there are
+        control images (the ControlNet fields are resolved; without, they must be None)."""
         d = manifest.defaults
         steps = _int("steps", d.steps if self.steps is None else self.steps, 1, MAX_STEPS)
         g = d.guidance_scale if self.guidance_scale is None else self.guidance_scale
@@ -177,7 +197,8 @@ class GenerationConfig:
                        **check_text_options(manifest, self.prompt_weighting,
                                             self.long_prompts, self.clip_skip),
                        **added_conditions(manifest, self, width, height),
-                       **self._edit_fields(edit))
+                       **self._edit_fields(edit),
+                       **resolve_control(manifest, self, controlled))
 
     def _edit_fields(self, edit: str | None) -> dict[str, Any]:
         """The img2img / inpainting fields resolved (or refused without an image)."""
@@ -241,6 +262,10 @@ def add_arguments(parser: Any, only: tuple[str, ...] | None = None) -> None:
         if only is not None and f.name not in only:
             continue
         flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+        if f.metadata["repeat"]:
+            parser.add_argument(flag, dest=f.name, type=f.metadata["type"], action="append",
+                                default=f.default, help=f.metadata["help"])
+            continue
         if f.metadata["switch"] is not None:
             parser.add_argument(flag, dest=f.name, action="store_const",
                                 const=f.metadata["switch"], default=f.default,

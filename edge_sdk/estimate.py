@@ -63,6 +63,13 @@ def attention_bytes(manifest: Manifest, cfg: GenerationConfig, batch: int) -> in
     return batch * worst * 4 // manifest.unet.attention_chunks
 
 
+def _residual_bytes(manifest: Manifest, batch: int, h: int, w: int) -> int:
+    """ControlNet residuals: one set as a ControlNet returns them and one summed for the
+    UNet (every skip of its down path, at its level's size)."""
+    per_item = sum(c * -(-h // d) * -(-w // d) for c, d in manifest.unet.residuals)
+    return 2 * batch * per_item * 4
+
+
 def estimate_peak_bytes(manifest: Manifest, cfg: GenerationConfig, mode: str = "fast") -> int:
     """Peak RSS of one generation of the resolved `cfg` in memory mode `mode` (bytes)."""
     images = int(cfg.num_images)
@@ -71,8 +78,9 @@ def estimate_peak_bytes(manifest: Manifest, cfg: GenerationConfig, mode: str = "
     batch = images * (2 if cfg_on and batched else 1)
     h, w = _latent_size(manifest, cfg)
     maps = batch * (manifest.unet.base_channels or UNKNOWN_BASE_CHANNELS) * h * w * 4
+    controlled = cfg.controlnet_conditioning_scale is not None  # (resolved with control)
     unet = ATTENTION_COPIES[mode] * attention_bytes(manifest, cfg, batch) \
-        + UNET_LIVE_MAPS * maps
+        + UNET_LIVE_MAPS * maps + (_residual_bytes(manifest, batch, h, w) if controlled else 0)
     channels = manifest.vae.decoder_channels or UNKNOWN_DECODER_CHANNELS
     pixels = int(cfg.height or 0) * int(cfg.width or 0)  # decoded one at a time
 
@@ -88,6 +96,8 @@ def estimate_peak_bytes(manifest: Manifest, cfg: GenerationConfig, mode: str = "
     # with 784 MB of UNet weights ran under a 300 MiB cap), so they are not counted
     roles = manifest.main_roles + ((names.UNET_SHALLOW,) if int(cfg.cache_interval or 1)
                                    > 1 else ())  # feature caching: the shallow branch
+    if controlled:
+        roles += tuple(c.component for c in manifest.controlnets)
     weights = sum(manifest.components[r].bytes for r in roles) if mode == "fast" else 0
     # the cached deep features: one map per image and guidance half (batched or in two
     # caches alike), of the first level's channels, or the second level's (SD: twice as

@@ -32,7 +32,7 @@ class Generation:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     seeds: list[int] = field(default_factory=list)  # image k's own seed (config.seed + k)
     # img2img / inpainting: the sha256 of the source image and mask (image_sha256, ...)
-    sources: dict[str, str] = field(default_factory=dict)
+    sources: dict[str, Any] = field(default_factory=dict)
 
     @property
     def parameters(self) -> dict[str, Any]:
@@ -125,3 +125,5 @@ class Request:
     whole: GenerationConfig  # num_images: the whole call's
     plan: MemoryPlan
     edit: EditInputs | None
+    control: Any = None  # edge_sdk.controlnet.Control: the ControlNets at work, or None
+    sources: dict[str, Any] = field(default_factory=dict)  # control images' sha256

@@ -17,6 +17,7 @@ from .backends import BackendOptions, Session
 from .components import Components, check_accelerator_options
 from .config import (MAX_IMAGES, GenerationConfig, classifier_free, decoder_in_mode,
                      refuse_negative_prompt_if_embedded, size_multiple)
+from .controlnet import Control, controlled_predictor, prepare_control, with_zero_residuals
 from .denoise import (STEP_END_TENSORS, Conditioning, StepCallback, StepEndCallback,
                       checked_step_callback, generation_predictor, run_denoising,
                       step_end_callback)
@@ -207,6 +208,11 @@ class Pipeline:
                  long_prompts: bool | None = None,
                  clip_skip: int | None = None, image: ImageSource | None = None,
                  mask_image: ImageSource | None = None, strength: float | None = None,
+                 control_image: ImageSource | Sequence[ImageSource | None] | None = None,
+                 controlnet_conditioning_scale: float | Sequence[float] | None = None,
+                 control_guidance_start: float | Sequence[float] | None = None,
+                 control_guidance_end: float | Sequence[float] | None = None,
+                 guess_mode: bool | None = None,
                  padding_mask_crop: int | None = None, paste_back: bool | None = None,
                  encode_mode: str | None = None, latents: np.ndarray | None = None,
                  callback: StepCallback | None = None, preview_every: int = 1,
@@ -240,7 +246,13 @@ class Pipeline:
         step). The output is the image's size rounded down to a multiple of 8, unless
         width/height are given. An SDXL bundle takes `prompt_2`, `negative_prompt_2`,
         `original_size`, `crops_coords_top_left` and `target_size` as diffusers'
-        StableDiffusionXLPipeline (sizes (height, width), defaults: the image's, (0, 0))."""
+        StableDiffusionXLPipeline (sizes (height, width), defaults: the image's, (0, 0)).
+
+        `control_image` steers a ControlNet bundle as diffusers'
+        StableDiffusionControlNetPipeline's `image` does (one per ControlNet, in bundle
+        order; None skips one; resized to the output size; edge_sdk.control preprocesses),
+        with `controlnet_conditioning_scale`, `control_guidance_start/end` and `guess_mode`
+        (edge_sdk.controlnet)."""
         given_here = locals()  # each GenerationConfig field is a parameter (a test checks)
         params = {f.name: given_here[f.name] for f in fields(GenerationConfig)}
         given = {k: v for k, v in params.items() if v is not None or k == "num_images"}
@@ -249,6 +261,7 @@ class Pipeline:
         config = GenerationConfig.from_kwargs({**given, **aliases})
         result = self.generate(
             prompt, config, image=image, mask_image=mask_image, latents=latents,
+            control_image=control_image,
             callback=callback, output_type=output_type, preview=preview,
             preview_every=preview_every, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
@@ -259,7 +272,8 @@ class Pipeline:
     def generate(self, prompt: str | Sequence[str], config: GenerationConfig | None = None, *,
                  image: ImageSource | None = None, mask_image: ImageSource | None = None,
                  latents: np.ndarray | None = None, callback: StepCallback | None = None,
-                 output_type: str = "pil", callback_on_step_end: StepEndCallback | None = None,
+                 control_image: Any = None, output_type: str = "pil",
+                 callback_on_step_end: StepEndCallback | None = None,
                  callback_on_step_end_tensor_inputs: Sequence[str] = STEP_END_TENSORS,
                  preview: PreviewFn | Preview | None = None, preview_every: int = 1
                  ) -> Generation:
@@ -269,7 +283,7 @@ class Pipeline:
         be generated again alone."""
         timings: dict[str, float] = {}
         with timed(timings, "prepare"):  # the inputs read and checked, the plan switched
-            req = self._prepare(prompt, config, latents, image, mask_image)
+            req = self._prepare(prompt, config, latents, image, mask_image, control_image)
             if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
                 raise InvalidInputError(f"output_type {output_type!r} is not one of "
                                         f"{OUTPUT_TYPES}")
@@ -299,9 +313,10 @@ class Pipeline:
             try:
                 final = self._denoise(Conditioning.from_prompt(embeds, cfg.time_ids), noise,
                                       cfg, rng, callback, sched=sched, start=start,
-                                      preview=previews)
+                                      preview=previews, control=req.control)
             finally:
-                for role in (N.UNET, N.UNET_SHALLOW, N.VAE_DECODER_TINY):  # (previews: tiny)
+                for role in (N.UNET, N.UNET_SHALLOW, N.VAE_DECODER_TINY,  # (previews: tiny)
+                             *(c.component for c in self.manifest.controlnets)):
                     if role == N.UNET or role in self.components.loaded:
                         self.components.done_with(role)
         with timed(timings, "vae_decoder"):
@@ -311,7 +326,8 @@ class Pipeline:
             self.components.done_with(N.VAE_DECODER)
         return Generation(images, final, cfg, prompt if isinstance(prompt, str) else
                           req.prompts, timings, seeds,
-                          req.edit.parameters() if req.edit is not None else {})
+                          {**(req.edit.parameters() if req.edit is not None else {}),
+                           **req.sources})
 
     @property
     def interrupt(self) -> bool:  # diffusers' name
@@ -319,17 +335,19 @@ class Pipeline:
 
     def check(self, prompt: str | Sequence[str], config: GenerationConfig | None = None, *,
               latents: np.ndarray | None = None, image: ImageSource | None = None,
-              mask_image: ImageSource | None = None) -> GenerationConfig:
+              mask_image: ImageSource | None = None, control_image: Any = None
+              ) -> GenerationConfig:
         """Everything `generate` checks before it starts, without starting: the prompts, the
         parameters, the source image and mask, the number of images, and that the generation
         fits the memory budget and the memory available (a container's limit included).
         Returns the resolved config (the seed drawn, if none was given); raises the
         InvalidInputError `generate` would. A service calls it before queueing a request."""
-        return self._prepare(prompt, config, latents, image, mask_image).cfg
+        return self._prepare(prompt, config, latents, image, mask_image, control_image).cfg
 
     def _prepare(self, prompt: str | Sequence[str], config: GenerationConfig | None,
                  latents: np.ndarray | None, image: ImageSource | None = None,
-                 mask_image: ImageSource | None = None) -> "Request":
+                 mask_image: ImageSource | None = None, control_image: Any = None
+                 ) -> "Request":
         """The checked prompts, the resolved config, the config of the whole call (all its
         images), the memory plan for it and the preprocessed source image and mask."""
         prompts = prompts_of(prompt)
@@ -345,7 +363,9 @@ class Pipeline:
                                            self.manifest, size_multiple(self.manifest),
                                            config.width, config.height)
             config = replace(config, width=w, height=h)
-        cfg = config.resolve(self.manifest, kind)
+        cfg = config.resolve(self.manifest, kind, control_image is not None)
+        control, sources = prepare_control(self.manifest, control_image, cfg) \
+            if control_image is not None else (None, {})
         edit = None if kind is None else prepare_edit(src, msk, int(cfg.width or 0),
                                                       int(cfg.height or 0),
                                                       cfg.padding_mask_crop)
@@ -361,7 +381,7 @@ class Pipeline:
         check_fits(self.manifest, whole, plan.mode)  # refuse now, not the OOM killer later
         if plan.spill_maps and plan.vae_tile and self.manifest.vae.decoder_stages:
             check_spill_folder(plan.spill_dir)
-        return Request(prompts, cfg, whole, plan, edit)
+        return Request(prompts, cfg, whole, plan, edit, control, sources)
 
     def _use(self, plan: MemoryPlan) -> None:
         """Switch to another memory plan (its sessions are opened anew when needed)."""
@@ -376,8 +396,8 @@ class Pipeline:
     def _denoise(self, conditioning: Conditioning, noise: np.ndarray, cfg: GenerationConfig,
                  rng: np.random.Generator | list[np.random.Generator],
                  callback: Any, sched: Scheduler | None = None,
-                 start: EditStart | None = None,
-                 preview: Preview | None = None) -> np.ndarray:
+                 start: EditStart | None = None, preview: Preview | None = None,
+                 control: Control | None = None) -> np.ndarray:
         """Denoise from `noise` (or from an edit's start) with `callback`: a StepCallback,
         or a (callback_on_step_end, tensor inputs) pair, and `preview`."""
         sched = sched or self.scheduler(cfg)
@@ -391,9 +411,16 @@ class Pipeline:
         if conditioning.batch != latents.shape[0]:
             raise InvalidInputError(f"{conditioning.batch} prompt embeddings for "
                                     f"{latents.shape[0]} latents")
-        predict = generation_predictor(self.session, self.manifest.unet.time_cond_proj_dim,
-                                       conditioning, float(cfg.guidance_scale),
-                                       int(cfg.cache_interval or 1), self.plan.batch_cfg)
+        if control is not None:
+            predict = controlled_predictor(
+                self.session(N.UNET), self.session, control, self.manifest, conditioning,
+                float(cfg.guidance_scale), (sched.begin_index, len(sched.timesteps)),
+                self.plan.batch_cfg)
+        else:  # (a ControlNet bundle's UNet then takes zero residuals)
+            predict = generation_predictor(
+                self.session, self.manifest.unet.time_cond_proj_dim, with_zero_residuals(
+                    self.manifest, conditioning, latents.shape[2:]),
+                float(cfg.guidance_scale), int(cfg.cache_interval or 1), self.plan.batch_cfg)
         observe = None if preview is None else preview_hook(
             preview.fn, preview.every,
             preview_maker(self.manifest, self.plan.mode, self.session, preview.source))
