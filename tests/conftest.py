@@ -49,6 +49,28 @@ class Models:
             self._cache[key] = build_checkpoint(self.root / f"ckpt-{arch}", arch, seed=0)
         return self._cache[key]
 
+    def controlnet(self, arch: str = "tiny-sd1", seed: int = 1) -> Path:
+        """A ControlNet for the tiny checkpoint `arch` (converters.synth.build_controlnet:
+        random weights, its zero convolutions too)."""
+        key = ("controlnet", arch, str(seed))
+        if key not in self._cache:
+            from converters.synth import build_controlnet
+            self._cache[key] = build_controlnet(self.root / f"controlnet-{arch}-{seed}",
+                                                self.checkpoint(arch), seed, (8, 8, 16, 16))
+        return self._cache[key]
+
+    def control_bundle(self, nets: int = 2, precision: str = "fp32") -> Path:
+        """tiny-sd1 converted with `nets` ControlNets (seeds 1, 2 ...)."""
+        key = ("control-bundle", str(nets), precision)
+        if key not in self._cache:
+            from converters.convert import convert
+            out = self.root / f"bundle-tiny-sd1-{nets}cn-{precision}"
+            convert(self.checkpoint("tiny-sd1"), out, precision=precision,
+                    controlnets=tuple(self.controlnet("tiny-sd1", s) for s in
+                                      range(1, nets + 1)))
+            self._cache[key] = out
+        return self._cache[key]
+
     def bundle(self, arch: str, precision: str = "fp32", fmt: str = "onnx",
                **options: object) -> Path:
         """The checkpoint converted with edge-convert (options: convert()'s keywords)."""

@@ -104,6 +104,23 @@ def unet_to_original(weights: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict
     return {"model.diffusion_model." + _rename(k, rules): v for k, v in weights.items()}
 
 
+def controlnet_to_original(weights: Mapping[str, Any], cfg: Mapping[str, Any]
+                           ) -> dict[str, Any]:
+    """A ControlNetModel's weights as the original ControlNet (cldm) names them: the UNet
+    encoder's under `control_model.`, the zero convolutions `zero_convs.N.0` and
+    `middle_block_out.0`, the hint encoder `input_hint_block.N` (a SiLU between its
+    convolutions, so every other index)."""
+    blocks = 2 * (len(cfg["conditioning_embedding_out_channels"]) - 1)
+    rules = unet_rules(cfg) + [
+        ("controlnet_mid_block.", "middle_block_out.0.", ()),
+        ("controlnet_cond_embedding.conv_in.", "input_hint_block.0.", ()),
+        ("controlnet_cond_embedding.conv_out.", f"input_hint_block.{2 * (blocks + 1)}.", ())]
+    rules += [(f"controlnet_down_blocks.{i}.", f"zero_convs.{i}.0.", ()) for i in range(32)]
+    rules += [(f"controlnet_cond_embedding.blocks.{j}.", f"input_hint_block.{2 * (j + 1)}.",
+               ()) for j in range(blocks)]
+    return {"control_model." + _rename(k, rules): v for k, v in weights.items()}
+
+
 def vae_to_original(weights: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict[str, Any]:
     rules, out = vae_rules(cfg), {}
     for k, v in weights.items():

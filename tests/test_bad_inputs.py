@@ -447,6 +447,48 @@ def _works(check: Callable[[Ctx], bool]) -> Callable[[Ctx], None]:
 
 
 L = _load
+
+def _control_pipe(ctx: Ctx) -> Pipeline:
+    return Pipeline.load(ctx.models.control_bundle(2))
+
+
+def _control(ctx: Ctx, control: Any = "two", **kw: Any) -> Any:
+    img = np.full((64, 96, 3), 30, np.uint8)
+    img[20:40, 30:60] = 220
+    control = [img, img] if isinstance(control, str) else control
+    return _control_pipe(ctx)("a red circle", steps=2, seed=0, width=96, height=64,
+                              control_image=control, **kw)
+
+
+def _other_size_control(ctx: Ctx) -> None:
+    """Resized to the output as diffusers does (Lanczos, aspect changed)."""
+    small = np.zeros((24, 40, 3), np.uint8)
+    small[6:18, 10:30] = 255
+    image = _control(ctx, [small, None])
+    assert image.size == (96, 64)
+
+
+def _foreign_controlnet(ctx: Ctx) -> Any:
+    """A ControlNet whose cross-attention width is not this UNet's (an SD 2.x one, 1024,
+    on an SD 1.x model, 768)."""
+    folder = ctx.tmp / "cn-sd2"
+    shutil.copytree(ctx.models.controlnet("tiny-sd1", 1), folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["cross_attention_dim"] = 64
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return ctx.convert(ctx.ckpt, "-o", ctx.tmp / "out", "--controlnet", folder)
+
+
+def _control_manifest(ctx: Ctx, edit: Callable[[dict], None]) -> Pipeline:
+    bundle = ctx.tmp / "cn-bundle"
+    shutil.copytree(ctx.models.control_bundle(2), bundle)
+    path = bundle / "manifest.json"
+    m = json.loads(path.read_text())
+    edit(m)
+    path.write_text(json.dumps(m))
+    return Pipeline.load(bundle)
+
+
 ROWS: list[Row] = [
     # files
     Row("file", "bundle folder does not exist", lambda c: L(c, c.tmp / "nope"), BundleError,
@@ -1085,6 +1127,51 @@ ROWS: list[Row] = [
     Row("conversion", "--target-psnr without static quantization", lambda c: c.convert(
         c.ckpt, "-o", c.tmp / "out", "--target-psnr", "30"), ConversionError,
         "a positive number of dB, for ONNX static quantization"),
+    Row("conversion", "a ControlNet made for another base (its context width differs)",
+        _foreign_controlnet, ConversionError, "made for another base model: its "
+        "cross_attention_dim is 64, this checkpoint's UNet has 32"),
+    Row("conversion", "--controlnet PATH that does not exist", lambda c: c.convert(
+        c.ckpt, "-o", c.tmp / "out", "--controlnet", c.tmp / "nowhere"), ConversionError,
+        "--controlnet .*nowhere does not exist"),
+    Row("conversion", "--controlnet with --format tflite", lambda c: c.convert(
+        c.ckpt, "-o", c.tmp / "out", "--format", "tflite", "--controlnet",
+        c.models.controlnet("tiny-sd1", 1)), ConversionError, "ControlNet bundles are ONNX"),
+    Row("conversion", "--controlnet a file that is not a ControlNet (a LoRA)",
+        lambda c: c.convert(c.ckpt, "-o", c.tmp / "out", "--controlnet",
+                            next(c.models.checkpoint("tiny-sd1").glob(
+                                "unet/*.safetensors"))), ConversionError,
+        "not a ControlNet in the original layout"),
+    Row("parameter", "a control image of another size than the output",
+        _other_size_control, None, "resized to the output size (Lanczos), as diffusers does"),
+    Row("parameter", "an unknown --control-preprocess", lambda c: c.cli(
+        "generate", "x", "-m", c.models.control_bundle(2), "-o", c.tmp / "o.png",
+        "--control-image", c.tmp / "x.png", "--control-preprocess", "depth"),
+        InvalidInputError, "unknown control preprocessor 'depth'; choose one of canny, "
+        "scribble, none"),
+    Row("parameter", "a control image for a bundle without ControlNets", lambda c: c.gen(
+        control_image=np.zeros((64, 64, 3), np.uint8)), InvalidInputError,
+        "this bundle has no ControlNet; convert one into it"),
+    Row("parameter", "one control image for a bundle of two ControlNets",
+        lambda c: _control(c, np.zeros((64, 96, 3), np.uint8)), InvalidInputError,
+        "1 control image\\(s\\) for this bundle's 2 ControlNet"),
+    Row("parameter", "controlnet_conditioning_scale without a control image",
+        lambda c: c.gen(controlnet_conditioning_scale=0.5), InvalidInputError,
+        "controlnet_conditioning_scale need a control image"),
+    Row("parameter", "three conditioning scales for two ControlNets",
+        lambda c: _control(c, controlnet_conditioning_scale=[1, 1, 1]), InvalidInputError,
+        "has 3 values for this bundle's 2 ControlNet"),
+    Row("parameter", "control_guidance_start after its end",
+        lambda c: _control(c, control_guidance_start=0.8, control_guidance_end=0.5),
+        InvalidInputError, "need 0 <= start < end <= 1"),
+    Row("parameter", "feature caching with a control image",
+        lambda c: _control(c, cache_interval=2), InvalidInputError,
+        "cache_interval with a control image"),
+    Row("manifest", "a ControlNet entry naming a component that is not there",
+        lambda c: _control_manifest(c, _set(["controlnets", 1, "component"], "controlnet_7")),
+        ManifestError, "ControlNet 1 must be the component 'controlnet_1'"),
+    Row("manifest", "unet.residuals the UNet graph does not take",
+        lambda c: _control_manifest(c, _set(["unet", "residuals"], [[32, 1]])),
+        ManifestError, "unet.residuals describes 1 residuals but the UNet graph takes"),
     Row("conversion", "empty calibration file",
         lambda c: (c.tmp / "p.txt").write_text("# nothing\n") and c.convert(
             c.ckpt, "-o", c.tmp / "out", "--precision", "int8", "--int8-method", "static",

@@ -115,7 +115,8 @@ def test_call_and_cli_take_exactly_the_declared_generation_parameters():
     declared = {f.name for f in dataclasses.fields(GenerationConfig)}
     params = inspect.signature(Pipeline.__call__).parameters
     named = {n for n, p in params.items() if p.kind is not p.VAR_KEYWORD}
-    assert named - {"self", "prompt", "image", "mask_image", "latents", "callback",
+    assert named - {"self", "prompt", "image", "mask_image", "control_image", "latents",
+                    "callback",
                     "output_type", "return_dict", "callback_on_step_end",
                     "callback_on_step_end_tensor_inputs", "preview",
                     "preview_every"} == declared
@@ -167,4 +168,18 @@ def test_guidance_batched_and_as_two_passes_agree_and_guidance_is_applied():
 
 def test_contract_kinds_are_what_manifests_may_name():
     assert set(CONTRACTS) == {"text_encoder", "unet", "unet_shallow", "vae_decoder",
-                              "vae_encoder", "vae_decoder_stage", "vae_encoder_stage"}
+                              "vae_encoder", "vae_decoder_stage", "vae_encoder_stage",
+                              "controlnet"}
+
+
+def test_controlnet_residuals_pair_a_controlnet_with_its_unet():
+    """A ControlNet's outputs and the UNet's residual inputs are the same list, in order:
+    the contracts name as many as any SD UNet's down path has skips (SD 12, SDXL 9)."""
+    from edge_sdk.contracts import CONTROLNET, UNET, ControlNetIO, UnetIO
+    outs = CONTROLNET.output_names(optional=True)
+    ins = [n for n in UNET.input_names(optional=True) if "residual" in n]
+    assert len(outs) == len(ins) >= 13
+    assert outs[-1] == ControlNetIO.MID and ins[-1] == UnetIO.MID_RESIDUAL
+    assert [o.replace("res_sample", "additional_residual") for o in outs[:-1]] == ins[:-1]
+    assert CONTROLNET.input_names() == ["sample", "timestep", "encoder_hidden_states",
+                                        "controlnet_cond"]

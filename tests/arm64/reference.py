@@ -101,6 +101,17 @@ def sdxl(bundle: str) -> np.ndarray:
                                                           width=96, height=64))
 
 
+def controlled() -> np.ndarray:
+    """The default model steered by its ControlNet in memory mode low: the first held-out
+    case of the ControlNet protocol (a scene's Canny edges, made by OpenCV on each side;
+    the prompt names only a colour and a background)."""
+    from edge_sdk import Pipeline
+    from edge_sdk.shapes.controlled import cases
+    case = cases(1)[0]
+    return np.asarray(Pipeline.load(memory="low")(case.prompt, control_image=case.control,
+                                                  seed=SEED, steps=STEPS))
+
+
 def seen(image: np.ndarray) -> str:
     """What the shapes evaluator (OpenCV) reads in an image, as text to compare."""
     from edge_sdk.shapes.evaluator import analyse
@@ -118,7 +129,8 @@ def main() -> int:
              seen=np.array(seen(onnx_image)), source=source, mask=mask,
              img2img=edit(source, None), inpaint=edit(source, mask),
              tiny=decode_tiny(latents), preview=preview(latents), lcm=few_step(),
-             cached=cached(), lora=with_lora(lora_file(out)), sdxl=sdxl(xl))
+             cached=cached(), lora=with_lora(lora_file(out)), sdxl=sdxl(xl),
+             controlled=controlled())
     return 0
 
 

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference import (PROMPT, SEED, STEPS, cached, decode_tiny, edit, few_step,  # noqa: E402
-                       generate, lora_file, preview, sdxl, seen, with_lora)
+from reference import (PROMPT, SEED, STEPS, cached, controlled, decode_tiny,  # noqa: E402
+                       edit, few_step, generate, lora_file, preview, sdxl, seen, with_lora)
 
 # onnxruntime's aarch64 kernels (NEON) round differently from x86's (AVX2): a few /255
 TOLERANCE = 3
@@ -142,6 +142,8 @@ def main() -> int:
     check_int8("W8A8 static QDQ UNet (NPU bundle)", generate(sys.argv[3])[0], ref["w8a8"], t)
     t = time.perf_counter()
     check("SDXL (tiny), low memory", sdxl(sys.argv[4]), ref["sdxl"], t)
+    t = time.perf_counter()
+    check("ControlNet (Canny edges), low memory", controlled(), ref["controlled"], t)
     serve(ref["onnx"])
     print("arm64 smoke " + (f"FAILED: {', '.join(failures)}" if failures else "passed"))
     return 1 if failures else 0

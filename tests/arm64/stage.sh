@@ -3,7 +3,8 @@
 # 64-bit) with only the runtime's aarch64 wheels, one process (tests/arm64/smoke.py) makes one
 # small generation per feature — onnxruntime, low memory with the VAE in tiles, the tiny and
 # preview decoders, feature caching, shapes-lcm, img2img, inpainting, LiteRT, the W8A8 (NPU)
-# bundle on the CPU, a tiny SDXL bundle, the IoT example over HTTP — and compares each with the same generation made natively here
+# bundle on the CPU, a tiny SDXL bundle, the default model's ControlNet (Canny edges), the
+# IoT example over HTTP — and compares each with the same generation made natively here
 # (tests/arm64/reference.py).
 # Budget: 5 min with the cache warm. Exit non-zero on failure.
 set -euo pipefail

@@ -113,6 +113,8 @@ def main() -> int:
                     help="img2img from a rendered size x size scene at this strength (the "
                     "bundle needs its VAE encoder); --steps are then the scheduler's, "
                     "int(steps x strength) of them run")
+    ap.add_argument("--control", action="store_true",
+                    help="steer the bundle's ControlNet with a rendered scene's Canny edges")
     ap.add_argument("--output", default="capped.png")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -125,6 +127,9 @@ def main() -> int:
            "--output", str(out)] + (["--threads", str(args.threads)] if args.threads else [])
     if args.img2img is not None:
         cmd += ["--image", str(_source_image(out, args.size)), "--strength", str(args.img2img)]
+    if args.control:
+        cmd += ["--control-image", str(_source_image(out, args.size)),
+                "--control-preprocess", "canny"]
     evict_from_page_cache(Path(args.bundle))
     with MemoryCgroup(cap) as cg:
         t0 = time.perf_counter()
