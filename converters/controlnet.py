@@ -117,6 +117,10 @@ def check_matches(src: ControlNetSource, unet_cfg: Mapping[str, Any],
                               "converted")
     if cfg.get("time_cond_proj_dim") or unet_cfg.get("time_cond_proj_dim"):
         raise ConversionError("--controlnet with an LCM-distilled UNet is not supported")
+    if len(residual_layout(unet_cfg)) - 1 > C.MAX_DOWN_RESIDUALS:
+        raise ConversionError(f"--controlnet: this UNet's down path has more than "
+                              f"{C.MAX_DOWN_RESIDUALS} skips; ControlNets are converted for "
+                              "SD 1.x/2.x UNets")
 
 
 def _norm(value: Any) -> Any:
@@ -152,6 +156,14 @@ def single_file_config(shapes: Mapping[str, tuple[int, ...]], unet_cfg: Mapping[
                               "layout (no control_model.input_hint_block / time_embed); give "
                               "a diffusers ControlNetModel folder or an original ControlNet "
                               "file")
+    skips = len({k.split(".")[1] for k in bare if k.startswith("zero_convs.")})
+    first = bare.get("input_blocks.0.0.weight", (0,))[0]
+    layout = residual_layout(unet_cfg)
+    if (skips, first) != (len(layout) - 1, layout[0][0]):
+        raise ConversionError(f"--controlnet: it is made for another base model: {skips} "
+                              f"skips of {first} channels at its first level, this "
+                              f"checkpoint's UNet has {len(layout) - 1} of {layout[0][0]}; "
+                              "give a ControlNet trained for this base")
     hint = sorted((int(k.split(".")[1]), v) for k, v in bare.items()
                   if k.startswith("input_hint_block.") and k.endswith(".weight"))
     convs = [shape for _, shape in hint]  # conv_in, then (same, stride-2) pairs, conv_out
@@ -187,9 +199,14 @@ def load_controlnet(src: ControlNetSource) -> Any:
     cfg = {k: v for k, v in src.config.items() if not k.startswith("_")}
     model = ControlNetModel.from_config(cfg)
     layers = cfg.get("layers_per_block", 2)
-    converted = convert_controlnet_checkpoint(state, {**cfg, "layers_per_block": layers})
-    missing, unexpected = model.load_state_dict(
-        {k: v.float() for k, v in converted.items() if v is not None}, strict=False)
+    try:
+        converted = convert_controlnet_checkpoint(state, {**cfg, "layers_per_block": layers})
+        missing, unexpected = model.load_state_dict(
+            {k: v.float() for k, v in converted.items() if v is not None}, strict=False)
+    except (KeyError, RuntimeError, ValueError) as exc:  # shapes the derived model lacks
+        raise ConversionError(f"--controlnet {src.path}: its weights do not fit a ControlNet "
+                              f"of this base's architecture ({str(exc)[:200]}); give a "
+                              "diffusers ControlNetModel folder") from exc
     if missing or unexpected:
         raise ConversionError(f"--controlnet {src.path}: its weights do not fit the derived "
                               f"ControlNet (missing {missing[:3]}, unexpected "

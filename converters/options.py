@@ -310,6 +310,9 @@ def parse_precision(spec: str) -> dict[str, str]:
             out.update(_BARE.get(value, {c: value for c in N.COMPONENTS}))
             continue
         if name == N.CONTROLNET:
+            if value in N.QDQ_PRECISIONS + (N.FULL_INT,):
+                raise ConversionError(f"controlnet={value}: static quantization is the "
+                                      "UNet's; a ControlNet is fp32, fp16, int8 or int4")
             controlnet = value
             continue
         targets = [N.VAE_DECODER, N.VAE_ENCODER, N.VAE_DECODER_TINY] if name == "vae" \

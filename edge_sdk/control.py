@@ -10,10 +10,10 @@ one) and `none` (the image is already a control map: an edge map, a depth map, a
 from __future__ import annotations
 
 import logging
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
-import cv2
 import numpy as np
 from PIL import Image
 
@@ -41,8 +41,16 @@ class ControlOptions:
 
 
 def _gray(image: Any, what: str) -> np.ndarray:
+    import cv2  # here, not at import: OpenCV costs 16 MiB of RSS to every pipeline
     rgb = np.asarray(read_image(image, what).image)
     return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+
+
+def _level(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
+            or not 0 <= value <= 255:
+        raise InvalidInputError(f"{name} must be a whole gray level in 0..255, got {value!r}")
+    return int(value)
 
 
 def _three(channel: np.ndarray) -> Image.Image:
@@ -51,18 +59,23 @@ def _three(channel: np.ndarray) -> Image.Image:
 
 def canny(image: Any, low: int = CANNY_LOW, high: int = CANNY_HIGH,
           what: str = "control_image") -> Image.Image:
-    """White edges on black (RGB, the image's size): OpenCV's Canny on the grayscale image."""
-    if not 0 <= low <= high:
+    """White edges on black (RGB, the image's size): OpenCV's Canny on the RGB image, as the
+    ControlNet authors' annotator and diffusers' examples call it (the strongest channel's
+    gradient, so an edge between two colours of one brightness is found too; on the gray
+    image a red disc on green, 25 gray levels apart, has none)."""
+    import cv2
+    if not _level("Canny's low threshold", low) <= _level("Canny's high threshold", high):
         raise InvalidInputError(f"Canny thresholds must satisfy 0 <= low <= high, got low={low}"
                                 f" high={high}; try --canny-low 100 --canny-high 200")
-    return _three(cv2.Canny(_gray(image, what), low, high))
+    rgb = np.ascontiguousarray(np.asarray(read_image(image, what).image))
+    return _three(cv2.Canny(rgb, low, high))
 
 
 def scribble(image: Any, threshold: int = SCRIBBLE_THRESHOLD,
              what: str = "control_image") -> Image.Image:
     """White strokes on black from a drawing: on a light page (median gray above the
     threshold) the dark pixels are strokes, on a dark page the light ones."""
-    if not 0 < threshold < 255:
+    if not 0 < _level("the scribble threshold", threshold) < 255:
         raise InvalidInputError(f"scribble threshold must be in 1..254, got {threshold}")
     gray = _gray(image, what)
     light_page = float(np.median(gray)) > threshold
@@ -74,6 +87,9 @@ def preprocess(image: Any, options: ControlOptions | str = "none",
                what: str = "control_image") -> Image.Image:
     """The control map of `image` by the named preprocessor (PREPROCESSORS)."""
     opts = ControlOptions(options) if isinstance(options, str) else options
+    if not isinstance(opts, ControlOptions):
+        raise InvalidInputError(f"preprocess options must be a name ({', '.join(PREPROCESSORS)})"
+                                f" or a ControlOptions, got {type(options).__name__}")
     if opts.preprocess not in PREPROCESSORS:
         raise InvalidInputError(f"unknown control preprocessor {opts.preprocess!r}; choose "
                                 f"one of {', '.join(PREPROCESSORS)}")

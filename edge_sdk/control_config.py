@@ -21,6 +21,8 @@ def per_net(name: str, value: Any, count: int, default: float) -> tuple[float, .
     if value is None:
         return (default,) * count
     values = list(value) if isinstance(value, (list, tuple)) else [value] * count
+    if len(values) == 1:  # one number in a list (a flag given once) serves them all
+        values = values * count
     if len(values) != count:
         raise InvalidInputError(f"{name} has {len(values)} values for this bundle's {count} "
                                 f"ControlNet(s); give one number, or one per ControlNet in "
@@ -42,6 +44,15 @@ def resolve_control(manifest: Manifest, cfg: Any, controlled: bool) -> dict[str,
             raise InvalidInputError(f"{', '.join(given)} need a control image: give "
                                     "control_image= (--control-image), or leave them out")
         return {}
+    if not manifest.controlnets:
+        raise InvalidInputError("control_image: this bundle has no ControlNet; convert one "
+                                "into it with `edge-convert CHECKPOINT -o BUNDLE "
+                                "--controlnet PATH`")
+    if cfg.padding_mask_crop is not None:
+        raise InvalidInputError("padding_mask_crop with a control image is not supported (the "
+                                "control would have to be cropped with the mask's box); "
+                                "crop the control image yourself or leave padding_mask_crop "
+                                "out")
     if cfg.cache_interval not in (None, 1):
         raise InvalidInputError("cache_interval with a control image: feature caching reuses "
                                 "deep features that the ControlNet's residuals change every "

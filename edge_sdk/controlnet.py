@@ -41,6 +41,7 @@ class ControlNet:
     scale: float
     start: float = 0.0
     end: float = 1.0
+    global_pool: bool = False  # its residuals are spatial means: no guess-mode ramp
 
 
 @dataclass(frozen=True)
@@ -96,9 +97,10 @@ def _run_nets(nets: Sequence[tuple[Session, ControlNet, float]], names: list[tup
               sample: np.ndarray, t: float, feeds: Feeds, guess: bool) -> dict[str, np.ndarray]:
     """The residuals of every net (scaled, summed) for one UNet call's inputs."""
     total: dict[str, np.ndarray] = {}
-    ramp = guess_scales(len(names)) if guess else None
     outputs = [out for out, _ in names]
     for session, net, scale in nets:
+        # diffusers ramps in guess mode, except a global-pool ControlNet's residuals
+        ramp = guess_scales(len(names)) if guess and not net.global_pool else None
         reps = sample.shape[0] // net.image.shape[0]
         inputs = {**unet_feeds(sample, t, feeds),
                   ControlNetIO.COND: np.concatenate([net.image] * reps) if reps > 1
@@ -123,10 +125,10 @@ def controlled_predictor(unet: Session, session: Callable[[str], Session], contr
     names = residual_names(manifest)
 
     def predict(x: np.ndarray, t: float, step: int) -> np.ndarray:
-        nets = [(session(n.role), n, n.scale * control_keep(step - first, end - first,
-                                                            n.start, n.end))
-                for n in control.nets]
-        nets = [(s, n, k) for s, n, k in nets if k != 0.0]
+        scaled = [(n, n.scale * control_keep(step - first, end - first, n.start, n.end))
+                  for n in control.nets]
+        # a ControlNet outside its window is not opened, nor run
+        nets = [(session(n.role), n, k) for n, k in scaled if k != 0.0]
 
         def run(sample: np.ndarray, feeds: Feeds, res: dict[str, np.ndarray]) -> np.ndarray:
             return unet.run({**unet_feeds(sample, t, feeds, conditioning.channels), **res}
@@ -160,6 +162,25 @@ def controlled_predictor(unet: Session, session: Callable[[str], Session], contr
     return predict
 
 
+def control_images(control_image: Any) -> list[Any]:
+    """The control images as a list (a single one: a one-item list)."""
+    return list(control_image) if isinstance(control_image, (list, tuple)) \
+        else [control_image]
+
+
+def control_size(control_image: Any, multiple: int) -> tuple[int, int]:
+    """(width, height) of the first control image given, rounded down to `multiple`:
+    diffusers' default output size when a ControlNet generation names none."""
+    first = next((i for i in control_images(control_image) if i is not None), None)
+    if first is None:
+        raise InvalidInputError("control_image holds no image (every entry is None)")
+    w, h = read_image(first, "control_image").image.size
+    if w < multiple or h < multiple:
+        raise InvalidInputError(f"control image {w}x{h} is smaller than {multiple} pixels a "
+                                "side; give width= and height=, or a larger image")
+    return w - w % multiple, h - h % multiple
+
+
 def prepare_control(manifest: Manifest, control_image: Any, cfg: Any
                     ) -> tuple[Control, dict[str, Any]]:
     """The Control of a resolved config and its control images (one per ControlNet of the
@@ -171,8 +192,7 @@ def prepare_control(manifest: Manifest, control_image: Any, cfg: Any
         raise InvalidInputError("control_image: this bundle has no ControlNet; convert one "
                                 "into it with `edge-convert CHECKPOINT -o BUNDLE "
                                 "--controlnet PATH`")
-    images = list(control_image) if isinstance(control_image, (list, tuple)) \
-        else [control_image]
+    images = control_images(control_image)
     if len(images) != len(specs) or all(i is None for i in images):
         raise InvalidInputError(
             f"{len(images)} control image(s) for this bundle's {len(specs)} ControlNet(s) "
@@ -189,8 +209,9 @@ def prepare_control(manifest: Manifest, control_image: Any, cfg: Any
         nets.append(ControlNet(spec.component, control_array(src.image, int(cfg.width),
                                                              int(cfg.height), what),
                                cfg.controlnet_conditioning_scale[k],
-                               cfg.control_guidance_start[k], cfg.control_guidance_end[k]))
-    guess = bool(cfg.guess_mode) or any(s.global_pool for s, i in zip(specs, images)
-                                        if i is not None)
+                               cfg.control_guidance_start[k], cfg.control_guidance_end[k],
+                               spec.global_pool))
+    # diffusers: guess mode is forced by the (first) ControlNet's global_pool_conditions
+    guess = bool(cfg.guess_mode) or specs[0].global_pool
     return Control(tuple(nets), guess), {"control_image_sha256": shas if len(shas) > 1
                                          else shas[0]}

@@ -47,6 +47,9 @@ UNKNOWN_BASE_CHANNELS = 320
 # resolution.
 UNKNOWN_LEVELS = ((1, 8),)
 UNKNOWN_DECODER_CHANNELS = 128
+# ControlNet residual sets alive at once: a ControlNet's outputs, their scaled copies, the
+# sum over ControlNets, and in guess mode the zeros and the guidance batch's concatenation
+RESIDUAL_COPIES = 5
 
 
 def _latent_size(manifest: Manifest, cfg: GenerationConfig) -> tuple[int, int]:
@@ -64,10 +67,10 @@ def attention_bytes(manifest: Manifest, cfg: GenerationConfig, batch: int) -> in
 
 
 def _residual_bytes(manifest: Manifest, batch: int, h: int, w: int) -> int:
-    """ControlNet residuals: one set as a ControlNet returns them and one summed for the
-    UNet (every skip of its down path, at its level's size)."""
+    """ControlNet residuals (every skip of the UNet's down path, at its level's size): up to
+    RESIDUAL_COPIES sets alive at once."""
     per_item = sum(c * -(-h // d) * -(-w // d) for c, d in manifest.unet.residuals)
-    return 2 * batch * per_item * 4
+    return RESIDUAL_COPIES * batch * per_item * 4
 
 
 def estimate_peak_bytes(manifest: Manifest, cfg: GenerationConfig, mode: str = "fast") -> int:

@@ -17,7 +17,8 @@ from .backends import BackendOptions, Session
 from .components import Components, check_accelerator_options
 from .config import (MAX_IMAGES, GenerationConfig, classifier_free, decoder_in_mode,
                      refuse_negative_prompt_if_embedded, size_multiple)
-from .controlnet import Control, controlled_predictor, prepare_control, with_zero_residuals
+from .controlnet import (Control, control_size, controlled_predictor, prepare_control,
+                         with_zero_residuals)
 from .denoise import (STEP_END_TENSORS, Conditioning, StepCallback, StepEndCallback,
                       checked_step_callback, generation_predictor, run_denoising,
                       step_end_callback)
@@ -363,6 +364,10 @@ class Pipeline:
                                            self.manifest, size_multiple(self.manifest),
                                            config.width, config.height)
             config = replace(config, width=w, height=h)
+        elif control_image is not None and None in (config.width, config.height) \
+                and self.manifest.controlnets:  # diffusers: the control image's size
+            w, h = control_size(control_image, size_multiple(self.manifest))
+            config = replace(config, width=config.width or w, height=config.height or h)
         cfg = config.resolve(self.manifest, kind, control_image is not None)
         control, sources = prepare_control(self.manifest, control_image, cfg) \
             if control_image is not None else (None, {})

@@ -462,10 +462,12 @@ def _control(ctx: Ctx, control: Any = "two", **kw: Any) -> Any:
 
 def _other_size_control(ctx: Ctx) -> None:
     """Resized to the output as diffusers does (Lanczos, aspect changed)."""
+    from PIL import Image
     small = np.zeros((24, 40, 3), np.uint8)
     small[6:18, 10:30] = 255
-    image = _control(ctx, [small, None])
-    assert image.size == (96, 64)
+    resized = Image.fromarray(small).resize((96, 64), Image.Resampling.LANCZOS)
+    assert np.array_equal(np.asarray(_control(ctx, [small, None])),
+                          np.asarray(_control(ctx, [np.asarray(resized), None])))
 
 
 def _foreign_controlnet(ctx: Ctx) -> Any:
@@ -1136,7 +1138,11 @@ ROWS: list[Row] = [
     Row("conversion", "--controlnet with --format tflite", lambda c: c.convert(
         c.ckpt, "-o", c.tmp / "out", "--format", "tflite", "--controlnet",
         c.models.controlnet("tiny-sd1", 1)), ConversionError, "ControlNet bundles are ONNX"),
-    Row("conversion", "--controlnet a file that is not a ControlNet (a LoRA)",
+    Row("conversion", "a static-quantization precision for the ControlNets",
+        lambda c: c.convert(c.ckpt, "-o", c.tmp / "out", "--precision", "int8,controlnet=w8a8",
+                            "--controlnet", c.models.controlnet("tiny-sd1", 1)),
+        ConversionError, "controlnet=w8a8: static quantization is the UNet's"),
+    Row("conversion", "--controlnet a file that is not a ControlNet (UNet weights)",
         lambda c: c.convert(c.ckpt, "-o", c.tmp / "out", "--controlnet",
                             next(c.models.checkpoint("tiny-sd1").glob(
                                 "unet/*.safetensors"))), ConversionError,

@@ -126,3 +126,18 @@ def test_the_few_step_model_is_found_by_name_and_draws_the_readme_prompt(tmp_pat
     monkeypatch.chdir(tmp_path)
     (tmp_path / "shapes-lcm").mkdir()
     assert resolve_model("shapes-lcm") == Path("shapes-lcm")
+
+
+def test_the_shipped_controlnet_follows_edge_maps(capsys, tmp_path):
+    """The default bundle's ControlNet on the first 8 held-out cases of its protocol (a
+    scene's Canny edges, the prompt naming only a colour and background): the shape and
+    place are read from the edges in most (measured on 64: see models/shapes/README.md)."""
+    import json
+
+    from edge_sdk.cli import main
+    report = tmp_path / "control.json"
+    assert main(["evaluate", "--task", "control", "--prompts", "8", "--json",
+                 str(report)]) == 0
+    summary = json.loads(report.read_text())["summary"]
+    assert summary["cases"] == 8
+    assert summary["follows"] >= 62.5 and summary["colour"] >= 62.5, summary

@@ -107,3 +107,25 @@ def test_a_tiny_run_is_reproducible_and_converts(tmp_path):
             default_steps=2, name="tiny-shapes")
     image = Pipeline.load(tmp_path / "bundle")("a red circle on a blue background", seed=0)
     assert image.size == (128, 128)
+
+
+def test_a_tiny_controlnet_run_saves_a_controlnet_that_converts(tmp_path):
+    """train_controlnet.py for 2 steps on 64 scenes: a ControlNet of the shipped UNet's
+    layout, converted into a bundle with it, steering the generation."""
+    from converters.convert import convert
+    from edge_sdk import Pipeline
+    from edge_sdk.shapes.controlled import cases
+    script = ROOT / "models" / "shapes" / "train_controlnet.py"
+    out = tmp_path / "cn"
+    subprocess.run([sys.executable, str(script), "-o", str(out), "--steps", "2", "--batch",
+                    "4", "--pool", "64", "--validate", "0", "--warmup", "1", "--lr", "0.05"],
+                   check=True, cwd=ROOT, capture_output=True)
+    info = json.loads((out / "training.json").read_text())
+    assert info["steps"] == 2 and info["parameters"] > 1_000_000
+    convert(ROOT / "models" / "shapes" / "checkpoint", tmp_path / "bundle", controlnets=(out,),
+            vae_encoder=False, vae_stages=False, feature_cache=False, default_steps=2)
+    pipe = Pipeline.load(tmp_path / "bundle")
+    case = cases(1)[0]
+    plain = np.asarray(pipe(case.prompt, seed=0), np.float32)
+    steered = np.asarray(pipe(case.prompt, seed=0, control_image=case.control), np.float32)
+    assert np.abs(steered - plain).max() > 4  # 2 steps at a high rate moved the zero convs

@@ -7,11 +7,13 @@
 Builds what is missing under --work: the SD 1.5 checkpoint (`edge-convert synth --arch
 sd15`), a ControlNet for it (`edge-convert synth --controlnet-for`: ControlNetModel.from_unet,
 the zero convolutions drawn at random so that it steers), and the int8 bundle with the
-ControlNet (edge-convert in a child process: wall time and peak RSS). Then, each in a
-process of its own (`edge-sdk bench --json`: peak RSS is that process's VmHWM, s/step the
-median UNet step, which with control includes the ControlNet's pass):
+ControlNet, and the plain int8 bundle (edge-convert in child processes: wall time and peak
+RSS). Then, each in a process of its own (`edge-sdk bench --json`: peak RSS is that
+process's VmHWM, s/step the median UNet step, which with control includes the ControlNet's
+pass):
 
-- balanced and fast, text-to-image and with a Canny control map of a rendered scene;
+- balanced and fast: the plain bundle's text-to-image, and the ControlNet bundle with a
+  Canny control map of a rendered scene (and, balanced, without one: zero residuals);
 - low with the control inside a cgroup-v1 memory cap (tests.bench.memory_cap), each of
   --caps.
 
@@ -39,16 +41,18 @@ SIZE, GUIDANCE = 512, 7.5
 MIB = 2**20
 
 
-def prepare(work: Path) -> tuple[Path, dict[str, Any]]:
+def prepare(work: Path) -> tuple[Path, Path, dict[str, Any]]:
     from converters.synth import build_checkpoint, build_controlnet
     ckpt, net = work / "sd15", work / "controlnet"
     if not (ckpt / "model_index.json").exists():
         build_checkpoint(ckpt, "sd15", seed=0)
     if not (net / "config.json").exists():
         build_controlnet(net, ckpt, seed=1)
-    bundle = work / "int8-controlnet"
-    conversion = convert_measured(ckpt, bundle, "int8", "--controlnet", str(net))
-    return bundle, conversion
+    bundle, plain = work / "int8-controlnet", work / "int8"
+    conversion = {"with ControlNet": convert_measured(ckpt, bundle, "int8", "--controlnet",
+                                                      str(net)),
+                  "plain": convert_measured(ckpt, plain, "int8")}
+    return bundle, plain, conversion
 
 
 def _scene(work: Path) -> Path:
@@ -62,17 +66,20 @@ def _scene(work: Path) -> Path:
     return path
 
 
-def rows(bundle: Path, work: Path, steps: int, caps: list[str]) -> dict[str, list[str]]:
+def rows(bundle: Path, plain: Path, work: Path, steps: int, caps: list[str]
+         ) -> dict[str, list[str]]:
     control = ["--control-image", str(_scene(work)), "--control-preprocess", "canny"]
 
-    def bench(mode: str, *extra: str) -> list[str]:
-        return [sys.executable, "-m", "edge_sdk.cli", "bench", PROMPT, "--model", str(bundle),
+    def bench(mode: str, model: Path, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "edge_sdk.cli", "bench", PROMPT, "--model", str(model),
                 "--memory", mode, "--steps", str(steps), "--width", str(SIZE), "--height",
                 str(SIZE), "--guidance", str(GUIDANCE), "--json", *extra]
     out = {}
     for mode in ("balanced", "fast"):
-        out[f"{mode}, text-to-image"] = bench(mode)
-        out[f"{mode}, with ControlNet"] = bench(mode, *control)
+        out[f"{mode}, plain bundle, text-to-image"] = bench(mode, plain)
+        out[f"{mode}, ControlNet bundle, with control"] = bench(mode, bundle, *control)
+        if mode == "balanced":
+            out[f"{mode}, ControlNet bundle, no control"] = bench(mode, bundle)
     for cap in caps:
         out[f"low, with ControlNet, cgroup cap {cap}"] = [
             sys.executable, "-m", "tests.bench.memory_cap", str(bundle), "--cap", cap,
@@ -111,10 +118,10 @@ def main() -> int:
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    bundle, conversion = prepare(work)
+    bundle, plain, conversion = prepare(work)
     print(json.dumps({"conversion": conversion}), flush=True)
     results = {}
-    for name, cmd in rows(bundle, work, args.steps,
+    for name, cmd in rows(bundle, plain, work, args.steps,
                           [c for c in args.caps.split(",") if c]).items():
         results[name] = _run(cmd)
         print(f"{name}: {results[name]}", file=sys.stderr, flush=True)
