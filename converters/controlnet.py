@@ -255,21 +255,20 @@ def controlled_unet_exporter(exp: Exporter) -> Exporter:
                 super().__init__()
                 self.m = model  # the plain UNet's parameter names
                 object.__setattr__(self, "_inner", inner)  # not registered twice
-                self._res: tuple[Any, ...] | None = None
-                model.register_forward_pre_hook(self._inject, with_kwargs=True)
-
-            def _inject(self, _mod: Any, args: Any, kwargs: Any) -> Any:
-                if self._res is None:
-                    return None
-                return args, {**kwargs, "down_block_additional_residuals": self._res[:-1],
-                              "mid_block_additional_residual": self._res[-1]}
 
             def forward(self, *inputs: Any) -> Any:
-                self._res = tuple(inputs[k:])
+                res = tuple(inputs[k:])
+
+                def inject(_mod: Any, args: Any, kwargs: Any) -> Any:
+                    return args, {**kwargs, "down_block_additional_residuals": res[:-1],
+                                  "mid_block_additional_residual": res[-1]}
+                # for this call only: a hook left on the UNet would keep this wrapper, and
+                # through it the UNet, alive after the export (a cycle)
+                handle = self.m.register_forward_pre_hook(inject, with_kwargs=True)
                 try:
                     return self._inner(*inputs[:k])
                 finally:
-                    self._res = None
+                    handle.remove()
         return ControlledUnet().eval()
 
     def example(model: Any, batch: int, size: Any, s: Shapes) -> dict[str, Any]:

@@ -72,17 +72,32 @@ def test_the_weight_map_finds_each_parameter_in_the_graph(models):
     assert m.components["unet"].weight_map in {f.path for f in spec.files}  # hashed too
 
 
+@needs_convert
 def test_a_format_1_bundle_is_migrated_with_one_warning_and_gives_the_same_pixels(
         tmp_path, caplog):
+    """The fixture is the shipped model's format-1 manifest (text encoder, UNet, decoder and
+    its stages). The default bundle's UNet now takes ControlNet residuals, which format 1
+    cannot describe, so the files are those of the same model converted without its
+    ControlNet, the fixture's sizes and checksums set to theirs."""
+    from converters.convert import convert
+    plain = tmp_path / "v2"
+    convert(Path(__file__).resolve().parents[1] / "models" / "shapes" / "checkpoint", plain,
+            precision="fp16", default_steps=20, default_guidance=2, vae_encoder=False,
+            feature_cache=False, name="shapes")
     old = tmp_path / "v1"
-    shutil.copytree(default_bundle(), old)
-    shutil.copy(V1_MANIFEST, old / "manifest.json")
+    shutil.copytree(plain, old)
+    fixture = json.loads(V1_MANIFEST.read_text())
+    entries = {f.path: f for c in Manifest.load(plain).components.values() for f in c.files}
+    for comp in fixture["components"].values():
+        for f in comp["files"]:
+            f["size"], f["sha256"] = entries[f["path"]].size, entries[f["path"]].sha256
+    (old / "manifest.json").write_text(json.dumps(fixture))
     with caplog.at_level(logging.WARNING, logger="edge_sdk"):
         v1 = Pipeline.load(old)
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "edge-convert" in warnings[0].getMessage()
     assert "--overwrite" in warnings[0].getMessage()
-    v2 = Pipeline.load()
+    v2 = Pipeline.load(plain)
     assert v1.manifest.vae.decoder_stages == v2.manifest.vae.decoder_stages
     assert v1.manifest.unet.size_multiple == 32  # as format 1 recorded it (the UNet's levels)
     assert v1.manifest.tokenizer.sha256 is None and v2.manifest.tokenizer.sha256

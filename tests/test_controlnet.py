@@ -12,7 +12,7 @@ from PIL import Image
 
 from edge_sdk import GenerationConfig, Pipeline
 from edge_sdk.control import canny, control_array, preprocess, scribble
-from edge_sdk.errors import InvalidInputError
+from edge_sdk.errors import ConversionError, InvalidInputError
 
 from .conftest import needs_convert
 
@@ -230,14 +230,21 @@ def test_original_layout_file_loads_the_same_weights(models, tmp_path):
     ckpt = Checkpoint.open(models.checkpoint("tiny-sd1"))
     src = read_controlnet(folder, ckpt.config("unet"), 4)
     ref = load_controlnet(src).state_dict()
-    path = tmp_path / "control_tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in controlnet_to_original(
-        ref, {**ckpt.config("unet"), **src.config}).items()}, str(path))
-    single = read_controlnet(path, ckpt.config("unet"), 4)
-    assert single.single_file and single.name == "control_tiny"
-    got = load_controlnet(single).state_dict()
-    assert set(got) == set(ref)
-    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    original = controlnet_to_original(ref, {**ckpt.config("unet"), **src.config})
+    prefix = "control_model."
+    for name, keys in (("control_tiny", original),  # and as some publish it: keys bare
+                       ("bare", {k[len(prefix):]: v for k, v in original.items()})):
+        path = tmp_path / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in keys.items()}, str(path))
+        single = read_controlnet(path, ckpt.config("unet"), 4)
+        assert single.single_file and single.name == name
+        got = load_controlnet(single).state_dict()
+        assert set(got) == set(ref)
+        assert all(torch.equal(got[k], ref[k]) for k in ref)
+    other = Checkpoint.open(models.checkpoint("tiny-sd1")).config("unet")
+    other = {**other, "block_out_channels": [64, 128]}  # a base of other widths: refused
+    with pytest.raises(ConversionError, match="made for another base model"):
+        read_controlnet(tmp_path / "bare.safetensors", other, 4)
 
 
 class _Fake:

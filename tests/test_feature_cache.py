@@ -11,6 +11,7 @@ import pytest
 
 from edge_sdk import GenerationConfig, Pipeline
 from edge_sdk import names as N
+from edge_sdk.controlnet import zero_residuals
 from edge_sdk.contracts import UnetIO
 from edge_sdk.denoise import Conditioning
 from edge_sdk.errors import InvalidInputError
@@ -188,7 +189,9 @@ def test_the_shipped_default_models_branch_reproduces_its_unet():
     rng = np.random.default_rng(0)
     feeds = {UnetIO.SAMPLE: rng.standard_normal((2, 4, 16, 16), dtype=np.float32),
              UnetIO.TIMESTEP: np.array([900.0, 300.0], np.float32),
-             UnetIO.CONTEXT: np.concatenate([embeds.uncond, embeds.cond])}
+             UnetIO.CONTEXT: np.concatenate([embeds.uncond, embeds.cond]),
+             # its UNet takes the shipped ControlNet's residuals: none here (zeros)
+             **zero_residuals(pipe.manifest, 2, 16, 16)}
     full = unet.run(feeds, [UnetIO.OUTPUT, UnetIO.DEEP_FEATURES])
     again = shallow.run({**feeds, UnetIO.DEEP_FEATURES: full[UnetIO.DEEP_FEATURES]})
     np.testing.assert_allclose(again[UnetIO.OUTPUT], full[UnetIO.OUTPUT], atol=2e-3)
