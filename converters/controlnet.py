@@ -221,8 +221,7 @@ def _controlnet(m: Any, sample: Any, timestep: Any, context: Any, cond: Any) -> 
 
 
 def _controlnet_outputs(model: Any) -> tuple[str, ...]:
-    n = len(residual_layout(model.config)) - 1
-    return tuple(ControlNetIO.down(i) for i in range(n)) + (ControlNetIO.MID,)
+    return tuple(out for out, _ in C.residual_pairs(len(residual_layout(model.config)) - 1))
 
 
 def _controlnet_example(model: Any, batch: int, size: Any, s: Shapes) -> dict[str, Any]:
@@ -239,8 +238,7 @@ def controlnet_exporter(src: ControlNetSource) -> Exporter:
 
 
 def residual_inputs(unet_cfg: Mapping[str, Any]) -> tuple[str, ...]:
-    n = len(residual_layout(unet_cfg)) - 1
-    return tuple(UnetIO.down_residual(i) for i in range(n)) + (UnetIO.MID_RESIDUAL,)
+    return tuple(name for _, name in C.residual_pairs(len(residual_layout(unet_cfg)) - 1))
 
 
 def controlled_unet_exporter(exp: Exporter) -> Exporter:

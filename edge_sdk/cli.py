@@ -148,8 +148,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     load_s = time.perf_counter() - t0
     result = pipe.generate(a.prompt, config_from_arguments(a), image=a.image,
                            mask_image=a.mask, preview=preview,
-                           control_image=None if maps is None else
-                           maps[0] if len(maps) == 1 else maps,
+                           control_image=maps,
                            callback=ProgressBar("denoising", not (a.quiet or a.json)))
     if maps and a.save_control:
         save_control(maps, a.save_control, int(result.config.width or 0),
@@ -187,7 +186,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     maps = control_maps(a)
     report, result = run_bench(a.prompt, config, lambda: Pipeline.load(
         a.model, memory=a.memory, **kwargs), image=a.image, mask_image=a.mask,
-        control_image=None if maps is None else maps[0] if len(maps) == 1 else maps)
+        control_image=maps)
     if a.output:
         save_png(result.images[0], a.output, result.parameters)
     print(json.dumps(report.as_dict(), indent=1) if a.json else report.table())

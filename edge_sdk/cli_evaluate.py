@@ -82,6 +82,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def _report(a: argparse.Namespace, report: Any) -> None:
+    """An editing or ControlNet report: printed, and written to --json."""
     print(json.dumps(report.summary(), indent=1))
     if a.json:
         Path(a.json).write_text(json.dumps({"summary": report.summary(), "rows": report.rows},
@@ -104,10 +105,10 @@ def _evaluate_control(a: argparse.Namespace, pipe: Any) -> int:
                              control_image=[case.control, *others]).images[0]
 
     bar = ProgressBar("evaluating", unit="case")
-    todo = controlled.cases(n, a.validation)
     report, images = controlled.run(generate, n, a.validation, lambda k, m: bar(k, m))
     _report(a, report)
     if a.sheet:
+        todo = controlled.cases(n, a.validation)
         sheet = [editing.EditCase("control", c.control, c.prompt, c.seed, c.target,
                                   c.control[..., 0] > 0) for c in todo]
         rows = [{**r, "ok": r["follows"] and r["colour"]} for r in report.rows]
@@ -135,12 +136,9 @@ def _evaluate_editing(a: argparse.Namespace, pipe: Any) -> int:
     bar = ProgressBar("evaluating", unit="case")
     report, images = editing.run(a.task, generate, n, validation=a.validation,
                                  strength=a.strength, progress=lambda k, m: bar(k, m))
-    print(json.dumps(report.summary(), indent=1))
+    _report(a, report)
     if a.sheet:
         cases = editing.cases(a.task, n, a.validation)
         editing.contact_sheet(cases, images, report, a.sheet)
         print(f"contact sheet: {a.sheet}")
-    if a.json:
-        Path(a.json).write_text(json.dumps({"summary": report.summary(), "rows": report.rows},
-                                           indent=1))
     return 0

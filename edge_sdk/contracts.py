@@ -16,7 +16,7 @@ from typing import Any
 __all__ = ["TensorContract", "ComponentContract", "CONTRACTS", "contract_of",
            "TEXT_ENCODER", "UNET", "UNET_SHALLOW", "VAE_DECODER", "VAE_ENCODER",
            "VAE_DECODER_STAGE", "VAE_ENCODER_STAGE", "CONTROLNET", "ControlNetIO",
-           "MAX_DOWN_RESIDUALS", "COMPUTE_BOUND_KINDS",
+           "MAX_DOWN_RESIDUALS", "residual_pairs", "COMPUTE_BOUND_KINDS",
            "DIM_BATCH", "DIM_HEIGHT", "DIM_WIDTH", "DIM_SEQUENCE"]
 
 # Symbolic (dynamic) dimension names, as recorded in the manifest's tensor shapes.
@@ -159,6 +159,13 @@ TEXT_ENCODER = ComponentContract(
      TensorContract(TextEncoderIO.LAYER_STATES, optional=True),
      TensorContract(TextEncoderIO.HIDDEN_LAYERS, optional=True),
      TensorContract(TextEncoderIO.TEXT_EMBEDS, optional=True)))
+
+def residual_pairs(skips: int) -> list[tuple[str, str]]:
+    """(ControlNet output, UNet input) names of the residuals of a down path with `skips`
+    skip connections, in order, then the middle block's."""
+    return [(ControlNetIO.down(i), UnetIO.down_residual(i)) for i in range(skips)] + [
+        (ControlNetIO.MID, UnetIO.MID_RESIDUAL)]
+
 
 # The most skip connections a UNet's down path has (SD 1.x/2.x: 12, SDXL: 9): the
 # ControlNet residual tensors the contracts name

@@ -35,6 +35,13 @@ def per_net(name: str, value: Any, count: int, default: float) -> tuple[float, .
     return tuple(out)
 
 
+def require_controlnets(manifest: Manifest) -> None:
+    if not manifest.controlnets:
+        raise InvalidInputError("control_image: this bundle has no ControlNet; convert one "
+                                "into it with `edge-convert CHECKPOINT -o BUNDLE "
+                                "--controlnet PATH`")
+
+
 def resolve_control(manifest: Manifest, cfg: Any, controlled: bool) -> dict[str, Any]:
     """The ControlNet fields of a config resolved (with control images) or refused
     (without: they need one)."""
@@ -44,10 +51,7 @@ def resolve_control(manifest: Manifest, cfg: Any, controlled: bool) -> dict[str,
             raise InvalidInputError(f"{', '.join(given)} need a control image: give "
                                     "control_image= (--control-image), or leave them out")
         return {}
-    if not manifest.controlnets:
-        raise InvalidInputError("control_image: this bundle has no ControlNet; convert one "
-                                "into it with `edge-convert CHECKPOINT -o BUNDLE "
-                                "--controlnet PATH`")
+    require_controlnets(manifest)
     if cfg.padding_mask_crop is not None:
         raise InvalidInputError("padding_mask_crop with a control image is not supported (the "
                                 "control would have to be cropped with the mask's box); "

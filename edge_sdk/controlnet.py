@@ -21,7 +21,8 @@ import numpy as np
 
 from .backends import Session
 from .control import control_array
-from .contracts import ControlNetIO, UnetIO
+from .control_config import require_controlnets
+from .contracts import ControlNetIO, UnetIO, residual_pairs
 from .denoise import Conditioning, Feeds, Predict, unet_feeds
 from .errors import InvalidInputError
 from .image_input import read_image
@@ -66,9 +67,7 @@ def guess_scales(count: int) -> np.ndarray:
 
 def residual_names(manifest: Manifest) -> list[tuple[str, str]]:
     """(ControlNet output, UNet input) name pairs, in order: the down ones, then the mid."""
-    n = len(manifest.unet.residuals) - 1
-    return [(ControlNetIO.down(i), UnetIO.down_residual(i)) for i in range(n)] + [
-        (ControlNetIO.MID, UnetIO.MID_RESIDUAL)]
+    return residual_pairs(len(manifest.unet.residuals) - 1)
 
 
 def zero_residuals(manifest: Manifest, batch: int, height: int, width: int
@@ -142,18 +141,18 @@ def controlled_predictor(unet: Session, session: Callable[[str], Session], contr
 
         if uncond is None:
             return run(x, cond, residuals(x, cond))
+        if batched:
+            both = {k: np.concatenate([uncond[k], cond[k]]) for k in cond}
+            xx = np.concatenate([x, x])
         if control.guess_mode:  # the ControlNets see the conditional branch only
             r_cond = residuals(x, cond)
             r_uncond = {k: np.zeros_like(v) for k, v in r_cond.items()}
             if batched:
-                both = {k: np.concatenate([uncond[k], cond[k]]) for k in cond}
                 res = {k: np.concatenate([r_uncond[k], r_cond[k]]) for k in r_cond}
-                out_u, out_c = np.split(run(np.concatenate([x, x]), both, res), 2)
+                out_u, out_c = np.split(run(xx, both, res), 2)
             else:
                 out_u, out_c = run(x, uncond, r_uncond), run(x, cond, r_cond)
         elif batched:
-            both = {k: np.concatenate([uncond[k], cond[k]]) for k in cond}
-            xx = np.concatenate([x, x])
             out_u, out_c = np.split(run(xx, both, residuals(xx, both)), 2)
         else:
             out_u = run(x, uncond, residuals(x, uncond))
@@ -187,11 +186,8 @@ def prepare_control(manifest: Manifest, control_image: Any, cfg: Any
     bundle, in order; a single image for a one-ControlNet bundle; None skips a ControlNet),
     each read and resized to the generation's size; and the images' sha256 for the result's
     parameters."""
+    require_controlnets(manifest)
     specs = manifest.controlnets
-    if not specs:
-        raise InvalidInputError("control_image: this bundle has no ControlNet; convert one "
-                                "into it with `edge-convert CHECKPOINT -o BUNDLE "
-                                "--controlnet PATH`")
     images = control_images(control_image)
     if len(images) != len(specs) or all(i is None for i in images):
         raise InvalidInputError(

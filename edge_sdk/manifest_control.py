@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from . import names
-from .contracts import ControlNetIO, UnetIO
+from .contracts import UnetIO, residual_pairs
 from .errors import ManifestError
 from .manifest import ComponentSpec, ControlNetSpec, Manifest
 
@@ -58,12 +58,11 @@ def check_controlnets(m: Manifest, where: str) -> None:
     """The UNet takes exactly the residuals unet.residuals describes, and each ControlNet
     makes them, with the UNet's channels."""
     fail = f"{where}: %s; re-convert the bundle"
-    n = len(m.unet.residuals) - 1
+    pairs = residual_pairs(len(m.unet.residuals) - 1) if m.unet.residuals else []
     unet = {t.name: t for t in m.components[names.UNET].inputs}
     takes = [k for k in unet if k == UnetIO.MID_RESIDUAL or k.startswith(
         UnetIO.down_residual(0)[:-1])]
-    want = [UnetIO.down_residual(i) for i in range(n)] + [UnetIO.MID_RESIDUAL] \
-        if m.unet.residuals else []
+    want = [name for _, name in pairs]
     if sorted(takes) != sorted(want):
         raise ManifestError(fail % f"unet.residuals describes {len(want)} residuals but the "
                             f"UNet graph takes {len(takes)}")
@@ -71,8 +70,7 @@ def check_controlnets(m: Manifest, where: str) -> None:
         raise ManifestError(fail % "the bundle has ControlNets but its UNet takes no residuals")
     for c in m.controlnets:
         outs = {t.name: t for t in m.components[c.component].outputs}
-        for i, (channels, _) in enumerate(m.unet.residuals):
-            name = ControlNetIO.down(i) if i < n else ControlNetIO.MID
+        for (name, _), (channels, _) in zip(pairs, m.unet.residuals):
             shape = outs[name].shape if name in outs else None
             if not shape or (isinstance(shape[1], int) and shape[1] != channels):
                 raise ManifestError(fail % f"ControlNet {c.component!r} has no output {name!r}"

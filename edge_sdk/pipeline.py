@@ -49,7 +49,26 @@ __all__ = ["Pipeline", "Generation"]
 
 
 class Pipeline:
-    """A loaded text-to-image bundle."""
+    """A loaded text-to-image bundle. Beyond edge_sdk.config.GenerationConfig's parameters,
+    a call (or `generate`) takes images:
+
+    `image` (a path, a PIL RGB image or an HxWx3 uint8 array) makes it img2img, as
+    diffusers' StableDiffusionImg2ImgPipeline: the image is encoded, noised to the step
+    `strength` selects (default 0.8) and denoised from there; `latents` are then that
+    noise. With `mask_image` (white = repaint) it is inpainting, as
+    StableDiffusionInpaintPipeline (strength default 1.0), with an inpainting UNet (9
+    input channels) or an ordinary one (the known region blended back after every
+    step). The output is the image's size rounded down to a multiple of 8, unless
+    width/height are given. An SDXL bundle takes `prompt_2`, `negative_prompt_2`,
+    `original_size`, `crops_coords_top_left` and `target_size` as diffusers'
+    StableDiffusionXLPipeline (sizes (height, width), defaults: the image's, (0, 0)).
+
+    `control_image` steers a ControlNet bundle as diffusers'
+    StableDiffusionControlNetPipeline's `image` does (one per ControlNet, in bundle
+    order; None skips one; resized to the output size; edge_sdk.control preprocesses),
+    with `controlnet_conditioning_scale`, `control_guidance_start/end` and `guess_mode`
+    (edge_sdk.controlnet).
+    """
 
     def __init__(self, bundle: Path, manifest: Manifest, options: BackendOptions,
                  plan: MemoryPlan | None = None, memory: str = "fast") -> None:
@@ -238,22 +257,8 @@ class Pipeline:
         (edge_sdk.preview.Preview: the bundle's preview decoder or latent-to-RGB map, or
         its tiny decoder).
 
-        `image` (a path, a PIL RGB image or an HxWx3 uint8 array) makes it img2img, as
-        diffusers' StableDiffusionImg2ImgPipeline: the image is encoded, noised to the step
-        `strength` selects (default 0.8) and denoised from there; `latents` are then that
-        noise. With `mask_image` (white = repaint) it is inpainting, as
-        StableDiffusionInpaintPipeline (strength default 1.0), with an inpainting UNet (9
-        input channels) or an ordinary one (the known region blended back after every
-        step). The output is the image's size rounded down to a multiple of 8, unless
-        width/height are given. An SDXL bundle takes `prompt_2`, `negative_prompt_2`,
-        `original_size`, `crops_coords_top_left` and `target_size` as diffusers'
-        StableDiffusionXLPipeline (sizes (height, width), defaults: the image's, (0, 0)).
-
-        `control_image` steers a ControlNet bundle as diffusers'
-        StableDiffusionControlNetPipeline's `image` does (one per ControlNet, in bundle
-        order; None skips one; resized to the output size; edge_sdk.control preprocesses),
-        with `controlnet_conditioning_scale`, `control_guidance_start/end` and `guess_mode`
-        (edge_sdk.controlnet)."""
+        The source images of img2img and inpainting, ControlNet control images and SDXL's
+        parameters: see the class docstring."""
         given_here = locals()  # each GenerationConfig field is a parameter (a test checks)
         params = {f.name: given_here[f.name] for f in fields(GenerationConfig)}
         given = {k: v for k, v in params.items() if v is not None or k == "num_images"}
